@@ -1,0 +1,1 @@
+"""Shared infrastructure for the six method scripts (see DESIGN.md: never method-specific)."""

@@ -1,0 +1,164 @@
+"""Checkpoints: atomic save by rank 0, weights_only loading, RNG state, wrapper unwrapping.
+
+A full checkpoint, as the method scripts write it, is a plain dict such as
+`{"model": sd, "teacher": sd, "optimizer": sd, "scaler": sd, "step": int, "args": dict,
+"rng": rng_state()}`; everything in it loads with `torch.load(..., weights_only=True)`.
+"""
+import argparse
+import os
+import random
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from common import dist
+
+USUAL_KEYS = ("model", "state_dict", "teacher")  # where init_from looks for the weights
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Strip DDP / DataParallel (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def clean_state_dict(sd: dict) -> dict:
+    """Drop leading `module.` (DDP) prefixes and every `_orig_mod.` (compile) component."""
+    out = {}
+    for key, value in sd.items():
+        key = ".".join(part for part in key.split(".") if part != "_orig_mod")
+        while key.startswith("module."):
+            key = key[len("module."):]
+        out[key] = value
+    return out
+
+
+def save(path, state: dict) -> None:
+    """Write `state` atomically (temp file, fsync, rename) on rank 0; other ranks return."""
+    if not dist.is_main():
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left over when writing failed
+
+
+def load(path, map_location="cpu") -> dict:
+    """`torch.load(path, weights_only=True)` with clear errors naming the file.
+
+    `argparse.Namespace` is allowed too: released MAE-style checkpoints store their args so.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        text = " ".join(str(e).split())  # keep the specific part of torch's long message
+        reason = text.split("WeightsUnpickler error:")[-1].split(" Check the documentation")[0]
+        raise RuntimeError(f"cannot load checkpoint {path} (corrupt, truncated, or holding "
+                           f"objects that weights_only=True refuses): {type(e).__name__}: "
+                           f"{reason.strip()}") from None
+
+
+def rng_state() -> dict:
+    """This process's python, numpy, torch (and CUDA) RNG states, as weights_only-safe types.
+
+    Under torchrun only rank 0 saves, so on resume the other ranks get rank 0's streams: draw
+    per-rank randomness from (seed, rank, step) rather than from these global generators.
+    """
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state()` returned (CUDA states only where devices exist)."""
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s.cpu(), i)
+
+
+def _listing(title: str, items: list, limit: int = 5) -> str:
+    if not items:
+        return ""
+    more = f", ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"\n  {title} ({len(items)}): " + ", ".join(items[:limit]) + more
+
+
+def load_model(model: nn.Module, state_dict: dict, strict: bool = True, what: str = "checkpoint"):
+    """Load `state_dict` (wrapper prefixes stripped) into `unwrap(model)`.
+
+    Raises a RuntimeError naming `what` on shape mismatches, and with `strict` also on missing
+    or unexpected keys. Returns `(missing, unexpected)` key lists.
+    """
+    sd, target = clean_state_dict(state_dict), unwrap(model)
+    own = target.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sd if k in own and sd[k].shape != own[k].shape]
+    if shapes or (strict and (missing or unexpected)):
+        raise RuntimeError(f"{what}: state dict does not match {type(target).__name__}"
+                           + _listing("missing", missing) + _listing("unexpected", unexpected)
+                           + _listing("shape mismatch", shapes))
+    target.load_state_dict(sd, strict=False)
+    return missing, unexpected
+
+
+def resume_path(output_dir, resume: Optional[str] = None) -> Optional[str]:
+    """The checkpoint to resume from: `resume` if given, else `<output_dir>/last.pt` if any."""
+    if resume:
+        if not Path(resume).is_file():
+            raise FileNotFoundError(f"--resume {resume}: no such file")
+        return str(resume)
+    last = Path(output_dir) / "last.pt"
+    return str(last) if last.is_file() else None
+
+
+def init_from(model: nn.Module, path, key: Optional[str] = None, strict: bool = False,
+              prefix: str = ""):
+    """Load weights only from `path` into `model`; returns `(missing, unexpected)`.
+
+    The file holds a raw state dict or a dict with it under `key` (auto: the first of
+    "model", "state_dict", "teacher"). With `prefix` (e.g. "encoder."), only the keys under it
+    are kept, with the prefix removed.
+    """
+    ckpt = load(path)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: expected a dict, found {type(ckpt).__name__}")
+    is_raw = all(isinstance(v, torch.Tensor) for v in ckpt.values())
+    if key is None and not is_raw:
+        key = next((k for k in USUAL_KEYS if isinstance(ckpt.get(k), dict)), None)
+        if key is None:
+            raise ValueError(f"{path}: no state dict found under {USUAL_KEYS}; "
+                             f"top-level keys: {sorted(ckpt)[:10]}")
+    if key is not None and key not in ckpt:
+        raise ValueError(f"{path}: no key {key!r}; top-level keys: {sorted(ckpt)[:10]}")
+    sd = clean_state_dict(ckpt[key] if key is not None else ckpt)
+    if prefix:
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return load_model(model, sd, strict=strict, what=str(path))

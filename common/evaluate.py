@@ -1,0 +1,140 @@
+"""Shared evaluation on frozen features: extraction (DDP-aware), weighted kNN, a quick linear
+probe and retrieval recall. Accuracies and recalls are returned in percent."""
+import math
+from contextlib import nullcontext
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from common import dist
+
+
+@torch.no_grad()
+def extract_features(fn: Callable[[Tensor], Tensor], loader: Iterable, device: torch.device | str,
+                     amp=None) -> tuple[Tensor, Tensor]:
+    """Run `fn(x) -> (B, D)` over `loader` under no_grad (and `amp.autocast()` if given).
+
+    Batches are `(x, y)` or `(x, y, index)`. Putting the model in eval mode is the caller's job.
+    Under DDP each rank extracts its share (its loader's sampler) and batches MUST carry the
+    dataset index as third element: the shares are gathered, padding duplicates dropped, and
+    every rank gets all features in dataset (index) order. Returns float32 feats (N, D) and
+    long labels (N,), on CPU.
+    """
+    feats, labels, idxs = [], [], []
+    for batch in loader:
+        with amp.autocast() if amp is not None else nullcontext():
+            feats.append(fn(batch[0].to(device, non_blocking=True)).float())
+        labels.append(torch.as_tensor(batch[1]).long().to(device))
+        if len(batch) > 2:
+            idxs.append(torch.as_tensor(batch[2]).long().to(device))
+    f, y = torch.cat(feats), torch.cat(labels)
+    if not dist.is_dist():
+        return f.cpu(), y.cpu()
+    if len(idxs) != len(feats):
+        raise ValueError("extract_features under DDP needs batches (x, y, index): "
+                         "the dataset must return each sample's index")
+    idx = torch.cat(idxs)
+    # Shares may differ in length: pad each to the longest, gather, then cut the padding off.
+    counts = dist.all_gather(torch.tensor([len(idx)], device=device)).tolist()
+    m = max(counts)
+
+    def gather(t: Tensor) -> Tensor:
+        padded = torch.cat([t, t.new_zeros((m - len(t),) + t.shape[1:])])
+        parts = dist.all_gather(padded).split(m)
+        return torch.cat([part[:c] for part, c in zip(parts, counts)])
+
+    f, y, idx = gather(f), gather(y), gather(idx)
+    order = torch.argsort(idx, stable=True)
+    sorted_idx = idx[order]
+    first = torch.ones(len(idx), dtype=torch.bool, device=idx.device)
+    first[1:] = sorted_idx[1:] != sorted_idx[:-1]  # keep one copy of each index
+    keep = order[first]
+    return f[keep].cpu(), y[keep].cpu()
+
+
+@torch.no_grad()
+def knn_classify(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor,
+                 num_classes: int, k: Iterable[int] = (20, 200), T: float = 0.07,
+                 chunk: int = 1024) -> dict[str, float]:
+    """Weighted kNN (InstDisc/DINO): cosine similarity on L2-normalised features, the top-k
+    neighbours vote with weight exp(sim/T) for their class; top-1 accuracy per k (k clipped to
+    the bank size). Queries are processed `chunk` at a time."""
+    k = tuple(k)
+    bank = F.normalize(train_f.float(), dim=1)
+    test_f = F.normalize(test_f.float().to(bank.device), dim=1)
+    train_y, test_y = train_y.to(bank.device), test_y.to(bank.device)
+    kmax = min(max(k), len(bank))
+    correct = dict.fromkeys(k, 0)
+    for s in range(0, len(test_f), chunk):
+        sim, nbr = (test_f[s:s + chunk] @ bank.T).topk(kmax, dim=1)  # (q, kmax), descending
+        w = ((sim - sim[:, :1]) / T).exp()  # exp(sim/T) up to a per-query factor (no overflow)
+        nbr_y = train_y[nbr]
+        for kk in k:
+            kc = min(kk, kmax)
+            votes = torch.zeros(len(sim), num_classes, device=bank.device)
+            votes.scatter_add_(1, nbr_y[:, :kc], w[:, :kc])
+            correct[kk] += (votes.argmax(1) == test_y[s:s + chunk]).sum().item()
+    return {f"knn_top1@{kk}": 100.0 * correct[kk] / len(test_f) for kk in k}
+
+
+def linear_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor, num_classes: int,
+                 epochs: int = 100, lr: float = 0.1, batch_size: int = 256, wd: float = 0.0,
+                 normalize: bool = True, seed: int = 0) -> dict[str, float]:
+    """Quick linear probe on frozen features (demos, monitoring; not a paper protocol).
+
+    Features standardised with the train mean/std (if `normalize`), a Linear layer (weights
+    N(0, 0.01^2), bias 0) trained with SGD momentum 0.9, per-step cosine lr, cross-entropy.
+    Deterministic given `seed`. Returns test top-1.
+    """
+    dev = train_f.device
+    train_f, test_f = train_f.float(), test_f.float().to(dev)
+    train_y, test_y = train_y.long().to(dev), test_y.long().to(dev)
+    if normalize:
+        mean, std = train_f.mean(0), train_f.std(0, correction=0) + 1e-6
+        train_f, test_f = (train_f - mean) / std, (test_f - mean) / std
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(train_f.shape[1], num_classes).to(dev)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.01)
+        head.bias.zero_()
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+    n = len(train_f)
+    steps, step = epochs * math.ceil(n / batch_size), 0
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g).to(dev)
+        for s in range(0, n, batch_size):
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            b = perm[s:s + batch_size]
+            loss = F.cross_entropy(head(train_f[b]), train_y[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    with torch.no_grad():
+        acc = (head(test_f).argmax(1) == test_y).float().mean().item()
+    return {"linear_top1": 100.0 * acc}
+
+
+@torch.no_grad()
+def retrieval_recall(query_f: Tensor, query_y: Tensor, bank_f: Tensor, bank_y: Tensor,
+                     ks: Iterable[int] = (1, 5, 10, 20), center: bool = True,
+                     chunk: int = 1024) -> dict[str, float]:
+    """R@k (percent): fraction of queries whose k most cosine-similar bank items include one of
+    the same label. With `center`, each set is first centred with its own mean (SCE protocol)."""
+    ks = tuple(ks)
+    q, b = query_f.float(), bank_f.float().to(query_f.device)
+    if center:
+        q, b = q - q.mean(0), b - b.mean(0)
+    q, b = F.normalize(q, dim=1), F.normalize(b, dim=1)
+    query_y, bank_y = query_y.to(q.device), bank_y.to(q.device)
+    kmax = min(max(ks), len(b))
+    hits = dict.fromkeys(ks, 0)
+    for s in range(0, len(q), chunk):
+        top = (q[s:s + chunk] @ b.T).topk(kmax, dim=1).indices
+        match = bank_y[top] == query_y[s:s + chunk, None]  # (q, kmax)
+        for k in ks:
+            hits[k] += match[:, :k].any(1).sum().item()
+    return {f"R@{k}": 100.0 * hits[k] / len(q) for k in ks}

@@ -1,0 +1,217 @@
+"""Optimisation helpers: per-step schedules, parameter groups, LARS, EMA, layer decay, AMP.
+
+Schedules are plain functions of the global step; the training loop writes their values into
+the optimiser each step with `set_lr_wd`. Parameter groups carry the keys "apply_wd" (bool),
+"param_names" and, for layer decay, "lr_scale" and "layer_id".
+"""
+import contextlib
+import math
+import re
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from common.checkpoint import unwrap
+
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "time_embed", "register_tokens")
+EMBED_NAMES = ("patch_embed",) + NO_DECAY_NAMES  # layer 0 under layer-wise decay
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+
+def cosine_schedule(step: int, total_steps: int, peak: float, warmup_steps: int = 0,
+                    start: float = 0.0, final: float = 0.0) -> float:
+    """Linear warmup `start` -> `peak` over `warmup_steps`, then half-cosine `peak` -> `final`.
+
+    Step 0 gives `start`, step `warmup_steps` gives `peak`, steps >= `total_steps` give `final`.
+    Increasing schedules work too (EMA momentum: `peak=0.99, start=0.99, final=1.0`).
+    """
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"need 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps})")
+    if step < warmup_steps:
+        return start + (peak - start) * step / warmup_steps
+    if step >= total_steps:
+        return final
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)
+    return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr_wd(optimizer: torch.optim.Optimizer, lr: float, wd: Optional[float] = None) -> None:
+    """Set each group's lr to `lr * group["lr_scale"]` (default 1) and, when `wd` is given,
+    the weight decay of the groups that apply it ("apply_wd", else those with non-zero wd)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+        if wd is not None and group.get("apply_wd", group.get("weight_decay", 0.0) != 0.0):
+            group["weight_decay"] = wd
+
+
+def _trainable(model: nn.Module, no_decay: Optional[Callable], extra_no_decay_names: Iterable[str]):
+    """Yield (name, param, apply_wd) for every parameter that requires grad."""
+    names = NO_DECAY_NAMES + tuple(extra_no_decay_names)
+    if no_decay is None:
+        def no_decay(name, p):  # biases, norm weights, tokens and position tables
+            return p.ndim <= 1 or any(n in name for n in names)
+    for name, p in unwrap(model).named_parameters():
+        if p.requires_grad:
+            yield name, p, not no_decay(name, p)
+
+
+def _add(groups: dict, key, name: str, p: nn.Parameter, **options) -> None:
+    group = groups.setdefault(key, {"params": [], "param_names": [], **options})
+    group["params"].append(p)
+    group["param_names"].append(name)
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_decay: Optional[Callable] = None,
+                 extra_no_decay_names: Iterable[str] = ()) -> list:
+    """Two groups: with `weight_decay`, and without it for 1-D params (biases, norms) and
+    token / position tables. `no_decay(name, param) -> bool` replaces that rule. Frozen
+    params are skipped and empty groups dropped."""
+    groups = {}
+    for name, p, apply_wd in _trainable(model, no_decay, extra_no_decay_names):
+        _add(groups, apply_wd, name, p, weight_decay=weight_decay if apply_wd else 0.0,
+             apply_wd=apply_wd)
+    return [groups[k] for k in (True, False) if k in groups]
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """ViT depth of a parameter: 0 for embeddings/tokens, i+1 in `blocks.i`, else num_layers+1."""
+    match = re.search(r"(?:^|\.)blocks\.(\d+)\.", name)
+    if match:
+        if int(match.group(1)) >= num_layers:
+            raise ValueError(f"parameter {name} lies beyond num_layers={num_layers}")
+        return int(match.group(1)) + 1
+    return 0 if any(n in name for n in EMBED_NAMES) else num_layers + 1
+
+
+def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float, num_layers: int,
+                       no_decay: Optional[Callable] = None,
+                       extra_no_decay_names: Iterable[str] = ()) -> list:
+    """Fine-tuning groups (BEiT/MAE style): `lr_scale = layer_decay ** (num_layers + 1 - id)`
+    with `id = layer_id(name)`, split by the no-decay rule of `param_groups`."""
+    groups = {}
+    for name, p, apply_wd in _trainable(model, no_decay, extra_no_decay_names):
+        lid = layer_id(name, num_layers)
+        _add(groups, (lid, apply_wd), name, p, weight_decay=weight_decay if apply_wd else 0.0,
+             apply_wd=apply_wd, lr_scale=layer_decay ** (num_layers + 1 - lid), layer_id=lid)
+    return [groups[k] for k in sorted(groups)]
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and the LARS trust ratio (BYOL/SimCLR style, as used by SCE).
+
+    For each parameter p with gradient g:
+        if not (exclude_1d and p.ndim <= 1):             # biases and norms skip both steps
+            g     = g + weight_decay * p
+            trust = eta * ||p|| / ||g||   if ||p|| > 0 and ||g|| > 0   else 1
+            g     = trust * g
+        mu = momentum * mu + g                            # mu starts at 0
+        p  = p - lr * mu
+    with eta = `trust_coefficient`. Every option can be set per parameter group.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 0.001, exclude_1d: bool = True):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        trust_coefficient=trust_coefficient, exclude_1d=exclude_1d)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if not (group["exclude_1d"] and p.ndim <= 1):
+                    g = g.add(p, alpha=group["weight_decay"])
+                    p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                    ok = (p_norm > 0) & (g_norm > 0)
+                    g = g * torch.where(ok, group["trust_coefficient"] * p_norm / g_norm, 1.0)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                mu = state["momentum_buffer"].mul_(group["momentum"]).add_(g)
+                p.add_(mu, alpha=-group["lr"])
+        return loss
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float,
+               copy_buffers: bool = True) -> None:
+    """teacher_p = m * teacher_p + (1 - m) * student_p, matching parameters by name.
+
+    The student may hold more parameters than the teacher (e.g. a predictor); wrappers (DDP,
+    torch.compile) are stripped. Buffers (BN statistics) are copied when `copy_buffers`.
+    """
+    teacher, student = unwrap(teacher), unwrap(student)
+    s_params = dict(student.named_parameters())
+    t_names, t_params = zip(*teacher.named_parameters())
+    missing = [n for n in t_names if n not in s_params]
+    if missing:
+        raise ValueError(f"ema_update: teacher parameters absent from the student: {missing[:5]}")
+    s_list = [s_params[n] for n in t_names]
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, s_list, alpha=1.0 - momentum)
+    if copy_buffers:
+        s_buffers = dict(student.named_buffers())
+        for name, buf in teacher.named_buffers():
+            buf.copy_(s_buffers[name])
+
+
+def resolve_amp(mode: str, device: torch.device) -> str:
+    """"auto" -> "bf16" on CUDA and "none" elsewhere; other modes are checked and returned."""
+    if mode == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "none"
+    if mode not in AMP_DTYPES:
+        raise ValueError(f"--amp must be one of auto, {', '.join(AMP_DTYPES)}; got {mode!r}")
+    return mode
+
+
+class Amp:
+    """One code path for bf16 / fp16 (with a GradScaler) / fp32 training.
+
+        with amp.autocast():
+            loss = model(x)
+        grad_norm = amp.step(loss, optimizer, clip_grad=1.0)
+    """
+
+    def __init__(self, mode: str, device: torch.device):
+        self.device = torch.device(device)
+        self.mode = resolve_amp(mode, self.device)
+        self.dtype = AMP_DTYPES[self.mode]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.mode == "fp16")
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+             clip_grad: Optional[float] = None, params: Optional[Iterable] = None):
+        """Backward, optional grad clipping (on unscaled grads), step, zero_grad.
+
+        Returns the total grad norm before clipping (a tensor; use `clip_grad=math.inf` to only
+        measure it), or None without clipping. With fp16 a step with inf/nan grads is skipped.
+        """
+        self.scaler.scale(loss).backward()
+        norm = None
+        if clip_grad is not None:
+            self.scaler.unscale_(optimizer)
+            if params is None:
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+            norm = nn.utils.clip_grad_norm_(params, clip_grad)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scaler.load_state_dict(state)

@@ -1,0 +1,325 @@
+"""Small datasets in real on-disk formats for the demos and tests (DESIGN.md §4): `images()`
+(ImageFolder, 8 shapes), `videos()` (8 motions, mp4 + Kinetics/UCF101 lists), `davis()`.
+
+The class is what augmentations keep (silhouette, motion); colour, position, scale and
+background are drawn the same way for every class (silhouettes even share their area), so a
+random encoder finds no shortcut. Deterministic from `seed` (a sub-seed per sample), cached
+under `cache_root()`, built in a temp folder then renamed: a crash or concurrent callers (DDP
+ranks) never leave a half-written dataset.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+from PIL import Image
+
+VERSION = 1
+SHAPES = ("crescent", "cross", "disk", "ell", "ring", "square", "star", "triangle")
+MOTIONS = ("move_down", "move_left", "move_right", "move_up",
+           "rotate_ccw", "rotate_cw", "zoom_in", "zoom_out")  # sorted: label = index
+_STEP = {"move_down": (0, 1), "move_left": (-1, 0), "move_right": (1, 0), "move_up": (0, -1)}
+
+
+def cache_root() -> Path:
+    """`$SSL_REFS_CACHE` if set, else `~/.cache/ssl-refs/synthetic`."""
+    return Path(os.environ.get("SSL_REFS_CACHE") or Path.home() / ".cache/ssl-refs/synthetic")
+
+
+def _cached(root: Optional[os.PathLike], name: str, build: Callable[[Path], None]) -> Path:
+    """Return `root` (default `cache_root()/name`) if it holds data, else build it atomically."""
+    root = Path(root) if root is not None else cache_root() / name
+    if root.is_dir() and any(root.iterdir()):
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        build(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        try:
+            os.replace(tmp, root)  # atomic; replaces an empty folder, fails on a full one
+        except OSError:
+            if not (root.is_dir() and any(root.iterdir())):
+                raise
+            # another process finished first: use its copy (identical, same seed)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+# ---- drawing -----------------------------------------------------------------------------
+
+def _polygon(u: np.ndarray, v: np.ndarray, pts) -> np.ndarray:
+    """Even-odd point-in-polygon test, vectorised over the points (u, v)."""
+    inside = np.zeros(u.shape, bool)
+    x0, y0 = pts[-1]
+    for x1, y1 in pts:
+        crosses = (y0 > v) != (y1 > v)
+        inside ^= crosses & (u < x0 + (v - y0) * (x1 - x0) / (y1 - y0 + 1e-12))
+        x0, y0 = x1, y1
+    return inside
+
+
+def _star(n: int, r_in: float) -> list:
+    a = np.pi * np.arange(2 * n) / n - np.pi / 2
+    r = np.where(np.arange(2 * n) % 2, r_in, 1.0)
+    return list(zip(r * np.cos(a), r * np.sin(a)))
+
+
+_POLYGONS = {
+    "cross": [(.3, -1), (.3, -.3), (1, -.3), (1, .3), (.3, .3), (.3, 1), (-.3, 1), (-.3, .3),
+              (-1, .3), (-1, -.3), (-.3, -.3), (-.3, -1)],
+    "ell": [(-1, -1), (-.3, -1), (-.3, .3), (1, .3), (1, 1), (-1, 1)],
+    "square": [(-.8, -.8), (.8, -.8), (.8, .8), (-.8, .8)],
+    "star": _star(5, 0.45),
+    "triangle": _star(3, 1.0)[::2],
+}
+
+
+def _raw_inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    r2 = u * u + v * v
+    if shape == "disk":
+        return r2 <= 1
+    if shape == "ring":
+        return (r2 <= 1) & (r2 >= 0.55 ** 2)
+    if shape == "crescent":
+        return (r2 <= 1) & ((u - 0.5) ** 2 + v * v > 0.8 ** 2)
+    return _polygon(u, v, _POLYGONS[shape])
+
+
+@functools.cache
+def _normalise(shape: str) -> tuple[float, float, float, float]:
+    """(scale, u0, v0, extent): `_raw_inside(shape, u * scale + u0, v * scale + v0)` has its
+    centroid at 0, the area of a disk of radius 0.8, and reaches `extent` from the centroid."""
+    g = (np.arange(600) + 0.5) / 200 - 1.5
+    u, v = np.meshgrid(g, g)
+    inside = _raw_inside(shape, u, v)
+    scale = np.sqrt(inside.mean() * 9.0 / (np.pi * 0.8 ** 2))
+    u0, v0 = u[inside].mean(), v[inside].mean()
+    extent = np.hypot(u[inside] - u0, v[inside] - v0).max() / scale
+    return float(scale), float(u0), float(v0), float(extent)
+
+
+def _draw(img: np.ndarray, shape: str, cx: float, cy: float, radius: float, angle: float,
+          c1, c2=None, pattern: Optional[Callable] = None, ss: int = 4) -> np.ndarray:
+    """Paint `shape` (turned by `angle`, clockwise on screen) into float (H, W, 3) `img`, with
+    `ss` x `ss` supersampling; return its (H, W) coverage. `pattern(u, v) -> bool` picks `c2`
+    over `c1` in object coordinates, so the texture moves, turns and scales with the object."""
+    h, w, _ = img.shape
+    alpha = np.zeros((h, w), np.float32)
+    e = 1.6 * radius  # > every extent
+    x0, x1 = max(int(cx - e), 0), min(int(cx + e) + 2, w)
+    y0, y1 = max(int(cy - e), 0), min(int(cy + e) + 2, h)
+    if x0 >= x1 or y0 >= y1:
+        return alpha
+    xs = x0 + (np.arange((x1 - x0) * ss) + 0.5) / ss - cx
+    ys = y0 + (np.arange((y1 - y0) * ss) + 0.5) / ss - cy
+    x, y = np.meshgrid(xs, ys)
+    k, u0, v0, _ = _normalise(shape)
+    u = (x * np.cos(angle) + y * np.sin(angle)) * k / radius + u0
+    v = (y * np.cos(angle) - x * np.sin(angle)) * k / radius + v0
+    inside = _raw_inside(shape, u, v)[..., None].astype(np.float32)
+    colour = np.where(pattern(u, v)[..., None], c2, c1) if pattern else np.asarray(c1)
+    pool = lambda a: a.reshape(y1 - y0, ss, x1 - x0, ss, -1).mean((1, 3))  # noqa: E731
+    a, paint = pool(inside), pool(inside * colour)
+    img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * (1 - a) + paint
+    alpha[y0:y1, x0:x1] = a[..., 0]
+    return alpha
+
+
+def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Random colour mixed with a second one by a gradient, stripes or a plaid."""
+    c0, c1 = rng.uniform(0, 255, (2, 3))
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    a, phase, freq = rng.uniform(0, 2 * np.pi), rng.uniform(0, 2 * np.pi), rng.uniform(2, 6)
+    proj = x * np.cos(a) + y * np.sin(a)
+    t = [(proj - proj.min()) / np.ptp(proj), 0.5 + 0.5 * np.sin(2 * np.pi * freq * proj + phase),
+         0.5 + 0.25 * (np.sin(2 * np.pi * freq * x + phase) + np.sin(2 * np.pi * freq * y))
+         ][rng.integers(3)]
+    return c0 + (c1 - c0) * rng.uniform(0.2, 0.7) * t[..., None]
+
+
+def _colour(rng: np.random.Generator, away_from: np.ndarray, dist: float = 100.0) -> np.ndarray:
+    """A uniform RGB colour at least `dist` from `away_from` (rejection sampling)."""
+    while True:
+        c = rng.uniform(0, 255, 3)
+        if np.linalg.norm(c - away_from) >= dist:
+            return c
+
+
+def _to_uint8(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    noise = rng.normal(0, rng.uniform(0.5, 3), img.shape)
+    return np.clip(np.rint(img + noise), 0, 255).astype(np.uint8)
+
+
+# ---- images ------------------------------------------------------------------------------
+
+def _image(rng: np.random.Generator, shape: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One (H, W, 3) uint8 image of `shape` and its (H, W) coverage."""
+    img = _background(rng, size, size)
+    radius = rng.uniform(0.15, 0.25) * size
+    m = max(_normalise(s)[3] for s in SHAPES) * radius  # in the image; same law for all classes
+    cx, cy = rng.uniform(m, size - m, 2)
+    angle = np.deg2rad(rng.uniform(-20, 20))
+    alpha = _draw(img, shape, cx, cy, radius, angle, _colour(rng, img.mean((0, 1))))
+    return _to_uint8(img, rng), alpha
+
+
+def images(root: Optional[os.PathLike] = None, seed: int = 0, size: int = 64,
+           per_class_train: int = 150, per_class_val: int = 30) -> Path:
+    """ImageFolder `root/{train,val}/<shape>/<n>.png` of the 8 `SHAPES`; returns `root`."""
+    def build(tmp: Path) -> None:
+        for split, count in (("train", per_class_train), ("val", per_class_val)):
+            for c, shape in enumerate(SHAPES):
+                (tmp / split / shape).mkdir(parents=True)
+                for n in range(count):
+                    rng = np.random.default_rng([seed, split == "val", c, n])
+                    Image.fromarray(_image(rng, shape, size)[0]).save(
+                        tmp / split / shape / f"{n:04d}.png")
+    name = f"images-v{VERSION}-s{seed}-{size}px-{per_class_train}x{per_class_val}"
+    return _cached(root, name, build)
+
+
+# ---- videos ------------------------------------------------------------------------------
+
+def _clip(rng: np.random.Generator, motion: str, size: int, frames: int) -> np.ndarray:
+    """(T, H, W, 3) uint8 clip of one striped object doing `motion` on a static background."""
+    bg = _background(rng, size, size)
+    c1 = _colour(rng, bg.mean((0, 1)))
+    c2 = _colour(rng, c1, 80.0)
+    shape, freq, phase = SHAPES[rng.integers(len(SHAPES))], rng.uniform(1.5, 2.5), rng.uniform(0, 6)
+    t = np.linspace(0, 1, frames)
+    radius = np.full(frames, rng.uniform(0.12, 0.16) * size)
+    angle = np.full(frames, rng.uniform(0, 2 * np.pi))
+    if motion.startswith("zoom"):
+        r0, ratio = rng.uniform(0.08, 0.1) * size, rng.uniform(1.7, 2.2)
+        radius = r0 * ratio ** (t if motion == "zoom_in" else 1 - t)
+    if motion.startswith("rotate"):
+        turn = np.deg2rad(rng.uniform(4, 8)) * (frames - 1)
+        angle = angle + (turn if motion == "rotate_cw" else -turn) * t
+    d = np.array(_STEP.get(motion, (0, 0)))
+    dist = rng.uniform(0.4, 0.55) * size
+    m = _normalise(shape)[3] * radius.max()
+    centre = rng.uniform(m + dist * np.maximum(-d, 0), size - m - dist * np.maximum(d, 0))
+    out = np.empty((frames, size, size, 3), np.uint8)
+    stripes = lambda u, v: np.sin(freq * np.pi * u + phase) > 0  # noqa: E731
+    for i in range(frames):
+        img = bg.copy()
+        cx, cy = centre + d * dist * t[i]
+        _draw(img, shape, cx, cy, radius[i], angle[i], c1, c2, stripes, ss=2)
+        out[i] = np.clip(np.rint(img), 0, 255)
+    return out
+
+
+def videos(root: Optional[os.PathLike] = None, seed: int = 0, size: int = 64, frames: int = 32,
+           fps: float = 25, per_class_train: int = 16, per_class_val: int = 4) -> Path:
+    """Class folders `root/<motion>/<motion>_<n>.mp4` of the 8 `MOTIONS`, plus split files.
+
+    Kinetics style `train.csv`/`val.csv` (`<class>/<file>.mp4 <label>`, 0-based) and UCF101
+    style `classInd.txt`, `trainlist01.txt` (1-based labels), `testlist01.txt` (val videos).
+    Videos 0..per_class_train-1 of each class are the training set.
+    """
+    from common.video import write_video
+    if size % 2:
+        raise ValueError(f"synthetic.videos: size must be even (H.264 yuv420p), got {size}")
+
+    def build(tmp: Path) -> None:
+        lists: dict = {"train": [], "val": []}
+        for c, motion in enumerate(MOTIONS):
+            for n in range(per_class_train + per_class_val):
+                rel = f"{motion}/{motion}_{n:03d}.mp4"
+                clip = _clip(np.random.default_rng([seed, c, n]), motion, size, frames)
+                write_video(tmp / rel, clip, fps=fps, codec="libx264", gop=8)
+                lists["train" if n < per_class_train else "val"].append((rel, c))
+        for name, lines in {"train.csv": [f"{p} {c}" for p, c in lists["train"]],
+                            "val.csv": [f"{p} {c}" for p, c in lists["val"]],
+                            "classInd.txt": [f"{c + 1} {m}" for c, m in enumerate(MOTIONS)],
+                            "trainlist01.txt": [f"{p} {c + 1}" for p, c in lists["train"]],
+                            "testlist01.txt": [p for p, _ in lists["val"]]}.items():
+            (tmp / name).write_text("".join(f"{line}\n" for line in lines))
+    name = f"videos-v{VERSION}-s{seed}-{size}px-{frames}f-{per_class_train}x{per_class_val}"
+    return _cached(root, name, build)
+
+
+# ---- DAVIS -------------------------------------------------------------------------------
+
+def davis_palette() -> list:
+    """The VOC/DAVIS palette (768 ints): id bits spread over the high bits of R, G, B."""
+    bit = lambda i, ch: sum(((i >> (3 * j + ch)) & 1) << (7 - j) for j in range(8))  # noqa: E731
+    return [bit(i, ch) for i in range(256) for ch in range(3)]
+
+
+def _pattern(rng: np.random.Generator) -> Callable:
+    """A random stripe, checker or dot texture in object coordinates."""
+    f, a = rng.uniform(2, 4), rng.uniform(0, np.pi)
+    return [lambda u, v: np.sin(f * np.pi * (u * np.cos(a) + v * np.sin(a))) > 0,
+            lambda u, v: (np.floor(f * u) + np.floor(f * v)) % 2 == 0,
+            lambda u, v: np.sin(f * np.pi * u) * np.sin(f * np.pi * v) > 0.5][rng.integers(3)]
+
+
+def _sequence(rng: np.random.Generator, h: int, w: int, frames: int):
+    """(T, H, W, 3) uint8 frames, (T, H, W) uint8 label maps of K = 2 or 3 textured objects, K."""
+    pad = 8
+    bg = _background(rng, h + 2 * pad, w + 2 * pad)
+    drift = rng.uniform(-pad, pad, 2)
+    objects = []
+    for _ in range(rng.integers(2, 4)):
+        r = rng.uniform(0.12, 0.2) * min(h, w)
+        amp = rng.uniform(0.15, 0.35, 2) * (np.array([w, h]) - 2.4 * r)
+        centre = rng.uniform(1.2 * r + amp, np.array([w, h]) - 1.2 * r - amp)
+        c1 = _colour(rng, bg.mean((0, 1)))
+        objects.append(dict(shape=SHAPES[rng.integers(len(SHAPES))], r=r, amp=amp, centre=centre,
+                            om=rng.uniform(0.5, 1, 3) * np.pi / frames, ph=rng.uniform(0, 6, 3),
+                            rot=rng.uniform(-0.03, 0.03), c1=c1, c2=_colour(rng, c1, 80.0),
+                            pattern=_pattern(rng)))
+    imgs = np.empty((frames, h, w, 3), np.uint8)
+    labels = np.zeros((frames, h, w), np.uint8)
+    for t in range(frames):
+        ox, oy = np.rint(pad + drift * np.sin(np.pi * t / frames)).astype(int)
+        img = bg[oy:oy + h, ox:ox + w].copy()
+        for k, o in enumerate(objects):
+            s = np.sin(o["om"] * t + o["ph"])
+            cx, cy = o["centre"] + o["amp"] * s[:2]
+            alpha = _draw(img, o["shape"], cx, cy, o["r"] * (1 + 0.2 * s[2]), o["rot"] * t,
+                          o["c1"], o["c2"], o["pattern"])
+            labels[t][alpha > 0.5] = k + 1
+        imgs[t] = _to_uint8(img, rng)
+    return imgs, labels, len(objects)
+
+
+def davis(root: Optional[os.PathLike] = None, seed: int = 0, size: tuple = (96, 160),
+          sequences: int = 4, frames: int = 20) -> Path:
+    """DAVIS-2017 layout: `JPEGImages/480p/<seq>/00000.jpg`, palette PNG `Annotations/480p/`
+    (0 background, 1..K objects; every frame annotated), `ImageSets/2017/val.txt`.
+
+    `size` is (H, W); "480p" is only the DAVIS folder name. Every object is visible in frame 0.
+    """
+    h, w = size
+    if min(h, w) < 48:
+        raise ValueError(f"synthetic.davis: frames must be at least 48x48, got {h}x{w}")
+
+    def build(tmp: Path) -> None:
+        names = [f"synth{i:02d}" for i in range(sequences)]
+        for i, seq in enumerate(names):
+            rng = np.random.default_rng([seed, i])
+            while True:  # redraw until no object starts (almost) hidden
+                imgs, labels, k = _sequence(rng, h, w, frames)
+                if np.bincount(labels[0].ravel(), minlength=k + 1)[1:].min() >= 20:
+                    break
+            (tmp / "JPEGImages/480p" / seq).mkdir(parents=True)
+            (tmp / "Annotations/480p" / seq).mkdir(parents=True)
+            for t in range(frames):
+                Image.fromarray(imgs[t]).save(tmp / f"JPEGImages/480p/{seq}/{t:05d}.jpg",
+                                              quality=90)
+                mask = Image.fromarray(labels[t])
+                mask.putpalette(davis_palette())  # "L" becomes "P", values kept
+                mask.save(tmp / f"Annotations/480p/{seq}/{t:05d}.png")
+        (tmp / "ImageSets/2017").mkdir(parents=True)
+        (tmp / "ImageSets/2017/val.txt").write_text("".join(f"{s}\n" for s in names))
+    name = f"davis-v{VERSION}-s{seed}-{h}x{w}-{sequences}x{frames}f"
+    return _cached(root, name, build)

@@ -1,0 +1,42 @@
+"""Run under `torchrun --nproc_per_node=2`: exercises common.dist and writes what each rank saw
+to `<out_dir>/rank<r>.json` for tests/test_common_dist.py to compare."""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from common import dist  # noqa: E402
+
+
+def main(out_dir: str) -> None:
+    dev = dist.init("cpu")
+    r, w = dist.rank(), dist.world()
+    seed = dist.seed_all(7)
+    draw = torch.rand(3).tolist()
+
+    summed = dist.all_reduce(torch.tensor([float(r + 1)]), op="sum").item()
+    mean = dist.all_reduce(torch.tensor([float(r + 1)]), op="mean").item()
+    gathered = dist.all_gather(torch.full((2,), float(r))).tolist()
+
+    # Each rank's loss uses every rank's slice, weighted by (rank + 1); the gradient reaching
+    # rank r's slice is the sum over ranks: sum_k (k + 1) * weights[slice r].
+    x = torch.tensor([r + 1.0, 10.0 * (r + 1)], requires_grad=True)
+    weights = torch.arange(1.0, 2 * w + 1)
+    g = dist.all_gather_grad(x)
+    ((r + 1) * (g * weights).sum()).backward()
+
+    dist.barrier()
+    with open(os.path.join(out_dir, f"rank{r}.json"), "w") as fh:
+        json.dump({"rank": r, "world": w, "device": str(dev), "seed": seed, "draw": draw,
+                   "sum": summed, "mean": mean, "gathered": gathered,
+                   "gathered_grad_value": g.detach().tolist(), "grad": x.grad.tolist(),
+                   "is_main": dist.is_main()}, fh)
+    dist.print0(f"printed once by rank {r}")
+    dist.cleanup()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,48 @@
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from common import dist
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_single_process_is_a_world_of_one():
+    assert dist.init("cpu") == torch.device("cpu")
+    assert (dist.is_dist(), dist.rank(), dist.world(), dist.is_main()) == (False, 0, 1, True)
+    t = torch.tensor([1.0, 2.0])
+    assert torch.equal(dist.all_reduce(t.clone(), "mean"), t)
+    assert torch.equal(dist.all_gather(t), t)
+    x = torch.ones(2, requires_grad=True)
+    dist.all_gather_grad(x).sum().backward()
+    assert torch.equal(x.grad, torch.ones(2))
+
+
+def test_seed_all_is_reproducible():
+    dist.seed_all(3)
+    a = torch.rand(4)
+    dist.seed_all(3)
+    assert torch.equal(a, torch.rand(4))
+
+
+def test_two_process_gloo(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_port=0", "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0",
+           os.path.join(HERE, "dist_worker.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    for r, res in enumerate(ranks):
+        assert (res["rank"], res["world"], res["is_main"]) == (r, 2, r == 0)
+        assert res["seed"] == 7 + r
+        assert res["sum"] == 3.0 and res["mean"] == 1.5
+        assert res["gathered"] == [0.0, 0.0, 1.0, 1.0]
+        assert res["gathered_grad_value"] == [1.0, 10.0, 2.0, 20.0]
+        # d/dx_r of sum_k (k+1) * <gather(x), w> = (1 + 2) * w[2r:2r+2]
+        assert res["grad"] == [3.0 * (2 * r + 1), 3.0 * (2 * r + 2)]
+    assert ranks[0]["draw"] != ranks[1]["draw"]  # per-rank seeds differ
+    assert proc.stdout.count("printed once by rank") == 1

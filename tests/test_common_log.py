@@ -1,0 +1,48 @@
+import json
+import time
+
+import torch
+
+from common import log
+
+
+def test_logger_writes_console_and_jsonl(tmp_path, capsys):
+    lg = log.Logger(str(tmp_path / "run"))
+    rec = lg.log(10, {"train/loss": torch.tensor(1.5), "train/lr": 3e-4, "epoch": 1})
+    lg.log(20, {"train/loss": 0.25})
+    assert rec == {"step": 10, "train/loss": 1.5, "train/lr": 3e-4, "epoch": 1}
+    assert log.read_jsonl(str(tmp_path / "run" / "log.jsonl")) == [
+        rec, {"step": 20, "train/loss": 0.25}]
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "step 10 | train/loss 1.5 | train/lr 0.0003 | epoch 1"
+
+
+def test_throughput_measures_time():
+    meter = log.Throughput()
+    for _ in range(3):
+        time.sleep(0.02)
+        meter.update(8)
+    r = meter.rates()
+    assert 20 <= r["ms_per_step"] < 200
+    assert abs(r["samples_per_s"] - 8 * 1000 / r["ms_per_step"]) < 1e-6 * r["samples_per_s"]
+
+
+def test_bench_counts_steps_and_times_the_loader(capsys):
+    calls = []
+
+    def step():
+        calls.append(1)
+        time.sleep(0.01)
+
+    loader = [(torch.zeros(4, 3), torch.zeros(4))] * 30
+    out = log.bench(step, batch_size=4, device=torch.device("cpu"), steps=6, warmup=2,
+                    loader=loader, loader_batches=5, note="x")
+    assert len(calls) == 8
+    assert out["ms_per_step"] >= 10 and out["samples_per_s"] <= 4 / 0.01
+    assert out["data_samples_per_s"] > 0 and out["note"] == "x" and out["peak_mem_mb"] > 10
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["bench"] == "train_step" and printed["batch_per_process"] == 4
+
+
+def test_progress_is_a_plain_iterator():
+    assert list(log.progress(range(5), total=5)) == [0, 1, 2, 3, 4]
