@@ -12,6 +12,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 from torch import nn
 
 from common import dist
@@ -76,12 +77,7 @@ def load(path, map_location="cpu") -> dict:
                            f"{reason.strip()}") from None
 
 
-def rng_state() -> dict:
-    """This process's python, numpy, torch (and CUDA) RNG states, as weights_only-safe types.
-
-    Under torchrun only rank 0 saves, so on resume the other ranks get rank 0's streams: draw
-    per-rank randomness from (seed, rank, step) rather than from these global generators.
-    """
+def _local_rng_state() -> dict:
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"python": random.getstate(),
              "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
@@ -91,8 +87,23 @@ def rng_state() -> dict:
     return state
 
 
+def rng_state() -> dict:
+    """Python, numpy, torch (and CUDA) RNG states, as weights_only-safe types.
+
+    Under torchrun this is a collective (call it on every rank): the states of all ranks are
+    gathered, so that after a resume each rank continues its own random streams.
+    """
+    if not dist.is_dist():
+        return _local_rng_state()
+    states = [None] * dist.world()
+    tdist.all_gather_object(states, _local_rng_state())
+    return {"per_rank": states}
+
+
 def set_rng_state(state: dict) -> None:
     """Restore what `rng_state()` returned (CUDA states only where devices exist)."""
+    if "per_rank" in state:  # saved under torchrun: this rank's own (wraps if world changed)
+        state = state["per_rank"][dist.rank() % len(state["per_rank"])]
     random.setstate(state["python"])
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))

@@ -187,7 +187,8 @@ def write_video(path: PathLike, frames, fps: float = 25, codec: str = "libx264",
 
     `codec`: libx264, mpeg4, libvpx-vp9 (PyAV 18 encoders); `crf` sets the quality of x264
     and vp9, mpeg4 gets a generous bit rate. `gop`: frames between keyframes. H and W must
-    be even (yuv420p).
+    be even (yuv420p). x264 output is not always byte-identical from run to run (about 1 file
+    in 50 differs by a few bytes here, whatever the thread settings); the pictures agree.
     """
     frames = np.asarray(frames.cpu() if torch.is_tensor(frames) else frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:

@@ -8,7 +8,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from common import dist  # noqa: E402
+from common import checkpoint, dist  # noqa: E402
 
 
 def main(out_dir: str) -> None:
@@ -28,12 +28,23 @@ def main(out_dir: str) -> None:
     g = dist.all_gather_grad(x)
     ((r + 1) * (g * weights).sum()).backward()
 
+    # RNG state saved under torchrun keeps every rank's own stream, through a real file.
+    ckpt = os.path.join(out_dir, "rng.pt")
+    state = checkpoint.rng_state()
+    checkpoint.save(ckpt, {"rng": state})
+    expected = torch.rand(2).tolist()
+    dist.barrier()
+    torch.manual_seed(1234)
+    checkpoint.set_rng_state(checkpoint.load(ckpt)["rng"])
+    resumed = torch.rand(2).tolist()
+
     dist.barrier()
     with open(os.path.join(out_dir, f"rank{r}.json"), "w") as fh:
         json.dump({"rank": r, "world": w, "device": str(dev), "seed": seed, "draw": draw,
                    "sum": summed, "mean": mean, "gathered": gathered,
                    "gathered_grad_value": g.detach().tolist(), "grad": x.grad.tolist(),
-                   "is_main": dist.is_main()}, fh)
+                   "is_main": dist.is_main(), "rng_expected": expected,
+                   "rng_resumed": resumed}, fh)
     dist.print0(f"printed once by rank {r}")
     dist.cleanup()
 

@@ -45,4 +45,7 @@ def test_two_process_gloo(tmp_path):
         # d/dx_r of sum_k (k+1) * <gather(x), w> = (1 + 2) * w[2r:2r+2]
         assert res["grad"] == [3.0 * (2 * r + 1), 3.0 * (2 * r + 2)]
     assert ranks[0]["draw"] != ranks[1]["draw"]  # per-rank seeds differ
+    for res in ranks:  # each rank resumes its own RNG stream from rank 0's checkpoint
+        assert res["rng_resumed"] == res["rng_expected"]
+    assert ranks[0]["rng_expected"] != ranks[1]["rng_expected"]
     assert proc.stdout.count("printed once by rank") == 1
