@@ -129,8 +129,7 @@ def bench(step_fn: Callable[[], object], batch_size: int, device: torch.device,
             if i == 0:  # the first batch pays for worker start-up
                 t0 = time.perf_counter()
                 continue
-            first = batch[0] if isinstance(batch, (list, tuple)) else batch
-            n += len(first)
+            n += batch_size  # (with drop_last every batch is full)
         out["data_samples_per_s"] = n / max(time.perf_counter() - t0, 1e-9) if t0 else 0.0
     dist.print0(json.dumps({k: round(v, 3) if isinstance(v, float) else v
                             for k, v in out.items()}))

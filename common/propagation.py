@@ -1,0 +1,396 @@
+"""Label propagation through a video and the correspondence benchmarks that T-CoRe and CropMAE
+share: DAVIS-2017 J&F, JHMDB PCK, VIP mIoU.
+
+`propagate` is the videowalk protocol both methods inherit: frame 0 as long-term memory, the 20
+previous frames within a spatial radius as short-term memory, top-k softmax over cosine
+affinities, soft labels carried forward. The metrics reproduce the official scripts, edge cases
+included: davis2017 (`db_eval_iou`, `db_eval_boundary`, `db_statistics`, semi-supervised mode),
+videowalk `eval_pck`, and VIP `fast_hist`. J&F and mIoU are fractions in [0, 1]; PCK is in
+percent, as the official scripts report them.
+"""
+import struct
+import warnings
+import zlib
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from .synthetic import davis_palette
+
+
+# ---- propagation ----
+@torch.no_grad()
+def propagate(feats: Tensor, first_label: Tensor, topk: int = 7, temperature: float = 0.7,
+              context: int = 20, radius: float = 20.0, chunk: int = 1024) -> Tensor:
+    """Propagate `first_label` (K, h, w) through `feats` (T, C, h, w), L2-normalised over C.
+
+    Frame t attends to frame 0 anywhere (long-term) and to frames t-context..t-1 (short-term;
+    indices below 0 mean frame 0, as the official code prepends `context` copies of frame 0:
+    the duplicates are kept) only at grid distance strictly < `radius` (else -1e10). Affinities
+    are divided by `temperature`; top-k over all (1 + context) * h * w keys, softmax over those
+    k; the label is the weighted sum of the keys' soft labels, and stays soft for later frames.
+    `chunk` queries at a time. Returns float32 (T, K, h, w), frame 0 being `first_label`.
+    """
+    T, C, h, w = feats.shape
+    if first_label.shape[1:] != (h, w):
+        raise ValueError(f"propagate: first_label {tuple(first_label.shape)} does not match the "
+                         f"feature grid {h}x{w}")
+    n, K = h * w, first_label.shape[0]
+    f = feats.float().flatten(2).transpose(1, 2)  # (T, n, C)
+    labels = f.new_zeros(T, n, K)
+    labels[0] = first_label.to(f).flatten(1).t()
+    yx = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1)
+    yx = yx.flatten(0, 1).to(f.device)
+    far = ((yx[:, None] - yx[None]) ** 2).sum(-1).float().sqrt() >= radius  # (n query, n key)
+    for t in range(1, T):
+        src = [0] + [max(s, 0) for s in range(t - context, t)]
+        keys, key_labels = f[src].flatten(0, 1), labels[src].flatten(0, 1)  # (S*n, C), (S*n, K)
+        for q in range(0, n, chunk):
+            a = (f[t, q:q + chunk] @ keys.T).view(-1, len(src), n)  # (m, S, n)
+            a[:, 1:].masked_fill_(far[q:q + chunk, None], -1e10)
+            weights, idx = (a.flatten(1) / temperature).topk(topk, dim=1)
+            labels[t, q:q + chunk] = torch.einsum("mk,mkc->mc", weights.softmax(1),
+                                                  key_labels[idx])
+    return labels.view(T, h, w, K).permute(0, 3, 1, 2)
+
+
+def label_to_onehot(label, num_classes: int, size: tuple[int, int]) -> Tensor:
+    """(H, W) int ids -> (K, h, w) float one-hot resized bilinearly without antialiasing
+    (align_corners=False), as cv2 INTER_LINEAR in the official loaders."""
+    lab = torch.as_tensor(label).long()
+    if lab.ndim != 2 or lab.min() < 0 or lab.max() >= num_classes:
+        raise ValueError(f"label_to_onehot: expected (H, W) ids in [0, {num_classes}), got shape "
+                         f"{tuple(lab.shape)} with ids in [{lab.min()}, {lab.max()}]")
+    onehot = F.one_hot(lab, num_classes).permute(2, 0, 1).float()[None]
+    return F.interpolate(onehot, size=size, mode="bilinear", align_corners=False,
+                         antialias=False)[0]
+
+
+def soft_to_label(pred: Tensor, size: tuple[int, int]) -> Tensor:
+    """(K, h, w) soft labels -> (H, W) int64 ids: bilinear upsampling to `size`, then argmax."""
+    up = F.interpolate(pred[None].float(), size=size, mode="bilinear", align_corners=False)
+    return up[0].argmax(0)
+
+
+# ---- DAVIS-2017: files ----
+def read_davis(root, split: str = "val", resolution: str = "480p") -> list:
+    """[(name, [frame .jpg paths], [annotation .png paths])], in `ImageSets/2017/<split>.txt`
+    order."""
+    root = Path(root)
+    listing = root / "ImageSets" / "2017" / f"{split}.txt"
+    if not listing.is_file():
+        raise FileNotFoundError(f"{listing}: DAVIS split list not found (expected the DAVIS-2017 "
+                                f"layout JPEGImages/{resolution}, Annotations/{resolution}, "
+                                "ImageSets/2017)")
+    out = []
+    for lineno, line in enumerate(listing.read_text().splitlines(), 1):
+        if not (name := line.strip()):
+            continue
+        frames = sorted((root / "JPEGImages" / resolution / name).glob("*.jpg"))
+        masks = sorted((root / "Annotations" / resolution / name).glob("*.png"))
+        for what, files, sub in (("frames", frames, "JPEGImages"), ("masks", masks, "Annotations")):
+            if not files:
+                raise FileNotFoundError(f"{listing}:{lineno}: sequence {name!r} has no {what} in "
+                                        f"{root / sub / resolution / name}")
+        out.append((name, frames, masks))
+    if not out:
+        raise ValueError(f"{listing}: no sequences listed")
+    return out
+
+
+def read_label_png(path) -> np.ndarray:
+    """(H, W) uint8 ids of a palette ("P", the palette indices) or grayscale ("L") PNG."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: label PNG not found")
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L"):
+                raise ValueError(f"{path}: label PNG must be indexed ('P') or 'L', not {im.mode!r}")
+            return np.array(im, dtype=np.uint8)
+    except OSError as e:
+        raise ValueError(f"{path}: unreadable label PNG ({e})") from None
+
+
+def write_label_png(path, label, palette: Optional[Sequence[int]] = None) -> None:
+    """Write (H, W) ids in [0, 255] as an indexed ("P") PNG, with the DAVIS palette by default."""
+    a = np.asarray(label)
+    if a.ndim != 2 or a.min() < 0 or a.max() > 255:
+        raise ValueError(f"{path}: label must be (H, W) ids in [0, 255], got shape {a.shape}")
+    im = Image.fromarray(a.astype(np.uint8))
+    im.putpalette(list(palette) if palette is not None else davis_palette())
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    im.save(path)
+
+
+# ---- DAVIS-2017: metrics ----
+def seg2bmap(seg) -> np.ndarray:
+    """Boundary map of davis2017 `_seg2bmap` (same size): a pixel differing from its east, south
+    or south-east neighbour; the last row compares east only, the last column south only, and
+    the bottom-right pixel is 0. Leading dimensions are batch dimensions."""
+    s = np.asarray(seg).astype(bool)
+    e, so, se = np.zeros_like(s), np.zeros_like(s), np.zeros_like(s)  # east, south, south-east
+    e[..., :, :-1] = s[..., :, 1:]
+    so[..., :-1, :] = s[..., 1:, :]
+    se[..., :-1, :-1] = s[..., 1:, 1:]
+    b = (s ^ e) | (s ^ so) | (s ^ se)
+    b[..., -1, :] = s[..., -1, :] ^ e[..., -1, :]
+    b[..., :, -1] = s[..., :, -1] ^ so[..., :, -1]
+    b[..., -1, -1] = False
+    return b
+
+
+def _binary(gt, pred, void) -> tuple[np.ndarray, np.ndarray]:
+    gt, pred = np.asarray(gt).astype(bool), np.asarray(pred).astype(bool)
+    if gt.shape != pred.shape or gt.ndim not in (2, 3):
+        raise ValueError(f"masks must be (H, W) or (T, H, W) of equal shapes, got gt {gt.shape}, "
+                         f"pred {pred.shape}")
+    if void is not None:  # toolkit semantics: void pixels count in neither mask
+        keep = ~np.asarray(void).astype(bool)
+        gt, pred = gt & keep, pred & keep
+    return gt, pred
+
+
+def _out(x: np.ndarray):
+    return float(x) if x.ndim == 0 else x
+
+
+def j_measure(gt, pred, void=None):
+    """Region similarity J = |gt & pred| / |gt | pred| (1 if the union is empty), per frame."""
+    gt, pred = _binary(gt, pred, void)
+    inter, union = (gt & pred).sum((-2, -1)), (gt | pred).sum((-2, -1))
+    return _out(np.where(union == 0, 1.0, inter / np.maximum(union, 1)))
+
+
+def _dilate(b: np.ndarray, r: int) -> np.ndarray:
+    """Binary dilation of (T, H, W) by skimage `disk(r)` (dx^2 + dy^2 <= r^2), as a convolution."""
+    k = torch.arange(-r, r + 1)
+    disk = ((k[:, None] ** 2 + k[None] ** 2) <= r * r).float()[None, None]
+    x = torch.from_numpy(b).float()[:, None]
+    return (F.conv2d(x, disk, padding=r)[:, 0] > 0.5).numpy()
+
+
+def f_measure(gt, pred, void=None, bound_th: float = 0.008):
+    """Boundary F-measure of davis2017 `db_eval_boundary`, per frame. The tolerance is
+    ceil(bound_th * image diagonal) pixels, or `bound_th` pixels when >= 1 (an integer)."""
+    gt, pred = _binary(gt, pred, void)
+    hw = gt.shape[-2:]
+    r = int(bound_th) if bound_th >= 1 else int(np.ceil(bound_th * np.linalg.norm(hw)))
+    gt_b, fg_b = seg2bmap(gt.reshape(-1, *hw)), seg2bmap(pred.reshape(-1, *hw))
+    n_gt, n_fg = gt_b.sum((1, 2)), fg_b.sum((1, 2))
+    fg_hit = (fg_b & _dilate(gt_b, r)).sum((1, 2))
+    gt_hit = (gt_b & _dilate(fg_b, r)).sum((1, 2))
+    # an empty boundary has P (or R) = 1; the other one is then 0 unless both are empty
+    p = np.where(n_fg > 0, fg_hit / np.maximum(n_fg, 1), 1.0)
+    rec = np.where(n_gt > 0, gt_hit / np.maximum(n_gt, 1), 1.0)
+    f = np.where(p + rec > 0, 2 * p * rec / np.maximum(p + rec, 1e-12), 0.0)
+    return _out(f.reshape(gt.shape[:-2]))
+
+
+def db_statistics(per_frame) -> tuple[float, float, float]:
+    """(mean, recall, decay) of per-frame values, as davis2017 `db_statistics`: nanmean, mean of
+    x > 0.5, and the mean of the first minus the last of 4 bins."""
+    x = np.asarray(per_frame, dtype=np.float64)
+    # uint8 like the toolkit (wraps beyond 256 frames); +1e-10 rounds halves up
+    ids = (np.round(np.linspace(1, len(x), 5) + 1e-10) - 1).astype(np.int64).astype(np.uint8)
+    bins = [x[ids[i]:int(ids[i + 1]) + 1] for i in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # empty or all-nan bins give nan
+        return (float(np.nanmean(x)), float(np.nanmean(x > 0.5)),
+                float(np.nanmean(bins[0]) - np.nanmean(bins[3])))
+
+
+def davis_jf(gt_seqs: Sequence, pred_seqs: Sequence) -> dict[str, float]:
+    """DAVIS-2017 semi-supervised scores of int label maps (T, H, W), one array per sequence.
+
+    GT 255 (void) counts as background; the objects are 1..max id of GT frame 0; the first and
+    last frames are not scored. A prediction id above that count is an error (the toolkit
+    aborts); a missing object scores as an empty mask. Means are over all objects of all
+    sequences; "J&F-Mean" is (J-Mean + F-Mean) / 2. Fractions in [0, 1].
+    """
+    if len(gt_seqs) != len(pred_seqs):
+        raise ValueError(f"davis_jf: {len(gt_seqs)} GT sequences but {len(pred_seqs)} predictions")
+    stats: dict[str, list] = {"J": [], "F": []}
+    for i, (gt, pred) in enumerate(zip(gt_seqs, pred_seqs)):
+        gt, pred = np.array(gt), np.asarray(pred)
+        if gt.shape != pred.shape or gt.ndim != 3 or len(gt) < 3:
+            raise ValueError(f"davis_jf: sequence {i}: GT {gt.shape} and prediction {pred.shape} "
+                             "must be equal (T, H, W) with T >= 3")
+        gt[gt == 255] = 0
+        num_objects = int(gt[0].max())
+        gt, pred = gt[1:-1], pred[1:-1]
+        if (k_res := int(pred.max())) > num_objects:
+            raise ValueError(f"davis_jf: sequence {i}: prediction has id {k_res} but GT frame 0 "
+                             f"has only {num_objects} objects")
+        for obj in range(1, num_objects + 1):
+            stats["J"].append(db_statistics(j_measure(gt == obj, pred == obj)))
+            stats["F"].append(db_statistics(f_measure(gt == obj, pred == obj)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # no object at all gives nan
+        j, f = (np.array(stats[m], dtype=np.float64).reshape(-1, 3).mean(0) for m in "JF")
+    return {"J&F-Mean": float((j[0] + f[0]) / 2), "J-Mean": float(j[0]), "J-Recall": float(j[1]),
+            "J-Decay": float(j[2]), "F-Mean": float(f[0]), "F-Recall": float(f[1]),
+            "F-Decay": float(f[2])}
+
+
+# ---- JHMDB ----
+# MAT v5 data types and numeric array classes -> numpy dtypes (without byte order)
+_MI = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 9: "f8", 12: "i8", 13: "u8"}
+_MX = {6: "f8", 7: "f4", 8: "i1", 9: "u1", 10: "i2", 11: "u2", 12: "i4", 13: "u4", 14: "i8",
+       15: "u8"}
+_MX_NAMES = {1: "cell", 2: "struct", 3: "object", 4: "char", 5: "sparse"}
+_MI_MATRIX, _MI_COMPRESSED = 14, 15
+
+
+def _element(buf: bytes, pos: int, e: str) -> tuple[int, bytes, int]:
+    """One data element at `pos`: (type, payload, position of the next element)."""
+    (word,) = struct.unpack_from(e + "I", buf, pos)
+    if word >> 16:  # small element: size in the upper 16 bits, payload in the next 4 bytes
+        return word & 0xFFFF, buf[pos + 4:pos + 4 + (word >> 16)], pos + 8
+    mtype, nbytes = struct.unpack_from(e + "II", buf, pos)
+    end = pos + 8 + nbytes
+    if end > len(buf):
+        raise ValueError(f"element of {nbytes} bytes at offset {pos} runs past the end")
+    return mtype, buf[pos + 8:end], end if mtype == _MI_COMPRESSED else end + (-nbytes % 8)
+
+
+def _matrix(body: bytes, e: str) -> tuple[str, object]:
+    """(name, array) of a miMATRIX payload, or (name, class name) if it is not numeric."""
+    _, flags, pos = _element(body, 0, e)
+    _, dims, pos = _element(body, pos, e)
+    _, name, pos = _element(body, pos, e)
+    name, (flags, _) = name.decode("latin-1"), struct.unpack(e + "II", flags)
+    cls = flags & 0xFF
+    if cls not in _MX or flags & 0x800:  # 0x800: complex
+        return name, "complex" if cls in _MX else _MX_NAMES.get(cls, f"class {cls}")
+    mtype, data, _ = _element(body, pos, e)  # the real part
+    if mtype not in _MI:
+        raise ValueError(f"variable {name!r}: unsupported data type {mtype}")
+    shape = tuple(np.frombuffer(dims, e + "i4"))
+    return name, np.frombuffer(data, e + _MI[mtype]).astype(_MX[cls]).reshape(shape, order="F")
+
+
+def read_mat_v5(path, names: Optional[Iterable[str]] = None) -> dict[str, np.ndarray]:
+    """Numeric variables of a MATLAB v5 .mat file (as JHMDB's `joint_positions.mat`).
+
+    Handles both byte orders, zlib-compressed variables and small elements; arrays come back in
+    MATLAB's (column-major) shape, as the class's dtype. Complex, cell, struct, char and sparse
+    variables are skipped; asking for one in `names` (which restricts the result) is an error.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise FileNotFoundError(f"{path}: cannot read .mat file ({err})") from None
+    if data[:19] == b"MATLAB 7.3 MAT-file":
+        raise ValueError(f"{path}: MATLAB 7.3 (HDF5) .mat files are not supported, only v5")
+    e = {b"IM": "<", b"MI": ">"}.get(data[126:128])
+    if len(data) < 128 or not data.startswith(b"MATLAB") or e is None:
+        raise ValueError(f"{path}: not a MATLAB v5 .mat file")
+    found, skipped, pos = {}, {}, 128
+    try:
+        while pos + 8 <= len(data):
+            mtype, body, pos = _element(data, pos, e)
+            if mtype == _MI_COMPRESSED:
+                mtype, body, _ = _element(zlib.decompress(body), 0, e)
+            if mtype == _MI_MATRIX and body:
+                name, value = _matrix(body, e)
+                (skipped if isinstance(value, str) else found)[name] = value
+    except (ValueError, struct.error, zlib.error) as err:
+        raise ValueError(f"{path}: malformed .mat file ({err})") from None
+    if names is None:
+        return found
+    for n in names:
+        if n in skipped:
+            raise ValueError(f"{path}: variable {n!r} is a {skipped[n]} array, not numeric")
+        if n not in found:
+            raise ValueError(f"{path}: no variable {n!r} (has {sorted(found) + sorted(skipped)})")
+    return {n: found[n] for n in names}
+
+
+def joint_heatmaps(points, size: tuple[int, int], sigma: float = 0.5) -> Tensor:
+    """(J, 2) (x, y) grid coordinates -> (1 + J, h, w): background (1 where every joint map is
+    0), then one unnormalised Gaussian per joint, drawn as videowalk `draw_labelmap_np`: a
+    (6 sigma + 1)-wide window whose corner is int(pt - 3 sigma), truncated toward zero."""
+    h, w = size
+    pts = np.asarray(points, dtype=np.float64)
+    maps = np.zeros((len(pts) + 1, h, w))
+    g = np.arange(0, 6 * sigma + 1, 1, float)
+    c = (6 * sigma + 1) // 2
+    g = np.exp(-((g[None] - c) ** 2 + (g[:, None] - c) ** 2) / (2 * sigma ** 2))
+    for j, (x, y) in enumerate(pts, 1):
+        x0, y0 = int(x - 3 * sigma), int(y - 3 * sigma)
+        x1, y1 = int(x + 3 * sigma + 1), int(y + 3 * sigma + 1)
+        if x0 >= w or y0 >= h or x1 < 0 or y1 < 0:
+            continue
+        maps[j, max(y0, 0):min(y1, h), max(x0, 0):min(x1, w)] = \
+            g[max(-y0, 0):min(y1, h) - y0, max(-x0, 0):min(x1, w) - x0]
+    maps[0] = maps[1:].sum(0) == 0
+    return torch.from_numpy(maps).float()
+
+
+def heatmaps_to_points(maps: Tensor, topk: int = 5) -> Tensor:
+    """(J, h, w) joint maps (background dropped) -> (J, 2) (x, y): mean of the top-k cells
+    weighted by their normalised values; (-1, -1) for a map that sums to 0 (`process_pose`)."""
+    J, h, w = maps.shape
+    flat = maps.reshape(J, h * w).float()
+    vals, ids = flat.topk(min(topk, h * w), dim=1)
+    vals = vals / vals.sum(1, keepdim=True)
+    pts = torch.stack([((ids % w) * vals).sum(1), ((ids // w) * vals).sum(1)], 1)
+    pts[flat.sum(1) == 0] = -1
+    return pts
+
+
+def pck(pred, gt, alphas: Sequence[float] = (0.1, 0.2)) -> dict[str, float]:
+    """PCK in percent of videowalk `eval_pck`: {"PCK@0.1": ..., ...}.
+
+    `pred`, `gt`: (T, J, 2) (x, y) in pixels, or lists of those (one per video). Frame 0 is
+    skipped, and joints with a predicted x < 0. Scale: 0.6 * diagonal of the box around the
+    frame's GT joints that count. Counts of d / scale <= alpha are pooled per joint over all
+    frames and videos; the score is the mean of the per-joint percentages.
+    """
+    if not isinstance(pred, (list, tuple)):
+        pred, gt = [pred], [gt]
+    dists: list = []
+    for v, (p, g) in enumerate(zip(pred, gt)):
+        p, g = np.asarray(p, dtype=np.float64), np.asarray(g, dtype=np.float64)
+        if p.shape != g.shape or p.ndim != 3 or p.shape[-1] != 2:
+            raise ValueError(f"pck: video {v}: pred {p.shape} and gt {g.shape} must be (T, J, 2)")
+        ok = p[..., 0] >= 0  # (T, J)
+        lo = np.minimum(np.where(ok[..., None], g, 1e6).min(1), 1e6)  # box, official init values
+        hi = np.maximum(np.where(ok[..., None], g, -1.0).max(1), -1.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = np.linalg.norm(p - g, axis=-1) / (0.6 * np.linalg.norm(hi - lo, axis=-1))[:, None]
+        dists.append([d[1:, j][ok[1:, j]] for j in range(p.shape[1])])
+    per_joint = [np.concatenate(ds) for ds in zip(*dists)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a joint never counted gives nan
+        return {f"PCK@{a}": float(np.nanmean([100.0 * (d <= a).mean() if len(d) else np.nan
+                                              for d in per_joint])) for a in alphas}
+
+
+# ---- VIP ----
+def confusion(gt, pred, num_classes: int = 20) -> np.ndarray:
+    """(C, C) counts, rows GT, columns prediction; GT ids outside [0, C) are ignored."""
+    gt, pred = np.asarray(gt).astype(np.int64).ravel(), np.asarray(pred).astype(np.int64).ravel()
+    if gt.shape != pred.shape:
+        raise ValueError(f"confusion: GT has {gt.size} pixels, prediction {pred.size}")
+    keep = (gt >= 0) & (gt < num_classes)
+    gt, pred = gt[keep], pred[keep]
+    if pred.size and (pred.min() < 0 or pred.max() >= num_classes):
+        raise ValueError(f"confusion: predicted ids must be in [0, {num_classes})")
+    return np.bincount(num_classes * gt + pred, minlength=num_classes ** 2).reshape(
+        num_classes, num_classes)
+
+
+def miou(hist: np.ndarray) -> float:
+    """Mean over classes of diag / (row + col - diag); classes absent from both are ignored."""
+    hist = np.asarray(hist, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.diag(hist) / (hist.sum(0) + hist.sum(1) - np.diag(hist))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(np.nanmean(iou))

@@ -1,0 +1,676 @@
+"""SCE: Similarity Contrastive Estimation for self-supervised image representation learning.
+
+J. Denize, J. Rabarisoa, A. Orcesi, R. Hérault, S. Canu, "Similarity Contrastive Estimation
+for Self-Supervised Soft Contrastive Learning", WACV 2023 (arXiv:2111.14585); thesis ch. 4 and
+app. A (pseudo-code A.1), the source followed here.
+
+Method in five lines: an online encoder+projector(+predictor) and a momentum (EMA) target
+encoder+projector embed two augmented views. The target's similarities to a memory buffer of
+past target embeddings, sharpened at temperature tau_m, give a soft distribution over the other
+instances; mixed with the one-hot positive (weight lambda) it is the target of a cross-entropy
+against the online similarities at temperature tau (Eqs. 4.5-4.10). lambda = 1 is MoCo's
+InfoNCE; lambda = 0 is relational learning (ReSSL + the Ceil term, Prop. 1).
+
+Launch:
+    python sce_image.py                                   # CPU demo on the embedded synthetic images
+    python sce_image.py --preset cifar10 --data ~/data/cifar     # 1 GPU
+    torchrun --nproc_per_node=8 sce_image.py --data ~/data/imagenet  # Tab. 4.7 (batch 8 x 512)
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
+        sce_image.py --preset imagenet-multicrop --data ~/data/imagenet
+    python sce_image.py --eval-only --init-from runs/x/last.pt --preset cifar10 --data ~/data/cifar
+Presets: cifar10, cifar100, stl10, tiny-imagenet, imagenet100, imagenet-baseline (Tab. 4.6
+setting), imagenet (= the defaults, Tab. 4.7), imagenet-multicrop, demo.
+
+Deviations, with reasons:
+- Augmentations run per sample on the CPU (torchvision v2) rather than batched on the GPU as
+  in eztorch: one readable pipeline, same distributions; the random draws of each sample come
+  from (seed, epoch, index).
+- Gaussian-blur kernel = the odd number nearest 10 % of the crop size (23 at 224 px, as the
+  code; eztorch's CIFAR runs use a PIL blur of radius sigma instead).
+- Normalisation with the ImageNet mean/std everywhere (eztorch's default; the older SCE repo
+  used CIFAR-specific statistics).
+- SGD applies weight decay to every parameter, as MoCo/eztorch; LARS excludes 1-D parameters
+  from decay and adaptation (spec §7.6).
+- Small-dataset linear probe: RandomCrop(size, padding 4) + flip (the SCE repo's code) instead
+  of the thesis' RandomResizedCrop(0.08, 1) + padding 4.
+- The demo's linear probe is `common.evaluate.linear_probe` on frozen, pre-extracted features
+  (no augmentation; `--no-lin-aug`) so that it fits the 5-minute CPU budget; the thesis
+  protocol (`--lin-aug`, the default) trains on augmented images.
+- Shuffle-BN (SCE repo CIFAR config) is not implemented; SyncBN under DDP as eztorch.
+"""
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from common import checkpoint, cli, data, dist, evaluate, log, optim, synthetic
+
+
+# ---- 2. Arguments ----
+@dataclass
+class Args:
+    # run
+    output_dir: str = ""
+    """run folder (default runs/sce_image-<time>): args.json, log.jsonl, last.pt, summary.json"""
+    seed: int = 0
+    """random seed (per-sample augmentations derive from seed, epoch and index)"""
+    epochs: int = 200
+    """pretraining epochs (App. A.5)"""
+    max_steps: int = 0
+    """stop after this many optimiser steps (0: run all epochs; schedules still span all)"""
+    log_every: int = 50
+    """steps between log lines"""
+    ckpt_every: int = 1000
+    """steps between checkpoints (last.pt, atomic); also written at the end"""
+    eval_every: int = 0
+    """epochs between kNN monitors during training (0: only at the end)"""
+    resume: str = ""
+    """checkpoint to resume from (default: <output_dir>/last.pt when it exists)"""
+    init_from: str = ""
+    """weights to start from / to evaluate: a last.pt, or an exported backbone.pt"""
+    eval_only: bool = False
+    """skip pretraining: evaluate --init-from"""
+    bench: bool = False
+    """time the training step on random tensors and the data pipeline, print JSON, exit"""
+    # data
+    data: str = ""
+    """dataset root (empty: the embedded synthetic images, demo preset)"""
+    dataset: Literal["imagefolder", "cifar10", "cifar100", "stl10"] = "imagefolder"
+    """format of --data: ImageFolder root/{train,val}/<class>/*, or a torchvision dataset folder"""
+    img_size: int = 224
+    """crop size of the global views (Tab. A.2 'Input')"""
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    """RandomResizedCrop scale range of the global views (Sec. 4.4, Tab. 4.1)"""
+    local_sizes: tuple[int, ...] = ()
+    """multi-crop local view sizes; scale of size s: crop_scale * s / img_size (spec §2)"""
+    num_workers: int = 8
+    """data loader workers per process"""
+    # model
+    arch: Literal["resnet18", "resnet50"] = "resnet50"
+    """backbone (App. A.5.1: ResNet-50 for large, ResNet-18 for small datasets)"""
+    small_stem: bool = False
+    """3x3 stride-1 first conv and no max-pool, for 32-96 px inputs (App. A.5.1)"""
+    proj_hidden: tuple[int, ...] = (4096, 4096)
+    """projector hidden widths (Tab. A.2; MoCo v3 projector for Tab. 4.7)"""
+    proj_dim: int = 256
+    """projector output dimension (Tab. A.2 'Out dim')"""
+    proj_bn: Literal["no", "hid", "all"] = "all"
+    """projector BN: none, after hidden layers, or also after the output (affine-free) (Tab. A.2)"""
+    proj_last_bias: bool = False
+    """bias on the projector's last Linear when no BN follows it (spec §1 table)"""
+    pred_hidden: int = 4096
+    """predictor hidden width, 0 for no predictor (Tab. 4.7 uses MoCo v3's 256-4096-256)"""
+    sync_bn: bool = True
+    """convert BatchNorm to SyncBatchNorm under DDP on CUDA (eztorch runs, spec §7.4)"""
+    # method
+    lam: float = 0.5
+    """lambda: weight of the one-hot positive in the target distribution (Eq. 4.7)"""
+    tau: float = 0.1
+    """online temperature (Eq. 4.6)"""
+    tau_m: float = 0.07
+    """target (momentum) temperature (Eq. 4.5)"""
+    queue_size: int = 65536
+    """memory buffer size M (Tab. A.2 'Buffer')"""
+    in_batch_negatives: bool = False
+    """also use the other keys of the batch as instances (off in every official config)"""
+    mask_positive: bool = False
+    """thesis Eq. 4.5: s_ii = 0 exactly; default: the code's relational logit 0 (spec §7.1)"""
+    symmetric: bool = True
+    """symmetrised loss: each global view is a query for the other's key (Sec. 4.4.3)"""
+    aug_view0: Literal["weak", "strong", "strong-alpha", "strong-beta", "strong-gamma"] = "strong-alpha"
+    """augmentation of view 0 (the target view when not symmetric) (Tab. 4.1, 4.4)"""
+    aug_view1: Literal["weak", "strong", "strong-alpha", "strong-beta", "strong-gamma"] = "strong-beta"
+    """augmentation of view 1 (the online view when not symmetric) (Tab. 4.1, 4.4)"""
+    aug_local: Literal["weak", "strong", "strong-alpha", "strong-beta", "strong-gamma"] = "strong-gamma"
+    """augmentation of the multi-crop local views (spec §2)"""
+    ema_m0: float = 0.99
+    """initial EMA momentum, cosine to 1 per step (App. A.5.2; 0.996 for 1000 epochs)"""
+    # optimisation
+    optimizer: Literal["sgd", "lars"] = "lars"
+    """SGD momentum 0.9 (App. A.5.1) or LARS (App. A.5.2)"""
+    base_lr: float = 0.3
+    """learning rate for a global batch of 256 (linear scaling rule)"""
+    batch_size: int = 512
+    """batch size per process (Tab. 4.7: 4096 = 8 GPUs x 512)"""
+    weight_decay: float = 1e-6
+    """weight decay (App. A.5.2; 1.5e-6 for 1000 epochs)"""
+    warmup_epochs: int = 10
+    """linear lr warmup from 0, per step (App. A.5)"""
+    # system
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto"""
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
+    """autocast dtype (auto: bf16 on CUDA, none on CPU); the loss always runs in fp32"""
+    compile: bool = False
+    """torch.compile the encoders"""
+    # evaluation
+    knn_k: tuple[int, ...] = (20, 200)
+    """k of the weighted kNN monitor (Sec. 2.4)"""
+    knn_t: float = 0.07
+    """temperature of the weighted kNN monitor"""
+    lin_aug: bool = True
+    """thesis linear probe on augmented images (App. A.5.1); off: quick probe on frozen features"""
+    lin_epochs: int = 100
+    """linear probe epochs (App. A.5.1: 100; ImageNet protocol: 90)"""
+    lin_lr: float = 30.0
+    """linear probe learning rate (App. A.5.1: 30, x0.1 at 60 % and 80 %; ImageNet: 0.1 x batch/256)"""
+    lin_schedule: Literal["step", "cosine"] = "step"
+    """linear probe lr schedule (App. A.5.1: step; ImageNet MoCo v3 protocol: cosine)"""
+    lin_batch_size: int = 256
+    """linear probe batch size per process"""
+    eval_random_init: bool = False
+    """also evaluate a randomly initialised encoder, side by side (the demo does)"""
+    preset: str = ""
+    """the preset applied (set by --preset)"""
+
+
+_SMALL = dict(arch="resnet18", small_stem=True, proj_hidden=(512,), proj_dim=128, proj_bn="hid",
+              proj_last_bias=True, pred_hidden=0, optimizer="sgd", base_lr=0.06, batch_size=256,
+              weight_decay=5e-4, warmup_epochs=5, symmetric=False, aug_view0="weak",
+              aug_view1="strong", sync_bn=False, num_workers=8)  # Tab. A.2 rows R-18
+PRESETS = {
+    "cifar10": dict(_SMALL, dataset="cifar10", img_size=32, queue_size=4096, ema_m0=0.9,
+                    tau=0.2, tau_m=0.1),  # Tab. 4.6: 90.3
+    "cifar100": dict(_SMALL, dataset="cifar100", img_size=32, queue_size=4096, ema_m0=0.9,
+                     tau=0.1, tau_m=0.08),  # 65.5
+    "stl10": dict(_SMALL, dataset="stl10", img_size=96, queue_size=16384, ema_m0=0.996,
+                  tau=0.1, tau_m=0.04),  # 89.9
+    "tiny-imagenet": dict(_SMALL, img_size=64, queue_size=16384, ema_m0=0.996, tau=0.1,
+                          tau_m=0.07),  # 51.9
+    "imagenet100": dict(proj_hidden=(4096,), proj_dim=256, proj_bn="no", proj_last_bias=True,
+                        pred_hidden=0, optimizer="sgd", base_lr=0.3, batch_size=64,
+                        weight_decay=1e-4, warmup_epochs=5, symmetric=False, aug_view0="weak",
+                        aug_view1="strong", ema_m0=0.996),  # 8 x 64 = 512; Tab. 4.6: 83.4
+    "imagenet-baseline": dict(proj_hidden=(2048, 2048), proj_dim=256, proj_bn="all",
+                              pred_hidden=0, optimizer="sgd", base_lr=0.5, batch_size=64,
+                              weight_decay=1e-4, warmup_epochs=5, symmetric=False,
+                              aug_view0="weak", aug_view1="strong", ema_m0=0.996,
+                              lin_epochs=90, lin_lr=0.4, lin_schedule="cosine",
+                              lin_batch_size=128),  # Tab. 4.6: 70.5
+    "imagenet": dict(lin_epochs=90, lin_lr=0.4, lin_schedule="cosine",
+                     lin_batch_size=128),  # Tab. 4.7, 200 epochs: 72.7
+    "imagenet-multicrop": dict(local_sizes=(192, 160, 128, 96), batch_size=256, lin_epochs=90,
+                               lin_lr=0.4, lin_schedule="cosine",
+                               lin_batch_size=128),  # 2 nodes x 8 x 256; Tab. 4.8: 75.4
+    # CPU demo (2 cores, <= 5 min): the synthetic 64 px shapes with the standard ResNet-18
+    # stem (the small stem at 64 px costs 4x more) and bf16 autocast on the CPU.
+    "demo": dict(_SMALL, img_size=64, small_stem=False, epochs=20, queue_size=1024,
+                 batch_size=64, ema_m0=0.99, tau=0.1, tau_m=0.07, amp="bf16", num_workers=1,
+                 log_every=20, ckpt_every=500, lin_aug=False, eval_random_init=True),
+}
+
+
+# ---- 3. Data ----
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Tab. 4.1: (colour-jitter saturation, grayscale p, blur p, solarize p); jitter p = 0.8 with
+# brightness 0.4, contrast 0.4, hue 0.1 whenever it is applied.
+AUGS = {"weak": (None, 0.0, 0.0, 0.0), "strong": (0.4, 0.2, 0.5, 0.0),
+        "strong-alpha": (0.2, 0.2, 1.0, 0.0), "strong-beta": (0.2, 0.2, 0.1, 0.2),
+        "strong-gamma": (0.2, 0.2, 0.5, 0.2)}
+
+
+def pretrain_transform(kind: str, size: int, scale: tuple) -> v2.Compose:
+    """One view of Tab. 4.1: RandomResizedCrop, colour jitter, grayscale, blur, solarize, flip."""
+    saturation, gray_p, blur_p, solarize_p = AUGS[kind]
+    ops = [v2.ToImage(), v2.RandomResizedCrop(size, scale=scale, ratio=(3 / 4, 4 / 3),
+                                              antialias=True),
+           v2.ToDtype(torch.float32, scale=True)]
+    if saturation is not None:
+        ops.append(v2.RandomApply([v2.ColorJitter(0.4, 0.4, saturation, 0.1)], p=0.8))
+    if gray_p:
+        ops.append(v2.RandomGrayscale(p=gray_p))
+    if blur_p:
+        kernel = 2 * round(0.05 * size) + 1  # 23 at 224 px (spec §2)
+        ops.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p))
+    if solarize_p:
+        ops.append(v2.RandomSolarize(threshold=0.5, p=solarize_p))
+    ops += [v2.RandomHorizontalFlip(0.5), v2.Normalize(MEAN, STD)]
+    return v2.Compose(ops)
+
+
+def eval_transform(size: int, train: bool = False) -> v2.Compose:
+    """Linear-probe / kNN transforms (App. A.5.1): small datasets resize to the dataset size
+    (train: RandomCrop pad 4 + flip); large ones resize 256/224 then centre crop (train:
+    RandomResizedCrop(0.08, 1) + flip)."""
+    small = size <= 96
+    if train:
+        crop = ([v2.Resize((size, size), antialias=True), v2.RandomCrop(size, padding=4)] if small
+                else [v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True)])
+        ops = crop + [v2.RandomHorizontalFlip(0.5)]
+    else:
+        ops = ([v2.Resize((size, size), antialias=True)] if small
+               else [v2.Resize(size * 256 // 224, antialias=True), v2.CenterCrop(size)])
+    return v2.Compose([v2.ToImage(), *ops, v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(MEAN, STD)])
+
+
+def base_dataset(args: Args, split: str) -> Dataset:
+    """The raw (PIL image, label) dataset of `split` in {"pretrain", "train", "val"}."""
+    root = args.data or str(synthetic.images())
+    if args.dataset == "imagefolder":
+        return data.image_folder(os.path.join(root, "val" if split == "val" else "train"))
+    tv_split = {"pretrain": "train", "train": "train", "val": "test"}[split]
+    if args.dataset == "stl10" and split == "pretrain":
+        tv_split = "unlabeled"  # spec §5: STL10 pretrains on the 100k unlabeled images
+    return data.torchvision_dataset(args.dataset, root, tv_split)
+
+
+class Views(Dataset):
+    """Applies a list of transforms to one image; the draws come from (seed, epoch, index).
+
+    Keys are `(epoch, index)` from `ResumableSampler(with_epoch=True)`, or plain indices.
+    Returns (list of views, label, index).
+    """
+
+    def __init__(self, base: Dataset, transforms: list, seed: int):
+        self.base, self.transforms, self.seed = base, transforms, seed
+        self.samples = getattr(base, "samples", None)  # file names for SafeDataset's messages
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        epoch, index = data.split_key(key)
+        img, label = self.base[index]
+        with torch.random.fork_rng(devices=[]):  # v2 transforms draw from torch's global RNG
+            torch.manual_seed(data.sample_rng(self.seed, epoch, index).initial_seed())
+            views = [t(img) for t in self.transforms]
+        return views, label, index
+
+
+def pretrain_views(args: Args) -> list:
+    """Global views (view 0, view 1) then the local views, each with its transform (spec §2)."""
+    ts = [pretrain_transform(args.aug_view0, args.img_size, args.crop_scale),
+          pretrain_transform(args.aug_view1, args.img_size, args.crop_scale)]
+    for s in args.local_sizes:
+        scale = tuple(c * s / args.img_size for c in args.crop_scale)
+        ts.append(pretrain_transform(args.aug_local, s, scale))
+    return ts
+
+
+def make_loader(ds: Dataset, batch_size: int, args: Args, train: bool) -> DataLoader:
+    sampler = data.ResumableSampler(ds, shuffle=train, seed=args.seed, drop_last=train,
+                                    with_epoch=train)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=args.num_workers,
+                      pin_memory=torch.cuda.is_available(), drop_last=train,
+                      persistent_workers=train and args.num_workers > 0)
+
+
+# ---- 4. Model ----
+def build_backbone(args: Args) -> nn.Module:
+    """torchvision ResNet without fc; small stem for 32-96 px inputs (App. A.5.1)."""
+    net = getattr(torchvision.models, args.arch)(weights=None)
+    if args.small_stem:
+        net.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    net.feat_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net
+
+
+def mlp(in_dim: int, hidden: tuple, out_dim: int, bn: str, last_bias: bool) -> nn.Sequential:
+    """Linear(+BN+ReLU) per hidden width, then Linear (+ affine-free BN when bn == "all").
+    A Linear followed by BN has no bias (spec §1 table)."""
+    layers, d = [], in_dim
+    for h in hidden:
+        layers += [nn.Linear(d, h, bias=bn == "no")]
+        layers += [nn.BatchNorm1d(h)] if bn != "no" else []
+        layers += [nn.ReLU(inplace=True)]
+        d = h
+    layers.append(nn.Linear(d, out_dim, bias=last_bias and bn != "all"))
+    if bn == "all":
+        layers.append(nn.BatchNorm1d(out_dim, affine=False))
+    return nn.Sequential(*layers)
+
+
+class SCE(nn.Module):
+    """Online encoder/projector/predictor, EMA target encoder/projector, memory buffer.
+
+    `forward(views) -> (loss, keys)`: one call per step so that DDP sees the whole online pass.
+    """
+
+    def __init__(self, args: Args):
+        super().__init__()
+        self.args = args
+        self.encoder = build_backbone(args)
+        self.projector = mlp(self.encoder.feat_dim, args.proj_hidden, args.proj_dim,
+                             args.proj_bn, args.proj_last_bias)
+        self.predictor = (mlp(args.proj_dim, (args.pred_hidden,), args.proj_dim, "hid", False)
+                          if args.pred_hidden else nn.Identity())
+        self.target_encoder = copy.deepcopy(self.encoder)  # initialised as the online weights
+        self.target_projector = copy.deepcopy(self.projector)
+        for p in [*self.target_encoder.parameters(), *self.target_projector.parameters()]:
+            p.requires_grad = False
+        # Memory buffer: normalised random init, FIFO (spec §1, §7.3); one vector per row. Drawn
+        # from its own generator so that every DDP rank starts with the same buffer.
+        g = torch.Generator().manual_seed(args.seed)
+        self.register_buffer("queue", F.normalize(
+            torch.randn(args.queue_size, args.proj_dim, generator=g), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def online(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, D)
+        return F.normalize(self.predictor(self.projector(self.encoder(x))), dim=1)
+
+    @torch.no_grad()
+    def target(self, x: torch.Tensor) -> torch.Tensor:  # (B, D), no gradient (Alg. A.1 l. 34)
+        return F.normalize(self.target_projector(self.target_encoder(x)), dim=1)
+
+    def forward(self, views: list):
+        a = self.args
+        # Each view is forwarded on its own, so BN statistics are per view (spec §7.4).
+        keys = [self.target(v) for v in views[:2]]  # keys from the global views only
+        queue = self.queue.clone()  # both symmetric terms see the old buffer (spec §7.3)
+        kw = dict(lam=a.lam, tau=a.tau, tau_m=a.tau_m, in_batch=a.in_batch_negatives,
+                  mask_positive=a.mask_positive)
+        if a.symmetric or len(views) > 2:  # mean over pairs (query j, key i), i != j (Sec. 4.4.3)
+            queries = [self.online(v) for v in views]
+            pairs = [(j, i) for i in range(2) for j in range(len(views)) if i != j]
+            loss = sum(sce_loss(queries[j], keys[i], queue, **kw) for j, i in pairs) / len(pairs)
+            return loss, torch.cat(keys)
+        # Non-symmetric: view 0 (weak) -> target, view 1 (strong) -> online (spec §1).
+        return sce_loss(self.online(views[1]), keys[0], queue, **kw), keys[0]
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """FIFO update with the keys of every rank, after the loss (Alg. A.1 l. 50-52)."""
+        keys = dist.all_gather(keys)
+        n, m = len(keys), len(self.queue)
+        if m % n:
+            raise ValueError(f"queue_size {m} must be a multiple of the keys enqueued per step "
+                             f"({n} = views x batch x world), as in the official code")
+        p = int(self.queue_ptr)
+        self.queue[p:p + n] = keys.to(self.queue.dtype)
+        self.queue_ptr.fill_((p + n) % m)
+
+
+def build_model(args: Args) -> SCE:
+    return SCE(args)
+
+
+# ---- 5. Loss ----
+def sce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, lam: float = 0.5,
+             tau: float = 0.1, tau_m: float = 0.07, in_batch: bool = False,
+             mask_positive: bool = False) -> torch.Tensor:
+    """SCE loss (Eqs. 4.5-4.10, Alg. A.1 `sce_loss`), in fp32.
+
+    q: (B, D) L2-normalised online predictions; k: (B, D) L2-normalised target projections
+    (no grad); queue: (M, D) memory buffer. Distributions are over [positive, queue] (1 + M).
+    The positive gets a relational logit of 0 as in the official code and Alg. A.1 (spec
+    §7.1), or -inf with `mask_positive` (Eq. 4.5, where Prop. 1 holds exactly); `in_batch`
+    also puts the batch's other keys in both distributions.
+    """
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, queue = q.float(), k.float(), queue.float()
+        pos = (q * k).sum(1, keepdim=True)  # (B, 1): z1_i . z2_i
+        sim_q, sim_k = q @ queue.T, k @ queue.T  # (B, M)
+        if in_batch:  # other keys of the batch as extra instances; self excluded
+            off = torch.eye(len(q), dtype=torch.bool, device=q.device)
+            sim_q = torch.cat([(q @ k.T).masked_fill(off, -1e9), sim_q], 1)
+            sim_k = torch.cat([(k @ k.T).masked_fill(off, -1e9), sim_k], 1)
+        logits_q = torch.cat([pos, sim_q], 1) / tau  # Eq. 4.6: p1 = softmax(logits_q)
+        logits_k = torch.cat([torch.zeros_like(pos), sim_k], 1) / tau_m  # Eq. 4.5 (logit 0)
+        if mask_positive:
+            logits_k[:, 0] = -torch.inf  # s_ii = 0 exactly (Eq. 4.5)
+        w = (1 - lam) * logits_k.softmax(1)  # Eq. 4.7: w2 = lam * one_hot + (1 - lam) * s2
+        w[:, 0] += lam
+        return -(w * logits_q.log_softmax(1)).sum(1).mean()  # Eq. 4.8: cross-entropy
+
+
+# ---- 6. Training step ----
+def train_step(model, views: list, optimizer, amp: optim.Amp, momentum: float) -> dict:
+    """Forward, SCE loss, backward and step, then EMA of the target and the FIFO update."""
+    with amp.autocast():
+        loss, keys = model(views)
+    amp.step(loss, optimizer)
+    sce = checkpoint.unwrap(model)
+    optim.ema_update(sce.target_encoder, sce.encoder, momentum, copy_buffers=False)  # Alg. A.1 l. 47
+    optim.ema_update(sce.target_projector, sce.projector, momentum, copy_buffers=False)
+    sce.enqueue(keys)
+    return {"loss": loss.detach()}
+
+
+# ---- 7. Evaluation ----
+class Indexed(Dataset):
+    """(transformed image, label, index): the index lets DDP feature extraction re-order."""
+
+    def __init__(self, base: Dataset, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, label = self.base[i]
+        return self.transform(img), label, i
+
+
+def knn_eval(encoder: nn.Module, args: Args, device, amp) -> dict:
+    """Weighted kNN on the encoder's pooled features (train split as the bank)."""
+    loaders = [make_loader(Indexed(base_dataset(args, s), eval_transform(args.img_size)),
+                           args.lin_batch_size, args, train=False) for s in ("train", "val")]
+    was_training = encoder.training
+    encoder.eval()
+    (ftr, ytr), (fva, yva) = [evaluate.extract_features(encoder, ld, device, amp) for ld in loaders]
+    encoder.train(was_training)
+    out = evaluate.knn_classify(ftr, ytr, fva, yva, int(ytr.max()) + 1, args.knn_k, args.knn_t)
+    if not args.lin_aug:  # quick probe on the same frozen features
+        out.update(evaluate.linear_probe(ftr, ytr, fva, yva, int(ytr.max()) + 1, seed=args.seed))
+    return out
+
+
+def linear_eval(encoder: nn.Module, args: Args, device, amp) -> dict:
+    """Thesis linear probe (App. A.5.1 / MoCo v3 protocol for ImageNet): frozen encoder in
+    eval mode, a Linear layer trained with SGD (momentum 0.9, no wd) on augmented images."""
+    train_ds = Indexed(base_dataset(args, "train"), eval_transform(args.img_size, train=True))
+    val_ds = Indexed(base_dataset(args, "val"), eval_transform(args.img_size))
+    n_cls = len(train_ds.base.classes)
+    head = nn.Linear(encoder.feat_dim, n_cls).to(device)
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
+    head_ddp = nn.parallel.DistributedDataParallel(head) if dist.is_dist() else head
+    lr = args.lin_lr * (args.lin_batch_size * dist.world() / 256 if args.lin_schedule == "cosine" else 1)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    loader = make_loader(train_ds, args.lin_batch_size, args, train=True)
+    encoder.eval()
+    total = args.lin_epochs * len(loader)
+    for epoch in range(args.lin_epochs):
+        loader.sampler.set_epoch(epoch)
+        for i, (x, y, _) in enumerate(log.progress(loader, desc=f"linear {epoch}")):
+            step = epoch * len(loader) + i
+            if args.lin_schedule == "cosine":
+                optim.set_lr_wd(opt, optim.cosine_schedule(step, total, lr))
+            else:  # x0.1 at 60 % and 80 % of training (epochs 60 and 80 of 100)
+                optim.set_lr_wd(opt, lr * 0.1 ** ((epoch >= 0.6 * args.lin_epochs)
+                                                   + (epoch >= 0.8 * args.lin_epochs)))
+            with torch.no_grad(), amp.autocast():
+                feats = encoder(x.to(device, non_blocking=True))
+            loss = F.cross_entropy(head_ddp(feats.float()), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    correct = torch.zeros(2, device=device)
+    with torch.no_grad():
+        for x, y, _ in make_loader(val_ds, args.lin_batch_size, args, train=False):
+            with amp.autocast():
+                pred = head(encoder(x.to(device)).float()).argmax(1)
+            correct += torch.stack([(pred == y.to(device)).sum(), torch.tensor(len(y), device=device)])
+    correct = dist.all_reduce(correct, "sum")  # the val sampler pads: tiny bias at most
+    return {"linear_top1": 100.0 * (correct[0] / correct[1]).item()}
+
+
+def evaluate_encoder(encoder: nn.Module, args: Args, device, amp) -> dict:
+    out = knn_eval(encoder, args, device, amp)
+    if args.lin_aug:
+        out.update(linear_eval(encoder, args, device, amp))
+    return out
+
+
+def load_encoder(encoder: nn.Module, path: str) -> None:
+    """Weights from a full SCE checkpoint ('model': encoder.*) or an exported backbone.pt."""
+    ckpt = checkpoint.load(path)
+    sd = ckpt.get("model", ckpt)
+    if any(k.startswith("encoder.") for k in checkpoint.clean_state_dict(sd)):
+        sd = {k[len("encoder."):]: v for k, v in checkpoint.clean_state_dict(sd).items()
+              if k.startswith("encoder.")}
+    checkpoint.load_model(encoder, sd, strict=True, what=path)
+
+
+# ---- 8. Main ----
+def main(args: Args) -> dict:
+    device = dist.init(args.device)
+    amp = optim.Amp(args.amp, device)
+    args.output_dir = args.output_dir or time.strftime("runs/sce_image-%Y%m%d-%H%M%S")
+    if not args.data:
+        dist.print0("no --data: running the demo preset on the embedded synthetic images")
+    dist.seed_all(args.seed)
+    if dist.is_main():
+        cli.save_args(args, args.output_dir)
+    logger = log.Logger(args.output_dir)
+
+    model = build_model(args).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        if args.sync_bn and dist.is_dist():
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if args.compile:
+        model.encoder.compile()
+        model.target_encoder.compile()
+    if args.init_from:
+        load_encoder(model.encoder, args.init_from)
+        model.target_encoder.load_state_dict(model.encoder.state_dict())
+    sce = model
+    if dist.is_dist():
+        model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+
+    summary = {"method": "sce_image", "data": args.data or "synthetic-images",
+               "preset": args.preset, "metrics": {}}
+    t0 = time.time()
+    step = 0
+    if args.bench:
+        result = bench(model, sce, args, device, amp)
+        dist.cleanup()
+        return result
+    if not args.eval_only:
+        step = pretrain(model, sce, args, device, amp, logger)
+    summary.update(steps=step, seconds=round(time.time() - t0, 1))
+
+    results = {"trained": evaluate_encoder(sce.encoder, args, device, amp)}
+    if args.eval_random_init:
+        torch.manual_seed(args.seed)
+        results["random_init"] = evaluate_encoder(build_backbone(args).to(device), args, device, amp)
+    for name in results["trained"]:
+        summary["metrics"][name] = {k: round(v[name], 2) for k, v in results.items()}
+    dist.print0(f"{'metric':<16}" + "".join(f"{k:>14}" for k in reversed(results)))
+    for name, vals in summary["metrics"].items():
+        dist.print0(f"{name:<16}" + "".join(f"{vals[k]:>14.2f}" for k in reversed(results)))
+    if dist.is_main():
+        with open(os.path.join(args.output_dir, "summary.json"), "w") as fh:
+            json.dump(summary, fh, indent=2)
+    dist.cleanup()
+    return summary
+
+
+def pretrain(model, sce: SCE, args: Args, device, amp: optim.Amp, logger: log.Logger) -> int:
+    """The training loop, keyed by the global step; returns the number of steps done."""
+    ds = data.SafeDataset(Views(base_dataset(args, "pretrain"), pretrain_views(args), args.seed),
+                          name="pretrain images")
+    loader = make_loader(ds, args.batch_size, args, train=True)
+    steps_per_epoch = len(loader)
+    total = args.epochs * steps_per_epoch
+    global_batch = args.batch_size * dist.world()
+    peak_lr = args.base_lr * global_batch / 256  # linear scaling rule (App. A.5)
+    warmup = min(args.warmup_epochs * steps_per_epoch, total)
+    params = [p for p in sce.parameters() if p.requires_grad]
+    opt = (optim.LARS(params, lr=peak_lr, momentum=0.9, weight_decay=args.weight_decay)
+           if args.optimizer == "lars" else
+           torch.optim.SGD(params, lr=peak_lr, momentum=0.9, weight_decay=args.weight_decay))
+    dist.print0(f"{len(ds)} images, {steps_per_epoch} steps/epoch, global batch {global_batch}, "
+                f"peak lr {peak_lr:.4g}, amp {amp.mode}, output {args.output_dir}")
+
+    step = 0
+    path = checkpoint.resume_path(args.output_dir, args.resume or None)
+    if path:
+        ckpt = checkpoint.load(path)
+        checkpoint.load_model(sce, ckpt["model"], what=path)
+        opt.load_state_dict(ckpt["optimizer"])
+        amp.load_state_dict(ckpt["scaler"])
+        checkpoint.set_rng_state(ckpt["rng"])
+        step = ckpt["step"]
+        dist.print0(f"resumed from {path} at step {step}")
+
+    def save() -> None:
+        state = {"model": sce.state_dict(), "optimizer": opt.state_dict(),
+                 "scaler": amp.state_dict(), "step": step, "args": dataclasses.asdict(args),
+                 "rng": checkpoint.rng_state()}
+        checkpoint.save(os.path.join(args.output_dir, "last.pt"), state)
+
+    last_step = min(total, args.max_steps or total)
+    meter = log.Throughput(device)
+    model.train()
+    while step < last_step:
+        epoch = step // steps_per_epoch
+        loader.sampler.set_epoch(epoch)
+        loader.sampler.set_start((step % steps_per_epoch) * args.batch_size)
+        for views, _, _ in log.progress(loader, desc=f"epoch {epoch}"):
+            lr = optim.cosine_schedule(step, total, peak_lr, warmup)
+            optim.set_lr_wd(opt, lr)
+            # EMA momentum: m = 1 - (1 - m0)(cos(pi k / (S - 1)) + 1) / 2 (App. A.5, spec §7.5)
+            m = optim.cosine_schedule(step, max(total - 1, 1), args.ema_m0, final=1.0)
+            views = [v.to(device, non_blocking=True) for v in views]
+            if device.type == "cuda":
+                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+            out = train_step(model, views, opt, amp, m)
+            step += 1
+            meter.update(args.batch_size * dist.world())
+            if step % args.log_every == 0 or step == last_step:
+                loss = dist.all_reduce(out["loss"].float().clone(), "mean")
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss at step {step}: stopping; the "
+                                             f"last good checkpoint is kept in {args.output_dir}")
+                logger.log(step, {"epoch": epoch, "train/loss": loss, "train/lr": lr,
+                                  "train/ema_m": m, "train/skipped": ds.skipped, **meter.rates()})
+                meter.reset()
+            if step % args.ckpt_every == 0 or step == last_step:
+                save()
+            if step == last_step:
+                break
+        if args.eval_every and (epoch + 1) % args.eval_every == 0 and step % steps_per_epoch == 0:
+            logger.log(step, {f"knn/{k}": v for k, v in
+                              knn_eval(sce.encoder, args, device, amp).items()})
+    if dist.is_dist():  # DDP keeps replicas equal: check it once (weights, target, queue)
+        sums = torch.stack([t.detach().double().sum() for t in [*sce.parameters(), sce.queue]])
+        spread = (dist.all_gather(sums[None]) - sums).abs().max()
+        logger.log(step, {"ddp/max_replica_diff": spread})
+    if dist.is_main():  # the backbone alone, loadable into torchvision.models.<arch>()
+        torch.save(sce.encoder.state_dict(), os.path.join(args.output_dir, "backbone.pt"))
+    return step
+
+
+def bench(model, sce: SCE, args: Args, device, amp: optim.Amp) -> dict:
+    """--bench: training steps on random tensors at the configured shapes, and the loader."""
+    b = args.batch_size
+    sizes = [args.img_size] * 2 + list(args.local_sizes)
+    views = [torch.randn(b, 3, s, s, device=device) for s in sizes]
+    params = [p for p in sce.parameters() if p.requires_grad]
+    opt = (optim.LARS(params, lr=0.1) if args.optimizer == "lars"
+           else torch.optim.SGD(params, lr=0.1, momentum=0.9))
+    model.train()
+    ds = Views(base_dataset(args, "pretrain"), pretrain_views(args), args.seed)
+    return log.bench(lambda: train_step(model, views, opt, amp, 0.99), b, device,
+                     loader=make_loader(ds, b, args, train=True), arch=args.arch,
+                     img_size=args.img_size, views=len(sizes), amp=amp.mode)
+
+
+if __name__ == "__main__":
+    main(cli.parse(Args, PRESETS))

@@ -1,0 +1,339 @@
+"""sce_image.py: the SCE loss against hand computations and the thesis' propositions, the
+training step's gradient/EMA/queue mechanics, Tab. 4.1 augmentations, and whole runs
+(learning, resume, 2-process DDP, CLI, backbone export)."""
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torchvision.transforms import v2
+
+import sce_image as S
+from common import checkpoint, log, optim, synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def unit(*shape, seed=0):
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+# ---- the loss ----
+def test_sce_loss_by_hand():
+    # B = 1, D = 2, M = 2: every number written out.
+    q = torch.tensor([[1.0, 0.0]])
+    k = torch.tensor([[0.6, 0.8]])
+    queue = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
+    lam, tau, tau_m = 0.5, 0.1, 0.07
+    online = [0.6 / tau, 0.0 / tau, -1.0 / tau]  # [q.k, q.Q1, q.Q2] / tau
+    target = [0.0, 0.8 / tau_m, -0.6 / tau_m]  # [0, k.Q1, k.Q2] / tau_m
+    z = sum(math.exp(t) for t in target)
+    w = [lam + (1 - lam) * math.exp(target[0]) / z] + [(1 - lam) * math.exp(t) / z for t in target[1:]]
+    lse = math.log(sum(math.exp(o) for o in online))
+    expected = -sum(wi * (oi - lse) for wi, oi in zip(w, online))
+    got = S.sce_loss(q, k, queue, lam, tau, tau_m)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_lambda_one_is_moco_infonce():
+    q, k, queue = unit(8, 16, seed=1), unit(8, 16, seed=2), unit(32, 16, seed=3)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], 1) / 0.2
+    moco = F.cross_entropy(logits, torch.zeros(8, dtype=torch.long))
+    assert torch.allclose(S.sce_loss(q, k, queue, lam=1.0, tau=0.2), moco, atol=1e-6)
+
+
+def test_proposition_1_decomposition():
+    """L_SCE = lam L_InfoNCE + (1 - lam) L_ReSSL + (1 - lam) L_Ceil, with s_ii = 0 (Eq. 4.5)."""
+    q, k, queue = unit(6, 8, seed=4), unit(6, 8, seed=5), unit(20, 8, seed=6)
+    lam, tau, tau_m = 0.3, 0.1, 0.05
+    pos, neg = (q * k).sum(1) / tau, q @ queue.T / tau
+    all_ = torch.cat([pos[:, None], neg], 1)
+    infonce = -(pos - all_.logsumexp(1)).mean()
+    s = (k @ queue.T / tau_m).softmax(1)  # relations over the other instances only
+    ressl = -(s * neg.log_softmax(1)).sum(1).mean()
+    ceil = -(neg.logsumexp(1) - all_.logsumexp(1)).mean()
+    expected = lam * infonce + (1 - lam) * ressl + (1 - lam) * ceil
+    got = S.sce_loss(q, k, queue, lam, tau, tau_m, mask_positive=True)
+    assert torch.allclose(got, expected, atol=1e-5)
+    # Prop. 2: = lam L_DCL + (1 - lam) L_ReSSL + L_Ceil, with L_DCL = L_InfoNCE - L_Ceil.
+    assert torch.allclose(got, lam * (infonce - ceil) + (1 - lam) * ressl + ceil, atol=1e-5)
+
+
+def test_zero_logit_positive_differs_from_masking_only_by_its_mass():
+    q, k = unit(4, 8, seed=7), unit(4, 8, seed=8)
+    near = F.normalize(k.repeat(5, 1) + 0.05 * unit(20, 8, seed=9), dim=1)  # queue close to k
+    far = -near  # queue opposite to k: the zero-logit positive takes most relational mass
+    for queue, close in ((near, True), (far, False)):
+        a = S.sce_loss(q, k, queue, mask_positive=False)
+        b = S.sce_loss(q, k, queue, mask_positive=True)
+        assert torch.isclose(a, b, atol=1e-4) == close
+
+
+def test_loss_is_fp32_under_bf16_autocast():
+    q, k, queue = unit(8, 16, seed=10), unit(8, 16, seed=11), unit(64, 16, seed=12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = S.sce_loss(q.bfloat16(), k.bfloat16(), queue)
+    assert out.dtype == torch.float32
+    ref = S.sce_loss(q.bfloat16().float(), k.bfloat16().float(), queue)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_in_batch_negatives_add_the_other_keys():
+    q, k, queue = unit(4, 8, seed=13), unit(4, 8, seed=14), unit(16, 8, seed=15)
+    got = S.sce_loss(q, k, queue, in_batch=True)
+    per = [S.sce_loss(q[i:i + 1], k[i:i + 1], torch.cat([k[torch.arange(4) != i], queue]))
+           for i in range(4)]
+    assert torch.allclose(got, torch.stack(per).mean(), atol=1e-5)
+
+
+# ---- the model and one training step ----
+def tiny_args(**kw) -> S.Args:
+    base = dict(arch="resnet18", small_stem=False, img_size=32, proj_hidden=(32,), proj_dim=16,
+                proj_bn="hid", proj_last_bias=True, pred_hidden=0, queue_size=64, batch_size=8,
+                symmetric=False, aug_view0="weak", aug_view1="strong", optimizer="sgd",
+                base_lr=0.06, weight_decay=5e-4, ema_m0=0.9, num_workers=0, amp="none",
+                lin_aug=False, sync_bn=False, warmup_epochs=1)
+    return S.Args(**{**base, **kw})
+
+
+def views(n=2, b=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, 3, 32, 32, generator=g) for _ in range(n)]
+
+
+def test_projector_and_predictor_shapes():
+    a = tiny_args(proj_hidden=(64, 64), proj_bn="all", pred_hidden=48)
+    m = S.build_model(a)
+    lin = [l for l in m.projector if isinstance(l, torch.nn.Linear)]
+    assert [(l.in_features, l.out_features, l.bias is None) for l in lin] == [
+        (512, 64, True), (64, 64, True), (64, 16, True)]  # BN follows every Linear: no bias
+    assert not m.projector[-1].affine  # last BN without affine parameters
+    pred = [l for l in m.predictor if isinstance(l, torch.nn.Linear)]
+    assert [(l.in_features, l.out_features, l.bias is None) for l in pred] == [
+        (16, 48, True), (48, 16, True)]
+    cifar = S.build_model(tiny_args())
+    assert cifar.projector[-1].bias is not None  # Tab. A.2 "hid": last Linear keeps its bias
+    assert cifar.encoder.conv1.stride == (2, 2)
+    small = S.build_backbone(tiny_args(small_stem=True))
+    assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1)
+    assert isinstance(small.maxpool, torch.nn.Identity)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_train_step_grad_ema_and_queue(symmetric):
+    torch.manual_seed(0)
+    a = tiny_args(symmetric=symmetric)
+    m = S.build_model(a)
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    amp = optim.Amp("none", torch.device("cpu"))
+    x = views()
+    S.train_step(m, x, opt, amp, momentum=0.9)  # one step so the online and target differ
+    online_before = {n: p.clone() for n, p in m.encoder.named_parameters()}
+    target_before = {n: p.clone() for n, p in m.target_encoder.named_parameters()}
+    bn_target_before = m.target_encoder.bn1.running_mean.clone()
+    queue_before, ptr = m.queue.clone(), int(m.queue_ptr)
+
+    # The loss seen by the step uses the old queue (clone before the loss).
+    with torch.no_grad():
+        loss_expected, keys = m(x)
+    with torch.random.fork_rng():
+        out = S.train_step(m, x, opt, amp, momentum=0.75)
+    assert torch.allclose(out["loss"], loss_expected, atol=1e-5)
+
+    # No gradient in the target branch.
+    assert all(p.grad is None and not p.requires_grad for p in
+               [*m.target_encoder.parameters(), *m.target_projector.parameters()])
+    # EMA over parameters: t = m t + (1 - m) s_new; buffers are not copied.
+    for n, p in m.target_encoder.named_parameters():
+        new = dict(m.encoder.named_parameters())[n]
+        assert torch.allclose(p, 0.75 * target_before[n] + 0.25 * new, atol=1e-6), n
+    assert any(not torch.equal(online_before[n], p) for n, p in m.encoder.named_parameters())
+    assert not torch.equal(m.target_encoder.bn1.running_mean, m.encoder.bn1.running_mean)
+    assert not torch.equal(m.target_encoder.bn1.running_mean, bn_target_before)  # own stats
+    # FIFO: the keys of this step (both views when symmetric) at the old pointer.
+    n = 2 * 8 if symmetric else 8
+    assert len(keys) == n and int(m.queue_ptr) == (ptr + n) % 64
+    assert torch.allclose(m.queue[ptr:ptr + n], keys, atol=1e-6)
+    rest = torch.ones(64, dtype=torch.bool)
+    rest[ptr:ptr + n] = False
+    assert torch.equal(m.queue[rest], queue_before[rest])
+
+
+def test_multicrop_pairs_use_global_keys_only():
+    torch.manual_seed(0)
+    a = tiny_args(local_sizes=(16, 16))
+    m = S.build_model(a).train()
+    x = views() + [torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)]
+    with torch.random.fork_rng():
+        loss, keys = m(x)
+    assert keys.shape == (16, 16)  # 2 global views x batch
+    q = [m.online(v) for v in x]
+    k = [m.target(v) for v in x[:2]]
+    pairs = [S.sce_loss(q[j], k[i], m.queue) for i in range(2) for j in range(4) if i != j]
+    assert len(pairs) == 6  # 2 global keys x the 3 other views each (Sec. 4.4.3: 2 x 5 with 6 views)
+    assert torch.allclose(loss, torch.stack(pairs).mean(), atol=1e-5)
+
+
+def test_queue_size_must_divide():
+    m = S.build_model(tiny_args(queue_size=60))
+    with pytest.raises(ValueError, match="multiple"):
+        m.enqueue(torch.randn(8, 16))
+
+
+# ---- augmentations (Tab. 4.1) ----
+def find(t, cls):
+    """The transforms of type `cls` in a v2.Compose, looking inside RandomApply."""
+    out = []
+    for op in t.transforms:
+        inner = op.transforms if isinstance(op, v2.RandomApply) else [op]
+        out += [(op.p if isinstance(op, v2.RandomApply) else None, i) for i in inner
+                if isinstance(i, cls)]
+    return out
+
+
+@pytest.mark.parametrize("kind,sat,gray,blur,sol", [
+    ("weak", None, 0, 0, 0), ("strong", 0.4, 0.2, 0.5, 0), ("strong-alpha", 0.2, 0.2, 1.0, 0),
+    ("strong-beta", 0.2, 0.2, 0.1, 0.2), ("strong-gamma", 0.2, 0.2, 0.5, 0.2)])
+def test_augmentations_match_table_4_1(kind, sat, gray, blur, sol):
+    t = S.pretrain_transform(kind, 224, (0.2, 1.0))
+    (_, rrc), = find(t, v2.RandomResizedCrop)
+    assert rrc.scale == (0.2, 1.0) and rrc.ratio == pytest.approx((3 / 4, 4 / 3))
+    assert tuple(rrc.size) == (224, 224)
+    (_, flip), = find(t, v2.RandomHorizontalFlip)
+    assert flip.p == 0.5
+    jit = find(t, v2.ColorJitter)
+    if sat is None:
+        assert jit == []
+    else:
+        (p, cj), = jit
+        assert p == 0.8 and cj.brightness == (0.6, 1.4) and cj.contrast == (0.6, 1.4)
+        assert cj.saturation == pytest.approx((1 - sat, 1 + sat)) and cj.hue == (-0.1, 0.1)
+    assert sum(g.p for _, g in find(t, v2.RandomGrayscale)) == gray
+    blurs = find(t, v2.GaussianBlur)
+    assert sum(p for p, _ in blurs) == blur
+    for _, b in blurs:
+        assert list(b.sigma) == [0.1, 2.0] and tuple(b.kernel_size) == (23, 23)
+    sols = find(t, v2.RandomSolarize)
+    assert sum(s.p for _, s in sols) == sol and all(s.threshold == 0.5 for _, s in sols)
+    (_, norm), = find(t, v2.Normalize)
+    assert tuple(norm.mean) == S.MEAN and tuple(norm.std) == S.STD
+
+
+def test_views_are_deterministic_per_seed_epoch_index():
+    base = [(torchvision.transforms.functional.to_pil_image(torch.rand(3, 40, 40)), 0)] * 3
+    ds = S.Views(base, S.pretrain_views(tiny_args()), seed=5)
+    a, b = ds[(2, 1)][0], ds[(2, 1)][0]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(ds[(3, 1)][0][1], a[1]) and not torch.equal(ds[(2, 2)][0][1], a[1])
+
+
+def test_local_crop_scales_follow_the_size_rule():
+    ts = S.pretrain_views(S.Args(local_sizes=(192, 96)))
+    (_, rrc), = find(ts[2], v2.RandomResizedCrop)
+    assert rrc.scale == pytest.approx((0.2 * 192 / 224, 192 / 224))  # (0.171, 0.857)
+    (_, rrc), = find(ts[3], v2.RandomResizedCrop)
+    assert rrc.scale == pytest.approx((0.086, 0.429), abs=1e-3)
+
+
+def test_presets_reproduce_table_a2():
+    def preset(name):
+        return S.cli.parse(S.Args, S.PRESETS, ["--preset", name, "--data", "/x"])
+    c10 = preset("cifar10")
+    assert (c10.queue_size, c10.ema_m0, c10.base_lr, c10.batch_size, c10.weight_decay) == (
+        4096, 0.9, 0.06, 256, 5e-4)
+    assert (c10.tau, c10.tau_m, c10.proj_hidden, c10.proj_dim, c10.img_size) == (
+        0.2, 0.1, (512,), 128, 32)
+    in1k = preset("imagenet")
+    assert (in1k.optimizer, in1k.base_lr, in1k.weight_decay, in1k.symmetric) == (
+        "lars", 0.3, 1e-6, True)
+    assert in1k.batch_size * 8 == 4096 and in1k.base_lr * 4096 / 256 == pytest.approx(4.8)
+    assert preset("imagenet100").proj_bn == "no" and preset("stl10").tau_m == 0.04
+
+
+# ---- whole runs ----
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return str(synthetic.images(tmp_path_factory.mktemp("img"), size=32, per_class_train=6,
+                                per_class_val=2))
+
+
+def run_args(data, out, **kw) -> S.Args:
+    return tiny_args(data=data, output_dir=str(out), epochs=4, log_every=2, ckpt_every=1000,
+                     knn_k=(5,), **kw)
+
+
+def test_tiny_run_learns_and_exports_the_backbone(tiny_data, tmp_path):
+    """The same run with lr = 0 is the control: same data, same queue dynamics."""
+    summary = S.main(run_args(tiny_data, tmp_path / "a", base_lr=0.5))
+    S.main(run_args(tiny_data, tmp_path / "b", base_lr=0.0))
+    loss = {r: [x["train/loss"] for x in log.read_jsonl(str(tmp_path / r / "log.jsonl"))
+                if "train/loss" in x] for r in "ab"}
+    assert sum(loss["a"][-2:]) < sum(loss["b"][-2:]) - 0.2, loss
+    assert summary["steps"] == 4 * 6 and "knn_top1@5" in summary["metrics"]
+    saved = json.load(open(tmp_path / "a" / "summary.json"))
+    assert saved["metrics"] == summary["metrics"] and saved["method"] == "sce_image"
+    net = torchvision.models.resnet18()
+    missing, unexpected = net.load_state_dict(torch.load(tmp_path / "a" / "backbone.pt",
+                                                         weights_only=True), strict=False)
+    assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
+
+
+def test_resume_is_bit_identical(tiny_data, tmp_path):
+    S.main(run_args(tiny_data, tmp_path / "straight", max_steps=10))
+    S.main(run_args(tiny_data, tmp_path / "resumed", max_steps=5))
+    S.main(run_args(tiny_data, tmp_path / "resumed", max_steps=10))  # resumes last.pt
+    a = checkpoint.load(tmp_path / "straight" / "last.pt")
+    b = checkpoint.load(tmp_path / "resumed" / "last.pt")
+    assert a["step"] == b["step"] == 10
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_eval_only_from_checkpoint(tiny_data, tmp_path):
+    S.main(run_args(tiny_data, tmp_path / "a", max_steps=2))
+    ckpt = str(tmp_path / "a" / "last.pt")
+    out = S.main(run_args(tiny_data, tmp_path / "b", eval_only=True, init_from=ckpt))
+    first = S.main(run_args(tiny_data, tmp_path / "c", eval_only=True,
+                            init_from=str(tmp_path / "a" / "backbone.pt")))
+    assert out["steps"] == 0 and out["metrics"] == first["metrics"]
+    with pytest.raises(RuntimeError, match="does not match"):
+        S.load_encoder(S.build_backbone(tiny_args(arch="resnet50")), ckpt)
+
+
+def test_ddp_two_processes_stay_identical(tiny_data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", os.path.join(ROOT, "sce_image.py"),
+           "--data", tiny_data, "--output-dir", str(tmp_path), "--arch", "resnet18",
+           "--no-small-stem", "--img-size", "32", "--proj-hidden", "32", "--proj-dim", "16",
+           "--proj-bn", "hid", "--pred-hidden", "0", "--queue-size", "64", "--batch-size", "4",
+           "--optimizer", "sgd", "--base-lr", "0.1", "--num-workers", "0", "--amp", "none",
+           "--no-lin-aug", "--knn-k", "5", "--epochs", "1", "--log-every", "2",
+           "--no-symmetric"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = log.read_jsonl(str(tmp_path / "log.jsonl"))
+    steps = [r["step"] for r in recs if "train/loss" in r]
+    assert steps[-1] == 48 // 8  # 48 images, global batch 2 x 4
+    (diff,) = [r["ddp/max_replica_diff"] for r in recs if "ddp/max_replica_diff" in r]
+    assert diff == 0.0
+    assert json.load(open(tmp_path / "summary.json"))["steps"] == 6
+
+
+def test_cli_help_and_unknown_flag():
+    out = subprocess.run([sys.executable, "sce_image.py", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    for f in dataclasses.fields(S.Args):
+        doc = S.cli.field_docs(S.Args)[f.name]
+        assert doc and (f.name == "preset" or doc in text), f.name
+    bad = subprocess.run([sys.executable, "sce_image.py", "--tau-mm", "1"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unrecognized arguments: --tau-mm" in bad.stderr
