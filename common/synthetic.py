@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import numpy as np
 from PIL import Image
 
-VERSION = 5
+VERSION = 1
 SHAPES = ("crescent", "cross", "disk", "ell", "ring", "square", "star", "triangle")
 MOTIONS = ("move_down", "move_left", "move_right", "move_up",
            "rotate_ccw", "rotate_cw", "zoom_in", "zoom_out")  # sorted: label = index
@@ -159,24 +159,14 @@ def _to_uint8(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 # ---- images ------------------------------------------------------------------------------
 
-# Colours come from a small palette, so that many images share theirs: an image is then
-# told apart from the others mostly by its silhouette, and instance discrimination (what
-# contrastive methods learn) needs the shape. Unique colours or textures would be a shortcut.
-_PALETTE = np.array([(230, 60, 50), (60, 180, 75), (250, 220, 40), (40, 110, 220)], float)
-
-
 def _image(rng: np.random.Generator, shape: str, size: int) -> tuple[np.ndarray, np.ndarray]:
     """One (H, W, 3) uint8 image of `shape` and its (H, W) coverage."""
-    fg, bg = rng.choice(len(_PALETTE), 2, replace=False)
-    y, x = np.mgrid[0:size, 0:size] / size
-    a = rng.uniform(0, 2 * np.pi)
-    ramp = (x * np.cos(a) + y * np.sin(a))[..., None] * rng.uniform(0, 0.4)  # gentle gradient
-    img = _PALETTE[bg] * (0.8 + ramp) + rng.normal(0, 8, 3)
-    radius = rng.uniform(0.22, 0.32) * size
+    img = _background(rng, size, size)
+    radius = rng.uniform(0.15, 0.25) * size
     m = max(_normalise(s)[3] for s in SHAPES) * radius  # in the image; same law for all classes
     cx, cy = rng.uniform(m, size - m, 2)
     angle = np.deg2rad(rng.uniform(-20, 20))
-    alpha = _draw(img, shape, cx, cy, radius, angle, _PALETTE[fg] + rng.normal(0, 8, 3))
+    alpha = _draw(img, shape, cx, cy, radius, angle, _colour(rng, img.mean((0, 1))))
     return _to_uint8(img, rng), alpha
 
 

@@ -302,6 +302,10 @@ def test_eval_only_from_checkpoint(tiny_data, tmp_path):
     first = S.main(run_args(tiny_data, tmp_path / "c", eval_only=True,
                             init_from=str(tmp_path / "a" / "backbone.pt")))
     assert out["steps"] == 0 and out["metrics"] == first["metrics"]
+    # The thesis probe (augmented images, step schedule) is deterministic given the seed.
+    lin = [S.main(run_args(tiny_data, tmp_path / f"l{i}", eval_only=True, init_from=ckpt,
+                           lin_aug=True, lin_epochs=2, lin_batch_size=16)) for i in range(2)]
+    assert lin[0]["metrics"] == lin[1]["metrics"] and "linear_top1" in lin[0]["metrics"]
     with pytest.raises(RuntimeError, match="does not match"):
         S.load_encoder(S.build_backbone(tiny_args(arch="resnet50")), ckpt)
 
