@@ -115,9 +115,9 @@ class Args:
     """convert BatchNorm to SyncBatchNorm under DDP on CUDA (eztorch runs, spec §7.4)"""
     # method
     lam: float = 0.5
-    """lambda: weight of the one-hot positive in the target distribution (Eq. 4.7)"""
+    """lambda: weight of the one-hot positive in the target distribution (Eq. 4.8)"""
     tau: float = 0.1
-    """online temperature (Eq. 4.6)"""
+    """online temperature (Eq. 4.9)"""
     tau_m: float = 0.07
     """target (momentum) temperature (Eq. 4.5)"""
     queue_size: int = 65536
@@ -389,9 +389,9 @@ class SCE(nn.Module):
         if m % n:
             raise ValueError(f"queue_size {m} must be a multiple of the keys enqueued per step "
                              f"({n} = views x batch x world), as in the official code")
-        p = int(self.queue_ptr)
-        self.queue[p:p + n] = keys.to(self.queue.dtype)
-        self.queue_ptr.fill_((p + n) % m)
+        rows = (self.queue_ptr + torch.arange(n, device=keys.device)) % m  # no host sync
+        self.queue.index_copy_(0, rows, keys.to(self.queue.dtype))
+        self.queue_ptr.add_(n).remainder_(m)
 
 
 def build_model(args: Args) -> SCE:
@@ -418,13 +418,13 @@ def sce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, lam: float =
             off = torch.eye(len(q), dtype=torch.bool, device=q.device)
             sim_q = torch.cat([(q @ k.T).masked_fill(off, -1e9), sim_q], 1)
             sim_k = torch.cat([(k @ k.T).masked_fill(off, -1e9), sim_k], 1)
-        logits_q = torch.cat([pos, sim_q], 1) / tau  # Eq. 4.6: p1 = softmax(logits_q)
+        logits_q = torch.cat([pos, sim_q], 1) / tau  # Eq. 4.9: p1 = softmax(logits_q)
         logits_k = torch.cat([torch.zeros_like(pos), sim_k], 1) / tau_m  # Eq. 4.5 (logit 0)
         if mask_positive:
             logits_k[:, 0] = -torch.inf  # s_ii = 0 exactly (Eq. 4.5)
-        w = (1 - lam) * logits_k.softmax(1)  # Eq. 4.7: w2 = lam * one_hot + (1 - lam) * s2
+        w = (1 - lam) * logits_k.softmax(1)  # Eq. 4.8: w2 = lam * one_hot + (1 - lam) * s2
         w[:, 0] += lam
-        return -(w * logits_q.log_softmax(1)).sum(1).mean()  # Eq. 4.8: cross-entropy
+        return -(w * logits_q.log_softmax(1)).sum(1).mean()  # Eq. 4.10: cross-entropy
 
 
 # ---- 6. Training step ----
@@ -434,7 +434,7 @@ def train_step(model, views: list, optimizer, amp: optim.Amp, momentum: float) -
         loss, keys = model(views)
     amp.step(loss, optimizer)
     sce = checkpoint.unwrap(model)
-    optim.ema_update(sce.target_encoder, sce.encoder, momentum, copy_buffers=False)  # Alg. A.1 l. 47
+    optim.ema_update(sce.target_encoder, sce.encoder, momentum, copy_buffers=False)  # Eq. 4.2
     optim.ema_update(sce.target_projector, sce.projector, momentum, copy_buffers=False)
     sce.enqueue(keys)
     return {"loss": loss.detach()}
