@@ -394,3 +394,179 @@ def miou(hist: np.ndarray) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return float(np.nanmean(iou))
+
+
+# ---- benchmark drivers: a feature function in, scores out ----
+# `feat_fn(frames)` maps ImageNet-normalised frames (B, 3, H, W) to features (B, C, h, w) on the
+# frames' device; the drivers L2-normalise them, propagate, and score as the official scripts.
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def read_pair_list(path, what: str) -> list:
+    """[(Path, Path)] of a videowalk file list, lines `<a> <b>` relative to the list's folder
+    (JHMDB: `<joint_positions.mat> <frames dir>`; VIP: `<Images/videosN> <Category_ids/videosN>`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} file list not found")
+    out = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2:
+            raise ValueError(f"{path}:{lineno}: expected '<{what} input> <{what} labels>', got "
+                             f"{line.strip()!r}")
+        a, b = (f if Path(f).is_absolute() else path.parent / f for f in fields)
+        for p in (a, b):
+            if not Path(p).exists():
+                raise FileNotFoundError(f"{path}:{lineno}: {p} does not exist")
+        out.append((Path(a), Path(b)))
+    if not out:
+        raise ValueError(f"{path}: empty {what} file list")
+    return out
+
+
+def _frame_files(folder: Path) -> list:
+    files = [p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+    if not files:
+        raise FileNotFoundError(f"{folder}: no frames (.jpg/.png)")
+    return sorted(files, key=lambda p: (int(p.stem) if p.stem.isdigit() else -1, p.name))
+
+
+def load_frames(paths: Sequence, size: tuple[int, int]) -> Tensor:
+    """(T, 3, H, W) float frames, RGB, resized bilinearly without antialiasing (cv2
+    INTER_LINEAR, as the official loaders) to `size` (H, W), ImageNet-normalised."""
+    frames = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                frames.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1))
+        except OSError as e:
+            raise ValueError(f"{p}: unreadable frame ({e})") from None
+    x = F.interpolate(torch.stack(frames).float() / 255, size=tuple(size), mode="bilinear",
+                      align_corners=False, antialias=False)
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+@torch.no_grad()
+def video_features(feat_fn, paths: Sequence, size: tuple[int, int], device="cpu",
+                   batch: int = 5) -> Tensor:
+    """(T, C, h, w) fp32 features of the frames `paths`, `batch` frames at a time, L2-normalised
+    over C."""
+    out = [feat_fn(load_frames(paths[i:i + batch], size).to(device)).float()
+           for i in range(0, len(paths), batch)]
+    return F.normalize(torch.cat(out), dim=1)
+
+
+def resize_nearest(label: Tensor, size) -> Tensor:
+    """(..., H, W) ids -> `size`, PIL NEAREST semantics (pixel centres)."""
+    if tuple(label.shape[-2:]) == tuple(size):
+        return label
+    x = label.reshape(-1, 1, *label.shape[-2:]).float()
+    x = F.interpolate(x, size=tuple(size), mode="nearest-exact")
+    return x.reshape(*label.shape[:-2], *size).to(label.dtype)
+
+
+def eval_davis(feat_fn, root, size: tuple[int, int] = (480, 880), topk: int = 7,
+               temperature: float = 0.7, radius: float = 20.0, context: int = 20,
+               gt_at_eval_size: bool = True, out_dir=None, device="cpu") -> tuple[dict, list]:
+    """DAVIS-2017 semi-supervised J&F of `feat_fn` on `root` (val split): frames at `size`,
+    first-frame one-hot at the feature grid, `propagate`, bilinear upsampling and argmax.
+
+    `gt_at_eval_size`: score against GT NEAREST-resized to `size`, as CropMAE's DAVIS_480_880
+    copy (9 px F tolerance at 480x880); else at the native GT size (T-CoRe). Writes indexed
+    PNGs `out_dir/<seq>/<t:05d>.png` at the scored size when `out_dir` is set. Returns the
+    `davis_jf` dict and [(name, frame paths, pred (T, H, W) uint8 at the scored size)].
+    """
+    gts, preds, out = [], [], []
+    for name, frames, masks in read_davis(root):
+        if len(frames) != len(masks):
+            raise ValueError(f"{root}: sequence {name!r} has {len(frames)} frames but "
+                             f"{len(masks)} annotations (semi-supervised val annotates all)")
+        gt = torch.from_numpy(np.stack([read_label_png(m) for m in masks]))
+        gt[gt == 255] = 0  # the toolkit's semi-supervised mode: void counts as background
+        feats = video_features(feat_fn, frames, size, device)  # (T, C, h, w)
+        num = int(gt[0].max()) + 1
+        first = label_to_onehot(gt[0], num, tuple(feats.shape[-2:])).to(feats.device)
+        soft = propagate(feats, first, topk, temperature, context, radius).cpu()
+        pred = torch.stack([soft_to_label(s, size) for s in soft])  # (T, H, W) at eval size
+        if gt_at_eval_size:
+            gt = resize_nearest(gt, size)
+        else:
+            pred = resize_nearest(pred, gt.shape[-2:])
+        pred = pred.to(torch.uint8)
+        gts.append(gt.numpy())
+        preds.append(pred.numpy())
+        out.append((name, frames, pred))
+        if out_dir is not None:
+            for t, p in enumerate(pred):
+                write_label_png(Path(out_dir) / name / f"{t:05d}.png", p.numpy())
+    return davis_jf(gts, preds), out
+
+
+def eval_jhmdb(feat_fn, file_list, size: tuple[int, int] = (320, 320), topk: int = 7,
+               temperature: float = 0.7, radius: float = 20.0, context: int = 20,
+               device="cpu") -> dict:
+    """JHMDB PCK of `feat_fn`: frames at `size`, the 15 joints of frame 0 (`pos_img` - 1,
+    scaled to the grid) as Gaussian heatmaps plus background, `propagate`, top-5 soft-argmax,
+    coordinates mapped back to the original frame size, `pck` (frame 0 skipped)."""
+    preds, gts = [], []
+    for mat, folder in read_pair_list(file_list, "JHMDB"):
+        frames = _frame_files(folder)
+        pos = read_mat_v5(mat, ["pos_img"])["pos_img"].astype(np.float64) - 1  # (2, J, T)
+        T = min(len(frames), pos.shape[2])
+        gt = torch.from_numpy(pos[:, :, :T]).permute(2, 1, 0).float()  # (T, J, 2) pixels
+        with Image.open(frames[0]) as im:
+            W0, H0 = im.size
+        feats = video_features(feat_fn, frames[:T], size, device)
+        h, w = feats.shape[-2:]
+        scale = torch.tensor([w / W0, h / H0])  # = (320 / W0) / 16 at 320 px, patch 16
+        first = joint_heatmaps((gt[0] * scale).numpy(), (h, w)).to(feats.device)
+        soft = propagate(feats, first, topk, temperature, context, radius).cpu()
+        pts = torch.stack([heatmaps_to_points(s[1:]) for s in soft])  # (T, J, 2) grid units
+        preds.append((pts / scale).numpy())  # invisible joints (-1) stay negative
+        gts.append(gt.numpy())
+    return pck(preds, gts)
+
+
+def vip_size(height: int, width: int, long_side: int = 880) -> tuple[int, int]:
+    """VIP eval size (H, W): the long side set to `long_side`, the short side scaled and floored
+    to a multiple of 64 (720 x 1280 -> 448 x 880)."""
+    short, long = min(height, width), max(height, width)
+    s = int(short * long_side / long / 64) * 64
+    return (s, long_side) if width >= height else (long_side, s)
+
+
+def eval_vip(feat_fn, file_list, long_side: int = 880, topk: int = 10, temperature: float = 0.7,
+             radius: float = 20.0, context: int = 20, num_classes: int = 20,
+             device="cpu") -> dict:
+    """VIP mIoU of `feat_fn`: frames at `vip_size`, the one-hot of frame 0's class ids,
+    `propagate`, argmax at eval size, NEAREST-resized to the GT size; one confusion matrix over
+    every annotated frame, frame 0 included."""
+    hist = np.zeros((num_classes, num_classes), np.int64)
+    for img_dir, ann_dir in read_pair_list(file_list, "VIP"):
+        frames = _frame_files(img_dir)
+        anns = [ann_dir / f"{f.stem}.png" for f in frames]
+        if not anns[0].is_file():
+            raise FileNotFoundError(f"{anns[0]}: VIP needs the first frame's annotation")
+        gt0 = torch.from_numpy(read_label_png(anns[0])).long()
+        size = vip_size(*gt0.shape, long_side)
+        feats = video_features(feat_fn, frames, size, device)
+        gt0[(gt0 < 0) | (gt0 >= num_classes)] = 0  # ignore ids start as background
+        first = label_to_onehot(gt0, num_classes, tuple(feats.shape[-2:])).to(feats.device)
+        soft = propagate(feats, first, topk, temperature, context, radius).cpu()
+        for s, ann in zip(soft, anns):
+            if ann.is_file():
+                gt = read_label_png(ann)
+                pred = resize_nearest(soft_to_label(s, size), gt.shape)
+                hist += confusion(gt, pred.numpy(), num_classes)
+    return {"mIoU": miou(hist)}
+
+
+def overlay(frame: Tensor, label: Tensor, alpha: float = 0.5) -> Tensor:
+    """(3, H, W) uint8 frame with (H, W) ids painted in the DAVIS palette (0 left as is)."""
+    pal = torch.tensor(davis_palette(), dtype=torch.float32).view(256, 3)
+    colour = pal[label.long()].permute(2, 0, 1)
+    fg = (label > 0)[None]
+    out = torch.where(fg, (1 - alpha) * frame.float() + alpha * colour, frame.float())
+    return out.round().clamp(0, 255).to(torch.uint8)

@@ -298,3 +298,98 @@ def test_confusion_miou():
     assert P.miou(hist) == pytest.approx((1 / 2 + 2 / 3) / 2)  # class 2 absent: nan, ignored
     with pytest.raises(ValueError, match="predicted ids"):
         P.confusion(gt, pred + 3, num_classes=3)
+
+
+# ---- benchmark drivers ----
+def position_features(stride: int):
+    """A feature function whose features are one-hot grid positions: every frame matches frame
+    0 cell for cell, so propagation must return frame 0's labels as the grid sees them."""
+    def fn(x):
+        h, w = x.shape[-2] // stride, x.shape[-1] // stride
+        return torch.eye(h * w).view(h * w, h, w)[None].expand(len(x), -1, -1, -1)
+    return fn
+
+
+def frame0_prediction(gt0: np.ndarray, size, grid, num) -> torch.Tensor:
+    """What position features must predict at every frame: frame 0's one-hot at the grid, then
+    bilinear upsampling to `size` and argmax."""
+    return P.soft_to_label(P.label_to_onehot(torch.from_numpy(gt0).long(), num, grid), size)
+
+
+def test_eval_davis_pipeline(tmp_path):
+    root = synthetic.davis(tmp_path / "d", size=(48, 64), sequences=2, frames=6)
+    scores, preds = P.eval_davis(position_features(8), root, size=(48, 64), out_dir=tmp_path / "o")
+    gts, want = [], []
+    for name, frames, masks in P.read_davis(root):
+        gt = np.stack([P.read_label_png(m) for m in masks])
+        gts.append(gt)
+        want.append(np.repeat(frame0_prediction(gt[0], (48, 64), (6, 8), int(gt[0].max()) + 1)
+                              .numpy()[None].astype(np.uint8), len(gt), 0))
+    for (name, _, pred), w in zip(preds, want):
+        assert np.array_equal(pred.numpy(), w), name
+        assert np.array_equal(P.read_label_png(tmp_path / "o" / name / "00003.png"), w[3])
+    assert scores == P.davis_jf(gts, want)
+    assert 0.05 < scores["J&F-Mean"] < 0.95  # objects move: frame 0 masks are partly right
+    # native-size scoring: predictions at 96 x 128 are NEAREST-resized to the 48 x 64 GT
+    s2, p2 = P.eval_davis(position_features(16), root, size=(96, 128), gt_at_eval_size=False)
+    assert p2[0][2].shape == (6, 48, 64)
+
+
+def test_eval_jhmdb_pipeline(tmp_path):
+    """Static joints on identical frames: PCK of the frame-0 heatmaps' soft-argmax."""
+    e, lines, preds, gts = "<", [], [], []
+    g = np.random.default_rng(0)
+    for v in range(2):
+        folder = tmp_path / "Rename_Images" / f"v{v}"
+        folder.mkdir(parents=True)
+        for t in range(4):
+            Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(folder / f"{t + 1:05d}.png")
+        pts = np.stack([g.uniform(2, 62, 15), g.uniform(2, 46, 15)])  # (2, 15) pixels
+        pos = np.repeat(pts[:, :, None], 4, 2) + 1  # MATLAB 1-based
+        head = b"MATLAB 5.0 MAT-file".ljust(116) + bytes(8) + struct.pack(e + "HH", 0x0100, 0x4D49)
+        mat = tmp_path / "joint_positions" / f"v{v}" / "joint_positions.mat"
+        mat.parent.mkdir(parents=True)
+        mat.write_bytes(head + mat_variable(e, "pos_img", pos, 6, 9, "f8"))
+        lines.append(f"joint_positions/v{v}/joint_positions.mat Rename_Images/v{v}\n")
+        scale = np.array([16 / 64, 16 / 48])  # grid 16 x 16 at 64 x 64 with stride 4
+        maps = P.joint_heatmaps(pts.T * scale, (16, 16))
+        p0 = P.heatmaps_to_points(maps[1:]).numpy() / scale
+        preds.append(np.repeat(p0[None], 4, 0))
+        gts.append(np.repeat(pts.T[None], 4, 0))
+    (tmp_path / "list.txt").write_text("".join(lines))
+    got = P.eval_jhmdb(position_features(4), tmp_path / "list.txt", size=(64, 64))
+    assert got == pytest.approx(P.pck(preds, gts))
+    assert got["PCK@0.2"] > 50
+    (tmp_path / "bad.txt").write_text("only-one-field\n")
+    with pytest.raises(ValueError, match="bad.txt:1"):
+        P.eval_jhmdb(position_features(4), tmp_path / "bad.txt")
+
+
+def test_vip_size_and_eval_vip_pipeline(tmp_path):
+    assert P.vip_size(720, 1280) == (448, 880) and P.vip_size(1280, 720) == (880, 448)
+    assert P.vip_size(40, 70, long_side=128) == (64, 128)
+    img, ann = tmp_path / "Images" / "videos1", tmp_path / "Annotations" / "Category_ids" / "videos1"
+    img.mkdir(parents=True)
+    ann.mkdir(parents=True)
+    gt = np.zeros((40, 70), np.uint8)
+    gt[5:25, 10:40], gt[20:38, 45:66] = 3, 12
+    for t in range(3):
+        Image.fromarray(np.zeros((40, 70, 3), np.uint8)).save(img / f"{t:06d}.jpg")
+        Image.fromarray(gt).save(ann / f"{t:06d}.png")
+    (tmp_path / "vip.txt").write_text("Images/videos1 Annotations/Category_ids/videos1\n")
+    got = P.eval_vip(position_features(8), tmp_path / "vip.txt", long_side=128)
+    pred = P.resize_nearest(frame0_prediction(gt, (64, 128), (8, 16), 20), gt.shape).numpy()
+    assert got["mIoU"] == pytest.approx(P.miou(3 * P.confusion(gt, pred)))
+    assert 0.5 < got["mIoU"] < 1.0
+
+
+def test_overlay_and_read_pair_list_errors(tmp_path):
+    frame = torch.full((3, 2, 2), 100, dtype=torch.uint8)
+    out = P.overlay(frame, torch.tensor([[0, 1], [2, 0]]), alpha=0.5)
+    assert torch.equal(out[:, 0, 0], frame[:, 0, 0])
+    assert out[:, 0, 1].tolist() == [114, 50, 50]  # id 1 = (128, 0, 0)
+    with pytest.raises(FileNotFoundError, match="VIP file list"):
+        P.read_pair_list(tmp_path / "none.txt", "VIP")
+    (tmp_path / "l.txt").write_text("a b\n")
+    with pytest.raises(FileNotFoundError, match="l.txt:1"):
+        P.read_pair_list(tmp_path / "l.txt", "VIP")

@@ -1,0 +1,318 @@
+"""cropmae.py: masking counts, the norm-pix loss by hand, the Global-to-Local geometry, the
+decoder's block order and the official key names and parameter counts, SiamMAE frame pairs,
+and whole runs (learning, resume, official-checkpoint loading, 2-process DDP, CLI)."""
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import cropmae as C
+from common import checkpoint, log, synthetic, vit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_args(**kw) -> C.Args:
+    base = dict(model="tiny", depth=2, patch_size=8, img_size=32, mask_ratio=0.75,
+                decoder_dim=32, decoder_depth=2, decoder_heads=4, decoder_ffn=64,
+                batch_size=8, num_workers=0, amp="none", warmup_epochs=1)
+    return C.Args(**{**base, **kw})
+
+
+# ---- masking and loss ----
+@pytest.mark.parametrize("ratio,keep", [(0.75, 49), (0.90, 19), (0.95, 9), (0.985, 2), (0.99, 1)])
+def test_visible_token_counts(ratio, keep):
+    torch.manual_seed(0)
+    ids_keep, ids_restore, mask = C.random_masking(4, 196, ratio, "cpu")
+    assert ids_keep.shape == (4, keep) and mask.shape == (4, 196)
+    assert (mask.sum(1) == 196 - keep).all()
+    assert (torch.gather(mask, 1, ids_keep) == 0).all()  # the kept tokens are the unmasked ones
+    # the official draw: noise = rand(B, L), keep the smallest noise values
+    torch.manual_seed(0)
+    noise = torch.rand(4, 196)
+    assert torch.equal(ids_keep, noise.argsort(1)[:, :keep])
+    assert torch.equal(noise.argsort(1).gather(1, ids_restore), torch.arange(196).expand(4, -1))
+    with pytest.raises(ValueError, match="keeps 0"):
+        C.random_masking(1, 64, 0.985, "cpu")
+
+
+def test_norm_pix_loss_by_hand():
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randn(2, 3, 32, 32, generator=g)
+    mask = torch.zeros(2, 16)
+    mask[0, [1, 5]] = 1
+    mask[1, 7] = 1
+    t = vit.patchify(imgs, 8).numpy().astype(np.float64)  # (2, 16, 192)
+    norm = (t - t.mean(-1, keepdims=True)) / np.sqrt(t.var(-1, ddof=1, keepdims=True) + 1e-6)
+    pred = torch.randn(2, 16, 192, generator=g)
+    want = ((pred.numpy() - norm) ** 2).mean(-1)[mask.numpy() == 1].mean()
+    assert C.mae_loss(imgs, pred, mask, 8).item() == pytest.approx(want, rel=1e-5)
+    # closed form: predicting 0 costs (n - 1) / n * var / (var + eps) per patch, ~ 191 / 192
+    assert C.mae_loss(imgs, torch.zeros(2, 16, 192), mask, 8).item() == pytest.approx(191 / 192,
+                                                                                   rel=1e-5)
+    raw = ((pred.numpy() - t) ** 2).mean(-1)[mask.numpy() == 1].mean()
+    assert C.mae_loss(imgs, pred, mask, 8, norm_pix=False).item() == pytest.approx(raw, rel=1e-5)
+
+
+def test_loss_touches_masked_patches_only():
+    imgs = torch.randn(2, 3, 32, 32)
+    mask = (torch.rand(2, 16) < 0.5).float()
+    mask[:, 0] = 1
+    pred = torch.randn(2, 16, 192, requires_grad=True)
+    C.mae_loss(imgs, pred, mask, 8).backward()
+    per_patch = pred.grad.abs().sum(-1)
+    assert (per_patch[mask == 0] == 0).all() and (per_patch[mask == 1] > 0).all()
+    v2_changed = imgs.clone()
+    v2_changed[:, :, :8, 8:16] += 5.0  # patch 1 of every image
+    if (mask[:, 1] == 0).all():
+        assert C.mae_loss(v2_changed, pred, mask, 8) == C.mae_loss(imgs, pred, mask, 8)
+
+
+def test_model_returns_loss_pred_mask_and_masks_only_the_second_view():
+    torch.manual_seed(0)
+    model = C.build_model(tiny_args()).eval()
+    imgs = torch.randn(3, 2, 3, 32, 32)
+    loss, pred, mask = model(imgs, 0.75)
+    assert pred.shape == (3, 16, 192) and mask.shape == (3, 16) and (mask.sum(1) == 12).all()
+    # V1 enters as memory (the loss depends on it), V2's masked pixels do not enter the input
+    torch.manual_seed(1)
+    base = model(imgs, 0.75)
+    other = imgs.clone()
+    other[:, 0] = torch.randn(3, 3, 32, 32)
+    torch.manual_seed(1)
+    assert not torch.allclose(model(other, 0.75)[1], base[1])
+    hidden = base[2][0].nonzero()[0, 0].item()  # a masked patch of sample 0
+    r, c = divmod(hidden, 4)
+    other = imgs.clone()
+    other[0, 1, :, 8 * r:8 * r + 8, 8 * c:8 * c + 8] = 9.0
+    torch.manual_seed(1)
+    assert torch.allclose(model(other, 0.75)[1], base[1], atol=1e-6)
+
+
+# ---- views ----
+def coordinate_image(h=120, w=160) -> Image.Image:
+    """R = column, G = row (in 0..255 steps), so a crop's pixels tell where they came from."""
+    y, x = np.meshgrid(np.linspace(0, 255, h), np.linspace(0, 255, w), indexing="ij")
+    return Image.fromarray(np.stack([x, y, np.zeros_like(x)], -1).round().astype(np.uint8))
+
+
+def pixel_box(view: torch.Tensor) -> np.ndarray:
+    rgb = C.unnormalise(view).numpy() * 255
+    return np.array([rgb[0].min(), rgb[0].max(), rgb[1].min(), rgb[1].max()])
+
+
+def test_global_to_local_v2_is_a_subwindow_of_v1():
+    args = tiny_args(img_size=64, hflip=False)
+    make = C.make_views(args)
+    img = coordinate_image()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        pair = make([img])
+        assert pair.shape == (2, 3, 64, 64)
+        b1, b2 = pixel_box(pair[0]), pixel_box(pair[1])
+        assert b2[0] >= b1[0] - 2 and b2[1] <= b1[1] + 2 and b2[2] >= b1[2] - 2 \
+            and b2[3] <= b1[3] + 2, (seed, b1, b2)
+        area = (b2[1] - b2[0]) * (b2[3] - b2[2]) / ((b1[1] - b1[0]) * (b1[3] - b1[2]))
+        assert 0.25 < area < 0.65, area  # local scale 0.3-0.6 of V1 (up to edge pixels)
+    # local-to-global: the same views, roles swapped (index 0 = the local crop)
+    torch.manual_seed(3)
+    a = C.make_views(args)([img])
+    torch.manual_seed(3)
+    b = C.make_views(dataclasses.replace(args, views="local-to-global"))([img])
+    assert torch.equal(a.flip(0), b)
+    torch.manual_seed(0)
+    same = C.make_views(dataclasses.replace(args, views="same"))([img])
+    assert torch.equal(same[0], same[1])
+
+
+def test_flips_are_independent_per_view():
+    make = C.make_views(tiny_args(img_size=64, local_scale=(0.99, 1.0), ratio=(1.33, 1.34)))
+    img = coordinate_image(120, 160)  # aspect 4/3: the local crop is all of V1
+    agree = []
+    for seed in range(40):
+        torch.manual_seed(seed)
+        a, b = (C.unnormalise(v)[0] for v in make([img]))
+        left_right = lambda v: (v[:, 0].mean() < v[:, -1].mean()).item()  # noqa: E731
+        agree.append(left_right(a) == left_right(b))
+    assert 5 < sum(agree) < 35  # the two flips are separate draws
+
+
+def test_views_are_deterministic_per_seed_epoch_index(tmp_path):
+    root = synthetic.images(tmp_path, size=32, per_class_train=2, per_class_val=1)
+    ds = C.pretrain_dataset(tiny_args(data=str(root)))
+    assert len(ds) == 16
+    assert torch.equal(ds[(1, 3)], ds[(1, 3)])
+    assert not torch.equal(ds[(1, 3)], ds[(2, 3)])
+    sub = C.list_images(str(root), subset=5, seed=0)
+    assert len(sub) == 5 and sub == C.list_images(str(root), subset=5, seed=0)
+
+
+def test_siammae_frames_share_the_crop_and_are_4_to_47_apart(tmp_path):
+    """Frame t = a coordinate ramp + 2 t in the blue channel: V2 - V1 is a constant (same crop
+    and flip) whose value gives the gap."""
+    ramp = np.array(coordinate_image(64, 80))
+    folder = tmp_path / "video"
+    folder.mkdir()
+    for t in range(60):
+        frame = ramp.copy()
+        frame[..., 2] = 2 * t
+        Image.fromarray(frame).save(folder / f"{t + 1:05d}.png")
+    (tmp_path / "list.txt").write_text("video 0\n")
+    ds = C.pretrain_dataset(tiny_args(data=str(tmp_path / "list.txt"), views="frames",
+                                      img_size=32))
+    gaps = []
+    for i in range(30):
+        v1, v2 = (C.unnormalise(v) * 255 for v in ds[(i, 0)])
+        assert (v2[:2] - v1[:2]).abs().max() < 1.0  # same crop, same flip
+        gap = (v2[2] - v1[2]).mean().item() / 2
+        assert abs(gap - round(gap)) < 0.05
+        gaps.append(round(gap))
+    assert min(gaps) >= 4 and max(gaps) <= 47 and len(set(gaps)) > 5  # V1 is the earlier frame
+
+
+# ---- model structure ----
+def test_decoder_block_order_cross_ffn_self_post_norm():
+    torch.manual_seed(0)
+    blk = C.DecoderBlock(16, 4, 32, 0.1).eval()
+    x, mem = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    h = blk.norm2(x + blk.multihead_attn(x, mem, mem)[0])
+    h = blk.norm3(h + blk.linear2(torch.nn.functional.gelu(blk.linear1(h))))
+    h = blk.norm1(h + blk.self_attn(h, h, h)[0])
+    assert torch.allclose(blk(x, mem), h, atol=1e-5)
+    # the same weights in PyTorch's self -> cross -> FFN order give something else
+    ref = nn.TransformerDecoderLayer(16, 4, 32, 0.0, activation="gelu", batch_first=True,
+                                     layer_norm_eps=1e-6).eval()
+    ref.load_state_dict(blk.state_dict())
+    assert not torch.allclose(ref(x, mem), h, atol=1e-3)
+    blk.train()  # dropout 0.1 is active in training
+    assert not torch.equal(blk(x, mem), blk(x, mem))
+
+
+def test_official_key_names_and_parameter_counts():
+    model = C.build_model(C.Args())
+    keys = set(model.state_dict())
+    for k in ["patch_embed.proj.weight", "cls_token", "pos_embed", "blocks.11.attn.qkv.weight",
+              "blocks.0.mlp.fc2.bias", "norm.weight", "decoder_embed.weight", "mask_token",
+              "decoder_pos_embed", "decoder_blocks.3.self_attn.in_proj_weight",
+              "decoder_blocks.0.multihead_attn.out_proj.weight", "decoder_blocks.2.linear1.bias",
+              "decoder_blocks.1.norm3.weight", "decoder_norm.bias", "decoder_pred.weight"]:
+        assert k in keys, k
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    enc = sum(v for n, v in trainable.items() if not n.startswith(("decoder", "mask_token")))
+    assert enc == 21_590_016 and sum(trainable.values()) == 28_201_728  # spec §1 arithmetic
+    assert not model.pos_embed.requires_grad and not model.decoder_pos_embed.requires_grad
+    assert torch.equal(model.pos_embed[0, 0], torch.zeros(384))  # CLS row
+    assert model.decoder_pred.out_features == 768
+
+
+def test_eval_features_equal_the_training_features_at_the_training_size():
+    torch.manual_seed(0)
+    model = C.build_model(tiny_args()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    tokens = model.forward_features(x)[:, 1:]  # (2, 16, D)
+    feats = C.patch_features(model, x)  # (2, D, 4, 4)
+    assert torch.allclose(feats.flatten(2).transpose(1, 2), tokens, atol=1e-6)
+    assert C.patch_features(model, torch.randn(1, 3, 48, 80)).shape == (1, 192, 6, 10)
+
+
+# ---- whole runs ----
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return str(synthetic.images(tmp_path_factory.mktemp("img"), size=32, per_class_train=6,
+                                per_class_val=1))
+
+
+@pytest.fixture(scope="module")
+def tiny_davis(tmp_path_factory):
+    return str(synthetic.davis(tmp_path_factory.mktemp("davis"), size=(48, 64), sequences=2,
+                               frames=6))
+
+
+def run_args(data, out, **kw) -> C.Args:
+    return tiny_args(data=data, output_dir=str(out), epochs=6, log_every=3, ckpt_every=1000, **kw)
+
+
+def test_tiny_run_learns(tiny_data, tiny_davis, tmp_path):
+    """The same run with lr = 0 is the control."""
+    summary = C.main(run_args(tiny_data, tmp_path / "a", blr=2e-2, davis=tiny_davis,
+                              davis_size=(48, 64)))
+    C.main(run_args(tiny_data, tmp_path / "b", blr=0.0))
+    loss = {r: [x["train/loss"] for x in log.read_jsonl(str(tmp_path / r / "log.jsonl"))
+                if "train/loss" in x] for r in "ab"}
+    assert sum(loss["a"][-2:]) < sum(loss["b"][-2:]) - 0.1, loss
+    assert summary["steps"] == 6 * 6 and 0 <= summary["metrics"]["davis_jf"]["trained"] <= 1
+    assert json.load(open(tmp_path / "a" / "summary.json"))["metrics"] == summary["metrics"]
+    assert (tmp_path / "a" / "reconstructions.png").is_file()
+    assert (tmp_path / "a" / "propagation.png").is_file()
+    assert len(list((tmp_path / "a" / "davis_pred").rglob("*.png"))) == 2 * 6
+
+
+def test_resume_is_bit_identical(tiny_data, tmp_path):
+    C.main(run_args(tiny_data, tmp_path / "straight", max_steps=8))
+    C.main(run_args(tiny_data, tmp_path / "resumed", max_steps=4))
+    C.main(run_args(tiny_data, tmp_path / "resumed", max_steps=8))  # resumes last.pt
+    a = checkpoint.load(tmp_path / "straight" / "last.pt")
+    b = checkpoint.load(tmp_path / "resumed" / "last.pt")
+    assert a["step"] == b["step"] == 8
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_eval_only_loads_an_official_style_checkpoint(tiny_davis, tmp_path):
+    torch.manual_seed(5)
+    model = C.build_model(tiny_args())
+    official = {"model": model.state_dict(), "epoch": 399, "args": argparse.Namespace(blr=1e-4)}
+    torch.save(official, tmp_path / "checkpoint-399.pth")
+    kw = dict(output_dir=str(tmp_path / "e"), eval_only=True, davis=tiny_davis,
+              davis_size=(48, 64), data="unused")
+    out = C.main(tiny_args(init_from=str(tmp_path / "checkpoint-399.pth"), **kw))
+    direct, _ = C.evaluate(model, tiny_args(**kw), "cpu")
+    assert out["steps"] == 0 and out["metrics"]["davis_jf"]["trained"] == round(direct["davis_jf"], 4)
+    enc_only = {k: v for k, v in model.state_dict().items() if not k.startswith("blocks.1.")}
+    torch.save({"model": enc_only}, tmp_path / "broken.pth")
+    with pytest.raises(KeyError, match="encoder weights missing"):
+        C.load_weights(C.build_model(tiny_args()), str(tmp_path / "broken.pth"))
+
+
+def test_ddp_two_processes_stay_identical(tiny_data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", os.path.join(ROOT, "cropmae.py"),
+           "--data", tiny_data, "--output-dir", str(tmp_path), "--model", "tiny", "--depth", "2",
+           "--patch-size", "8", "--img-size", "32", "--mask-ratio", "0.75", "--decoder-dim", "32",
+           "--decoder-depth", "1", "--decoder-heads", "4", "--decoder-ffn", "64",
+           "--batch-size", "4", "--num-workers", "0", "--amp", "none", "--epochs", "1",
+           "--warmup-epochs", "0", "--log-every", "2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = log.read_jsonl(str(tmp_path / "log.jsonl"))
+    steps = [r["step"] for r in recs if "train/loss" in r]
+    assert steps[-1] == 48 // 8  # 48 images, global batch 2 x 4
+    (diff,) = [r["ddp/max_replica_diff"] for r in recs if "ddp/max_replica_diff" in r]
+    assert diff == 0.0
+
+
+def test_cli_help_presets_and_unknown_flag():
+    out = subprocess.run([sys.executable, "cropmae.py", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    for f in dataclasses.fields(C.Args):
+        doc = C.cli.field_docs(C.Args)[f.name]
+        assert doc and (f.name == "preset" or " ".join(doc.split()) in text), f.name
+    bad = subprocess.run([sys.executable, "cropmae.py", "--mask-ratioo", "1"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unrecognized arguments: --mask-ratioo" in bad.stderr
+    siam = C.cli.parse(C.Args, C.PRESETS, ["--preset", "siammae-k400", "--data", "x.txt"])
+    assert (siam.views, siam.mask_ratio, siam.frames_scale) == ("frames", 0.95, (0.5, 1.0))
+    k400 = C.cli.parse(C.Args, C.PRESETS, ["--preset", "k400-vits", "--data", "x.txt"])
+    assert k400.global_scale == (0.5, 1.0) and k400.local_scale == (0.3, 0.6)
+    assert C.Args().blr * 2048 / 256 == pytest.approx(8e-4)  # spec §3: lr 8e-4 at batch 2048
