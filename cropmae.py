@@ -319,9 +319,12 @@ def pretrain_dataset(args: Args) -> Dataset:
 def make_loader(ds: Dataset, args: Args) -> DataLoader:
     sampler = data.ResumableSampler(ds, shuffle=True, seed=args.seed, drop_last=True,
                                     with_epoch=True)
+    # its own generator: starting an iterator must not draw from the global RNG that the masks
+    # and dropout use, or a mid-epoch resume would not replay the same masks
     return DataLoader(ds, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                       num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=args.num_workers > 0)
+                      persistent_workers=args.num_workers > 0,
+                      generator=torch.Generator().manual_seed(args.seed))
 
 
 # ---- 4. Model ----
