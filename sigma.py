@@ -1,0 +1,969 @@
+"""SIGMA: Sinkhorn-Guided Masked Video Modeling.
+
+M. M. Salehi, M. Dorkenwald, F. R. Valsesia, D. Zhang, C. G. M. Snoek, Y. M. Asano, ECCV 2024
+(arXiv:2407.15447); the official repo (VideoMAE based) where the paper leaves things open.
+
+Method in five lines: a VideoMAE encoder sees the 10 % visible tubes of a tube-masked clip and
+a small decoder predicts features for the 90 % masked ones. A projection network phi (an MLP on
+normalised pixel tubes, or a frozen DINO ViT) embeds the same masked tubes. Both embeddings are
+scored against K shared, L2-normalised prototypes; Sinkhorn-Knopp turns each branch's scores
+into equipartitioned cluster codes over the batch (Eqs. 3-4), and each branch predicts the
+other's codes with a cross-entropy at temperature 0.1 (Eqs. 5-7), which prevents the collapse
+of plain feature regression (Eq. 2).
+
+Launch:
+    python sigma.py                                  # CPU demo on the embedded synthetic videos
+    python sigma.py --preset ucf101-vits --data ~/data/ucf101              # 1 GPU
+    torchrun --nproc_per_node=8 sigma.py --preset k400-vitb --data ~/data/k400   # 8 GPUs
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
+        sigma.py --preset ssv2-vitb-dino --teacher-weights dino_vitbase16.pth --data ~/data/ssv2
+    torchrun --nproc_per_node=8 sigma.py --preset ft-ssv2-vitb --init-from runs/x/last.pt \
+        --data ~/data/ssv2                            # full fine-tuning (--eval finetune)
+    python sigma.py --eval knn --init-from runs/x/last.pt --data ~/data/ucf101 --dataset ucf101
+Presets: k400-vits, k400-vitb, ssv2-vits, ssv2-vitb (MLP target), *-dino (frozen DINO teacher),
+ucf101-vits (one GPU), ft-ssv2-vitb, ft-k400-vitb, ft-ucf101-vits, linear-ssv2, demo.
+
+Deviations, with reasons:
+- PyAV decoding (common/video.py) instead of decord; frames are the same.
+- The multi-scale crop is resized with antialiased bilinear interpolation on tensors (PIL
+  bilinear in the official code).
+- kNN: bank from the training split, pooled encoder tokens, eval mode (the official script's
+  test-set bank, random-head logits and train-mode drop path are bugs, spec §4).
+- Fine-tuning RandAugment is torchvision's RandAugment(4 ops, magnitude 7), the same op on all
+  frames; timm's magnitude noise (mstd 0.5) and "increasing" variants are not reproduced.
+- Mixup/cutmix are written out here (batch mode, switch 0.5, label smoothing folded in).
+- Linear probing runs the backbone in eval mode (official: train mode, drop path active).
+- The fine-tuning validation during training is skipped; the multi-view test runs at the end.
+- Sinkhorn's column constant c = 1/(world * M) (SwAV), not the code's world/M: a uniform
+  scale that cancels (spec §1.6).
+- The `demo` preset is a CPU smoke setting (a 4-block 96-d ViT, 8 frames at 64 px, tubelet
+  2x8x8, K = 64, batch 16, bf16 on the CPU), not a paper setting.
+"""
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from common import checkpoint, cli, data, dist, evaluate, log, optim, synthetic, video, vit
+
+
+# ---- 2. Arguments ----
+@dataclass
+class Args:
+    # run
+    output_dir: str = ""
+    """run folder (default runs/sigma-<time>): args.json, log.jsonl, last.pt, summary.json, PNG"""
+    seed: int = 0
+    """random seed (crops, masks and frame offsets derive from seed, epoch and index)"""
+    epochs: int = 800
+    """pretraining epochs (Sec. 4, Tabs. 2-3: 800; SSv2 ViT-S 2400)"""
+    max_steps: int = 0
+    """stop after this many optimiser steps (0: all epochs; schedules still span all)"""
+    log_every: int = 50
+    """steps between log lines"""
+    ckpt_every: int = 1000
+    """steps between checkpoints (last.pt, atomic); also written at the end"""
+    resume: str = ""
+    """checkpoint to resume from (default: <output_dir>/last.pt when it exists)"""
+    init_from: str = ""
+    """weights to evaluate / fine-tune: a pretraining last.pt (encoder.* keys) or a fine-tune one"""
+    eval: Literal["none", "knn", "linear", "finetune"] = "none"
+    """none: pretrain, then kNN + quick probe; knn/linear/finetune: evaluate --init-from (spec §4)"""
+    bench: bool = False
+    """time the training step on random tensors and the data pipeline, print JSON, exit"""
+    # data
+    data: str = ""
+    """dataset root (empty: the embedded synthetic videos, demo preset)"""
+    dataset: Literal["csv", "ssv2", "ucf101", "hmdb51"] = "csv"
+    """csv: Kinetics-style {train,val}.csv 'path label' (spec §2.2); ssv2: same lists, no flip and
+    TSN fine-tune sampling; ucf101/hmdb51: official split files (split 1) in --data"""
+    num_frames: int = 16
+    """frames per clip (Sec. 4 'Implementation details')"""
+    sampling_rate: int = 4
+    """temporal stride: 4 for K400, 2 for SSv2 (Sec. 4)"""
+    input_size: int = 224
+    """crop size (Sec. 4)"""
+    synthetic_per_class: tuple[int, int] = (16, 4)
+    """train/val videos per class of the embedded synthetic set (no --data)"""
+    num_workers: int = 10
+    """data loader workers per process (official: 10)"""
+    # model
+    model: Literal["tiny", "small", "base"] = "base"
+    """encoder size: ViT-S (384, 12, 6) or ViT-B (768, 12, 12) (spec §1.2)"""
+    embed_dim: int = 0
+    """override the encoder width (0: the size's)"""
+    depth: int = 0
+    """override the encoder depth (0: the size's)"""
+    num_heads: int = 0
+    """override the encoder heads (0: the size's)"""
+    patch_size: int = 16
+    """spatial tubelet size (Sec. 4: 2x16x16)"""
+    tubelet: int = 2
+    """temporal tubelet size (Sec. 4)"""
+    mask_ratio: float = 0.9
+    """tube masking ratio (Sec. 4: 90 %)"""
+    decoder_depth: int = 4
+    """decoder blocks (release scripts: --decoder_depth 4, spec §1.3)"""
+    decoder_dim: int = 0
+    """decoder width (0: encoder width / 2, i.e. 192 for ViT-S and 384 for ViT-B, spec §1.3)"""
+    drop_path: float = 0.0
+    """stochastic depth of the encoder in pretraining (spec §1.2: 0)"""
+    # method
+    target: Literal["mlp", "teacher"] = "mlp"
+    """phi: MLP on normalised pixel tubes (SIGMA-MLP) or a frozen DINO ViT (SIGMA-DINO) (Sec. 4)"""
+    teacher_weights: str = ""
+    """local DINO ViT-S/16 or B/16 weights (timm-style keys) for --target teacher"""
+    teacher_model: Literal["small", "base"] = "base"
+    """DINO teacher size (release scripts: dino_b even for the ViT-S student, spec §1.4)"""
+    proj_hidden: tuple[int, ...] = (1024, 1024, 512)
+    """hidden widths of the MLP phi (code: 4 linears, 3.28M params = Tab. 7a 'base 3M')"""
+    proj_dim: int = 256
+    """output dimension of the MLP phi (Sec. 4)"""
+    num_prototypes: int = 3000
+    """K prototypes (release scripts: 3000; Tab. 6)"""
+    sinkhorn_eps: float = 0.05
+    """entropy regularisation eps = 1/lambda of Eq. 3 (scripts: 0.05; SSv2 ViT-B: 0.03)"""
+    sinkhorn_iters: int = 10
+    """Sinkhorn-Knopp iterations (spec §1.6)"""
+    temperature: float = 0.1
+    """tau of Eq. 6 (hard-coded 0.1 in the official code)"""
+    soft_targets: bool = False
+    """use the soft Sinkhorn codes q as in Eq. 5 (default: the code's argmax labels)"""
+    loss: Literal["swav", "l2"] = "swav"
+    """swav: Eq. 7; l2: plain feature regression of Eq. 2 (Tab. 7b ablation, collapses)"""
+    # optimisation
+    base_lr: float = 1.5e-4
+    """learning rate for a global batch of 256 (Sec. 4; lr = base * batch / 256)"""
+    min_lr: float = 1e-5
+    """final lr of the cosine for a global batch of 256 (spec §3)"""
+    batch_size: int = 16
+    """clips per process (K400 ViT-B multi-node: 40, SSv2: 32 or 16)"""
+    weight_decay: float = 0.05
+    """AdamW weight decay, constant; prototypes and projector decayed (spec §3)"""
+    warmup_epochs: int = 40
+    """linear warmup from 0, per step (spec §3)"""
+    clip_grad: float = 0.0
+    """gradient clipping max norm (0: none, as the official code; the norm is still logged)"""
+    # system
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto"""
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
+    """autocast dtype (official: fp16); Sinkhorn and the losses always run in fp32"""
+    compile: bool = False
+    """torch.compile the encoder and decoder"""
+    # evaluation
+    knn_k: tuple[int, ...] = (20, 200)
+    """k of the weighted kNN (spec §4: 200, T = 0.07)"""
+    knn_t: float = 0.07
+    """kNN temperature (spec §4)"""
+    quick_probe: bool = True
+    """after pretraining / with --eval knn: also a linear probe on frozen pooled features"""
+    eval_random_init: bool = False
+    """also evaluate a randomly initialised encoder, side by side (the demo does)"""
+    ft_epochs: int = 40
+    """fine-tuning epochs (SSv2: 40, K400: 100; linear probe: 30) (spec §3)"""
+    ft_base_lr: float = 1e-3
+    """fine-tuning lr for a global batch of 256 (spec §3)"""
+    ft_min_lr: float = 1e-6
+    """fine-tuning final lr for a global batch of 256"""
+    ft_batch_size: int = 4
+    """fine-tuning clips per process (release: 8 GPUs x 4)"""
+    ft_warmup_epochs: int = 5
+    """fine-tuning warmup epochs (spec §3)"""
+    ft_weight_decay: float = 0.05
+    """fine-tuning AdamW (0.9, 0.999) weight decay"""
+    layer_decay: float = 0.75
+    """layer-wise lr decay (spec §3)"""
+    ft_drop_path: float = 0.1
+    """stochastic depth in fine-tuning"""
+    mixup: float = 0.8
+    """mixup alpha (0: off)"""
+    cutmix: float = 1.0
+    """cutmix alpha (0: off); one of the two per batch, switch prob. 0.5"""
+    smoothing: float = 0.1
+    """label smoothing folded into the mixed targets"""
+    reprob: float = 0.25
+    """random erasing probability (one box, same place in all frames, noise fill)"""
+    rrc_scale: tuple[float, float] = (0.25, 1.0)
+    """fine-tuning random-resized-crop scale (finetuning_crops=True, spec §2.2)"""
+    test_clips: int = 5
+    """temporal test views (K400: 5 or 7; SSv2: 2)"""
+    test_crops: int = 3
+    """spatial test views"""
+    preset: str = ""
+    """the preset applied (set by --preset)"""
+
+
+_S = dict(model="small")
+_SSV2 = dict(dataset="ssv2", sampling_rate=2, test_clips=2)
+_DINO = dict(target="teacher", teacher_model="base")
+PRESETS = {
+    # pretraining (spec §3 table); batch per GPU as in the release scripts
+    "k400-vits": dict(_S, batch_size=32),
+    "k400-vitb": dict(batch_size=40),  # 16 GPUs x 40, lr 3.75e-4
+    "ssv2-vits": dict(_S, **_SSV2, epochs=2400, batch_size=16),
+    "ssv2-vitb": dict(**_SSV2, batch_size=32, sinkhorn_eps=0.03),  # 16 x 32
+    "k400-vits-dino": dict(_S, **_DINO, batch_size=32),
+    "k400-vitb-dino": dict(**_DINO, batch_size=40),
+    "ssv2-vits-dino": dict(_S, **_SSV2, **_DINO, epochs=2400, batch_size=16),
+    "ssv2-vitb-dino": dict(**_SSV2, **_DINO, batch_size=32, sinkhorn_eps=0.03),
+    "ucf101-vits": dict(_S, dataset="ucf101", epochs=200, batch_size=24, warmup_epochs=10,
+                        num_prototypes=1000),  # spec §5: a trend check on one GPU
+    # fine-tuning / linear probing (spec §3 table)
+    "ft-ssv2-vitb": dict(**_SSV2, eval="finetune", ft_epochs=40),
+    "ft-k400-vitb": dict(eval="finetune", ft_epochs=100, test_clips=5),
+    "ft-ucf101-vits": dict(_S, dataset="ucf101", eval="finetune", ft_epochs=100, ft_batch_size=8),
+    "linear-ssv2": dict(**_SSV2, eval="linear", ft_epochs=30, ft_batch_size=24),
+    # CPU demo (2 cores, <= 5 min): a small ViT on the synthetic motion videos.
+    "demo": dict(model="tiny", embed_dim=96, depth=4, num_heads=2, decoder_depth=2, decoder_dim=64,
+                 patch_size=8, num_frames=8, sampling_rate=4, input_size=64, proj_hidden=(256,),
+                 proj_dim=64, num_prototypes=64, batch_size=16, epochs=20, warmup_epochs=2,
+                 base_lr=1.5e-3, min_lr=1e-5, synthetic_per_class=(32, 16), amp="none",
+                 num_workers=1, log_every=20, ckpt_every=500, knn_k=(10, 20),
+                 eval_random_init=True),
+}
+
+
+# ---- 3. Data ----
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def read_split(args: Args, train: bool) -> list:
+    """VideoRecords of the train or val split of --data (the synthetic videos without it)."""
+    if not args.data:
+        ptr, pva = args.synthetic_per_class
+        root = synthetic.videos(per_class_train=ptr, per_class_val=pva)
+        return data.read_video_csv(root / ("train.csv" if train else "val.csv"))
+    if args.dataset == "ucf101":
+        return data.read_ucf101_split(args.data, 1, train)
+    if args.dataset == "hmdb51":
+        return data.read_hmdb51_split(args.data, 1, train)
+    return data.read_video_csv(os.path.join(args.data, "train.csv" if train else "val.csv"))
+
+
+def stride_indices(n: int, num_frames: int, rate: int, rng: np.random.Generator) -> list:
+    """Pretraining frames (spec §2.1): a random start, then every `rate`-th frame; the index
+    stops advancing at the end of a short video, repeating its last frame."""
+    avg = n - num_frames * rate + 1
+    f = int(rng.integers(avg)) if avg > 0 else 0
+    out = []
+    for _ in range(num_frames):
+        out.append(f)
+        if f + rate < n - 1:
+            f += rate
+    return out
+
+
+def multi_scale_crop(h: int, w: int, size: int, rng: np.random.Generator) -> tuple:
+    """GroupMultiScaleCrop(size, [1, .875, .75, .66], max_distort=1, fix_crop, more_fix_crop):
+    (top, left, crop_h, crop_w), the same for every frame (spec §2.1)."""
+    base = min(h, w)
+    sizes = [int(base * s) for s in (1, 0.875, 0.75, 0.66)]
+    sizes = [size if abs(s - size) < 3 else s for s in sizes]
+    pairs = [(sh, sw) for i, sh in enumerate(sizes) for j, sw in enumerate(sizes) if abs(i - j) <= 1]
+    ch, cw = pairs[rng.integers(len(pairs))]
+    hs, ws = (h - ch) // 4, (w - cw) // 4  # 13 fixed offsets: corners, centre, edges, quarters
+    grid = [(0, 0), (0, 4), (4, 0), (4, 4), (2, 2), (2, 0), (2, 4), (4, 2), (0, 2),
+            (1, 1), (1, 3), (3, 1), (3, 3)]
+    gy, gx = grid[rng.integers(len(grid))]
+    return gy * hs, gx * ws, ch, cw
+
+
+def to_input(frames: torch.Tensor) -> torch.Tensor:
+    """(T, 3, H, W) frames in [0, 255] -> ImageNet-normalised float (3, T, H, W)."""
+    x = frames.float().div(255)
+    x = (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+    return x.permute(1, 0, 2, 3).contiguous()
+
+
+def tube_mask(args: Args, rng: np.random.Generator) -> torch.Tensor:
+    """TubeMaskingGenerator: int(ratio * h * w) masked patches per frame, the same in every
+    temporal slot; bool (N,), True = masked, t-major token order (spec §1.1)."""
+    hw = (args.input_size // args.patch_size) ** 2
+    nt = args.num_frames // args.tubelet
+    frame = np.zeros(hw, bool)
+    frame[rng.permutation(hw)[:int(args.mask_ratio * hw)]] = True
+    return torch.from_numpy(np.tile(frame, nt))
+
+
+class PretrainClips(Dataset):
+    """(video (3, T, S, S), tube mask (N,)): stride sampling, multi-scale crop, no flip."""
+
+    def __init__(self, records: list, args: Args):
+        self.records, self.args = records, args
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key):
+        epoch, index = data.split_key(key)
+        a, rec = self.args, self.records[index]
+        rng = data.sample_np_rng(a.seed, epoch, index)
+        idx = stride_indices(video.video_length(rec.path), a.num_frames, a.sampling_rate, rng)
+        frames = video.read_clip(rec.path, idx).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
+        top, left, ch, cw = multi_scale_crop(*frames.shape[-2:], a.input_size, rng)
+        crop = frames[..., top:top + ch, left:left + cw].float()
+        crop = F.interpolate(crop, size=(a.input_size,) * 2, mode="bilinear", antialias=True,
+                             align_corners=False).clamp(0, 255)
+        return to_input(crop), tube_mask(a, rng)
+
+
+class ClipViews(Dataset):
+    """(clip(s), label, index) for kNN, probing and fine-tuning (spec §2.2).
+
+    mode "train": K400 random window with linspace frames (SSv2: TSN segments), RandAugment,
+    random-resized crop, flip (not SSv2), random erasing. mode "test": test_clips x test_crops
+    views (V, 3, T, S, S). mode "single": the centre window and centre crop (3, T, S, S).
+    """
+
+    def __init__(self, records: list, args: Args, mode: str):
+        self.records, self.args, self.mode = records, args, mode
+        a = args
+        self.augment = v2.Compose([v2.RandAugment(num_ops=4, magnitude=7),
+                                   v2.ToDtype(torch.float32, scale=True)])
+        self.crop = v2.RandomResizedCrop(a.input_size, scale=a.rrc_scale, ratio=(3 / 4, 4 / 3),
+                                         antialias=True)
+        self.erase = v2.RandomErasing(p=a.reprob, value="random")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def windows(self, n: int, rng) -> list:
+        a, span = self.args, self.args.num_frames * self.args.sampling_rate
+        if self.mode == "train":
+            if a.dataset == "ssv2":  # TSN: one random frame in each of T segments
+                seg = n / a.num_frames
+                return [[min(int(seg * i) + int(rng.integers(max(int(seg), 1))), n - 1)
+                         for i in range(a.num_frames)]]
+            end = int(rng.integers(span, n)) if n > span else n
+            return [np.linspace(max(end - span, 0), end - 1, a.num_frames).round().astype(int)]
+        views = a.test_clips if self.mode == "test" else 1
+        if a.dataset == "ssv2" and self.mode == "test":  # 2 interleaved TSN views (spec §2.2)
+            tick = n / a.num_frames
+            both = sorted([int(tick / 2 + tick * x) for x in range(a.num_frames)]
+                          + [int(tick * x) for x in range(a.num_frames)])
+            return [[min(i, n - 1) for i in both[k::2]] for k in range(2)][:views]
+        starts = np.linspace(0, max(n - span, 0), views + 2)[1:-1] if views > 1 else \
+            [max(n - span, 0) / 2]
+        return [[min(int(s) + i * a.sampling_rate, n - 1) for i in range(a.num_frames)]
+                for s in starts]
+
+    def __getitem__(self, key):
+        epoch, index = data.split_key(key)
+        a, rec = self.args, self.records[index]
+        rng = data.sample_np_rng(a.seed, epoch, index)
+        wins = self.windows(video.video_length(rec.path), rng)
+        if self.mode == "train":
+            frames = video.read_clip(rec.path, wins[0]).permute(0, 3, 1, 2)  # (T, 3, H, W)
+            with torch.random.fork_rng(devices=[]):  # v2 draws from torch's global RNG
+                torch.manual_seed(int(rng.integers(2**62)))
+                x = self.crop(self.augment(frames))
+                if a.dataset != "ssv2" and torch.rand(()) < 0.5:
+                    x = x.flip(-1)
+                x = to_input(x * 255)
+                x = self.erase(x.transpose(0, 1)).transpose(0, 1)  # same box in all frames
+            return x, rec.label, index
+        views = []
+        for win in wins:
+            frames = video.read_clip(rec.path, win).permute(0, 3, 1, 2).float()
+            frames = F.interpolate(frames, scale_factor=a.input_size / min(frames.shape[-2:]),
+                                   mode="bilinear", antialias=True).clamp(0, 255)
+            h, w = frames.shape[-2:]
+            crops = a.test_crops if self.mode == "test" else 1
+            for c in (np.linspace(0, 1, crops) if crops > 1 else [0.5]):  # along the long side
+                top, left = round(c * (h - a.input_size)), round(c * (w - a.input_size))
+                views.append(to_input(frames[..., top:top + a.input_size,
+                                             left:left + a.input_size]))
+        return (torch.stack(views) if self.mode == "test" else views[0]), rec.label, index
+
+
+def make_loader(ds: Dataset, batch_size: int, args: Args, train: bool) -> DataLoader:
+    sampler = data.ResumableSampler(ds, shuffle=train, seed=args.seed, drop_last=train,
+                                    with_epoch=train)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=args.num_workers,
+                      pin_memory=torch.cuda.is_available(), drop_last=train,
+                      persistent_workers=train and args.num_workers > 0)
+
+
+# ---- 4. Model ----
+def encoder_dims(a: Args) -> tuple:
+    dim, depth, heads = vit.vit_sizes[a.model]
+    return a.embed_dim or dim, a.depth or depth, a.num_heads or heads
+
+
+def num_tokens(a: Args) -> int:
+    return (a.num_frames // a.tubelet) * (a.input_size // a.patch_size) ** 2
+
+
+def xavier_init(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class VideoViT(nn.Module):
+    """Tubelet embed + fixed 1-D sin-cos table (not in the state dict) + pre-norm blocks with
+    q/v biases (spec §1.2). Subclasses add the pretraining `norm` or the fine-tune head."""
+
+    def __init__(self, a: Args, drop_path: float):
+        super().__init__()
+        dim, depth, heads = encoder_dims(a)
+        self.patch_embed = vit.TubeletEmbed(a.tubelet, a.patch_size, 3, dim)
+        self.register_buffer("pos_embed", vit.sincos_1d(num_tokens(a), dim)[None], persistent=False)
+        dpr = torch.linspace(0, drop_path, depth).tolist()
+        self.blocks = nn.ModuleList(vit.Block(dim, heads, 4.0, qkv_bias=True, qv_bias=True,
+                                              drop_path=dp) for dp in dpr)
+        self.dim, self.depth = dim, depth
+
+    def tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.patch_embed(x) + self.pos_embed  # (B, N, E); table added before dropping
+        if mask is not None:  # exact counts per clip: visible tokens in ascending order
+            x = x[~mask].reshape(x.shape[0], -1, x.shape[-1])  # (B, N_v, E)
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
+
+class Encoder(VideoViT):
+    def __init__(self, a: Args):
+        super().__init__(a, a.drop_path)
+        self.norm = nn.LayerNorm(self.dim, eps=1e-6)
+        xavier_init(self)
+
+    def forward(self, video: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, T, H, W), bool (B, N) True = masked -> visible tokens (B, N_v, E), normed."""
+        return self.norm(self.tokens(video, mask))
+
+    def features(self, video: torch.Tensor) -> torch.Tensor:
+        """Pooled clip feature (B, E) for kNN / probing: all tokens, mean."""
+        return self.forward(video).mean(1)
+
+
+class Decoder(nn.Module):
+    def __init__(self, a: Args, out_dim: int):
+        super().__init__()
+        dd = a.decoder_dim or encoder_dims(a)[0] // 2
+        self.blocks = nn.ModuleList(vit.Block(dd, max(dd // 64, 1), 4.0, qkv_bias=True,
+                                              qv_bias=True) for _ in range(a.decoder_depth))
+        self.norm = nn.LayerNorm(dd, eps=1e-6)
+        self.head = nn.Linear(dd, out_dim)
+        xavier_init(self)
+
+    def forward(self, x: torch.Tensor, n_masked: int) -> torch.Tensor:
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x[:, -n_masked:]))  # (B, N_m, D): the masked tokens
+
+
+TEACHER_DIMS = {"small": 384, "base": 768}
+
+
+def build_teacher(a: Args) -> nn.Module:
+    """Frozen DINO ViT-{S,B}/16 with timm keys, fp32, eval mode (spec §1.4); local weights only."""
+    dim, depth, heads = vit.vit_sizes[a.teacher_model]
+    net = vit.VisionTransformer(a.input_size, 16, 3, dim, depth, heads, pos_embed="learned")
+    if not a.teacher_weights:
+        raise ValueError("--target teacher needs --teacher-weights PATH (a DINO ViT-S/16 or "
+                         "B/16 state dict; nothing is downloaded)")
+    sd = checkpoint.load(a.teacher_weights)
+    sd = sd.get("teacher", sd.get("state_dict", sd))
+    sd = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items()}
+    missing, _ = checkpoint.load_model(net, sd, strict=False, what=a.teacher_weights)
+    if missing:
+        raise RuntimeError(f"{a.teacher_weights}: not a DINO ViT-{a.teacher_model} (missing "
+                           f"{missing[:4]})")
+    for p in net.parameters():
+        p.requires_grad = False
+    return net.eval()
+
+
+class SIGMA(nn.Module):
+    """Encoder, decoder, projection network phi (`head`) and prototypes; official key names
+    (spec §7). `forward(video, mask, target_in) -> (loss, stats)`."""
+
+    def __init__(self, a: Args):
+        super().__init__()
+        self.args = a
+        mlp = a.target == "mlp"
+        out_dim = a.proj_dim if mlp else TEACHER_DIMS[a.teacher_model]
+        dd = a.decoder_dim or encoder_dims(a)[0] // 2
+        self.encoder = Encoder(a)
+        self.encoder_to_decoder = nn.Linear(self.encoder.dim, dd, bias=False)  # default init
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
+        nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)  # clipped at +-std
+        self.decoder = Decoder(a, out_dim)
+        self.register_buffer("decoder_pos", vit.sincos_1d(num_tokens(a), dd)[None],
+                             persistent=False)
+        if mlp:  # phi: Linear(t*p*p*3, 1024)-GELU-...-Linear(512, 256) (spec §1.4)
+            widths, layers = (a.tubelet * a.patch_size ** 2 * 3,) + tuple(a.proj_hidden), []
+            for i, o in zip(widths, widths[1:]):
+                layers += [nn.Linear(i, o), nn.GELU()]
+            self.head = nn.Sequential(*layers, nn.Linear(widths[-1], a.proj_dim))
+        else:  # frozen teacher features: phi is the identity (spec §1.4)
+            self.head = nn.Identity()
+        self.prototypes = nn.Parameter(torch.randn(a.num_prototypes, out_dim))  # spec §1.5
+
+    def forward(self, video, mask, target_in):
+        a = self.args
+        z = self.encoder(video, mask)  # (B, N_v, E)
+        B = z.shape[0]
+        pos = self.decoder_pos.expand(B, -1, -1).to(z.dtype)
+        dd = pos.shape[-1]
+        pos_vis, pos_msk = pos[~mask].reshape(B, -1, dd), pos[mask].reshape(B, -1, dd)
+        x = torch.cat([self.encoder_to_decoder(z) + pos_vis,
+                       self.mask_token.to(z.dtype) + pos_msk], 1)  # spec §1.3
+        x_psi = self.decoder(x, pos_msk.shape[1])  # (B, N_m, D): video model Psi
+        x_phi = self.head(target_in)  # (B, N_m, D): projection network phi (Sec. 3.2)
+        with torch.no_grad():  # prototypes re-normalised every forward (spec §1.5)
+            self.prototypes.copy_(F.normalize(self.prototypes, dim=1))
+        return sigma_loss(x_phi.flatten(0, 1), x_psi.flatten(0, 1), self.prototypes,
+                          a.sinkhorn_eps, a.sinkhorn_iters, a.temperature, a.soft_targets, a.loss)
+
+
+def build_model(args: Args) -> SIGMA:
+    return SIGMA(args)
+
+
+def unnormalise(video: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(MEAN, device=video.device).view(1, 3, 1, 1, 1)
+    return video * torch.tensor(STD, device=video.device).view(1, 3, 1, 1, 1) + mean
+
+
+@torch.no_grad()
+def pixel_tubes(video: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
+    """phi's input (spec §1.4): each tube of the [0, 1] clip standardised per channel over its
+    t*p*p pixels (unbiased std + 1e-6), flattened channel-fastest: (B, N, t*p*p*3)."""
+    x = vit.patchify_video(unnormalise(video.float()), tubelet, patch)  # (B, N, t*p*p*3)
+    x = x.reshape(*x.shape[:2], -1, 3)  # b (t h w) (p0 p1 p2) c
+    x = (x - x.mean(2, keepdim=True)) / (x.std(2, keepdim=True) + 1e-6)
+    return x.flatten(2)
+
+
+@torch.no_grad()
+def teacher_tokens(teacher: nn.Module, video: torch.Tensor) -> torch.Tensor:
+    """DINO patch tokens of frames 0, 2, 4, ... (B, N, Dt), standardised per clip and channel
+    over the N tokens (unbiased std + 1e-6) (spec §1.4)."""
+    B = video.shape[0]
+    frames = video.float()[:, :, ::2].transpose(1, 2).flatten(0, 1)  # (B*T', 3, H, W)
+    x = teacher.forward_features(frames)[:, 1:]  # (B*T', h*w, Dt), final LN, no CLS
+    x = x.reshape(B, -1, x.shape[-1])  # t-major (B, N, Dt)
+    return (x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-6)
+
+
+def target_input(video, mask, a: Args, teacher=None) -> torch.Tensor:
+    """The masked tubes' phi input, ascending token order = the decoder's order ('inverse
+    masking', Sec. 3.2): (B, N_m, Din)."""
+    full = pixel_tubes(video, a.tubelet, a.patch_size) if teacher is None else \
+        teacher_tokens(teacher, video)
+    return full[mask].reshape(video.shape[0], -1, full.shape[-1])
+
+
+# ---- 5. Loss ----
+@torch.no_grad()
+def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 10) -> torch.Tensor:
+    """Sinkhorn-Knopp (Eqs. 3-4; spec §1.6): (M, K) scores -> (M, K) assignments q in fp32.
+
+    Q = exp(S / eps)^T (K x M); after normalising the total mass, alternate rows to 1/K (the
+    prototype marginal r, summed over every rank's tokens: all-reduced) and columns to 1/M
+    (c, local); finally each token's column is normalised to sum 1.
+    """
+    Q = torch.exp(scores.float() / eps).T  # (K, M); no max-subtraction, as the official code
+    K, M = Q.shape
+    Q /= dist.all_reduce(Q.sum(), "sum")
+    for _ in range(iters):
+        Q /= dist.all_reduce(Q.sum(1, keepdim=True), "sum")  # rows: r = 1/K (Eq. 4)
+        Q /= K
+        Q /= Q.sum(0, keepdim=True)  # columns: c = 1/B (Eq. 4), B = all tokens of all ranks
+        Q /= M * dist.world()
+    return (Q / Q.sum(0, keepdim=True)).T
+
+
+def code_stats(q: torch.Tensor) -> tuple:
+    """(distinct argmax codes, entropy of the code histogram): the collapse monitor."""
+    hist = torch.zeros(q.shape[1], device=q.device).index_add_(
+        0, q.argmax(1), torch.ones(q.shape[0], device=q.device))
+    p = hist / hist.sum()
+    return (hist > 0).sum(), -(p * p.clamp_min(1e-12).log()).sum()
+
+
+def sigma_loss(x_phi: torch.Tensor, x_psi: torch.Tensor, prototypes: torch.Tensor,
+               eps: float = 0.05, iters: int = 10, tau: float = 0.1, soft: bool = False,
+               kind: str = "swav") -> tuple:
+    """Symmetric cross-prediction of Sinkhorn codes (Eq. 7), in fp32.
+
+    x_phi, x_psi: (M, D) phi and decoder features of the masked tubes; prototypes (K, D),
+    L2-normalised. Scores are cosines; the decoder branch sees detached prototypes, so C learns
+    only from phi's term (spec §1.7). Targets: argmax of the codes (official) or soft q (Eq. 5).
+    kind "l2": Eq. 2, MSE between the two features (Tab. 7b), no prototypes.
+    """
+    with torch.autocast(x_phi.device.type, enabled=False):
+        x_phi, x_psi, C = x_phi.float(), x_psi.float(), prototypes.float()
+        s_phi = F.normalize(x_phi, dim=1) @ C.T  # (M, K): x~ = x^T c (Sec. 3.3)
+        s_psi = F.normalize(x_psi, dim=1) @ C.detach().T
+        q_phi = sinkhorn(s_phi, eps, iters)
+        q_psi = sinkhorn(s_psi, eps, iters)
+        if kind == "l2":
+            loss = F.mse_loss(x_psi, x_phi)  # Eq. 2: both branches trained; collapses
+        elif soft:  # Eq. 5 with the soft codes q
+            loss = (-(q_psi * F.log_softmax(s_phi / tau, 1)).sum(1).mean()
+                    - (q_phi * F.log_softmax(s_psi / tau, 1)).sum(1).mean())
+        else:  # official: hard labels y = argmax q; Eq. 6 softmax at tau; Eq. 7 sum
+            loss = (F.cross_entropy(s_phi / tau, q_psi.argmax(1))
+                    + F.cross_entropy(s_psi / tau, q_phi.argmax(1)))
+    (n_phi, h_phi), (n_psi, h_psi) = code_stats(q_phi), code_stats(q_psi)
+    return loss, {"codes_phi": n_phi, "codes_psi": n_psi, "code_entropy_phi": h_phi,
+                  "code_entropy_psi": h_psi}
+
+
+# ---- 6. Training step ----
+def train_step(model, video, mask, optimizer, amp: optim.Amp, teacher=None,
+               clip_grad: float = 0.0) -> dict:
+    """phi's input (no grad), autocast forward, fp32 loss, backward, (clip,) step."""
+    a = checkpoint.unwrap(model).args
+    tgt = target_input(video, mask, a, teacher)
+    with amp.autocast():
+        loss, stats = model(video, mask, tgt)
+    grad_norm = amp.step(loss, optimizer, clip_grad or math.inf)  # logged; no clip by default
+    return {"loss": loss.detach(), "grad_norm": grad_norm, **stats}
+
+
+# ---- 7. Evaluation ----
+class Classifier(VideoViT):
+    """Fine-tune / linear-probe model (official keys patch_embed, blocks, fc_norm, head):
+    mean-pool all tokens, a fresh LayerNorm, Linear (trunc-normal 0.02, x 0.001) (spec §3)."""
+
+    def __init__(self, a: Args, num_classes: int):
+        super().__init__(a, a.ft_drop_path)
+        self.fc_norm = nn.LayerNorm(self.dim, eps=1e-6)
+        self.head = nn.Linear(self.dim, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias) if m.bias is not None else None
+        with torch.no_grad():
+            self.head.weight.mul_(0.001)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc_norm(self.tokens(x).mean(1)))
+
+
+def encoder_state(path: str) -> dict:
+    """The encoder's weights from a pretraining checkpoint ('encoder.' stripped) or a raw one."""
+    ckpt = checkpoint.load(path)
+    sd = checkpoint.clean_state_dict(ckpt.get("model", ckpt))
+    if any(k.startswith("encoder.") for k in sd):
+        sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    return sd
+
+
+def load_classifier(model: Classifier, path: str) -> None:
+    """Pretrained encoder -> fine-tune model: the encoder's final norm is dropped, fc_norm and
+    head stay fresh (spec §3); a fine-tuned checkpoint loads whole."""
+    sd = {k: v for k, v in encoder_state(path).items() if not k.startswith("norm.")}
+    missing, _ = checkpoint.load_model(model, sd, strict=False, what=path)
+    if any(not k.startswith(("fc_norm.", "head.")) for k in missing):
+        raise RuntimeError(f"{path}: encoder weights missing: {missing[:5]}")
+
+
+def mix(x: torch.Tensor, y: torch.Tensor, a: Args, num_classes: int) -> tuple:
+    """Mixup / cutmix in batch mode (one of them per batch, switch p 0.5) with label smoothing
+    folded into the targets; the cutmix box is the same in every frame (spec §3)."""
+    off = a.smoothing / num_classes
+    target = F.one_hot(y, num_classes).float() * (1 - a.smoothing) + off
+    if not (a.mixup or a.cutmix):
+        return x, target
+    cut = a.cutmix > 0 and (a.mixup <= 0 or torch.rand(()) < 0.5)
+    alpha = a.cutmix if cut else a.mixup
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    if cut:  # box of area (1 - lam), clipped at the border; lam corrected to the real area
+        H, W = x.shape[-2:]
+        rh, rw = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
+        cy, cx = int(torch.randint(H, ())), int(torch.randint(W, ()))
+        y0, y1, x0, x1 = max(cy - rh // 2, 0), min(cy + rh // 2, H), max(cx - rw // 2, 0), min(cx + rw // 2, W)
+        x = x.clone()
+        x[..., y0:y1, x0:x1] = x.flip(0)[..., y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)
+    else:
+        x = lam * x + (1 - lam) * x.flip(0)
+    return x, lam * target + (1 - lam) * target.flip(0)
+
+
+@torch.no_grad()
+def multi_view_test(model: nn.Module, records: list, args: Args, device, amp) -> dict:
+    """Top-1/top-5 with the per-view softmax averaged over test_clips x test_crops views."""
+    ds = data.SafeDataset(ClipViews(records, args, "test"), name="test videos")
+    model.eval()
+    counts = torch.zeros(3, device=device)
+    for x, y, _ in make_loader(ds, args.ft_batch_size, args, train=False):
+        B, V = x.shape[:2]
+        with amp.autocast():
+            logits = model(x.flatten(0, 1).to(device, non_blocking=True))
+        prob = logits.float().softmax(1).view(B, V, -1).mean(1)  # averaged softmax ('merge')
+        top = prob.topk(min(5, prob.shape[1]), 1).indices.cpu()
+        counts += torch.tensor([(top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum(), B],
+                               device=device)
+    counts = dist.all_reduce(counts, "sum")  # the padded sampler may repeat a few clips
+    return {"top1": 100 * (counts[0] / counts[2]).item(), "top5": 100 * (counts[1] / counts[2]).item()}
+
+
+def finetune(args: Args, device, amp: optim.Amp, logger: log.Logger) -> dict:
+    """Full fine-tuning, or linear probing (`--eval linear`: only fc_norm and head train, the
+    backbone in eval mode), then the multi-view test (spec §2.2, §3, §4)."""
+    train_recs, val_recs = read_split(args, True), read_split(args, False)
+    n_cls = max(r.label for r in train_recs + val_recs) + 1
+    model = Classifier(args, n_cls).to(device)
+    if args.init_from:
+        load_classifier(model, args.init_from)
+    linear = args.eval == "linear"
+    if linear:
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith(("fc_norm.", "head."))
+    groups = optim.layer_decay_groups(model, args.ft_weight_decay, args.layer_decay, model.depth)
+    global_batch = args.ft_batch_size * dist.world()
+    peak, final = args.ft_base_lr * global_batch / 256, args.ft_min_lr * global_batch / 256
+    opt = torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.999), fused=device.type == "cuda")
+    net = nn.parallel.DistributedDataParallel(model) if dist.is_dist() else model
+    ds = data.SafeDataset(ClipViews(train_recs, args, "train"), name="train videos")
+    loader = make_loader(ds, args.ft_batch_size, args, train=True)
+    total = args.ft_epochs * len(loader)
+    warmup = min(args.ft_warmup_epochs * len(loader), total)
+    path, start = os.path.join(args.output_dir, f"{args.eval}.pt"), 0
+    if os.path.isfile(path):  # resume at an epoch boundary
+        ckpt = checkpoint.load(path)
+        checkpoint.load_model(model, ckpt["model"], what=path)
+        opt.load_state_dict(ckpt["optimizer"])
+        amp.load_state_dict(ckpt["scaler"])
+        start = ckpt["epoch"]
+    dist.print0(f"{args.eval}: {len(ds)} clips, {n_cls} classes, peak lr {peak:.3g}")
+    for epoch in range(start, args.ft_epochs):
+        loader.sampler.set_epoch(epoch)
+        net.train(not linear)
+        for i, (x, y, _) in enumerate(log.progress(loader, desc=f"{args.eval} {epoch}")):
+            step = epoch * len(loader) + i
+            optim.set_lr_wd(opt, optim.cosine_schedule(step, total, peak, warmup, final=final))
+            x, target = mix(x.to(device, non_blocking=True), y.to(device), args, n_cls)
+            with amp.autocast():
+                logits = net(x)
+            loss = -(target * logits.float().log_softmax(1)).sum(1).mean()  # soft-target CE
+            amp.step(loss, opt)
+            if (step + 1) % args.log_every == 0:
+                logger.log(step + 1, {f"{args.eval}/loss": loss, f"{args.eval}/lr": opt.param_groups[-1]["lr"]})
+        checkpoint.save(path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                               "scaler": amp.state_dict(), "epoch": epoch + 1})
+    res = multi_view_test(model, val_recs, args, device, amp)
+    return {f"{args.eval}_top1": res["top1"], f"{args.eval}_top5": res["top5"]}
+
+
+def feature_eval(encoder: Encoder, args: Args, device, amp) -> dict:
+    """Weighted kNN (k, T = 0.07; train split as the bank; eval mode) on the pooled encoder
+    tokens of one centre view, and a quick linear probe on the same frozen features."""
+    loaders = [make_loader(data.SafeDataset(ClipViews(read_split(args, s), args, "single")),
+                           args.ft_batch_size * 4, args, train=False) for s in (True, False)]
+    was = encoder.training
+    encoder.eval()
+    (ftr, ytr), (fva, yva) = [evaluate.extract_features(encoder.features, ld, device, amp)
+                              for ld in loaders]
+    encoder.train(was)
+    n_cls = int(max(ytr.max(), yva.max())) + 1
+    out = evaluate.knn_classify(ftr, ytr, fva, yva, n_cls, args.knn_k, args.knn_t)
+    if args.quick_probe:
+        out.update(evaluate.linear_probe(ftr, ytr, fva, yva, n_cls, seed=args.seed))
+    return out
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 20) -> torch.Tensor:
+    """Cosine k-means labels of (N, D) features (deterministic farthest-point init)."""
+    x = F.normalize(x.float(), dim=1)
+    centres = [x[0]]
+    for _ in range(k - 1):
+        centres.append(x[(x @ torch.stack(centres).T).max(1).values.argmin()])
+    c = torch.stack(centres)
+    for _ in range(iters):
+        lab = (x @ c.T).argmax(1)
+        c = F.normalize(torch.stack([x[lab == j].mean(0) if (lab == j).any() else c[j]
+                                     for j in range(k)]), dim=1)
+    return (x @ c.T).argmax(1)
+
+
+@torch.no_grad()
+def cluster_picture(model: SIGMA, encoders: dict, args: Args, path: str, device) -> None:
+    """PNG: a validation clip (one frame per temporal token), k-means (k=4) of each encoder's
+    space-time tokens, and phi's prototype codes of every tube; clusters are overlaid."""
+    clip = ClipViews(read_split(args, False), args, "single")[0][0][None].to(device)
+    nt, g = args.num_frames // args.tubelet, args.input_size // args.patch_size
+    frames = unnormalise(clip)[0, :, ::args.tubelet].transpose(0, 1).clamp(0, 1).cpu()
+    palette = torch.rand(max(args.num_prototypes, 4), 3, generator=torch.Generator().manual_seed(1))
+    palette[:4] = torch.tensor([[1, .1, .1], [.1, .8, .1], [.2, .3, 1], [1, .9, .1]])
+
+    def overlay(labels):  # (N,) token labels -> (T', 3, S, S)
+        col = palette[labels.cpu()].view(nt, g, g, 3).permute(0, 3, 1, 2)
+        col = F.interpolate(col, size=frames.shape[-2:], mode="nearest")
+        return 0.45 * frames + 0.55 * col
+
+    rows = [frames]
+    for enc in encoders.values():
+        enc.eval()
+        rows.append(overlay(kmeans(enc(clip)[0], 4)))
+    if args.target == "mlp":
+        codes = F.normalize(model.head(pixel_tubes(clip, args.tubelet, args.patch_size))[0], dim=1)
+        rows.append(overlay((codes @ F.normalize(model.prototypes, dim=1).T).argmax(1)))
+    grid = torchvision.utils.make_grid(torch.cat(rows), nrow=nt, padding=2, pad_value=1.0)
+    torchvision.utils.save_image(F.interpolate(grid[None], scale_factor=2, mode="nearest"), path)
+    dist.print0(f"wrote {path}: rows = clip, k-means of {', '.join(encoders)} encoder tokens"
+                + (", phi prototype codes" if args.target == "mlp" else ""))
+
+
+# ---- 8. Main ----
+def main(args: Args) -> dict:
+    device = dist.init(args.device)
+    amp = optim.Amp(args.amp, device)
+    args.output_dir = args.output_dir or time.strftime("runs/sigma-%Y%m%d-%H%M%S")
+    if not args.data:
+        dist.print0("no --data: running the demo preset on the embedded synthetic videos")
+    dist.seed_all(args.seed)
+    if dist.is_main():
+        cli.save_args(args, args.output_dir)
+    logger = log.Logger(args.output_dir)
+    summary = {"method": "sigma", "data": args.data or "synthetic-videos", "preset": args.preset,
+               "metrics": {}}
+    t0, step = time.time(), 0
+    if args.eval in ("linear", "finetune"):
+        results = {"trained": finetune(args, device, amp, logger)}
+    else:
+        model = build_model(args).to(device)
+        teacher = build_teacher(args).to(device) if args.target == "teacher" else None
+        if args.bench:
+            result = bench(model, teacher, args, device, amp)
+            dist.cleanup()
+            return result
+        if args.eval == "knn":
+            checkpoint.load_model(model.encoder, encoder_state(args.init_from), what=args.init_from)
+        else:
+            step = pretrain(model, teacher, args, device, amp, logger)
+        results = {"trained": feature_eval(model.encoder, args, device, amp)}
+        encoders = {"trained": model.encoder}
+        if args.eval_random_init:
+            torch.manual_seed(args.seed)  # the initial weights of the trained run (rank 0)
+            encoders["random-init"] = build_model(args).encoder.to(device)
+            results["random_init"] = feature_eval(encoders["random-init"], args, device, amp)
+        if dist.is_main():
+            cluster_picture(model, encoders, args, os.path.join(args.output_dir, "clusters.png"),
+                            device)
+    summary.update(steps=step, seconds=round(time.time() - t0, 1))
+    for name in results["trained"]:
+        summary["metrics"][name] = {k: round(v[name], 2) for k, v in reversed(results.items())}
+    dist.print0(f"{'metric':<16}" + "".join(f"{k:>14}" for k in reversed(results)))
+    for name, vals in summary["metrics"].items():
+        dist.print0(f"{name:<16}" + "".join(f"{vals[k]:>14.2f}" for k in reversed(results)))
+    if dist.is_main():
+        with open(os.path.join(args.output_dir, "summary.json"), "w") as fh:
+            json.dump(summary, fh, indent=2)
+    dist.cleanup()
+    return summary
+
+
+def pretrain(model: SIGMA, teacher, args: Args, device, amp: optim.Amp, logger: log.Logger) -> int:
+    """The pretraining loop, keyed by the global step; returns the number of steps done."""
+    ds = data.SafeDataset(PretrainClips(read_split(args, True), args), name="pretrain videos")
+    loader = make_loader(ds, args.batch_size, args, train=True)
+    steps_per_epoch = len(loader)
+    total = args.epochs * steps_per_epoch
+    global_batch = args.batch_size * dist.world()
+    peak, final = args.base_lr * global_batch / 256, args.min_lr * global_batch / 256  # spec §3
+    warmup = min(args.warmup_epochs * steps_per_epoch, total)
+    opt = torch.optim.AdamW(optim.param_groups(model, args.weight_decay), lr=peak,
+                            betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+    dist.print0(f"{len(ds)} videos, {steps_per_epoch} steps/epoch, global batch {global_batch}, "
+                f"peak lr {peak:.3g}, {num_tokens(args)} tokens, amp {amp.mode}, "
+                f"output {args.output_dir}")
+    net = model
+    if args.compile:
+        model.encoder.compile()
+        model.decoder.compile()
+    if dist.is_dist():  # the L2 ablation leaves the prototypes unused
+        net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=args.loss == "l2")
+    step = 0
+    path = checkpoint.resume_path(args.output_dir, args.resume or None)
+    if path:
+        ckpt = checkpoint.load(path)
+        checkpoint.load_model(model, ckpt["model"], what=path)
+        opt.load_state_dict(ckpt["optimizer"])
+        amp.load_state_dict(ckpt["scaler"])
+        checkpoint.set_rng_state(ckpt["rng"])
+        step = ckpt["step"]
+        dist.print0(f"resumed from {path} at step {step}")
+
+    def save() -> None:
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                 "scaler": amp.state_dict(), "step": step, "args": dataclasses.asdict(args),
+                 "rng": checkpoint.rng_state()}
+        checkpoint.save(os.path.join(args.output_dir, "last.pt"), state)
+
+    last_step = min(total, args.max_steps or total)
+    meter = log.Throughput(device)
+    net.train()
+    while step < last_step:
+        epoch = step // steps_per_epoch
+        loader.sampler.set_epoch(epoch)
+        loader.sampler.set_start((step % steps_per_epoch) * args.batch_size)
+        for clip, mask in log.progress(loader, desc=f"epoch {epoch}"):
+            lr = optim.cosine_schedule(step, total, peak, warmup, final=final)
+            optim.set_lr_wd(opt, lr)  # weight decay stays constant (spec §3)
+            out = train_step(net, clip.to(device, non_blocking=True), mask.to(device), opt, amp,
+                             teacher, args.clip_grad)
+            step += 1
+            meter.update(global_batch)
+            logging, saving = step % args.log_every == 0 or step == last_step, \
+                step % args.ckpt_every == 0 or step == last_step
+            if logging or saving:
+                loss = dist.all_reduce(out["loss"].float().clone(), "mean")
+                if not torch.isfinite(loss):  # before saving: last.pt stays the last good one
+                    raise FloatingPointError(f"non-finite loss at step {step}: stopping; the "
+                                             f"last good checkpoint is kept in {args.output_dir}")
+            if logging:
+                logger.log(step, {"epoch": epoch, "train/loss": loss, "train/lr": lr,
+                                  **{f"train/{k}": v for k, v in out.items() if k != "loss"},
+                                  "train/skipped": ds.skipped, **meter.rates()})
+                meter.reset()
+            if saving:
+                save()
+            if step == last_step:
+                break
+    if dist.is_dist():  # DDP keeps replicas equal: check it once
+        sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
+        spread = (dist.all_gather(sums[None]) - sums).abs().max()
+        logger.log(step, {"ddp/max_replica_diff": spread})
+    return step
+
+
+def bench(model: SIGMA, teacher, args: Args, device, amp: optim.Amp) -> dict:
+    """--bench: training steps on random clips at the configured shapes, and the loader."""
+    b, rng = args.batch_size, np.random.default_rng(0)
+    clip = torch.randn(b, 3, args.num_frames, args.input_size, args.input_size, device=device)
+    mask = torch.stack([tube_mask(args, rng) for _ in range(b)]).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    if args.compile:
+        model.encoder.compile()
+        model.decoder.compile()
+    model.train()
+    ds = PretrainClips(read_split(args, True), args)
+    return log.bench(lambda: train_step(model, clip, mask, opt, amp, teacher), b, device,
+                     loader=make_loader(ds, b, args, train=True), model=args.model,
+                     tokens=num_tokens(args), amp=amp.mode, target=args.target)
+
+
+if __name__ == "__main__":
+    main(cli.parse(Args, PRESETS))

@@ -1,0 +1,420 @@
+"""sigma.py: Sinkhorn against a reference loop and closed forms, the tube mask and the pixel-tube
+targets against direct computations, the stop-gradients of Eq. 7, the official key names, the
+data sampling, and whole runs (learning, resume, 2-process DDP with Sinkhorn's all-reduce,
+evaluation, CLI)."""
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sigma as S
+from common import checkpoint, log, optim, synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cosines(m, k, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, c = F.normalize(torch.randn(m, d, generator=g), dim=1), F.normalize(torch.randn(k, d, generator=g), dim=1)
+    return x @ c.T
+
+
+def sinkhorn_reference(scores, eps, iters):
+    """The spec's §1.6 loop written out in float64, one entry at a time."""
+    s = scores.double().tolist()
+    M, K = len(s), len(s[0])
+    Q = [[math.exp(s[m][k] / eps) for m in range(M)] for k in range(K)]  # (K, M)
+    total = sum(map(sum, Q))
+    Q = [[v / total for v in row] for row in Q]
+    for _ in range(iters):
+        Q = [[v / sum(row) / K for v in row] for row in Q]
+        cols = [sum(Q[k][m] for k in range(K)) for m in range(M)]
+        Q = [[Q[k][m] / cols[m] / M for m in range(M)] for k in range(K)]
+    cols = [sum(Q[k][m] for k in range(K)) for m in range(M)]
+    return torch.tensor([[Q[k][m] / cols[m] for k in range(K)] for m in range(M)], dtype=torch.float64)
+
+
+# ---- Sinkhorn ----
+def test_sinkhorn_matches_a_reference_loop():
+    s = cosines(30, 7)
+    q = S.sinkhorn(s, eps=0.05, iters=10)
+    assert q.shape == (30, 7) and q.dtype == torch.float32
+    assert torch.allclose(q.double(), sinkhorn_reference(s, 0.05, 10), atol=1e-5)
+
+
+def test_sinkhorn_marginals():
+    s = cosines(60, 6, seed=1)
+    q = S.sinkhorn(s, eps=0.05, iters=300)
+    assert torch.allclose(q.sum(1), torch.ones(60), atol=1e-5)  # each token: a distribution
+    assert torch.allclose(q.sum(0), torch.full((6,), 10.0), atol=1e-3)  # equipartition M / K
+    # Without Sinkhorn the same scores are far from equipartitioned (the test can fail).
+    assert (F.softmax(s / 0.05, 1).sum(0) - 10).abs().max() > 1
+
+
+def test_sinkhorn_closed_form_symmetric_2x2():
+    # Rows and columns already balanced by symmetry: q is the plain softmax of S / eps.
+    s = torch.tensor([[0.9, 0.2], [0.2, 0.9]])
+    expected = F.softmax(s / 0.1, 1)
+    assert torch.allclose(S.sinkhorn(s, eps=0.1, iters=3), expected, atol=1e-6)
+
+
+def test_sinkhorn_stable_at_eps_003_in_fp32():
+    s = cosines(500, 50, seed=2)
+    s[0], s[1] = 1.0, -1.0  # extremes of the cosine range: exp(1/0.03) ~ 3e14, exp(-33)
+    for inp in (s, s.bfloat16()):
+        q = S.sinkhorn(inp, eps=0.03, iters=10)
+        assert q.dtype == torch.float32 and torch.isfinite(q).all()
+        assert torch.allclose(q.sum(1), torch.ones(500), atol=1e-4)
+    assert torch.allclose(S.sinkhorn(s, 0.03, 10).double(), sinkhorn_reference(s, 0.03, 10),
+                          atol=1e-5)  # fp32 agrees with the float64 loop
+
+
+# ---- the loss ----
+def features(m=24, k=6, d=8, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    C = F.normalize(torch.randn(k, d, generator=g), dim=1)
+    return torch.randn(m, d, generator=g), torch.randn(m, d, generator=g), C
+
+
+def test_loss_is_the_symmetric_cross_prediction_of_eq_7():
+    x_phi, x_psi, C = features()
+    loss, stats = S.sigma_loss(x_phi, x_psi, C, eps=0.05, iters=10, tau=0.1)
+    s_phi, s_psi = F.normalize(x_phi, dim=1) @ C.T, F.normalize(x_psi, dim=1) @ C.T
+    y_phi, y_psi = S.sinkhorn(s_phi).argmax(1), S.sinkhorn(s_psi).argmax(1)
+    p_phi, p_psi = F.softmax(s_phi / 0.1, 1), F.softmax(s_psi / 0.1, 1)  # Eq. 6
+    ce = lambda p, y: -p[torch.arange(len(y)), y].log().mean()  # noqa: E731  Eq. 5, one-hot q
+    assert loss.item() == pytest.approx((ce(p_phi, y_psi) + ce(p_psi, y_phi)).item(), rel=1e-5)
+    # Symmetric in its two inputs (the value; the gradients differ through C.detach()).
+    assert S.sigma_loss(x_psi, x_phi, C)[0].item() == pytest.approx(loss.item(), rel=1e-6)
+    assert int(stats["codes_phi"]) == len(set(y_phi.tolist()))
+
+
+def test_soft_targets_tend_to_hard_ones_at_small_eps():
+    # Each feature sits on a prototype, classes balanced: q is nearly one-hot.
+    C = F.normalize(torch.eye(4, 6), dim=1)
+    x = C.repeat(5, 1) + 0.01 * torch.randn(20, 6, generator=torch.Generator().manual_seed(0))
+    y = x + 0.01 * torch.randn(20, 6, generator=torch.Generator().manual_seed(1))
+    hard = S.sigma_loss(x, y, C, eps=0.02)[0]
+    soft = S.sigma_loss(x, y, C, eps=0.02, soft=True)[0]
+    assert soft.item() == pytest.approx(hard.item(), rel=1e-3)
+    assert S.sigma_loss(x, y, C, eps=1.0, soft=True)[0] > hard + 0.5  # blurred targets
+
+
+def test_stop_gradients_prototypes_and_targets():
+    x_phi, x_psi, C = features()
+    for soft in (False, True):
+        a, b, c = (t.clone().requires_grad_() for t in (x_phi, x_psi, C))
+        S.sigma_loss(a, b, c, soft=soft)[0].backward()
+        s_phi = F.normalize(x_phi, dim=1) @ C.T
+        s_psi = F.normalize(x_psi, dim=1) @ C.T
+        q_phi, q_psi = S.sinkhorn(s_phi), S.sinkhorn(s_psi)
+        t_phi, t_psi = (q_phi, q_psi) if soft else (F.one_hot(q_phi.argmax(1), 6).float(),
+                                                    F.one_hot(q_psi.argmax(1), 6).float())
+        # Reference: targets are constants, and C enters only the phi term.
+        c2, a2, b2 = (t.clone().requires_grad_() for t in (C, x_phi, x_psi))
+        term_phi = -(t_psi * F.log_softmax(F.normalize(a2, dim=1) @ c2.T / 0.1, 1)).sum(1).mean()
+        term_psi = -(t_phi * F.log_softmax(F.normalize(b2, dim=1) @ C.T / 0.1, 1)).sum(1).mean()
+        (term_phi + term_psi).backward()
+        assert torch.allclose(c.grad, c2.grad, atol=1e-6)
+        assert torch.allclose(a.grad, a2.grad, atol=1e-6) and torch.allclose(b.grad, b2.grad, atol=1e-6)
+
+
+def test_loss_runs_in_fp32_under_bf16_autocast():
+    x_phi, x_psi, C = features()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = S.sigma_loss(x_phi.bfloat16(), x_psi.bfloat16(), C)[0]
+    assert out.dtype == torch.float32
+    ref = S.sigma_loss(x_phi.bfloat16().float(), x_psi.bfloat16().float(), C)[0]
+    assert out.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_l2_ablation_is_eq_2():
+    x_phi, x_psi, C = features()
+    assert S.sigma_loss(x_phi, x_psi, C, kind="l2")[0].item() == pytest.approx(
+        ((x_phi - x_psi) ** 2).mean().item(), rel=1e-6)
+
+
+# ---- masking, targets, model ----
+def tiny_args(**kw) -> S.Args:
+    base = dict(model="tiny", embed_dim=48, depth=2, num_heads=2, decoder_depth=1,
+                decoder_dim=32, patch_size=8, num_frames=8, sampling_rate=2, input_size=32,
+                proj_hidden=(64,), proj_dim=16, num_prototypes=12, batch_size=4, base_lr=0.05,
+                warmup_epochs=1, num_workers=0, amp="none", knn_k=(5,), ft_batch_size=4,
+                test_clips=2, test_crops=3, synthetic_per_class=(4, 2))
+    return S.Args(**{**base, **kw})
+
+
+def test_tube_mask_counts_and_constancy_over_time():
+    a = S.Args()  # paper setting: 16 x 224^2, tubelet 2x16x16
+    m = S.tube_mask(a, np.random.default_rng(0))
+    assert m.dtype == torch.bool and m.shape == (1568,)
+    assert int(m.sum()) == 1408 and int((~m).sum()) == 160  # spec §1.1
+    per_t = m.view(8, 196)
+    assert (per_t == per_t[0]).all() and int(per_t[0].sum()) == 176
+    assert not torch.equal(m, S.tube_mask(a, np.random.default_rng(1)))
+
+
+def test_pixel_tubes_against_a_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    video = torch.randn(2, 3, 4, 16, 16, generator=g)
+    out = S.pixel_tubes(video, 2, 8)  # (2, 2*2*2, 2*8*8*3)
+    assert out.shape == (2, 8, 384)
+    raw = S.unnormalise(video)
+    b, t, h, w = 1, 1, 0, 1  # token t*4 + h*2 + w = 5
+    tube = raw[b, :, 2 * t:2 * t + 2, 8 * h:8 * h + 8, 8 * w:8 * w + 8]  # (3, 2, 8, 8)
+    pix = tube.permute(1, 2, 3, 0).reshape(128, 3)  # (p0 p1 p2) c
+    direct = (pix - pix.mean(0)) / (pix.std(0, unbiased=True) + 1e-6)
+    assert torch.allclose(out[b, 5], direct.reshape(-1), atol=1e-5)  # channel-fastest
+    assert torch.allclose(out[b, 5].view(128, 3).mean(0), torch.zeros(3), atol=1e-5)
+
+
+def test_state_dict_uses_the_official_names_and_phi_has_3_28m_params():
+    m = S.build_model(S.Args(model="small"))
+    keys = set(m.state_dict())
+    for k in ("encoder.patch_embed.proj.weight", "encoder.blocks.11.attn.q_bias",
+              "encoder.blocks.0.attn.v_bias", "encoder.blocks.0.attn.qkv.weight",
+              "encoder.blocks.0.mlp.fc2.bias", "encoder.norm.weight", "encoder_to_decoder.weight",
+              "mask_token", "decoder.blocks.3.norm1.weight", "decoder.norm.weight",
+              "decoder.head.weight", "prototypes", "head.0.weight", "head.6.bias"):
+        assert k in keys, k
+    assert "encoder.blocks.0.attn.qkv.bias" not in keys and "encoder_to_decoder.bias" not in keys
+    assert not any("pos" in k for k in keys)  # fixed sin-cos tables are not stored
+    assert "decoder.blocks.4.norm1.weight" not in keys  # depth 4
+    assert m.decoder.head.weight.shape == (256, 192) and m.prototypes.shape == (3000, 256)
+    assert sum(p.numel() for p in m.head.parameters()) == 3_279_616  # Tab. 7a "base 3M"
+    assert m.mask_token.abs().max() <= 0.02
+
+
+def test_encoder_sees_only_visible_tokens():
+    torch.manual_seed(0)
+    a = tiny_args()
+    m = S.build_model(a).eval()
+    mask = torch.stack([S.tube_mask(a, np.random.default_rng(i)) for i in range(2)])
+    video = torch.randn(2, 3, 8, 32, 32)
+    z = m.encoder(video, mask)
+    assert z.shape == (2, int((~mask[0]).sum()), 48)
+    # Changing the pixels of masked tubes leaves the visible tokens unchanged.
+    noisy = video + 5 * torch.randn_like(video) * \
+        mask.view(2, 4, 4, 4).repeat_interleave(2, 1).repeat_interleave(8, 2) \
+        .repeat_interleave(8, 3)[:, None].float()
+    assert torch.allclose(m.encoder(noisy, mask), z, atol=1e-5)
+    assert not torch.allclose(m.encoder(noisy), m.encoder(video), atol=1e-3)
+
+
+def test_train_step_grads_prototypes_renormalised_teacher_untouched(tmp_path):
+    torch.manual_seed(0)
+    a = tiny_args()
+    m = S.build_model(a)
+    mask = torch.stack([S.tube_mask(a, np.random.default_rng(i)) for i in range(4)])
+    video = torch.randn(4, 3, 8, 32, 32)
+    tgt = S.target_input(video, mask, a)
+    assert tgt.shape == (4, 64 - 4 * 2, 2 * 8 * 8 * 3) and not tgt.requires_grad
+    loss, _ = m(video, mask, tgt)
+    assert torch.allclose(m.prototypes.norm(dim=1), torch.ones(12), atol=1e-6)
+    loss.backward()
+    assert all(p.grad is not None for p in m.parameters())
+    # The teacher variant: phi is a frozen ViT; its weights never change.
+    teacher = S.vit.VisionTransformer(32, 16, 3, 384, 1, 6, pos_embed="learned")
+    torch.save(teacher.state_dict(), tmp_path / "dino.pth")
+    with pytest.raises(RuntimeError, match="missing"):  # a ViT-S file is not a ViT-B teacher
+        S.build_teacher(tiny_args(target="teacher", teacher_weights=str(tmp_path / "dino.pth")))
+    full = S.vit.VisionTransformer(32, 16, 3, 384, 12, 6, pos_embed="learned")
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in full.state_dict().items()}},
+               tmp_path / "dino_full.pth")
+    ta = tiny_args(target="teacher", teacher_model="small", patch_size=16,
+                   teacher_weights=str(tmp_path / "dino_full.pth"))
+    t = S.build_teacher(ta)
+    before = {k: v.clone() for k, v in t.state_dict().items()}
+    mt = S.build_model(ta)
+    assert isinstance(mt.head, torch.nn.Identity) and mt.prototypes.shape == (12, 384)
+    mask16 = torch.stack([S.tube_mask(ta, np.random.default_rng(i)) for i in range(2)])
+    opt = torch.optim.AdamW(mt.parameters(), lr=1e-3)
+    S.train_step(mt, video[:2], mask16, opt, optim.Amp("none", "cpu"), teacher=t)
+    assert all(torch.equal(before[k], v) for k, v in t.state_dict().items())
+    feats = S.teacher_tokens(t, video[:2])  # (B, 4 * 2 * 2, 384), per clip/channel standardised
+    assert feats.shape == (2, 16, 384)
+    assert torch.allclose(feats.mean(1), torch.zeros(2, 384), atol=1e-4)
+
+
+# ---- data ----
+def test_stride_sampling():
+    rng = np.random.default_rng(0)
+    starts = set()
+    for _ in range(200):
+        idx = S.stride_indices(100, 16, 4, rng)
+        assert np.all(np.diff(idx) == 4)
+        starts.add(idx[0])
+    assert min(starts) == 0 and max(starts) == 100 - 64  # start uniform in [0, len - 64]
+    assert S.stride_indices(20, 8, 4, rng) == [0, 4, 8, 12, 16, 16, 16, 16]  # short: repeats
+
+
+def test_multi_scale_crop_sizes_and_offsets():
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(300):
+        top, left, ch, cw = S.multi_scale_crop(240, 320, 224, rng)
+        assert ch in (240, 210, 180, 158) and cw in (240, 210, 180, 158)  # 240 x {1,.875,.75,.66}
+        assert 0 <= top <= 240 - ch and 0 <= left <= 320 - cw
+        assert top % ((240 - ch) // 4 or 1) == 0 and left % ((320 - cw) // 4) == 0
+        seen.add((ch, cw))
+    sizes = [240, 210, 180, 158]
+    assert all(abs(sizes.index(h) - sizes.index(w)) <= 1 for h, w in seen) and len(seen) == 10
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return str(synthetic.videos(tmp_path_factory.mktemp("vid"), size=32, frames=16,
+                                per_class_train=4, per_class_val=2))
+
+
+def test_clip_datasets(tiny_data):
+    a = tiny_args(data=tiny_data)
+    recs = S.read_split(a, True)
+    clip, mask = S.PretrainClips(recs, a)[(0, 3)]
+    assert clip.shape == (3, 8, 32, 32) and mask.shape == (64,) and int(mask.sum()) == 4 * 14
+    again, mask2 = S.PretrainClips(recs, a)[(0, 3)]
+    assert torch.equal(clip, again) and torch.equal(mask, mask2)  # from (seed, epoch, index)
+    views, label, i = S.ClipViews(recs, a, "test")[5]
+    assert views.shape == (2 * 3, 3, 8, 32, 32) and label == recs[5].label and i == 5
+    ds = S.ClipViews(recs, a, "test")
+    assert ds.windows(16, None) == [[0, 2, 4, 6, 8, 10, 12, 14]] * 2  # 16-frame video: 1 window
+    assert ds.windows(40, None) == [[8, 10, 12, 14, 16, 18, 20, 22], [16, 18, 20, 22, 24, 26, 28, 30]]
+    x, y, _ = S.ClipViews(recs, a, "train")[(1, 2)]
+    assert x.shape == (3, 8, 32, 32) and torch.isfinite(x).all()
+
+
+def test_mix_targets():
+    torch.manual_seed(0)
+    a = tiny_args()
+    x, y = torch.randn(4, 3, 8, 32, 32), torch.tensor([0, 1, 2, 3])
+    for mixup, cutmix in ((0.8, 0.0), (0.0, 1.0)):
+        xm, t = S.mix(x, y, dataclasses.replace(a, mixup=mixup, cutmix=cutmix), 5)
+        assert torch.allclose(t.sum(1), torch.ones(4)) and t.min() >= 0.1 / 5 - 1e-6
+        lam = t[0, 0] - t[0, 3]  # target = lam * s(y) + (1 - lam) * s(flip y)
+        lam = float((lam / 0.9 + 1) / 2)
+        if cutmix:  # the pixels of sample 0 that come from sample 3 are a 1 - lam share
+            frac = (xm[0] != x[0]).float().mean().item()
+            assert frac == pytest.approx(1 - lam, abs=1e-6)
+            assert ((xm[0] != x[0]).float().mean((0, 2, 3)) == frac).all()  # same box in every frame
+        else:
+            assert torch.allclose(xm[0], lam * x[0] + (1 - lam) * x[3], atol=1e-5)
+
+
+# ---- whole runs ----
+def run_args(data, out, **kw) -> S.Args:
+    return tiny_args(data=data, output_dir=str(out), epochs=3, log_every=2, ckpt_every=1000,
+                     quick_probe=False, **kw)
+
+
+def losses(out):
+    return [r["train/loss"] for r in log.read_jsonl(os.path.join(out, "log.jsonl")) if "train/loss" in r]
+
+
+def test_tiny_run_lowers_the_loss_against_an_lr0_control(tiny_data, tmp_path):
+    kw = dict(epochs=8, batch_size=8, log_every=4)
+    summary = S.main(run_args(tiny_data, tmp_path / "a", **kw))
+    S.main(run_args(tiny_data, tmp_path / "b", base_lr=0.0, **kw))
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert len(la) == len(lb) == 8 and la[-1] < lb[-1] - 0.3, (la, lb)
+    assert summary["steps"] == 8 * 4 and "knn_top1@5" in summary["metrics"]
+    assert json.load(open(tmp_path / "a" / "summary.json"))["method"] == "sigma"
+    assert os.path.getsize(tmp_path / "a" / "clusters.png") > 1000
+    rec = log.read_jsonl(str(tmp_path / "a" / "log.jsonl"))[-1]
+    assert 1 <= rec["train/codes_psi"] <= 12 and 0 <= rec["train/code_entropy_phi"] <= math.log(12) + 1e-6
+
+
+def test_resume_is_bit_identical(tiny_data, tmp_path):
+    S.main(run_args(tiny_data, tmp_path / "straight", max_steps=10))
+    S.main(run_args(tiny_data, tmp_path / "resumed", max_steps=5))
+    S.main(run_args(tiny_data, tmp_path / "resumed", max_steps=10))  # resumes last.pt
+    a = checkpoint.load(tmp_path / "straight" / "last.pt")
+    b = checkpoint.load(tmp_path / "resumed" / "last.pt")
+    assert a["step"] == b["step"] == 10
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_knn_linear_and_finetune_from_a_checkpoint(tiny_data, tmp_path):
+    S.main(run_args(tiny_data, tmp_path / "pre", max_steps=2))
+    ckpt = str(tmp_path / "pre" / "last.pt")
+    pre = checkpoint.load(ckpt)["model"]
+    knn = S.main(run_args(tiny_data, tmp_path / "knn", eval="knn", init_from=ckpt))
+    assert knn["steps"] == 0 and 0 <= knn["metrics"]["knn_top1@5"]["trained"] <= 100
+    ft_kw = dict(init_from=ckpt, ft_epochs=1, ft_base_lr=0.5, test_clips=1, test_crops=1)
+    for mode in ("linear", "finetune"):
+        out = S.main(run_args(tiny_data, tmp_path / mode, eval=mode, **ft_kw))
+        assert 0 <= out["metrics"][f"{mode}_top1"]["trained"] <= 100
+        sd = checkpoint.load(tmp_path / mode / f"{mode}.pt")["model"]
+        same = torch.equal(sd["blocks.0.mlp.fc1.weight"], pre["encoder.blocks.0.mlp.fc1.weight"])
+        assert same == (mode == "linear")  # the probe leaves the backbone frozen
+        assert not torch.equal(sd["head.weight"], S.Classifier(tiny_args(), 8).head.weight)
+
+
+def test_ddp_two_processes_and_distributed_sinkhorn(tiny_data, tmp_path):
+    script = tmp_path / "sk.py"
+    script.write_text(
+        "import sys, torch; sys.path.insert(0, %r)\n"
+        "import sigma as S; from common import dist\n"
+        "dist.init('cpu'); r = dist.rank()\n"
+        "s = torch.randn(40, 5, generator=torch.Generator().manual_seed(0)).tanh()\n"
+        "q = S.sinkhorn(s[r * 20:(r + 1) * 20], 0.05, 10)\n"
+        "full = dist.all_gather(q)\n"
+        "if r == 0: torch.save({'ddp': full, 'one': s}, %r)\n"
+        "dist.cleanup()\n" % (ROOT, str(tmp_path / "sk.pt")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0"]
+    proc = subprocess.run(run + [str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = torch.load(tmp_path / "sk.pt")
+    # Equipartition over the global batch: 2 ranks x 20 tokens give the one-process answer.
+    assert torch.allclose(res["ddp"], S.sinkhorn(res["one"], 0.05, 10), atol=1e-6)
+    assert not torch.allclose(res["ddp"][:20], S.sinkhorn(res["one"][:20], 0.05, 10), atol=1e-3)
+
+    cmd = [os.path.join(ROOT, "sigma.py"), "--data", tiny_data, "--output-dir", str(tmp_path / "run"),
+           "--model", "tiny", "--embed-dim", "48", "--depth", "2", "--num-heads", "2",
+           "--decoder-depth", "1", "--decoder-dim", "32", "--patch-size", "8", "--num-frames", "8",
+           "--sampling-rate", "2", "--input-size", "32", "--proj-hidden", "64", "--proj-dim", "16",
+           "--num-prototypes", "12", "--batch-size", "2", "--base-lr", "0.05", "--num-workers", "0",
+           "--amp", "none", "--knn-k", "5", "--epochs", "1", "--log-every", "2",
+           "--no-quick-probe", "--warmup-epochs", "0"]
+    proc = subprocess.run(run + cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = log.read_jsonl(str(tmp_path / "run" / "log.jsonl"))
+    assert [r["step"] for r in recs if "train/loss" in r][-1] == 32 // 4  # 32 clips, batch 2 x 2
+    (diff,) = [r["ddp/max_replica_diff"] for r in recs if "ddp/max_replica_diff" in r]
+    assert diff == 0.0
+
+
+def test_cli_help_and_unknown_flag():
+    out = subprocess.run([sys.executable, "sigma.py", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    for f in dataclasses.fields(S.Args):
+        doc = S.cli.field_docs(S.Args)[f.name]
+        assert doc and (f.name == "preset" or doc in text), f.name
+    bad = subprocess.run([sys.executable, "sigma.py", "--sinkhorn-epss", "1"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unrecognized arguments: --sinkhorn-epss" in bad.stderr
+
+
+def test_presets_follow_the_release_scripts():
+    def preset(name):
+        return S.cli.parse(S.Args, S.PRESETS, ["--preset", name, "--data", "/x"])
+    d = S.Args()
+    assert (d.mask_ratio, d.num_prototypes, d.sinkhorn_eps, d.temperature, d.decoder_depth) == (
+        0.9, 3000, 0.05, 0.1, 4)
+    assert (d.base_lr, d.weight_decay, d.warmup_epochs, d.target) == (1.5e-4, 0.05, 40, "mlp")
+    b = preset("ssv2-vitb")
+    assert (b.sinkhorn_eps, b.sampling_rate, b.dataset, b.test_clips) == (0.03, 2, "ssv2", 2)
+    assert b.base_lr * 16 * b.batch_size / 256 == pytest.approx(3e-4)  # 4x4 V100 x 32
+    assert preset("k400-vits").model == "small" and preset("ssv2-vits").epochs == 2400
+    assert preset("k400-vitb-dino").target == "teacher"
