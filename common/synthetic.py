@@ -187,17 +187,22 @@ def images(root: Optional[os.PathLike] = None, seed: int = 0, size: int = 64,
 
 # ---- videos ------------------------------------------------------------------------------
 
-def _clip(rng: np.random.Generator, motion: str, size: int, frames: int) -> np.ndarray:
-    """(T, H, W, 3) uint8 clip of one striped object doing `motion` on a static background."""
+def _clip(rng: np.random.Generator, motion: str, size: int, frames: int, scale: float = 1.0,
+          plain: bool = False) -> np.ndarray:
+    """(T, H, W, 3) uint8 clip of one striped object doing `motion` on a static background.
+    `scale` multiplies the object's size; `plain` flattens the background to its mean colour
+    (the random draws are the same either way)."""
     bg = _background(rng, size, size)
+    if plain:
+        bg = np.broadcast_to(bg.mean((0, 1)), bg.shape).copy()
     c1 = _colour(rng, bg.mean((0, 1)))
     c2 = _colour(rng, c1, 80.0)
     shape, freq, phase = SHAPES[rng.integers(len(SHAPES))], rng.uniform(1.5, 2.5), rng.uniform(0, 6)
     t = np.linspace(0, 1, frames)
-    radius = np.full(frames, rng.uniform(0.12, 0.16) * size)
+    radius = np.full(frames, rng.uniform(0.12, 0.16) * size * scale)
     angle = np.full(frames, rng.uniform(0, 2 * np.pi))
     if motion.startswith("zoom"):
-        r0, ratio = rng.uniform(0.08, 0.1) * size, rng.uniform(1.7, 2.2)
+        r0, ratio = rng.uniform(0.08, 0.1) * size * scale, rng.uniform(1.7, 2.2)
         radius = r0 * ratio ** (t if motion == "zoom_in" else 1 - t)
     if motion.startswith("rotate"):
         turn = np.deg2rad(rng.uniform(4, 8)) * (frames - 1)
@@ -205,7 +210,8 @@ def _clip(rng: np.random.Generator, motion: str, size: int, frames: int) -> np.n
     d = np.array(_STEP.get(motion, (0, 0)))
     dist = rng.uniform(0.4, 0.55) * size
     m = _normalise(shape)[3] * radius.max()
-    centre = rng.uniform(m + dist * np.maximum(-d, 0), size - m - dist * np.maximum(d, 0))
+    lo, hi = m + dist * np.maximum(-d, 0), size - m - dist * np.maximum(d, 0)
+    centre = rng.uniform(np.minimum(lo, hi), np.maximum(lo, hi))  # large objects may clip
     out = np.empty((frames, size, size, 3), np.uint8)
     stripes = lambda u, v: np.sin(freq * np.pi * u + phase) > 0  # noqa: E731
     for i in range(frames):
@@ -217,8 +223,12 @@ def _clip(rng: np.random.Generator, motion: str, size: int, frames: int) -> np.n
 
 
 def videos(root: Optional[os.PathLike] = None, seed: int = 0, size: int = 64, frames: int = 32,
-           fps: float = 25, per_class_train: int = 16, per_class_val: int = 4) -> Path:
+           fps: float = 25, per_class_train: int = 16, per_class_val: int = 4,
+           scale: float = 1.0, plain: bool = False) -> Path:
     """Class folders `root/<motion>/<motion>_<n>.mp4` of the 8 `MOTIONS`, plus split files.
+
+    `scale` enlarges the objects and `plain` gives flat backgrounds (a video demo whose
+    objective must see the motion, not the background texture, may use them).
 
     Kinetics style `train.csv`/`val.csv` (`<class>/<file>.mp4 <label>`, 0-based) and UCF101
     style `classInd.txt`, `trainlist01.txt` (1-based labels), `testlist01.txt` (val videos).
@@ -233,7 +243,8 @@ def videos(root: Optional[os.PathLike] = None, seed: int = 0, size: int = 64, fr
         for c, motion in enumerate(MOTIONS):
             for n in range(per_class_train + per_class_val):
                 rel = f"{motion}/{motion}_{n:03d}.mp4"
-                clip = _clip(np.random.default_rng([seed, c, n]), motion, size, frames)
+                clip = _clip(np.random.default_rng([seed, c, n]), motion, size, frames, scale,
+                             plain)
                 write_video(tmp / rel, clip, fps=fps, codec="libx264", gop=8)
                 lists["train" if n < per_class_train else "val"].append((rel, c))
         for name, lines in {"train.csv": [f"{p} {c}" for p, c in lists["train"]],
@@ -243,6 +254,7 @@ def videos(root: Optional[os.PathLike] = None, seed: int = 0, size: int = 64, fr
                             "testlist01.txt": [p for p, _ in lists["val"]]}.items():
             (tmp / name).write_text("".join(f"{line}\n" for line in lines))
     name = f"videos-v{VERSION}-s{seed}-{size}px-{frames}f-{per_class_train}x{per_class_val}"
+    name += (f"-x{scale:g}" if scale != 1.0 else "") + ("-plain" if plain else "")
     return _cached(root, name, build)
 
 
