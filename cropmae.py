@@ -43,7 +43,6 @@ Deviations, with reasons:
   98.5 % does on 14 x 14; decoder width 128, FFN 512, batch 32, lr 5e-4 (blr 4e-3: the
   paper's blr x 32 / 256 would barely move in 370 steps), 10 epochs, bf16 autocast on the CPU.
 """
-import dataclasses
 import json
 import os
 import time
@@ -614,22 +613,7 @@ def pretrain(model, mae: CropMAE, args: Args, device, amp: optim.Amp, logger: lo
                 f"{int(mae.num_patches * (1 - args.mask_ratio))}/{mae.num_patches}, "
                 f"amp {amp.mode}, output {args.output_dir}")
 
-    step = 0
-    path = checkpoint.resume_path(args.output_dir, args.resume or None)
-    if path:
-        ckpt = checkpoint.load(path)
-        checkpoint.load_model(mae, ckpt["model"], what=path)
-        opt.load_state_dict(ckpt["optimizer"])
-        amp.load_state_dict(ckpt["scaler"])
-        checkpoint.set_rng_state(ckpt["rng"])
-        step = ckpt["step"]
-        dist.print0(f"resumed from {path} at step {step}")
-
-    def save() -> None:
-        state = {"model": mae.state_dict(), "optimizer": opt.state_dict(),
-                 "scaler": amp.state_dict(), "step": step, "args": dataclasses.asdict(args),
-                 "rng": checkpoint.rng_state()}
-        checkpoint.save(os.path.join(args.output_dir, "last.pt"), state)
+    step, _ = checkpoint.resume_training(args.output_dir, args.resume, mae, opt, amp)
 
     last_step = min(total, args.max_steps or total)
     meter = log.Throughput(device)
@@ -656,7 +640,8 @@ def pretrain(model, mae: CropMAE, args: Args, device, amp: optim.Amp, logger: lo
                                   "train/skipped": ds.skipped, **meter.rates()})
                 meter.reset()
             if step % args.ckpt_every == 0 or step == last_step:
-                save()
+                checkpoint.save_training(os.path.join(args.output_dir, "last.pt"), mae, opt, amp,
+                                         step, args)
             if step == last_step:
                 break
     if dist.is_dist():  # DDP keeps replicas equal: check it once

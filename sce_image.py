@@ -42,7 +42,6 @@ Deviations, with reasons:
   and bf16 autocast on the CPU; it is a smoke test of the method, not a thesis setting.
 """
 import copy
-import dataclasses
 import json
 import os
 import time
@@ -604,22 +603,7 @@ def pretrain(model, sce: SCE, args: Args, device, amp: optim.Amp, logger: log.Lo
     dist.print0(f"{len(ds)} images, {steps_per_epoch} steps/epoch, global batch {global_batch}, "
                 f"peak lr {peak_lr:.4g}, amp {amp.mode}, output {args.output_dir}")
 
-    step = 0
-    path = checkpoint.resume_path(args.output_dir, args.resume or None)
-    if path:
-        ckpt = checkpoint.load(path)
-        checkpoint.load_model(sce, ckpt["model"], what=path)
-        opt.load_state_dict(ckpt["optimizer"])
-        amp.load_state_dict(ckpt["scaler"])
-        checkpoint.set_rng_state(ckpt["rng"])
-        step = ckpt["step"]
-        dist.print0(f"resumed from {path} at step {step}")
-
-    def save() -> None:
-        state = {"model": sce.state_dict(), "optimizer": opt.state_dict(),
-                 "scaler": amp.state_dict(), "step": step, "args": dataclasses.asdict(args),
-                 "rng": checkpoint.rng_state()}
-        checkpoint.save(os.path.join(args.output_dir, "last.pt"), state)
+    step, _ = checkpoint.resume_training(args.output_dir, args.resume, sce, opt, amp)
 
     last_step = min(total, args.max_steps or total)
     meter = log.Throughput(device)
@@ -648,7 +632,8 @@ def pretrain(model, sce: SCE, args: Args, device, amp: optim.Amp, logger: log.Lo
                                   "train/ema_m": m, "train/skipped": ds.skipped, **meter.rates()})
                 meter.reset()
             if step % args.ckpt_every == 0 or step == last_step:
-                save()
+                checkpoint.save_training(os.path.join(args.output_dir, "last.pt"), sce, opt, amp,
+                                         step, args)
             if step == last_step:
                 break
         if args.eval_every and (epoch + 1) % args.eval_every == 0 and step % steps_per_epoch == 0:

@@ -5,6 +5,7 @@ A full checkpoint, as the method scripts write it, is a plain dict such as
 "rng": rng_state()}`; everything in it loads with `torch.load(..., weights_only=True)`.
 """
 import argparse
+import dataclasses
 import os
 import random
 from pathlib import Path
@@ -148,6 +149,34 @@ def resume_path(output_dir, resume: Optional[str] = None) -> Optional[str]:
         return str(resume)
     last = Path(output_dir) / "last.pt"
     return str(last) if last.is_file() else None
+
+
+def save_training(path, model: nn.Module, optimizer, amp, step: int, args, **extra) -> None:
+    """Write the training state of DESIGN §5 atomically: model, optimiser, AMP scaler, step,
+    args (a dataclass is stored as a dict) and every rank's RNG state, plus `extra` entries.
+    Call it on every rank: gathering the RNG states is a collective under DDP."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scaler": amp.state_dict() if amp is not None else {}, "step": step,
+             "args": dataclasses.asdict(args) if dataclasses.is_dataclass(args) else args,
+             "rng": rng_state(), **extra}
+    save(path, state)
+
+
+def resume_training(output_dir, resume: Optional[str], model: nn.Module, optimizer,
+                    amp) -> tuple[int, Optional[dict]]:
+    """Restore what `save_training` wrote, from `resume` or `<output_dir>/last.pt` when it
+    exists. Returns (step, checkpoint), or (0, None) when there is nothing to resume."""
+    path = resume_path(output_dir, resume or None)
+    if not path:
+        return 0, None
+    ckpt = load(path)
+    load_model(model, ckpt["model"], what=path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if amp is not None:
+        amp.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    dist.print0(f"resumed from {path} at step {ckpt['step']}")
+    return ckpt["step"], ckpt
 
 
 def init_from(model: nn.Module, path, key: Optional[str] = None, strict: bool = False,

@@ -185,16 +185,15 @@ def test_resume_is_bit_identical(tmp_path):
     random.seed(0)
     half, half_opt = build(0)
     train(half, half_opt, 4, start=0)
-    checkpoint.save(tmp_path / "last.pt", {"model": half.state_dict(), "step": 4,
-                                           "optimizer": half_opt.state_dict(),
-                                           "rng": checkpoint.rng_state()})
+    amp = optim.Amp("none", torch.device("cpu"))
+    checkpoint.save_training(tmp_path / "last.pt", half, half_opt, amp, 4, argparse.Namespace(),
+                             note="extra")
     random.seed(123)
     resumed, resumed_opt = build(1)                            # fresh, different init and RNG
-    ckpt = checkpoint.load(checkpoint.resume_path(tmp_path))
-    checkpoint.load_model(resumed, ckpt["model"])
-    resumed_opt.load_state_dict(ckpt["optimizer"])
-    checkpoint.set_rng_state(ckpt["rng"])
-    train(resumed, resumed_opt, 4, start=ckpt["step"])
+    assert checkpoint.resume_training(tmp_path / "none", "", resumed, resumed_opt, amp) == (0, None)
+    step, ckpt = checkpoint.resume_training(tmp_path, "", resumed, resumed_opt, amp)
+    assert step == 4 and ckpt["note"] == "extra"
+    train(resumed, resumed_opt, 4, start=step)
     for a, b in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
 
