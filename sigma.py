@@ -38,7 +38,10 @@ Deviations, with reasons:
   scale that cancels (spec §1.6).
 - The `demo` preset is a CPU smoke setting, not a paper setting: a 4-block 96-d ViT, 8 frames
   at 64 px, tubelet 2x8x8, decoder 2 x 64-d, phi 384-256-64, K = 64, batch 16, lr 1.5e-2 x
-  16/256, 20 epochs of the synthetic videos with flat backgrounds and 1.5x objects, fp32.
+  16/256, 20 epochs of the synthetic videos with flat backgrounds and 1.5x objects, fp32,
+  one torch thread (its loader worker takes the other core). Besides kNN and a quick probe of
+  the motion class it reports unsupervised segmentation mIoU (Tab. 4 protocol, K = 2), whose
+  ground truth the flat backgrounds give; there is no video object segmentation set here.
 """
 import dataclasses
 import json
@@ -80,7 +83,7 @@ class Args:
     init_from: str = ""
     """weights to evaluate / fine-tune: a pretraining last.pt (encoder.* keys) or a fine-tune one"""
     eval: Literal["none", "knn", "linear", "finetune"] = "none"
-    """none: pretrain, then kNN + quick probe; knn/linear/finetune: evaluate --init-from (spec §4)"""
+    """none: pretrain, then kNN + quick probe; knn/linear/finetune: evaluate --init-from (§4)"""
     bench: bool = False
     """time the training step on random tensors and the data pipeline, print JSON, exit"""
     # data
@@ -280,7 +283,8 @@ def multi_scale_crop(h: int, w: int, size: int, rng: np.random.Generator) -> tup
     base = min(h, w)
     sizes = [int(base * s) for s in (1, 0.875, 0.75, 0.66)]
     sizes = [size if abs(s - size) < 3 else s for s in sizes]
-    pairs = [(sh, sw) for i, sh in enumerate(sizes) for j, sw in enumerate(sizes) if abs(i - j) <= 1]
+    pairs = [(sh, sw) for i, sh in enumerate(sizes) for j, sw in enumerate(sizes)
+             if abs(i - j) <= 1]  # max_distort 1
     ch, cw = pairs[rng.integers(len(pairs))]
     hs, ws = (h - ch) // 4, (w - cw) // 4  # 13 fixed offsets: corners, centre, edges, quarters
     grid = [(0, 0), (0, 4), (4, 0), (4, 4), (2, 2), (2, 0), (2, 4), (4, 2), (0, 2),
@@ -701,7 +705,8 @@ def mix(x: torch.Tensor, y: torch.Tensor, a: Args, num_classes: int) -> tuple:
         H, W = x.shape[-2:]
         rh, rw = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
         cy, cx = int(torch.randint(H, ())), int(torch.randint(W, ()))
-        y0, y1, x0, x1 = max(cy - rh // 2, 0), min(cy + rh // 2, H), max(cx - rw // 2, 0), min(cx + rw // 2, W)
+        y0, y1 = max(cy - rh // 2, 0), min(cy + rh // 2, H)
+        x0, x1 = max(cx - rw // 2, 0), min(cx + rw // 2, W)
         x = x.clone()
         x[..., y0:y1, x0:x1] = x.flip(0)[..., y0:y1, x0:x1]
         lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)
@@ -725,7 +730,8 @@ def multi_view_test(model: nn.Module, records: list, args: Args, device, amp) ->
         counts += torch.tensor([(top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum(), B],
                                device=device)
     counts = dist.all_reduce(counts, "sum")  # the padded sampler may repeat a few clips
-    return {"top1": 100 * (counts[0] / counts[2]).item(), "top5": 100 * (counts[1] / counts[2]).item()}
+    return {"top1": 100 * (counts[0] / counts[2]).item(),
+            "top5": 100 * (counts[1] / counts[2]).item()}
 
 
 def finetune(args: Args, device, amp: optim.Amp, logger: log.Logger) -> dict:
@@ -769,7 +775,8 @@ def finetune(args: Args, device, amp: optim.Amp, logger: log.Logger) -> dict:
             loss = -(target * logits.float().log_softmax(1)).sum(1).mean()  # soft-target CE
             amp.step(loss, opt)
             if (step + 1) % args.log_every == 0:
-                logger.log(step + 1, {f"{args.eval}/loss": loss, f"{args.eval}/lr": opt.param_groups[-1]["lr"]})
+                logger.log(step + 1, {f"{args.eval}/loss": loss,
+                                      f"{args.eval}/lr": opt.param_groups[-1]["lr"]})
         checkpoint.save(path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                "scaler": amp.state_dict(), "epoch": epoch + 1})
     res = multi_view_test(model, val_recs, args, device, amp)

@@ -22,8 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def cosines(m, k, d=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x, c = F.normalize(torch.randn(m, d, generator=g), dim=1), F.normalize(torch.randn(k, d, generator=g), dim=1)
-    return x @ c.T
+    x = F.normalize(torch.randn(m, d, generator=g), dim=1)
+    return x @ F.normalize(torch.randn(k, d, generator=g), dim=1).T
 
 
 def sinkhorn_reference(scores, eps, iters):
@@ -38,7 +38,8 @@ def sinkhorn_reference(scores, eps, iters):
         cols = [sum(Q[k][m] for k in range(K)) for m in range(M)]
         Q = [[Q[k][m] / cols[m] / M for m in range(M)] for k in range(K)]
     cols = [sum(Q[k][m] for k in range(K)) for m in range(M)]
-    return torch.tensor([[Q[k][m] / cols[m] for k in range(K)] for m in range(M)], dtype=torch.float64)
+    out = [[Q[k][m] / cols[m] for k in range(K)] for m in range(M)]
+    return torch.tensor(out, dtype=torch.float64)
 
 
 # ---- Sinkhorn ----
@@ -123,7 +124,8 @@ def test_stop_gradients_prototypes_and_targets():
         term_psi = -(t_phi * F.log_softmax(F.normalize(b2, dim=1) @ C.T / 0.1, 1)).sum(1).mean()
         (term_phi + term_psi).backward()
         assert torch.allclose(c.grad, c2.grad, atol=1e-6)
-        assert torch.allclose(a.grad, a2.grad, atol=1e-6) and torch.allclose(b.grad, b2.grad, atol=1e-6)
+        assert torch.allclose(a.grad, a2.grad, atol=1e-6)
+        assert torch.allclose(b.grad, b2.grad, atol=1e-6)
 
 
 def test_loss_runs_in_fp32_under_bf16_autocast():
@@ -285,7 +287,8 @@ def test_clip_datasets(tiny_data):
     assert views.shape == (2 * 3, 3, 8, 32, 32) and label == recs[5].label and i == 5
     ds = S.ClipViews(recs, a, "test")
     assert ds.windows(16, None) == [[0, 2, 4, 6, 8, 10, 12, 14]] * 2  # 16-frame video: 1 window
-    assert ds.windows(40, None) == [[8, 10, 12, 14, 16, 18, 20, 22], [16, 18, 20, 22, 24, 26, 28, 30]]
+    assert ds.windows(40, None) == [[8, 10, 12, 14, 16, 18, 20, 22],
+                                    [16, 18, 20, 22, 24, 26, 28, 30]]  # evenly spaced
     x, y, _ = S.ClipViews(recs, a, "train")[(1, 2)]
     assert x.shape == (3, 8, 32, 32) and torch.isfinite(x).all()
 
@@ -345,7 +348,8 @@ def test_mix_targets():
         if cutmix:  # the pixels of sample 0 that come from sample 3 are a 1 - lam share
             frac = (xm[0] != x[0]).float().mean().item()
             assert frac == pytest.approx(1 - lam, abs=1e-6)
-            assert ((xm[0] != x[0]).float().mean((0, 2, 3)) == frac).all()  # same box in every frame
+            per_frame = (xm[0] != x[0]).float().mean((0, 2, 3))
+            assert (per_frame == frac).all()  # the same box in every frame
         else:
             assert torch.allclose(xm[0], lam * x[0] + (1 - lam) * x[3], atol=1e-5)
 
@@ -358,7 +362,8 @@ def run_args(data, out, **kw) -> S.Args:
 
 
 def losses(out):
-    return [r["train/loss"] for r in log.read_jsonl(os.path.join(out, "log.jsonl")) if "train/loss" in r]
+    recs = log.read_jsonl(os.path.join(out, "log.jsonl"))
+    return [r["train/loss"] for r in recs if "train/loss" in r]
 
 
 def test_tiny_run_lowers_the_loss_against_an_lr0_control(tiny_data, tmp_path):
@@ -371,7 +376,8 @@ def test_tiny_run_lowers_the_loss_against_an_lr0_control(tiny_data, tmp_path):
     assert json.load(open(tmp_path / "a" / "summary.json"))["method"] == "sigma"
     assert os.path.getsize(tmp_path / "a" / "clusters.png") > 1000
     rec = log.read_jsonl(str(tmp_path / "a" / "log.jsonl"))[-1]
-    assert 1 <= rec["train/codes_psi"] <= 12 and 0 <= rec["train/code_entropy_phi"] <= math.log(12) + 1e-6
+    assert 1 <= rec["train/codes_psi"] <= 12
+    assert 0 <= rec["train/code_entropy_phi"] <= math.log(12) + 1e-6
 
 
 def test_resume_is_bit_identical(tiny_data, tmp_path):
@@ -422,7 +428,8 @@ def test_ddp_two_processes_and_distributed_sinkhorn(tiny_data, tmp_path):
     assert torch.allclose(res["ddp"], S.sinkhorn(res["one"], 0.05, 10), atol=1e-6)
     assert not torch.allclose(res["ddp"][:20], S.sinkhorn(res["one"][:20], 0.05, 10), atol=1e-3)
 
-    cmd = [os.path.join(ROOT, "sigma.py"), "--data", tiny_data, "--output-dir", str(tmp_path / "run"),
+    cmd = [os.path.join(ROOT, "sigma.py"), "--data", tiny_data,
+           "--output-dir", str(tmp_path / "run"),
            "--model", "tiny", "--embed-dim", "48", "--depth", "2", "--num-heads", "2",
            "--decoder-depth", "1", "--decoder-dim", "32", "--patch-size", "8", "--num-frames", "8",
            "--sampling-rate", "2", "--input-size", "32", "--proj-hidden", "64", "--proj-dim", "16",
