@@ -1,6 +1,6 @@
 """SIGMA: Sinkhorn-Guided Masked Video Modeling.
 
-M. M. Salehi, M. Dorkenwald, F. R. Valsesia, D. Zhang, C. G. M. Snoek, Y. M. Asano, ECCV 2024
+M. Salehi, M. Dorkenwald, F. M. Thoker, E. Gavves, C. G. M. Snoek, Y. M. Asano, ECCV 2024
 (arXiv:2407.15447); the official repo (VideoMAE based) where the paper leaves things open.
 
 Method in five lines: a VideoMAE encoder sees the 10 % visible tubes of a tube-masked clip and
@@ -31,9 +31,16 @@ Deviations, with reasons:
   test-set bank, random-head logits and train-mode drop path are bugs, spec §4).
 - Fine-tuning RandAugment is torchvision's RandAugment(4 ops, magnitude 7), the same op on all
   frames; timm's magnitude noise (mstd 0.5) and "increasing" variants are not reproduced.
-- Mixup/cutmix are written out here (batch mode, switch 0.5, label smoothing folded in).
+- Mixup/cutmix are written out here (batch mode, switch 0.5, label smoothing folded in);
+  random erasing is torchvision's: one box in the same place in every frame, filled with
+  normal noise that is the same in every frame.
 - Linear probing runs the backbone in eval mode (official: train mode, drop path active).
 - The fine-tuning validation during training is skipped; the multi-view test runs at the end.
+- --amp auto is bf16 on CUDA (official: fp16 with a GradScaler, available as --amp fp16).
+- The DINO teacher is loaded from a local file (--teacher-weights; torch.hub is not reachable).
+- HMDB51 lists are read (the official VideoClsDataset has no HMDB branch and crashes).
+- Fine-tuning checkpoints are written, and resumed, at epoch boundaries only.
+- `ucf101-vits` is the spec's one-GPU trend check (§5), not a paper setting.
 - Sinkhorn's column constant c = 1/(world * M) (SwAV), not the code's world/M: a uniform
   scale that cancels (spec §1.6).
 - The `demo` preset is a CPU smoke setting, not a paper setting: a 4-block 96-d ViT, 8 frames
