@@ -623,15 +623,17 @@ def pretrain(model, sce: SCE, args: Args, device, amp: optim.Amp, logger: log.Lo
             out = train_step(model, views, opt, amp, m)
             step += 1
             meter.update(args.batch_size * dist.world())
-            if step % args.log_every == 0 or step == last_step:
+            saving = step % args.ckpt_every == 0 or step == last_step
+            if saving or step % args.log_every == 0:  # check before saving: last.pt stays good
                 loss = dist.all_reduce(out["loss"].float().clone(), "mean")
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss at step {step}: stopping; the "
                                              f"last good checkpoint is kept in {args.output_dir}")
+            if step % args.log_every == 0 or step == last_step:
                 logger.log(step, {"epoch": epoch, "train/loss": loss, "train/lr": lr,
                                   "train/ema_m": m, "train/skipped": ds.skipped, **meter.rates()})
                 meter.reset()
-            if step % args.ckpt_every == 0 or step == last_step:
+            if saving:
                 checkpoint.save_training(os.path.join(args.output_dir, "last.pt"), sce, opt, amp,
                                          step, args)
             if step == last_step:

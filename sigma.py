@@ -50,7 +50,6 @@ Deviations, with reasons:
   the motion class it reports unsupervised segmentation mIoU (Tab. 4 protocol, K = 2), whose
   ground truth the flat backgrounds give; there is no video object segmentation set here.
 """
-import dataclasses
 import json
 import math
 import os
@@ -952,22 +951,7 @@ def pretrain(model: SIGMA, teacher, args: Args, device, amp: optim.Amp, logger: 
         model.decoder.compile()
     if dist.is_dist():  # the L2 ablation leaves the prototypes unused
         net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=args.loss == "l2")
-    step = 0
-    path = checkpoint.resume_path(args.output_dir, args.resume or None)
-    if path:
-        ckpt = checkpoint.load(path)
-        checkpoint.load_model(model, ckpt["model"], what=path)
-        opt.load_state_dict(ckpt["optimizer"])
-        amp.load_state_dict(ckpt["scaler"])
-        checkpoint.set_rng_state(ckpt["rng"])
-        step = ckpt["step"]
-        dist.print0(f"resumed from {path} at step {step}")
-
-    def save() -> None:
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                 "scaler": amp.state_dict(), "step": step, "args": dataclasses.asdict(args),
-                 "rng": checkpoint.rng_state()}
-        checkpoint.save(os.path.join(args.output_dir, "last.pt"), state)
+    step, _ = checkpoint.resume_training(args.output_dir, args.resume, model, opt, amp)
 
     last_step = min(total, args.max_steps or total)
     meter = log.Throughput(device)
@@ -996,7 +980,8 @@ def pretrain(model: SIGMA, teacher, args: Args, device, amp: optim.Amp, logger: 
                                   "train/skipped": ds.skipped, **meter.rates()})
                 meter.reset()
             if saving:
-                save()
+                checkpoint.save_training(os.path.join(args.output_dir, "last.pt"), model, opt,
+                                         amp, step, args)
             if step == last_step:
                 break
     if dist.is_dist():  # DDP keeps replicas equal: check it once

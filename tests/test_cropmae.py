@@ -237,7 +237,8 @@ def tiny_davis(tmp_path_factory):
 
 
 def run_args(data, out, **kw) -> C.Args:
-    return tiny_args(data=data, output_dir=str(out), epochs=6, log_every=3, ckpt_every=1000, **kw)
+    return tiny_args(**{"data": data, "output_dir": str(out), "epochs": 6, "log_every": 3,
+                        "ckpt_every": 1000, **kw})
 
 
 def test_tiny_run_learns(tiny_data, tiny_davis, tmp_path):
@@ -316,3 +317,18 @@ def test_cli_help_presets_and_unknown_flag():
     k400 = C.cli.parse(C.Args, C.PRESETS, ["--preset", "k400-vits", "--data", "x.txt"])
     assert k400.global_scale == (0.5, 1.0) and k400.local_scale == (0.3, 0.6)
     assert C.Args().blr * 2048 / 256 == pytest.approx(8e-4)  # spec §3: lr 8e-4 at batch 2048
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path,
+                                                                   monkeypatch):
+    real, calls = C.train_step, []
+
+    def step_then_nan(*a, **kw):  # the 4th step reports a NaN loss
+        out = real(*a, **kw)
+        calls.append(1)
+        return {"loss": out["loss"] * float("nan")} if len(calls) == 4 else out
+    monkeypatch.setattr(C, "train_step", step_then_nan)
+    # step 4 is a checkpoint step but not a log step: the loss is checked before saving
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 4"):
+        C.main(run_args(tiny_data, tmp_path, ckpt_every=2, log_every=5))
+    assert checkpoint.load(tmp_path / "last.pt")["step"] == 2
