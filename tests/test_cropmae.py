@@ -64,16 +64,19 @@ def test_norm_pix_loss_by_hand():
 
 def test_loss_touches_masked_patches_only():
     imgs = torch.randn(2, 3, 32, 32)
-    mask = (torch.rand(2, 16) < 0.5).float()
-    mask[:, 0] = 1
+    mask = (torch.rand(2, 16, generator=torch.Generator().manual_seed(0)) < 0.5).float()
+    mask[:, 0], mask[:, 1] = 1, 0
     pred = torch.randn(2, 16, 192, requires_grad=True)
     C.mae_loss(imgs, pred, mask, 8).backward()
     per_patch = pred.grad.abs().sum(-1)
     assert (per_patch[mask == 0] == 0).all() and (per_patch[mask == 1] > 0).all()
-    v2_changed = imgs.clone()
-    v2_changed[:, :, :8, 8:16] += 5.0  # patch 1 of every image
-    if (mask[:, 1] == 0).all():
-        assert C.mae_loss(v2_changed, pred, mask, 8) == C.mae_loss(imgs, pred, mask, 8)
+    changed = imgs.clone()
+    changed[:, :, :8, 8:16] += torch.randn(2, 3, 8, 8)  # patch 1 (visible): the loss must not see it
+    assert C.mae_loss(changed, pred, mask, 8) == C.mae_loss(imgs, pred, mask, 8)
+    changed[:, :, :8, :8] += 5.0  # patch 0 (masked): a constant shift is invisible to norm-pix
+    assert C.mae_loss(changed, pred, mask, 8) == C.mae_loss(imgs, pred, mask, 8)
+    changed[:, :, :8, :8] += torch.randn(2, 3, 8, 8)  # but new content is not
+    assert C.mae_loss(changed, pred, mask, 8) != C.mae_loss(imgs, pred, mask, 8)
 
 
 def test_model_returns_loss_pred_mask_and_masks_only_the_second_view():
