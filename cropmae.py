@@ -42,8 +42,8 @@ Deviations, with reasons:
 - The `demo` preset (2 CPU cores, 5 minutes) is a small ViT (width 192, depth 4, patch 8) on
   64-px synthetic images: an 8 x 8 grid, so 96 % masking keeps 2 patches as the paper's
   98.5 % does on 14 x 14; decoder width 128, FFN 512, batch 32, lr 5e-4 (blr 4e-3: the
-  paper's blr x 32 / 256 would barely move in 370 steps), 10 epochs, bf16 autocast on the CPU; it evaluates on the synthetic DAVIS set at
-  its own 96 x 160 size (grid 12 x 20) instead of 480 x 880.
+  paper's blr x 32 / 256 would barely move in 370 steps), 10 epochs, bf16 autocast on the
+  CPU; it evaluates on the synthetic DAVIS set at its own 96 x 160 (grid 12 x 20).
 """
 import json
 import os
