@@ -506,14 +506,16 @@ def save_reconstructions(model: CropMAE, imgs: torch.Tensor, args: Args, path: s
     """Rows: V1, V2 with only its visible patches, reconstruction (pasted visible patches,
     norm-pix predictions de-normalised with the true patch statistics, as MAE's figures), V2."""
     model.eval()
-    torch.manual_seed(args.seed)
-    _, pred, mask = model(imgs, args.mask_ratio)
+    with torch.random.fork_rng(devices=[]):  # a fixed mask, without touching the run's RNG
+        torch.manual_seed(args.seed)
+        _, pred, mask = model(imgs, args.mask_ratio)
     p, g = args.patch_size, model.patch_embed.grid_size
     target = vit.patchify(imgs[:, 1].float(), p)
     if args.norm_pix_loss:
-        pred = pred.float() * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
+        std = (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+        pred = pred.float() * std + target.mean(-1, keepdim=True)
     m = mask[..., None]
-    masked = vit.unpatchify(target * (1 - m) + m * 0.0, p, *g)
+    masked = vit.unpatchify(target * (1 - m), p, *g)  # hidden patches at the mean colour
     recon = vit.unpatchify(target * (1 - m) + pred.float() * m, p, *g)
     rows = [imgs[:, 0], masked, recon, imgs[:, 1]]
     grid = torchvision.utils.make_grid([unnormalise(x) for r in rows for x in r],
