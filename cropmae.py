@@ -62,7 +62,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from common import checkpoint, cli, data, dist, log, optim, propagation, synthetic, video, vit
+from common import (checkpoint, cli, data, dist, log, optim, propagation, synthetic, training,
+                    video, vit)
 
 
 # ---- 2. Arguments ----
@@ -118,6 +119,8 @@ class Args:
     """Gaussian blur, sigma 0.1-2, on the global view (Tab. 3d ablation)"""
     num_workers: int = 8
     """data loader workers per process"""
+    max_fail_fraction: float = 0.05
+    """stop when more than this fraction of the files is unreadable (one is always skipped)"""
     # model
     model: Literal["tiny", "small", "base", "large"] = "small"
     """ViT size: ViT-S/16 (Sec. 4.1), ViT-B/16 (Tab. 1), ViT-L; tiny for the demo"""
@@ -232,7 +235,7 @@ def read_video_list(path: str) -> list:
             if fields := line.split():
                 out.append(str(Path(fields[0]) if os.path.isabs(fields[0]) else root / fields[0]))
     if not out:
-        raise ValueError(f"{path}: empty video list")
+        raise cli.InputError(f"{path}: empty video list")
     return out
 
 
@@ -285,7 +288,7 @@ class PretrainPairs(Dataset):
         self.samples = [(f, -1) for f in files]  # SafeDataset names failing files from this
         self.is_video, self.args, self.views = is_video, args, make_views(args)
         if args.views == "frames" and not is_video:
-            raise ValueError("--views frames (SiamMAE) needs videos: give --data a video list")
+            raise cli.InputError("--views frames (SiamMAE) needs videos: give --data a video list")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -319,14 +322,9 @@ def pretrain_dataset(args: Args) -> Dataset:
 
 
 def make_loader(ds: Dataset, args: Args) -> DataLoader:
-    sampler = data.ResumableSampler(ds, shuffle=True, seed=args.seed, drop_last=True,
-                                    with_epoch=True)
-    # its own generator: starting an iterator must not draw from the global RNG that the masks
-    # and dropout use, or a mid-epoch resume would not replay the same masks
-    return DataLoader(ds, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                      num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=args.num_workers > 0,
-                      generator=torch.Generator().manual_seed(args.seed))
+    """Shuffled full batches keyed (epoch, index), with the loader's own generator: starting
+    an iterator never draws from the global RNG that the masks use (`data.make_loader`)."""
+    return data.make_loader(ds, args.batch_size, True, args.seed, args.num_workers)
 
 
 # ---- 4. Model ----
@@ -599,65 +597,36 @@ def main(args: Args) -> dict:
 
 def pretrain(model, mae: CropMAE, args: Args, device, amp: optim.Amp, logger: log.Logger) -> int:
     """The training loop, keyed by the global step; returns the number of steps done."""
-    ds = data.SafeDataset(pretrain_dataset(args), name="pretrain data")
-    loader = make_loader(ds, args)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(ds)} samples are fewer than one batch of {args.batch_size}")
-    total = args.epochs * steps_per_epoch
+    ds = data.SafeDataset(pretrain_dataset(args), args.max_fail_fraction, "pretrain data")
     global_batch = args.batch_size * dist.world()
     peak_lr = args.blr * global_batch / 256  # spec §3: lr = blr x batch / 256
-    warmup = min(args.warmup_epochs * steps_per_epoch, total)
     groups = optim.param_groups(mae, args.weight_decay,  # spec §3: cls/mask tokens decayed
                                 no_decay=lambda n, p: p.ndim <= 1 or n.endswith(".bias"))
     opt = torch.optim.AdamW(groups, lr=peak_lr, betas=args.betas,
                             fused=device.type == "cuda")
-    dist.print0(f"{len(ds)} samples, {steps_per_epoch} steps/epoch, global batch {global_batch}, "
-                f"peak lr {peak_lr:.4g}, visible patches "
+    loop = training.Loop(make_loader(ds, args), args.epochs, args.output_dir, logger, amp, args,
+                         {"model": mae, "optimizer": opt}, args.log_every, args.ckpt_every,
+                         args.max_steps)
+    warmup = min(args.warmup_epochs * loop.steps_per_epoch, loop.total_steps)
+    dist.print0(f"{len(ds)} samples, {loop.steps_per_epoch} steps/epoch, global batch "
+                f"{global_batch}, peak lr {peak_lr:.4g}, visible patches "
                 f"{int(mae.num_patches * (1 - args.mask_ratio))}/{mae.num_patches}, "
                 f"amp {amp.mode}, output {args.output_dir}")
-
-    step, _ = checkpoint.resume_training(args.output_dir, args.resume, mae, opt, amp)
-
-    last_step = min(total, args.max_steps or total)
-    meter = log.Throughput(device)
+    loop.resume(args.resume)
     model.train()
     imgs = None
-    while step < last_step:
-        epoch = step // steps_per_epoch
-        loader.sampler.set_epoch(epoch)
-        loader.sampler.set_start((step % steps_per_epoch) * args.batch_size)
-        for imgs in log.progress(loader, desc=f"epoch {epoch}"):
-            # per-step warmup + half-cosine (spec §3)
-            lr = optim.cosine_schedule(step, total, peak_lr, warmup, final=args.min_lr)
-            optim.set_lr_wd(opt, lr)
-            imgs = imgs.to(device, non_blocking=True)
-            out = train_step(model, imgs, opt, amp, args.mask_ratio)
-            step += 1
-            meter.update(args.batch_size * dist.world())
-            saving = step % args.ckpt_every == 0 or step == last_step
-            if saving or step % args.log_every == 0:  # check before saving: last.pt stays good
-                loss = dist.all_reduce(out["loss"].float().clone(), "mean")
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss at step {step}: stopping; the "
-                                             f"last good checkpoint is kept in {args.output_dir}")
-            if step % args.log_every == 0 or step == last_step:
-                logger.log(step, {"epoch": epoch, "train/loss": loss, "train/lr": lr,
-                                  "train/skipped": ds.skipped, **meter.rates()})
-                meter.reset()
-            if saving:
-                checkpoint.save_training(os.path.join(args.output_dir, "last.pt"), mae, opt, amp,
-                                         step, args)
-            if step == last_step:
-                break
-    if dist.is_dist():  # DDP keeps replicas equal: check it once
-        sums = torch.stack([p.detach().double().sum() for p in mae.parameters()])
-        spread = (dist.all_gather(sums[None]) - sums).abs().max()
-        logger.log(step, {"ddp/max_replica_diff": spread})
+    for imgs in loop:
+        # per-step warmup + half-cosine (spec §3)
+        lr = optim.cosine_schedule(loop.step, loop.total_steps, peak_lr, warmup, final=args.min_lr)
+        optim.set_lr_wd(opt, lr)
+        imgs = imgs.to(device, non_blocking=True)
+        out = train_step(model, imgs, opt, amp, args.mask_ratio)
+        loop.end_step(out, {"train/lr": lr})
+    loop.check_replicas(mae)
     if dist.is_main() and imgs is not None:
         save_reconstructions(mae, imgs[:8], args, os.path.join(args.output_dir,
                                                                "reconstructions.png"))
-    return step
+    return loop.step
 
 
 def bench(model, mae: CropMAE, args: Args, device, amp: optim.Amp) -> dict:
@@ -672,4 +641,4 @@ def bench(model, mae: CropMAE, args: Args, device, amp: optim.Amp) -> dict:
 
 
 if __name__ == "__main__":
-    main(cli.parse(Args, PRESETS))
+    cli.run(main, Args, PRESETS)

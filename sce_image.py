@@ -55,7 +55,7 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from common import checkpoint, cli, data, dist, evaluate, log, optim, synthetic
+from common import checkpoint, cli, data, dist, evaluate, log, optim, synthetic, training
 
 
 # ---- 2. Arguments ----
@@ -97,6 +97,8 @@ class Args:
     """multi-crop local view sizes; scale of size s: crop_scale * s / img_size (spec §2)"""
     num_workers: int = 8
     """data loader workers per process"""
+    max_fail_fraction: float = 0.05
+    """stop when more than this fraction of the images is unreadable (one is always skipped)"""
     # model
     arch: Literal["resnet18", "resnet50"] = "resnet50"
     """backbone (App. A.5.1: ResNet-50 for large, ResNet-18 for small datasets)"""
@@ -301,11 +303,9 @@ def pretrain_views(args: Args) -> list:
 
 
 def make_loader(ds: Dataset, batch_size: int, args: Args, train: bool) -> DataLoader:
-    sampler = data.ResumableSampler(ds, shuffle=train, seed=args.seed, drop_last=train,
-                                    with_epoch=train)
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=args.num_workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=train,
-                      persistent_workers=train and args.num_workers > 0)
+    """Shuffled full batches keyed (epoch, index) for training; every sample once, in order,
+    for evaluation (also under DDP); the loader's own generator (`data.make_loader`)."""
+    return data.make_loader(ds, batch_size, train, args.seed, args.num_workers)
 
 
 # ---- 4. Model ----
@@ -473,13 +473,18 @@ def knn_eval(encoder: nn.Module, args: Args, device, amp) -> dict:
     return out
 
 
-def linear_eval(encoder: nn.Module, args: Args, device, amp) -> dict:
+def linear_eval(encoder: nn.Module, args: Args, device, amp, logger: log.Logger,
+                source: str, name: str = "trained") -> dict:
     """Thesis linear probe (App. A.5.1 / MoCo v3 protocol for ImageNet): frozen encoder in
-    eval mode, a Linear layer trained with SGD (momentum 0.9, no wd) on augmented images."""
-    train_ds = Indexed(base_dataset(args, "train"), eval_transform(args.img_size, train=True),
-                       args.seed)
+    eval mode, a Linear layer trained with SGD (momentum 0.9, no wd) on augmented images.
+    Checkpointed in `<output-dir>/linear.pt` (`linear-<name>.pt` for the other encoders) and
+    resumed bitwise; `source` names the encoder's weights (a resume from other weights is
+    refused)."""
+    train_ds = data.SafeDataset(Indexed(base_dataset(args, "train"),
+                                        eval_transform(args.img_size, train=True), args.seed),
+                                args.max_fail_fraction, "linear-probe images")
     val_ds = Indexed(base_dataset(args, "val"), eval_transform(args.img_size))
-    n_cls = len(train_ds.base.classes)
+    n_cls = len(train_ds.dataset.base.classes)
     head = nn.Linear(encoder.feat_dim, n_cls).to(device)
     nn.init.normal_(head.weight, std=0.01)
     nn.init.zeros_(head.bias)
@@ -487,37 +492,39 @@ def linear_eval(encoder: nn.Module, args: Args, device, amp) -> dict:
     lr = args.lin_lr * (args.lin_batch_size * dist.world() / 256 if args.lin_schedule == "cosine" else 1)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
     loader = make_loader(train_ds, args.lin_batch_size, args, train=True)
+    loop = training.Loop(loader, args.lin_epochs, args.output_dir, logger, amp, args,
+                         {"model": head, "optimizer": opt}, args.log_every, args.ckpt_every,
+                         ckpt_name="linear.pt" if name == "trained" else f"linear-{name}.pt",
+                         source=source, desc="linear", prefix="linear")
+    loop.resume()
     encoder.eval()
-    total = args.lin_epochs * len(loader)
-    for epoch in range(args.lin_epochs):
-        loader.sampler.set_epoch(epoch)
-        for i, (x, y, _) in enumerate(log.progress(loader, desc=f"linear {epoch}")):
-            step = epoch * len(loader) + i
-            if args.lin_schedule == "cosine":
-                optim.set_lr_wd(opt, optim.cosine_schedule(step, total, lr))
-            else:  # x0.1 at 60 % and 80 % of training (epochs 60 and 80 of 100)
-                optim.set_lr_wd(opt, lr * 0.1 ** ((epoch >= 0.6 * args.lin_epochs)
-                                                   + (epoch >= 0.8 * args.lin_epochs)))
-            with torch.no_grad(), amp.autocast():
-                feats = encoder(x.to(device, non_blocking=True))
-            loss = F.cross_entropy(head_ddp(feats.float()), y.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    for x, y, _ in loop:
+        if args.lin_schedule == "cosine":
+            lr_now = optim.cosine_schedule(loop.step, loop.total_steps, lr)
+        else:  # x0.1 at 60 % and 80 % of training (epochs 60 and 80 of 100)
+            lr_now = lr * 0.1 ** ((loop.epoch >= 0.6 * args.lin_epochs)
+                                  + (loop.epoch >= 0.8 * args.lin_epochs))
+        optim.set_lr_wd(opt, lr_now)
+        with torch.no_grad(), amp.autocast():
+            feats = encoder(x.to(device, non_blocking=True))
+        loss = F.cross_entropy(head_ddp(feats.float()), y.to(device))
+        amp.step(loss, opt)
+        loop.end_step({"loss": loss.detach()}, {"linear/lr": lr_now})
     correct = torch.zeros(2, device=device)
-    with torch.no_grad():
+    with torch.no_grad():  # the evaluation loader gives each rank a share, no repeats
         for x, y, _ in make_loader(val_ds, args.lin_batch_size, args, train=False):
             with amp.autocast():
                 pred = head(encoder(x.to(device)).float()).argmax(1)
             correct += torch.stack([(pred == y.to(device)).sum(), torch.tensor(len(y), device=device)])
-    correct = dist.all_reduce(correct, "sum")  # the val sampler pads: tiny bias at most
+    correct = dist.all_reduce(correct, "sum")  # each validation image counted exactly once
     return {"linear_top1": 100.0 * (correct[0] / correct[1]).item()}
 
 
-def evaluate_encoder(encoder: nn.Module, args: Args, device, amp) -> dict:
+def evaluate_encoder(encoder: nn.Module, args: Args, device, amp, logger: log.Logger,
+                     source: str, name: str = "trained") -> dict:
     out = knn_eval(encoder, args, device, amp)
     if args.lin_aug:
-        out.update(linear_eval(encoder, args, device, amp))
+        out.update(linear_eval(encoder, args, device, amp, logger, source, name))
     return out
 
 
@@ -570,10 +577,12 @@ def main(args: Args) -> dict:
         step = pretrain(model, sce, args, device, amp, logger)
     summary.update(steps=step, seconds=round(time.time() - t0, 1))
 
-    results = {"trained": evaluate_encoder(sce.encoder, args, device, amp)}
+    source = f"{args.init_from or 'random init'} + {step} steps in {args.output_dir}"
+    results = {"trained": evaluate_encoder(sce.encoder, args, device, amp, logger, source)}
     if args.eval_random_init:
         torch.manual_seed(args.seed)
-        results["random_init"] = evaluate_encoder(build_backbone(args).to(device), args, device, amp)
+        results["random_init"] = evaluate_encoder(build_backbone(args).to(device), args, device,
+                                                  amp, logger, f"seed {args.seed}", "random_init")
     for name in results["trained"]:
         summary["metrics"][name] = {k: round(v[name], 2) for k, v in results.items()}
     dist.print0(f"{'metric':<16}" + "".join(f"{k:>14}" for k in reversed(results)))
@@ -589,65 +598,39 @@ def main(args: Args) -> dict:
 def pretrain(model, sce: SCE, args: Args, device, amp: optim.Amp, logger: log.Logger) -> int:
     """The training loop, keyed by the global step; returns the number of steps done."""
     ds = data.SafeDataset(Views(base_dataset(args, "pretrain"), pretrain_views(args), args.seed),
-                          name="pretrain images")
+                          args.max_fail_fraction, "pretrain images")
     loader = make_loader(ds, args.batch_size, args, train=True)
-    steps_per_epoch = len(loader)
-    total = args.epochs * steps_per_epoch
     global_batch = args.batch_size * dist.world()
     peak_lr = args.base_lr * global_batch / 256  # linear scaling rule (App. A.5)
-    warmup = min(args.warmup_epochs * steps_per_epoch, total)
     params = [p for p in sce.parameters() if p.requires_grad]
     opt = (optim.LARS(params, lr=peak_lr, momentum=0.9, weight_decay=args.weight_decay)
            if args.optimizer == "lars" else
            torch.optim.SGD(params, lr=peak_lr, momentum=0.9, weight_decay=args.weight_decay))
-    dist.print0(f"{len(ds)} images, {steps_per_epoch} steps/epoch, global batch {global_batch}, "
-                f"peak lr {peak_lr:.4g}, amp {amp.mode}, output {args.output_dir}")
-
-    step, _ = checkpoint.resume_training(args.output_dir, args.resume, sce, opt, amp)
-
-    last_step = min(total, args.max_steps or total)
-    meter = log.Throughput(device)
+    loop = training.Loop(loader, args.epochs, args.output_dir, logger, amp, args,
+                         {"model": sce, "optimizer": opt}, args.log_every, args.ckpt_every,
+                         args.max_steps)
+    warmup = min(args.warmup_epochs * loop.steps_per_epoch, loop.total_steps)
+    dist.print0(f"{len(ds)} images, {loop.steps_per_epoch} steps/epoch, global batch "
+                f"{global_batch}, peak lr {peak_lr:.4g}, amp {amp.mode}, output {args.output_dir}")
+    loop.resume(args.resume)
     model.train()
-    while step < last_step:
-        epoch = step // steps_per_epoch
-        loader.sampler.set_epoch(epoch)
-        loader.sampler.set_start((step % steps_per_epoch) * args.batch_size)
-        for views, _, _ in log.progress(loader, desc=f"epoch {epoch}"):
-            lr = optim.cosine_schedule(step, total, peak_lr, warmup)
-            optim.set_lr_wd(opt, lr)
-            # EMA momentum: m = 1 - (1 - m0)(cos(pi k / (S - 1)) + 1) / 2 (App. A.5, spec §7.5)
-            m = optim.cosine_schedule(step, max(total - 1, 1), args.ema_m0, final=1.0)
-            views = [v.to(device, non_blocking=True) for v in views]
-            if device.type == "cuda":
-                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-            out = train_step(model, views, opt, amp, m)
-            step += 1
-            meter.update(args.batch_size * dist.world())
-            saving = step % args.ckpt_every == 0 or step == last_step
-            if saving or step % args.log_every == 0:  # check before saving: last.pt stays good
-                loss = dist.all_reduce(out["loss"].float().clone(), "mean")
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss at step {step}: stopping; the "
-                                             f"last good checkpoint is kept in {args.output_dir}")
-            if step % args.log_every == 0 or step == last_step:
-                logger.log(step, {"epoch": epoch, "train/loss": loss, "train/lr": lr,
-                                  "train/ema_m": m, "train/skipped": ds.skipped, **meter.rates()})
-                meter.reset()
-            if saving:
-                checkpoint.save_training(os.path.join(args.output_dir, "last.pt"), sce, opt, amp,
-                                         step, args)
-            if step == last_step:
-                break
-        if args.eval_every and (epoch + 1) % args.eval_every == 0 and step % steps_per_epoch == 0:
-            logger.log(step, {f"knn/{k}": v for k, v in
-                              knn_eval(sce.encoder, args, device, amp).items()})
-    if dist.is_dist():  # DDP keeps replicas equal: check it once (weights, target, queue)
-        sums = torch.stack([t.detach().double().sum() for t in [*sce.parameters(), sce.queue]])
-        spread = (dist.all_gather(sums[None]) - sums).abs().max()
-        logger.log(step, {"ddp/max_replica_diff": spread})
+    for views, _, _ in loop:
+        lr = optim.cosine_schedule(loop.step, loop.total_steps, peak_lr, warmup)
+        optim.set_lr_wd(opt, lr)
+        # EMA momentum: m = 1 - (1 - m0)(cos(pi k / (S - 1)) + 1) / 2 (App. A.5, spec §7.5)
+        m = optim.cosine_schedule(loop.step, max(loop.total_steps - 1, 1), args.ema_m0, final=1.0)
+        views = [v.to(device, non_blocking=True) for v in views]
+        if device.type == "cuda":
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        out = train_step(model, views, opt, amp, m)
+        loop.end_step(out, {"train/lr": lr, "train/ema_m": m})
+        if args.eval_every and loop.epoch_end and (loop.epoch + 1) % args.eval_every == 0:
+            logger.log(loop.step, {f"knn/{k}": v for k, v in
+                                   knn_eval(sce.encoder, args, device, amp).items()})
+    loop.check_replicas(sce, buffers=(sce.queue,))  # weights, target, queue
     if dist.is_main():  # the backbone alone, loadable into torchvision.models.<arch>()
         torch.save(sce.encoder.state_dict(), os.path.join(args.output_dir, "backbone.pt"))
-    return step
+    return loop.step
 
 
 def bench(model, sce: SCE, args: Args, device, amp: optim.Amp) -> dict:
@@ -666,4 +649,4 @@ def bench(model, sce: SCE, args: Args, device, amp: optim.Amp) -> dict:
 
 
 if __name__ == "__main__":
-    main(cli.parse(Args, PRESETS))
+    cli.run(main, Args, PRESETS)

@@ -65,7 +65,8 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from common import checkpoint, cli, data, dist, evaluate, log, optim, synthetic, video, vit
+from common import (checkpoint, cli, data, dist, evaluate, log, optim, synthetic, training,
+                    video, vit)
 
 
 # ---- 2. Arguments ----
@@ -85,7 +86,8 @@ class Args:
     ckpt_every: int = 1000
     """steps between checkpoints (last.pt, atomic); also written at the end"""
     resume: str = ""
-    """checkpoint to resume from (default: <output_dir>/last.pt when it exists)"""
+    """checkpoint to resume from (default: <output_dir>/last.pt when it exists; with --eval
+    finetune|linear: <output_dir>/finetune.pt|linear.pt of the same --init-from)"""
     init_from: str = ""
     """weights to evaluate / fine-tune: a pretraining last.pt (encoder.* keys) or a fine-tune one"""
     eval: Literal["none", "knn", "linear", "finetune"] = "none"
@@ -94,7 +96,8 @@ class Args:
     """time the training step on random tensors and the data pipeline, print JSON, exit"""
     # data
     data: str = ""
-    """dataset root (empty: the embedded synthetic videos, demo preset)"""
+    """dataset root holding train.csv and val.csv (or one of those files), or the UCF101 /
+    HMDB51 split folder (empty: the embedded synthetic videos, demo preset)"""
     dataset: Literal["csv", "ssv2", "ucf101", "hmdb51"] = "csv"
     """csv: Kinetics-style {train,val}.csv 'path label' (spec §2.2); ssv2: same lists, no flip and
     TSN fine-tune sampling; ucf101/hmdb51: official split files (split 1) in --data"""
@@ -112,6 +115,8 @@ class Args:
     """flat synthetic backgrounds, so that the motion, not the texture, is what there is to see"""
     num_workers: int = 10
     """data loader workers per process (official: 10)"""
+    max_fail_fraction: float = 0.05
+    """stop when more than this fraction of the videos is unreadable (one is always skipped)"""
     # model
     model: Literal["tiny", "small", "base"] = "base"
     """encoder size: ViT-S (384, 12, 6) or ViT-B (768, 12, 12) (spec §1.2)"""
@@ -263,11 +268,17 @@ def read_split(args: Args, train: bool) -> list:
         root = synthetic.videos(per_class_train=ptr, per_class_val=pva,
                                 scale=args.synthetic_scale, plain=args.synthetic_plain)
         return data.read_video_csv(root / ("train.csv" if train else "val.csv"))
+    root = os.path.dirname(args.data) if os.path.isfile(args.data) else args.data
     if args.dataset == "ucf101":
-        return data.read_ucf101_split(args.data, 1, train)
+        return data.read_ucf101_split(root, 1, train)
     if args.dataset == "hmdb51":
-        return data.read_hmdb51_split(args.data, 1, train)
-    return data.read_video_csv(os.path.join(args.data, "train.csv" if train else "val.csv"))
+        return data.read_hmdb51_split(root, 1, train)
+    name = "train.csv" if train else "val.csv"
+    if not os.path.isfile(os.path.join(root, name)):
+        raise FileNotFoundError(f"--data {args.data}: expected a folder holding train.csv and "
+                                f"val.csv (lines 'path label'), or one of those two files; "
+                                f"{os.path.join(root, name)} does not exist")
+    return data.read_video_csv(os.path.join(root, name))
 
 
 def stride_indices(n: int, num_frames: int, rate: int, rng: np.random.Generator) -> list:
@@ -408,11 +419,9 @@ class ClipViews(Dataset):
 
 
 def make_loader(ds: Dataset, batch_size: int, args: Args, train: bool) -> DataLoader:
-    sampler = data.ResumableSampler(ds, shuffle=train, seed=args.seed, drop_last=train,
-                                    with_epoch=train)
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=args.num_workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=train,
-                      persistent_workers=train and args.num_workers > 0)
+    """Shuffled full batches keyed (epoch, index) for training; every clip once, in order,
+    for evaluation (also under DDP); the loader's own generator (`data.make_loader`)."""
+    return data.make_loader(ds, batch_size, train, args.seed, args.num_workers)
 
 
 # ---- 4. Model ----
@@ -724,7 +733,7 @@ def mix(x: torch.Tensor, y: torch.Tensor, a: Args, num_classes: int) -> tuple:
 @torch.no_grad()
 def multi_view_test(model: nn.Module, records: list, args: Args, device, amp) -> dict:
     """Top-1/top-5 with the per-view softmax averaged over test_clips x test_crops views."""
-    ds = data.SafeDataset(ClipViews(records, args, "test"), name="test videos")
+    ds = data.SafeDataset(ClipViews(records, args, "test"), args.max_fail_fraction, "test videos")
     model.eval()
     counts = torch.zeros(3, device=device)
     for x, y, _ in make_loader(ds, args.ft_batch_size, args, train=False):
@@ -735,7 +744,7 @@ def multi_view_test(model: nn.Module, records: list, args: Args, device, amp) ->
         top = prob.topk(min(5, prob.shape[1]), 1).indices.cpu()
         counts += torch.tensor([(top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum(), B],
                                device=device)
-    counts = dist.all_reduce(counts, "sum")  # the padded sampler may repeat a few clips
+    counts = dist.all_reduce(counts, "sum")  # each clip is in exactly one rank's share
     return {"top1": 100 * (counts[0] / counts[2]).item(),
             "top5": 100 * (counts[1] / counts[2]).item()}
 
@@ -757,34 +766,26 @@ def finetune(args: Args, device, amp: optim.Amp, logger: log.Logger) -> dict:
     peak, final = args.ft_base_lr * global_batch / 256, args.ft_min_lr * global_batch / 256
     opt = torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.999), fused=device.type == "cuda")
     net = nn.parallel.DistributedDataParallel(model) if dist.is_dist() else model
-    ds = data.SafeDataset(ClipViews(train_recs, args, "train"), name="train videos")
-    loader = make_loader(ds, args.ft_batch_size, args, train=True)
-    total = args.ft_epochs * len(loader)
-    warmup = min(args.ft_warmup_epochs * len(loader), total)
-    path, start = os.path.join(args.output_dir, f"{args.eval}.pt"), 0
-    if os.path.isfile(path):  # resume at an epoch boundary
-        ckpt = checkpoint.load(path)
-        checkpoint.load_model(model, ckpt["model"], what=path)
-        opt.load_state_dict(ckpt["optimizer"])
-        amp.load_state_dict(ckpt["scaler"])
-        start = ckpt["epoch"]
+    ds = data.SafeDataset(ClipViews(train_recs, args, "train"), args.max_fail_fraction,
+                          "train videos")
+    loop = training.Loop(make_loader(ds, args.ft_batch_size, args, train=True), args.ft_epochs,
+                         args.output_dir, logger, amp, args, {"model": model, "optimizer": opt},
+                         args.log_every, args.ckpt_every, ckpt_name=f"{args.eval}.pt",
+                         source=args.init_from or "random init", desc=args.eval,
+                         prefix=args.eval)
+    warmup = min(args.ft_warmup_epochs * loop.steps_per_epoch, loop.total_steps)
+    loop.resume(args.resume)  # <output-dir>/{finetune,linear}.pt of the same --init-from
     dist.print0(f"{args.eval}: {len(ds)} clips, {n_cls} classes, peak lr {peak:.3g}")
-    for epoch in range(start, args.ft_epochs):
-        loader.sampler.set_epoch(epoch)
-        net.train(not linear)
-        for i, (x, y, _) in enumerate(log.progress(loader, desc=f"{args.eval} {epoch}")):
-            step = epoch * len(loader) + i
-            optim.set_lr_wd(opt, optim.cosine_schedule(step, total, peak, warmup, final=final))
-            x, target = mix(x.to(device, non_blocking=True), y.to(device), args, n_cls)
-            with amp.autocast():
-                logits = net(x)
-            loss = -(target * logits.float().log_softmax(1)).sum(1).mean()  # soft-target CE
-            amp.step(loss, opt)
-            if (step + 1) % args.log_every == 0:
-                logger.log(step + 1, {f"{args.eval}/loss": loss,
-                                      f"{args.eval}/lr": opt.param_groups[-1]["lr"]})
-        checkpoint.save(path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                               "scaler": amp.state_dict(), "epoch": epoch + 1})
+    net.train(not linear)
+    for x, y, _ in loop:
+        lr = optim.cosine_schedule(loop.step, loop.total_steps, peak, warmup, final=final)
+        optim.set_lr_wd(opt, lr)
+        x, target = mix(x.to(device, non_blocking=True), y.to(device), args, n_cls)
+        with amp.autocast():
+            logits = net(x)
+        loss = -(target * logits.float().log_softmax(1)).sum(1).mean()  # soft-target CE
+        amp.step(loss, opt)
+        loop.end_step({"loss": loss.detach()}, {f"{args.eval}/lr": lr})
     res = multi_view_test(model, val_recs, args, device, amp)
     return {f"{args.eval}_top1": res["top1"], f"{args.eval}_top5": res["top5"]}
 
@@ -792,7 +793,8 @@ def finetune(args: Args, device, amp: optim.Amp, logger: log.Logger) -> dict:
 def feature_eval(encoder: Encoder, args: Args, device, amp) -> dict:
     """Weighted kNN (k, T = 0.07; train split as the bank; eval mode) on the pooled encoder
     tokens of one centre view, and a quick linear probe on the same frozen features."""
-    loaders = [make_loader(data.SafeDataset(ClipViews(read_split(args, s), args, "single")),
+    loaders = [make_loader(data.SafeDataset(ClipViews(read_split(args, s), args, "single"),
+                                            args.max_fail_fraction, "clips"),
                            args.ft_batch_size * 4, args, train=False) for s in (True, False)]
     was = encoder.training
     encoder.eval()
@@ -933,17 +935,18 @@ def main(args: Args) -> dict:
 
 def pretrain(model: SIGMA, teacher, args: Args, device, amp: optim.Amp, logger: log.Logger) -> int:
     """The pretraining loop, keyed by the global step; returns the number of steps done."""
-    ds = data.SafeDataset(PretrainClips(read_split(args, True), args), name="pretrain videos")
-    loader = make_loader(ds, args.batch_size, args, train=True)
-    steps_per_epoch = len(loader)
-    total = args.epochs * steps_per_epoch
+    ds = data.SafeDataset(PretrainClips(read_split(args, True), args), args.max_fail_fraction,
+                          "pretrain videos")
     global_batch = args.batch_size * dist.world()
     peak, final = args.base_lr * global_batch / 256, args.min_lr * global_batch / 256  # spec §3
-    warmup = min(args.warmup_epochs * steps_per_epoch, total)
     opt = torch.optim.AdamW(optim.param_groups(model, args.weight_decay), lr=peak,
                             betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
-    dist.print0(f"{len(ds)} videos, {steps_per_epoch} steps/epoch, global batch {global_batch}, "
-                f"peak lr {peak:.3g}, {num_tokens(args)} tokens, amp {amp.mode}, "
+    loop = training.Loop(make_loader(ds, args.batch_size, args, train=True), args.epochs,
+                         args.output_dir, logger, amp, args, {"model": model, "optimizer": opt},
+                         args.log_every, args.ckpt_every, args.max_steps)
+    warmup = min(args.warmup_epochs * loop.steps_per_epoch, loop.total_steps)
+    dist.print0(f"{len(ds)} videos, {loop.steps_per_epoch} steps/epoch, global batch "
+                f"{global_batch}, peak lr {peak:.3g}, {num_tokens(args)} tokens, amp {amp.mode}, "
                 f"output {args.output_dir}")
     net = model
     if args.compile:
@@ -951,44 +954,16 @@ def pretrain(model: SIGMA, teacher, args: Args, device, amp: optim.Amp, logger: 
         model.decoder.compile()
     if dist.is_dist():  # the L2 ablation leaves the prototypes unused
         net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=args.loss == "l2")
-    step, _ = checkpoint.resume_training(args.output_dir, args.resume, model, opt, amp)
-
-    last_step = min(total, args.max_steps or total)
-    meter = log.Throughput(device)
+    loop.resume(args.resume)
     net.train()
-    while step < last_step:
-        epoch = step // steps_per_epoch
-        loader.sampler.set_epoch(epoch)
-        loader.sampler.set_start((step % steps_per_epoch) * args.batch_size)
-        for clip, mask in log.progress(loader, desc=f"epoch {epoch}"):
-            lr = optim.cosine_schedule(step, total, peak, warmup, final=final)
-            optim.set_lr_wd(opt, lr)  # weight decay stays constant (spec §3)
-            out = train_step(net, clip.to(device, non_blocking=True), mask.to(device), opt, amp,
-                             teacher, args.clip_grad)
-            step += 1
-            meter.update(global_batch)
-            logging, saving = step % args.log_every == 0 or step == last_step, \
-                step % args.ckpt_every == 0 or step == last_step
-            if logging or saving:
-                loss = dist.all_reduce(out["loss"].float().clone(), "mean")
-                if not torch.isfinite(loss):  # before saving: last.pt stays the last good one
-                    raise FloatingPointError(f"non-finite loss at step {step}: stopping; the "
-                                             f"last good checkpoint is kept in {args.output_dir}")
-            if logging:
-                logger.log(step, {"epoch": epoch, "train/loss": loss, "train/lr": lr,
-                                  **{f"train/{k}": v for k, v in out.items() if k != "loss"},
-                                  "train/skipped": ds.skipped, **meter.rates()})
-                meter.reset()
-            if saving:
-                checkpoint.save_training(os.path.join(args.output_dir, "last.pt"), model, opt,
-                                         amp, step, args)
-            if step == last_step:
-                break
-    if dist.is_dist():  # DDP keeps replicas equal: check it once
-        sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
-        spread = (dist.all_gather(sums[None]) - sums).abs().max()
-        logger.log(step, {"ddp/max_replica_diff": spread})
-    return step
+    for clip, mask in loop:
+        lr = optim.cosine_schedule(loop.step, loop.total_steps, peak, warmup, final=final)
+        optim.set_lr_wd(opt, lr)  # weight decay stays constant (spec §3)
+        out = train_step(net, clip.to(device, non_blocking=True), mask.to(device), opt, amp,
+                         teacher, args.clip_grad)
+        loop.end_step(out, {"train/lr": lr})
+    loop.check_replicas(model)
+    return loop.step
 
 
 def bench(model: SIGMA, teacher, args: Args, device, amp: optim.Amp) -> dict:
@@ -1008,4 +983,4 @@ def bench(model: SIGMA, teacher, args: Args, device, amp: optim.Amp) -> dict:
 
 
 if __name__ == "__main__":
-    main(cli.parse(Args, PRESETS))
+    cli.run(main, Args, PRESETS)

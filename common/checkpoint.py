@@ -16,9 +16,13 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from common import dist
+from common import cli, dist
 
 USUAL_KEYS = ("model", "state_dict", "teacher")  # where init_from looks for the weights
+
+
+class CheckpointError(cli.UserError, RuntimeError):
+    """A checkpoint that cannot be read, does not fit the model, or belongs to another run."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -73,7 +77,7 @@ def load(path, map_location="cpu") -> dict:
     except Exception as e:
         text = " ".join(str(e).split())  # keep the specific part of torch's long message
         reason = text.split("WeightsUnpickler error:")[-1].split(" Check the documentation")[0]
-        raise RuntimeError(f"cannot load checkpoint {path} (corrupt, truncated, or holding "
+        raise CheckpointError(f"cannot load checkpoint {path} (corrupt, truncated, or holding "
                            f"objects that weights_only=True refuses): {type(e).__name__}: "
                            f"{reason.strip()}") from None
 
@@ -134,7 +138,7 @@ def load_model(model: nn.Module, state_dict: dict, strict: bool = True, what: st
     shapes = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
               for k in sd if k in own and sd[k].shape != own[k].shape]
     if shapes or (strict and (missing or unexpected)):
-        raise RuntimeError(f"{what}: state dict does not match {type(target).__name__}"
+        raise CheckpointError(f"{what}: state dict does not match {type(target).__name__}"
                            + _listing("missing", missing) + _listing("unexpected", unexpected)
                            + _listing("shape mismatch", shapes))
     target.load_state_dict(sd, strict=False)
@@ -151,32 +155,33 @@ def resume_path(output_dir, resume: Optional[str] = None) -> Optional[str]:
     return str(last) if last.is_file() else None
 
 
-def save_training(path, model: nn.Module, optimizer, amp, step: int, args, **extra) -> None:
-    """Write the training state of DESIGN §5 atomically: model, optimiser, AMP scaler, step,
-    args (a dataclass is stored as a dict) and every rank's RNG state, plus `extra` entries.
-    Call it on every rank: gathering the RNG states is a collective under DDP."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scaler": amp.state_dict() if amp is not None else {}, "step": step,
-             "args": dataclasses.asdict(args) if dataclasses.is_dataclass(args) else args,
-             "rng": rng_state(), **extra}
-    save(path, state)
+def save_training(path, state: dict, amp, step: int, args, **extra) -> None:
+    """Write the training state of DESIGN §5 atomically: each entry of `state` (a module, an
+    optimiser, anything with `state_dict()`) under its name, the AMP scaler, the step, args (a
+    dataclass is stored as a dict), every rank's RNG state, and `extra` entries. Call it on
+    every rank: gathering the RNG states is a collective under DDP."""
+    ckpt = {name: obj.state_dict() for name, obj in state.items()}
+    ckpt.update(scaler=amp.state_dict() if amp is not None else {}, step=step,
+                args=dataclasses.asdict(args) if dataclasses.is_dataclass(args) else args,
+                rng=rng_state(), **extra)
+    save(path, ckpt)
 
 
-def resume_training(output_dir, resume: Optional[str], model: nn.Module, optimizer,
-                    amp) -> tuple[int, Optional[dict]]:
-    """Restore what `save_training` wrote, from `resume` or `<output_dir>/last.pt` when it
-    exists. Returns (step, checkpoint), or (0, None) when there is nothing to resume."""
-    path = resume_path(output_dir, resume or None)
-    if not path:
-        return 0, None
+def load_training(path, state: dict, amp) -> dict:
+    """Restore what `save_training` wrote into `state`'s objects (modules strictly, wrapper
+    prefixes stripped), the AMP scaler and the RNG states; returns the checkpoint dict."""
     ckpt = load(path)
-    load_model(model, ckpt["model"], what=path)
-    optimizer.load_state_dict(ckpt["optimizer"])
+    for name, obj in state.items():
+        if name not in ckpt:
+            raise CheckpointError(f"{path}: no {name!r} entry; it holds {sorted(ckpt)}")
+        if isinstance(obj, nn.Module):
+            load_model(obj, ckpt[name], what=path)
+        else:
+            obj.load_state_dict(ckpt[name])
     if amp is not None:
         amp.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
-    dist.print0(f"resumed from {path} at step {ckpt['step']}")
-    return ckpt["step"], ckpt
+    return ckpt
 
 
 def init_from(model: nn.Module, path, key: Optional[str] = None, strict: bool = False,
@@ -189,15 +194,15 @@ def init_from(model: nn.Module, path, key: Optional[str] = None, strict: bool = 
     """
     ckpt = load(path)
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{path}: expected a dict, found {type(ckpt).__name__}")
+        raise cli.InputError(f"{path}: expected a dict, found {type(ckpt).__name__}")
     is_raw = all(isinstance(v, torch.Tensor) for v in ckpt.values())
     if key is None and not is_raw:
         key = next((k for k in USUAL_KEYS if isinstance(ckpt.get(k), dict)), None)
         if key is None:
-            raise ValueError(f"{path}: no state dict found under {USUAL_KEYS}; "
+            raise cli.InputError(f"{path}: no state dict found under {USUAL_KEYS}; "
                              f"top-level keys: {sorted(ckpt)[:10]}")
     if key is not None and key not in ckpt:
-        raise ValueError(f"{path}: no key {key!r}; top-level keys: {sorted(ckpt)[:10]}")
+        raise cli.InputError(f"{path}: no key {key!r}; top-level keys: {sorted(ckpt)[:10]}")
     sd = clean_state_dict(ckpt[key] if key is not None else ckpt)
     if prefix:
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}

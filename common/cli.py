@@ -47,7 +47,6 @@ def _none_or(conv):
 
 
 def _add_field(parser, f: dataclasses.Field, tp, doc: str) -> None:
-    names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
     kw: dict[str, Any] = {"dest": f.name, "help": (doc or "(undocumented)").replace("%", "%%")}
     origin, targs = typing.get_origin(tp), typing.get_args(tp)
     optional = origin is Union and type(None) in targs
@@ -74,7 +73,9 @@ def _add_field(parser, f: dataclasses.Field, tp, doc: str) -> None:
         raise TypeError(f"field {f.name}: unsupported type {tp!r}")
     if optional and "type" in kw:
         kw["type"] = _none_or(kw["type"])
-    parser.add_argument(*names, **kw)
+    parser.add_argument(f"--{f.name.replace('_', '-')}", **kw)  # the spelling --help shows
+    if "_" in f.name:  # the underscore spelling is accepted too, and hidden from --help
+        parser.add_argument(f"--{f.name}", **{**kw, "help": argparse.SUPPRESS})
 
 
 def build_parser(cls, presets: Optional[dict] = None, prog: Optional[str] = None):
@@ -121,6 +122,33 @@ def parse(cls, presets: Optional[dict] = None, argv: Optional[list] = None):
     if "preset" in names:
         ns["preset"] = preset or ""
     return cls(**ns)
+
+
+class UserError(Exception):
+    """A mistake in what the user gave (a path, a list file, an annotation, a flag, a
+    checkpoint): `run` prints `error: <message>` and exits with status 2, no traceback.
+    Library code raises subclasses that also derive from the built-in type a caller expects
+    (e.g. `class ListFormatError(UserError, ValueError)`)."""
+
+
+class InputError(UserError, ValueError):
+    """A malformed input: a list or annotation line (the message names `file:line`), an
+    unreadable label file, an impossible combination of flags."""
+
+
+def run(main, cls, presets: Optional[dict] = None, argv: Optional[list] = None):
+    """A script's entry point: `main(parse(cls, presets, argv))`.
+
+    Errors about the user's input (`UserError`, `FileNotFoundError`, `NotADirectoryError`)
+    print one line `error: <message>` on stderr and exit with status 2, as argparse does for a
+    bad flag; every other exception keeps its traceback (a genuine bug).
+    """
+    args = parse(cls, presets, argv)
+    try:
+        return main(args)
+    except (UserError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def save_args(args, output_dir: str) -> str:

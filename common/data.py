@@ -16,9 +16,9 @@ from typing import NamedTuple, Optional, Sequence, Union
 import numpy as np
 import torch
 import torchvision
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import dist
+from . import cli, dist
 from .video import IMAGE_EXTS
 
 PathLike = Union[str, os.PathLike]
@@ -52,11 +52,11 @@ def torchvision_dataset(name: str, root: PathLike, split: str, transform=None) -
     """CIFAR-10/100 (split train/test) or STL-10 (train/test/unlabeled/train+unlabeled) from
     a local copy (`download=False`); `root` holds the extracted archive folder."""
     if name not in _TV:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(_TV)}")
+        raise cli.InputError(f"unknown dataset {name!r}; expected one of {sorted(_TV)}")
     cls_name, folder, files = _TV[name]
     splits = ("train", "test") + (("unlabeled", "train+unlabeled") if name == "stl10" else ())
     if split not in splits:
-        raise ValueError(f"{name}: unknown split {split!r}; expected one of {splits}")
+        raise cli.InputError(f"{name}: unknown split {split!r}; expected one of {splits}")
     cls = getattr(torchvision.datasets, cls_name)
     kw = {"split": split} if name == "stl10" else {"train": split == "train"}
     try:
@@ -77,9 +77,9 @@ def _ints(where: str, fields: Sequence[str]) -> list:
     try:
         values = [int(f) for f in fields]
     except ValueError:
-        raise ValueError(f"{where}: expected integers, got {' '.join(fields)!r}") from None
+        raise cli.InputError(f"{where}: expected integers, got {' '.join(fields)!r}") from None
     if any(v < 0 for v in values):
-        raise ValueError(f"{where}: negative value in {' '.join(fields)!r}")
+        raise cli.InputError(f"{where}: negative value in {' '.join(fields)!r}")
     return values
 
 
@@ -100,7 +100,7 @@ def read_video_csv(csv_path: PathLike, root: Optional[PathLike] = None) -> list:
     records = []
     for where, fields in _lines(csv_path):
         if len(fields) not in (2, 3):
-            raise ValueError(f"{where}: expected 'path label [num_frames]', "
+            raise cli.InputError(f"{where}: expected 'path label [num_frames]', "
                              f"got {' '.join(fields)!r}")
         records.append(VideoRecord(str(root / fields[0]), *_ints(where, fields[1:])))
     return records
@@ -137,15 +137,17 @@ def read_ucf101_split(root: PathLike, split: int = 1, train: bool = True,
     classes = {}
     for where, fields in _lines(root / "classInd.txt"):
         if len(fields) != 2:
-            raise ValueError(f"{where}: expected 'id ClassName', got {' '.join(fields)!r}")
+            raise cli.InputError(f"{where}: expected 'id ClassName', got {' '.join(fields)!r}")
         classes[fields[1]] = _ints(where, fields[:1])[0] - 1
     records = []
     for where, fields in _lines(root / f"{'train' if train else 'test'}list0{split}.txt"):
         if len(fields) not in (1, 2):
-            raise ValueError(f"{where}: expected 'Class/video.avi [id]', got {' '.join(fields)!r}")
+            raise cli.InputError(f"{where}: expected 'Class/video.avi [id]', "
+                                 f"got {' '.join(fields)!r}")
         cls = fields[0].split("/")[0]
         if "/" not in fields[0] or cls not in classes:
-            raise ValueError(f"{where}: class of {fields[0]!r} is not in {root / 'classInd.txt'}")
+            raise cli.InputError(f"{where}: class of {fields[0]!r} is not in "
+                                 f"{root / 'classInd.txt'}")
         records.append(VideoRecord(_video_path(videos, fields[0]), classes[cls]))
     return records
 
@@ -166,7 +168,8 @@ def read_hmdb51_split(root: PathLike, split: int = 1, train: bool = True,
         cls = file.name[: -len(suffix)]
         for where, fields in _lines(file):
             if len(fields) != 2 or _ints(where, fields[1:])[0] not in (0, 1, 2):
-                raise ValueError(f"{where}: expected '<video>.avi 0|1|2', got {' '.join(fields)!r}")
+                raise cli.InputError(f"{where}: expected '<video>.avi 0|1|2', "
+                                     f"got {' '.join(fields)!r}")
             if int(fields[1]) == want:
                 records.append(VideoRecord(_video_path(videos, f"{cls}/{fields[0]}"), label))
     return records
@@ -208,20 +211,31 @@ def split_key(key) -> tuple:
 class ResumableSampler(Sampler):
     """Distributed sampler that can resume mid-epoch.
 
-    The epoch's order is a permutation drawn from (seed, epoch) (or 0..n-1 without shuffle),
-    padded by wrapping around (or cut with `drop_last`) to a multiple of the world size; rank
-    r takes positions r, r + world, ... Call `set_epoch(e)` before each epoch, then, when
-    resuming, `set_start(k)` to skip the first k samples of this rank's share (k = batches
-    done this epoch x batch size); `len()` is the count still to come.
+    The epoch's order is a permutation drawn from (seed, epoch) (or 0..n-1 without shuffle).
+    For training it is padded by wrapping around (or cut with `drop_last`) to a multiple of
+    the world size so that every rank does the same number of steps; rank r takes positions
+    r, r + world, ... With `pad=False` (evaluation) nothing is added: rank r takes r, r +
+    world, ... of the plain order, shares may differ by one, and over all ranks every sample
+    is seen exactly once (DESIGN §5: distributed evaluation counts each sample once).
+    Call `set_epoch(e)` before each epoch, then, when resuming, `set_start(k)` to skip the
+    first k samples of this rank's share (k = batches done this epoch x batch size); `len()`
+    is the count still to come.
     """
 
     def __init__(self, size, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-                 with_epoch: bool = False, rank: Optional[int] = None, world: Optional[int] = None):
+                 with_epoch: bool = False, rank: Optional[int] = None, world: Optional[int] = None,
+                 pad: bool = True):
         size = size if isinstance(size, int) else len(size)  # a dataset or its length
         self.size, self.shuffle, self.seed, self.with_epoch = size, shuffle, seed, with_epoch
         self.rank = dist.rank() if rank is None else rank
         self.world = dist.world() if world is None else world
-        self.per_rank = size // self.world if drop_last else math.ceil(size / self.world)
+        self.pad = pad or drop_last
+        if drop_last:
+            self.per_rank = size // self.world
+        elif pad:
+            self.per_rank = math.ceil(size / self.world)
+        else:
+            self.per_rank = len(range(self.rank, size, self.world))
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -241,8 +255,9 @@ class ResumableSampler(Sampler):
             order = torch.randperm(self.size, generator=g).tolist()
         else:
             order = list(range(self.size))
-        total = self.per_rank * self.world
-        order = (order * math.ceil(total / max(self.size, 1)))[:total]
+        if self.pad:
+            total = self.per_rank * self.world
+            order = (order * math.ceil(total / max(self.size, 1)))[:total]
         return order[self.rank::self.world]
 
     def __iter__(self):
@@ -253,6 +268,25 @@ class ResumableSampler(Sampler):
         return self.per_rank - self.start
 
 
+def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, num_workers: int = 0,
+                **kwargs) -> DataLoader:
+    """The project's DataLoader over `ds`.
+
+    train: a shuffled `ResumableSampler` keyed (epoch, index), full batches only
+    (`drop_last`), persistent workers. Otherwise: in dataset order, no padding, so that a
+    distributed evaluation sees each sample exactly once. Either way the loader has its own
+    `torch.Generator` (seeded from `seed`): starting an iterator draws from it, never from the
+    global generator that dropout, masks and mixup use, so a resumed run draws exactly what
+    the uninterrupted one draws (DESIGN §5). `kwargs` go to `DataLoader` (e.g. collate_fn).
+    """
+    sampler = ResumableSampler(ds, shuffle=train, seed=seed, drop_last=train, with_epoch=train,
+                               pad=train)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(), drop_last=train,
+                      persistent_workers=train and num_workers > 0,
+                      generator=torch.Generator().manual_seed(_seed(2, seed)), **kwargs)
+
+
 # ---- unreadable samples ----
 class SafeDataset(Dataset):
     """Skip-and-count wrapper: a sample whose loading raises OSError, RuntimeError or
@@ -261,14 +295,17 @@ class SafeDataset(Dataset):
 
     Failed indices are flagged in a shared-memory tensor created here, so the count is the
     same in DataLoader workers and in the main process (`skipped`). When more distinct
-    indices fail than `max_fail_fraction` of this rank's share (len / world size), it raises.
+    indices fail than `max_fail_fraction` of this rank's share (len / world size), and more
+    than one (a single bad file never stops a run unless the fraction is 0), it raises,
+    naming the `--max-fail-fraction` flag that every method script has.
     """
 
     def __init__(self, dataset: Dataset, max_fail_fraction: float = 0.05,
                  name: str = "dataset", tries: int = 10):
         self.dataset, self.name, self.tries = dataset, name, tries
         self.max_fail_fraction = max_fail_fraction
-        self.limit = max_fail_fraction * len(dataset) / dist.world()
+        share = max_fail_fraction * len(dataset) / dist.world()
+        self.limit = max(share, 1.0) if max_fail_fraction > 0 else 0.0
         self.failed = torch.zeros(len(dataset), dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
@@ -299,7 +336,7 @@ class SafeDataset(Dataset):
                 if self.skipped > self.limit:
                     raise RuntimeError(
                         f"{self.name}: {self.skipped} of {len(self)} samples are unreadable, more "
-                        f"than max_fail_fraction={self.max_fail_fraction}; last: "
+                        f"than --max-fail-fraction {self.max_fail_fraction} allows; last: "
                         f"{self._describe(index)}: {e}") from None
         raise RuntimeError(f"{self.name}: {self.tries} consecutive unreadable samples up to "
                            f"{self._describe(index)}")

@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from common import dist
 from common.checkpoint import unwrap
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "time_embed", "register_tokens")
@@ -172,12 +173,22 @@ def resolve_amp(mode: str, device: torch.device) -> str:
     return mode
 
 
+class NonFiniteLoss(FloatingPointError):
+    """A loss was NaN or infinite: raised before its backward pass, so no update from it
+    reaches the weights (DESIGN §5)."""
+
+
 class Amp:
     """One code path for bf16 / fp16 (with a GradScaler) / fp32 training.
 
         with amp.autocast():
             loss = model(x)
         grad_norm = amp.step(loss, optimizer, clip_grad=1.0)
+
+    `step` checks the loss every step, before backward (one host sync per step, as DINO and
+    MAE do): a non-finite loss on any rank raises `NonFiniteLoss` on every rank. `context` is
+    appended to its message; `common.training.Loop` keeps it at "step N ... last good
+    checkpoint ...".
     """
 
     def __init__(self, mode: str, device: torch.device):
@@ -185,6 +196,15 @@ class Amp:
         self.mode = resolve_amp(mode, self.device)
         self.dtype = AMP_DTYPES[self.mode]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.mode == "fp16")
+        self.context = ""
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """Raise `NonFiniteLoss` when `loss` is NaN/inf on this or any other rank."""
+        bad = (~torch.isfinite(loss.detach().float())).any().float().reshape(1)
+        if dist.all_reduce(bad, "sum").item() > 0:  # the one host sync of a step
+            raise NonFiniteLoss(f"non-finite loss ({loss.detach().float().sum().item()} on "
+                                f"rank {dist.rank()}) {self.context}: stopping before the "
+                                f"update, no step from it was applied".replace("  ", " "))
 
     def autocast(self):
         if self.dtype is None:
@@ -196,8 +216,10 @@ class Amp:
         """Backward, optional grad clipping (on unscaled grads), step, zero_grad.
 
         Returns the total grad norm before clipping (a tensor; use `clip_grad=math.inf` to only
-        measure it), or None without clipping. With fp16 a step with inf/nan grads is skipped.
+        measure it), or None without clipping. Raises `NonFiniteLoss` before backward when the
+        loss is not finite (`check_finite`); with fp16 a step whose grads overflow is skipped.
         """
+        self.check_finite(loss)
         self.scaler.scale(loss).backward()
         norm = None
         if clip_grad is not None:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from . import cli
 from .synthetic import davis_palette
 
 
@@ -99,7 +100,7 @@ def read_davis(root, split: str = "val", resolution: str = "480p") -> list:
                                         f"{root / sub / resolution / name}")
         out.append((name, frames, masks))
     if not out:
-        raise ValueError(f"{listing}: no sequences listed")
+        raise cli.InputError(f"{listing}: no sequences listed")
     return out
 
 
@@ -110,17 +111,18 @@ def read_label_png(path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             if im.mode not in ("P", "L"):
-                raise ValueError(f"{path}: label PNG must be indexed ('P') or 'L', not {im.mode!r}")
+                raise cli.InputError(f"{path}: label PNG must be indexed ('P') or 'L', "
+                                     f"not {im.mode!r}")
             return np.array(im, dtype=np.uint8)
     except OSError as e:
-        raise ValueError(f"{path}: unreadable label PNG ({e})") from None
+        raise cli.InputError(f"{path}: unreadable label PNG ({e})") from None
 
 
 def write_label_png(path, label, palette: Optional[Sequence[int]] = None) -> None:
     """Write (H, W) ids in [0, 255] as an indexed ("P") PNG, with the DAVIS palette by default."""
     a = np.asarray(label)
     if a.ndim != 2 or a.min() < 0 or a.max() > 255:
-        raise ValueError(f"{path}: label must be (H, W) ids in [0, 255], got shape {a.shape}")
+        raise cli.InputError(f"{path}: label must be (H, W) ids in [0, 255], got shape {a.shape}")
     im = Image.fromarray(a.astype(np.uint8))
     im.putpalette(list(palette) if palette is not None else davis_palette())
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -254,7 +256,7 @@ def _element(buf: bytes, pos: int, e: str) -> tuple[int, bytes, int]:
     mtype, nbytes = struct.unpack_from(e + "II", buf, pos)
     end = pos + 8 + nbytes
     if end > len(buf):
-        raise ValueError(f"element of {nbytes} bytes at offset {pos} runs past the end")
+        raise cli.InputError(f"element of {nbytes} bytes at offset {pos} runs past the end")
     return mtype, buf[pos + 8:end], end if mtype == _MI_COMPRESSED else end + (-nbytes % 8)
 
 
@@ -269,7 +271,7 @@ def _matrix(body: bytes, e: str) -> tuple[str, object]:
         return name, "complex" if cls in _MX else _MX_NAMES.get(cls, f"class {cls}")
     mtype, data, _ = _element(body, pos, e)  # the real part
     if mtype not in _MI:
-        raise ValueError(f"variable {name!r}: unsupported data type {mtype}")
+        raise cli.InputError(f"variable {name!r}: unsupported data type {mtype}")
     shape = tuple(np.frombuffer(dims, e + "i4"))
     return name, np.frombuffer(data, e + _MI[mtype]).astype(_MX[cls]).reshape(shape, order="F")
 
@@ -286,10 +288,10 @@ def read_mat_v5(path, names: Optional[Iterable[str]] = None) -> dict[str, np.nda
     except OSError as err:
         raise FileNotFoundError(f"{path}: cannot read .mat file ({err})") from None
     if data[:19] == b"MATLAB 7.3 MAT-file":
-        raise ValueError(f"{path}: MATLAB 7.3 (HDF5) .mat files are not supported, only v5")
+        raise cli.InputError(f"{path}: MATLAB 7.3 (HDF5) .mat files are not supported, only v5")
     e = {b"IM": "<", b"MI": ">"}.get(data[126:128])
     if len(data) < 128 or not data.startswith(b"MATLAB") or e is None:
-        raise ValueError(f"{path}: not a MATLAB v5 .mat file")
+        raise cli.InputError(f"{path}: not a MATLAB v5 .mat file")
     found, skipped, pos = {}, {}, 128
     try:
         while pos + 8 <= len(data):
@@ -300,14 +302,15 @@ def read_mat_v5(path, names: Optional[Iterable[str]] = None) -> dict[str, np.nda
                 name, value = _matrix(body, e)
                 (skipped if isinstance(value, str) else found)[name] = value
     except (ValueError, struct.error, zlib.error) as err:
-        raise ValueError(f"{path}: malformed .mat file ({err})") from None
+        raise cli.InputError(f"{path}: malformed .mat file ({err})") from None
     if names is None:
         return found
     for n in names:
         if n in skipped:
-            raise ValueError(f"{path}: variable {n!r} is a {skipped[n]} array, not numeric")
+            raise cli.InputError(f"{path}: variable {n!r} is a {skipped[n]} array, not numeric")
         if n not in found:
-            raise ValueError(f"{path}: no variable {n!r} (has {sorted(found) + sorted(skipped)})")
+            raise cli.InputError(f"{path}: no variable {n!r} "
+                                 f"(has {sorted(found) + sorted(skipped)})")
     return {n: found[n] for n in names}
 
 
@@ -414,7 +417,7 @@ def read_pair_list(path, what: str) -> list:
         if not fields:
             continue
         if len(fields) != 2:
-            raise ValueError(f"{path}:{lineno}: expected '<{what} input> <{what} labels>', got "
+            raise cli.InputError(f"{path}:{lineno}: expected '<{what} input> <{what} labels>', got "
                              f"{line.strip()!r}")
         a, b = (f if Path(f).is_absolute() else path.parent / f for f in fields)
         for p in (a, b):
@@ -422,7 +425,7 @@ def read_pair_list(path, what: str) -> list:
                 raise FileNotFoundError(f"{path}:{lineno}: {p} does not exist")
         out.append((Path(a), Path(b)))
     if not out:
-        raise ValueError(f"{path}: empty {what} file list")
+        raise cli.InputError(f"{path}: empty {what} file list")
     return out
 
 
@@ -442,7 +445,7 @@ def load_frames(paths: Sequence, size: tuple[int, int]) -> Tensor:
             with Image.open(p) as im:
                 frames.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1))
         except OSError as e:
-            raise ValueError(f"{p}: unreadable frame ({e})") from None
+            raise cli.InputError(f"{p}: unreadable frame ({e})") from None
     x = F.interpolate(torch.stack(frames).float() / 255, size=tuple(size), mode="bilinear",
                       align_corners=False, antialias=False)
     return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
@@ -481,7 +484,7 @@ def eval_davis(feat_fn, root, size: tuple[int, int] = (480, 880), topk: int = 7,
     gts, preds, out = [], [], []
     for name, frames, masks in read_davis(root):
         if len(frames) != len(masks):
-            raise ValueError(f"{root}: sequence {name!r} has {len(frames)} frames but "
+            raise cli.InputError(f"{root}: sequence {name!r} has {len(frames)} frames but "
                              f"{len(masks)} annotations (semi-supervised val annotates all)")
         gt = torch.from_numpy(np.stack([read_label_png(m) for m in masks]))
         gt[gt == 255] = 0  # the toolkit's semi-supervised mode: void counts as background

@@ -186,12 +186,13 @@ def test_resume_is_bit_identical(tmp_path):
     half, half_opt = build(0)
     train(half, half_opt, 4, start=0)
     amp = optim.Amp("none", torch.device("cpu"))
-    checkpoint.save_training(tmp_path / "last.pt", half, half_opt, amp, 4, argparse.Namespace(),
-                             note="extra")
+    checkpoint.save_training(tmp_path / "last.pt", {"model": half, "optimizer": half_opt}, amp,
+                             4, argparse.Namespace(), note="extra")
     random.seed(123)
     resumed, resumed_opt = build(1)                            # fresh, different init and RNG
-    assert checkpoint.resume_training(tmp_path / "none", "", resumed, resumed_opt, amp) == (0, None)
-    step, ckpt = checkpoint.resume_training(tmp_path, "", resumed, resumed_opt, amp)
+    ckpt = checkpoint.load_training(tmp_path / "last.pt",
+                                    {"model": resumed, "optimizer": resumed_opt}, amp)
+    step = ckpt["step"]
     assert step == 4 and ckpt["note"] == "extra"
     train(resumed, resumed_opt, 4, start=step)
     for a, b in zip(model.parameters(), resumed.parameters()):

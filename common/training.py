@@ -1,0 +1,150 @@
+"""The bookkeeping of a training loop keyed by the global step, in one place (DESIGN §5).
+
+A method's loop keeps only its own lines (its schedules, its `train_step`, its EMA or queue):
+
+    loop = training.Loop(loader, epochs=args.epochs, max_steps=args.max_steps,
+                         output_dir=args.output_dir, logger=logger, amp=amp, args=args,
+                         state={"model": sce, "optimizer": opt},
+                         log_every=args.log_every, ckpt_every=args.ckpt_every)
+    loop.resume(args.resume)              # <output_dir>/last.pt when it exists
+    for views, _, _ in loop:              # sets the sampler's epoch and mid-epoch start
+        lr = optim.cosine_schedule(loop.step, loop.total_steps, peak)
+        out = train_step(...)             # amp.step raises NonFiniteLoss before the update
+        loop.end_step(out, {"train/lr": lr})  # logs every log_every, checkpoints every ckpt_every
+    loop.check_replicas(sce)
+
+What it guarantees:
+- resume: the checkpoint holds every entry of `state` (anything with `state_dict` /
+  `load_state_dict`), the AMP scaler, the step, `args`, every rank's RNG states and `source`
+  (what the loop started from, e.g. the pretrained weights of a fine-tuning run). Loaders
+  draw from their own generators (`data.make_loader`) and per-sample randomness from
+  (seed, epoch, index), so a run stopped at any checkpoint and resumed is, on CPU, bitwise
+  the uninterrupted run. A checkpoint whose `source` differs is refused (`CheckpointError`).
+- a non-finite loss stops the run before its update (`optim.Amp.step` checks every step;
+  the loop keeps `amp.context` naming the step and the last good checkpoint); the loss is
+  checked before every save too, so the checkpoint on disk is always a good one.
+- logging on rank 0 every `log_every` steps and at the last step: the rank-mean loss, the
+  given metrics, the epoch, skipped samples (`SafeDataset.skipped`) and throughput.
+"""
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from common import checkpoint, cli, dist, log, optim
+
+
+class Loop:
+    """Iterate over `loader` from the current step to `min(epochs x steps per epoch,
+    max_steps)`; see the module docstring. Attributes: `step` (global steps done),
+    `epoch`, `steps_per_epoch`, `total_steps` (for schedules), `last_step`, `path` (the
+    checkpoint file, `<output_dir>/<ckpt_name>`).
+
+    Raises `cli.InputError` when the loader yields no full batch, and `checkpoint.CheckpointError`
+    from `resume` on a checkpoint of another source.
+    """
+
+    def __init__(self, loader, epochs: int, output_dir: str, logger: log.Logger,
+                 amp: optim.Amp, args, state: dict, log_every: int = 50,
+                 ckpt_every: int = 1000, max_steps: int = 0, ckpt_name: str = "last.pt",
+                 source: Optional[str] = None, desc: str = "epoch", prefix: str = "train"):
+        self.loader, self.sampler = loader, loader.sampler
+        self.sampler.set_epoch(0)
+        self.steps_per_epoch = len(loader)
+        if self.steps_per_epoch == 0:
+            raise cli.InputError(f"{len(loader.dataset)} samples per process are fewer than one "
+                             f"batch of {loader.batch_size}: lower --batch-size")
+        self.total_steps = epochs * self.steps_per_epoch
+        self.last_step = min(self.total_steps, max_steps or self.total_steps)
+        self.path = os.path.join(output_dir, ckpt_name)
+        self.logger, self.amp, self.args, self.state = logger, amp, args, state
+        self.log_every, self.ckpt_every = log_every, ckpt_every
+        self.source, self.desc, self.prefix = source, desc, prefix
+        self.step, self.epoch, self.saved_step = 0, 0, None
+        self.meter = log.Throughput(amp.device)
+        self._pending = None
+
+    # ---- resume and save ----
+    def resume(self, path: Optional[str] = None) -> int:
+        """Restore from `path` (explicit: any source accepted) or from `self.path` when it
+        exists (its `source` must match). Returns the step (0 when there is nothing)."""
+        explicit = bool(path)
+        path = path or (self.path if os.path.isfile(self.path) else None)
+        if path is None:
+            return 0
+        source = checkpoint.load(path).get("source") if not explicit else self.source
+        if source != self.source:
+            raise checkpoint.CheckpointError(
+                f"{path} continues a run started from {source!r}, not from {self.source!r}: "
+                f"choose a new --output-dir (or delete the file), or pass --resume {path} to "
+                f"continue it anyway")
+        ckpt = checkpoint.load_training(path, self.state, self.amp)
+        self.step = self.saved_step = int(ckpt["step"])
+        dist.print0(f"resumed from {path} at step {self.step}")
+        return self.step
+
+    def save(self) -> None:
+        """Write the checkpoint (a collective under DDP: call on every rank)."""
+        checkpoint.save_training(self.path, self.state, self.amp, self.step, self.args,
+                                 source=self.source)
+        self.saved_step = self.step
+
+    # ---- the loop ----
+    def _where(self, step: int) -> str:
+        kept = (f"the last good checkpoint {self.path} (step {self.saved_step}) is kept"
+                if self.saved_step is not None else "no checkpoint was written yet")
+        return f"at step {step} in {os.path.dirname(self.path) or '.'}; {kept}"
+
+    def __iter__(self):
+        while self.step < self.last_step:
+            self.epoch = self.step // self.steps_per_epoch
+            self.sampler.set_epoch(self.epoch)
+            self.sampler.set_start((self.step % self.steps_per_epoch) * self.loader.batch_size)
+            for batch in log.progress(self.loader, desc=f"{self.desc} {self.epoch}"):
+                self.amp.context, before = self._where(self.step + 1), self.step
+                yield batch
+                if self.step != before + 1:
+                    raise RuntimeError("training.Loop: call end_step() once per batch")
+                if self.step == self.last_step:
+                    break
+
+    @property
+    def epoch_end(self) -> bool:
+        """True after the last step of an epoch (for per-epoch evaluations)."""
+        return self.step % self.steps_per_epoch == 0
+
+    def end_step(self, out: dict, metrics: Optional[dict] = None) -> None:
+        """Count the step; log `out` (its "loss" averaged over ranks) and `metrics` at log
+        steps; check the loss and save at checkpoint steps. Values may be tensors: they are
+        read on the host only at log and checkpoint steps."""
+        self.step += 1
+        self.meter.update(self.loader.batch_size * dist.world())
+        logging = self.step % self.log_every == 0 or self.step == self.last_step
+        saving = self.step % self.ckpt_every == 0 or self.step == self.last_step
+        if not (logging or saving):
+            return
+        loss = dist.all_reduce(out["loss"].detach().float().clone(), "mean")
+        if not torch.isfinite(loss):  # train_step checked it; a method may skip amp.step
+            raise optim.NonFiniteLoss(f"non-finite loss {self._where(self.step)}")
+        if logging:
+            p = self.prefix
+            skipped = getattr(self.loader.dataset, "skipped", 0)
+            self.logger.log(self.step, {"epoch": self.epoch, f"{p}/loss": loss,
+                                        **{f"{p}/{k}": v for k, v in out.items() if k != "loss"},
+                                        **(metrics or {}), f"{p}/skipped": skipped,
+                                        **self.meter.rates()})
+            self.meter.reset()
+        if saving:
+            self.save()
+
+    def check_replicas(self, *modules: nn.Module, buffers: tuple = ()) -> Optional[float]:
+        """Under DDP, log the largest difference between ranks of the sums of every
+        parameter (and of `buffers`): 0.0 when the replicas are equal. None alone."""
+        if not dist.is_dist():
+            return None
+        tensors = [p for m in modules for p in m.parameters()] + list(buffers)
+        sums = torch.stack([t.detach().double().sum() for t in tensors])
+        spread = (dist.all_gather(sums[None]) - sums).abs().max()
+        return self.logger.log(self.step, {"ddp/max_replica_diff": spread})["ddp/max_replica_diff"]
+

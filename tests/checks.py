@@ -1,0 +1,107 @@
+"""Checks shared by the method tests: whole-checkpoint equality (bitwise resume), a loss made
+non-finite at a chosen step through the real forward pass, and a run killed with SIGKILL."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from common import checkpoint, optim
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IGNORED = ("args", "source")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads in every run compared bitwise  # they name the output folder, which differs between the runs
+
+
+def assert_same(a, b, where: str = "") -> None:
+    """Equal tensor for tensor (dtype, shape and every bit), and equal everything else."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f"{where}: max diff {(a.double() - b.double()).abs().max()}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (where, sorted(a), sorted(b))
+        for k in a:
+            assert_same(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
+
+
+def assert_same_checkpoints(path_a, path_b) -> dict:
+    """Two checkpoint files hold the same state: model, optimiser, scaler, step, every rank's
+    RNG states and anything else, except the run-specific `args` and `source`."""
+    a, b = checkpoint.load(path_a), checkpoint.load(path_b)
+    assert set(a) == set(b), (sorted(a), sorted(b))
+    assert "rng" in a and "optimizer" in a
+    for key in a:
+        if key not in IGNORED:
+            assert_same(a[key], b[key], key)
+    return a
+
+
+def nan_input_at_step(monkeypatch, module, step: int, arg: int = 1) -> dict:
+    """Wrap `module.train_step` so that at call `step` its input (positional `arg`) is
+    multiplied by NaN: the real forward then gives a non-finite loss. Returns a dict that
+    receives "model" (unwrapped) and "before" (its state dict just before that call)."""
+    real, seen = module.train_step, {"calls": 0}
+
+    def wrapped(*a, **kw):
+        seen["calls"] += 1
+        if seen["calls"] == step:
+            seen["model"] = checkpoint.unwrap(a[0])
+            seen["before"] = {k: v.clone() for k, v in seen["model"].state_dict().items()}
+            a = list(a)
+            x = a[arg]
+            a[arg] = [v * float("nan") for v in x] if isinstance(x, list) else x * float("nan")
+        return real(*a, **kw)
+    monkeypatch.setattr(module, "train_step", wrapped)
+    return seen
+
+
+def assert_stopped_before_update(seen: dict, run, ckpt_path, step: int, kept: int) -> None:
+    """`run()` must raise NonFiniteLoss naming `step` and the kept checkpoint, leave the
+    weights (and buffers: queues, EMA) as they were before that step, and leave a loadable
+    checkpoint of step `kept`."""
+    with pytest.raises(optim.NonFiniteLoss, match=rf"at step {step} .*\(step {kept}\) is kept"):
+        run()
+    assert seen["calls"] == step
+    after = seen["model"].state_dict()
+    for k, v in after.items():
+        assert torch.equal(seen["before"][k], v), k
+    assert checkpoint.load(ckpt_path)["step"] == kept
+
+
+def kill_and_resume(cmd: list, ckpt: str, last_step: int, timeout: float = 300) -> int:
+    """Start `cmd` (a run that writes `ckpt` every step up to `last_step`), SIGKILL it once its
+    checkpoint has reached a step drawn at random in the first half of the run, then run the
+    same command again: it must resume and finish. Returns the step it was killed after."""
+    env = ENV
+    kill_after = random.Random().randint(1, last_step // 2)
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    t0, step = time.time(), 0
+    while step < kill_after:
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() - t0 < timeout, f"no checkpoint of step {kill_after} in {timeout} s"
+        time.sleep(0.005)
+        if os.path.exists(ckpt):  # written atomically: a complete file or none
+            step = checkpoint.load(ckpt)["step"]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it was killed"
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stdout, done.stdout[-2000:]
+    return step
+
+
+def python(script: str) -> list:
+    return [sys.executable, os.path.join(ROOT, script)]
