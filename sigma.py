@@ -268,6 +268,8 @@ def read_split(args: Args, train: bool) -> list:
         root = synthetic.videos(per_class_train=ptr, per_class_val=pva,
                                 scale=args.synthetic_scale, plain=args.synthetic_plain)
         return data.read_video_csv(root / ("train.csv" if train else "val.csv"))
+    if not os.path.exists(args.data):
+        raise FileNotFoundError(f"--data {args.data}: no such folder or list file")
     root = os.path.dirname(args.data) if os.path.isfile(args.data) else args.data
     if args.dataset == "ucf101":
         return data.read_ucf101_split(root, 1, train)

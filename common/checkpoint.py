@@ -145,16 +145,6 @@ def load_model(model: nn.Module, state_dict: dict, strict: bool = True, what: st
     return missing, unexpected
 
 
-def resume_path(output_dir, resume: Optional[str] = None) -> Optional[str]:
-    """The checkpoint to resume from: `resume` if given, else `<output_dir>/last.pt` if any."""
-    if resume:
-        if not Path(resume).is_file():
-            raise FileNotFoundError(f"--resume {resume}: no such file")
-        return str(resume)
-    last = Path(output_dir) / "last.pt"
-    return str(last) if last.is_file() else None
-
-
 def save_training(path, state: dict, amp, step: int, args, **extra) -> None:
     """Write the training state of DESIGN §5 atomically: each entry of `state` (a module, an
     optimiser, anything with `state_dict()`) under its name, the AMP scaler, the step, args (a

@@ -1,18 +1,40 @@
 """Video IO through PyAV (torchvision 0.29 has none): metadata, frames at given indices or
 timestamps, frame-folder videos, and an encoder for the synthetic data and the tests.
 
-Frames are `torch.uint8` tensors of shape (T, H, W, 3), RGB. Frame indices are 0-based and
-counted from the first frame of the video stream; indices past the end are clamped to the
-last frame, so a sampler may ask for a clip longer than a short video.
+Frames are `torch.uint8` tensors of shape (T, H, W, 3), RGB. Frame `i` of a video file is the
+`i`-th frame that a plain sequential decode (`for f in container.decode(stream)`) yields, what
+decord returns, on every container and codec (mp4, mkv, avi, webm; h264, mpeg4, msmpeg4,
+cinepak, vp9), whatever the header frame count and the timestamps say; `video_length` is the
+number of frames that decode yields. Indices are 0-based; indices past the end are clamped to
+the last frame, so a sampler may ask for a clip longer than a short video.
+
+How: a demux-only pass (no decoding), cached per (path, mtime, size), lists the packets; frame
+`i` is the packet with the `i`-th smallest pts. Packets that yield no frame are left out: empty
+ones (PyAV's final flush packet; AVI "dropped frame" chunks, which FFmpeg's demuxer already
+skips) and those the demuxer marks discard (mp4 edit lists). A read seeks to the keyframe at or
+before a wanted frame, decodes forward and names each decoded frame by its pts in that table,
+never by time x fps. Two exact fallbacks:
+- "decode": if the packets lack pts or repeat one, or a read finds the decoder disagreeing
+  with the table (a pts not in it, frames out of sequence, a promised frame never decoded),
+  the table is rebuilt from one full decode: frame `i` is the `i`-th decoded frame, found again
+  after a seek by the pts the decoder gave it (H.264 in AVI needs this: its packet pts are
+  decode-order stamps, so sorting them misorders B-frames);
+- "count": if even the decoded frames lack distinct pts (raw .h264), every read decodes from
+  frame 0 and counts.
+A truncated or corrupt file has only the frames that decode. When a read finds that a frame the
+packets promised never decodes, it raises VideoReadError (the error `common.data.SafeDataset`
+counts and skips), never a repeated last frame, and from then on `video_length` is the
+decodable count. Known blind spot: a non-empty packet that decodes to nothing (an MPEG-4
+"not coded" VOP) is seen only by a read that decodes through it.
 """
+import bisect
 import functools
-import math
 import os
 import re
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import av
 import numpy as np
@@ -21,7 +43,8 @@ from PIL import Image
 
 PathLike = Union[str, os.PathLike]
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
-RESEEK_SECONDS = 2.0  # wanted frames further apart than this are reached by a new seek
+RESEEK_FRAMES = 8  # a wanted frame gets a new seek if that skips decoding more frames than this
+TIME_EPS = 1e-6  # seconds: a frame shown at t + TIME_EPS counts as shown at t
 
 
 class VideoReadError(RuntimeError):
@@ -30,11 +53,27 @@ class VideoReadError(RuntimeError):
 
 @dataclass(frozen=True)
 class VideoMeta:
-    fps: float
-    num_frames: int
-    duration: float  # seconds
+    fps: float  # average frame rate from the header (metadata only: frames are not found by it)
+    num_frames: int  # frames a sequential decode yields
+    duration: float  # seconds, from the first frame to the end of the last
     width: int
     height: int
+
+
+@dataclass(frozen=True)
+class _Index:
+    """Where the frames of a video file are (see the module docstring)."""
+    meta: VideoMeta
+    mode: str  # "packets", "decode" or "count"
+    rank: dict  # pts the decoder gives a frame -> frame index ({} in "count" mode)
+    times: tuple  # seconds from frame 0 to frame i (sorted pts; i / fps in "count" mode)
+    keys: tuple  # sorted indices of the keyframes, the seek points
+    key_ts: tuple  # their pts, the timestamps to seek to
+    start_ts: int  # timestamp to seek to for frame 0: the smallest pts or dts
+
+
+class _Mismatch(Exception):
+    """The decoder disagrees with a video's frame table."""
 
 
 def _open(path: PathLike) -> "av.container.InputContainer":
@@ -53,47 +92,107 @@ def _open(path: PathLike) -> "av.container.InputContainer":
 
 
 @functools.lru_cache(maxsize=4096)
-def _meta(path: str, mtime_ns: int, size: int) -> VideoMeta:
+def _scan(path: str, mtime_ns: int, size: int, decode: bool) -> _Index:
+    """The frame table of a file: from its packets, or from one full decode if `decode`."""
     with _open(path) as c:
         s = c.streams.video[0]
+        rows = []  # (pts, dts, keyframe?, duration) per frame
+        try:
+            if decode:  # frames in decode order = frame order
+                s.thread_type = "AUTO"
+                for f in c.decode(s):
+                    rows.append((f.pts, f.dts, f.key_frame, f.duration))
+            else:  # packets in decode order; sorted by pts below
+                for p in c.demux(s):
+                    if p.size and not p.is_discard:
+                        rows.append((p.pts, p.dts, p.is_keyframe, p.duration))
+        except av.FFmpegError:  # truncated or corrupt: keep the frames before the error
+            if not decode:
+                return _scan(path, mtime_ns, size, True)
         fps = float(s.average_rate or s.guessed_rate or 0)
-        if s.duration is not None:
-            duration = float(s.duration * s.time_base)
-        else:
-            duration = (c.duration or 0) / av.time_base
-        num_frames = s.frames or round(duration * fps)
-        if fps <= 0 or num_frames <= 0:
-            raise VideoReadError(f"{path}: cannot tell the frame rate or length")
-        return VideoMeta(fps, num_frames, duration, s.codec_context.width, s.codec_context.height)
+        w, h, tb = s.codec_context.width, s.codec_context.height, s.time_base
+    pts = [r[0] for r in rows]
+    if None in pts or len(set(pts)) < len(pts):
+        if not decode:
+            return _scan(path, mtime_ns, size, True)
+        rows, mode = [], "count"
+    else:
+        mode = "decode" if decode else "packets"
+        if not decode:
+            rows.sort(key=lambda r: r[0])
+    n = len(pts)
+    if n == 0:
+        raise VideoReadError(f"{path}: no frame could be decoded")
+    if mode == "count":
+        times = tuple(i / fps for i in range(n)) if fps > 0 else ()
+    else:
+        times = tuple(float((p - min(pts)) * tb) for p in sorted(pts))
+        if fps <= 0 and n > 1 and times[-1] > 0:
+            fps = (n - 1) / times[-1]
+    if fps <= 0:
+        raise VideoReadError(f"{path}: cannot tell the frame rate")
+    last = float(rows[-1][3] * tb) if rows and rows[-1][3] else 1 / fps
+    keys = [i for i, r in enumerate(rows) if r[2]]
+    start = min((r[0] if r[1] is None else min(r[:2]) for r in rows), default=0)
+    return _Index(VideoMeta(fps, n, times[-1] + last, w, h), mode,
+                  {r[0]: i for i, r in enumerate(rows)}, times, tuple(keys),
+                  tuple(rows[i][0] for i in keys), start)
 
 
-def video_meta(path: PathLike) -> VideoMeta:
-    """fps, frame count, duration and size of a video; cached per (path, mtime, size)."""
+_DISTRUSTED = set()  # (path, mtime_ns, size) of files whose packet table a read proved wrong
+
+
+def _index(path: PathLike) -> tuple:
+    """(cache key, _Index) of a video file."""
     try:
         st = os.stat(path)
     except OSError:
         raise VideoReadError(f"{path}: no such video file") from None
-    return _meta(str(path), st.st_mtime_ns, st.st_size)
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    return key, _scan(*key, key in _DISTRUSTED)
+
+
+def video_meta(path: PathLike) -> VideoMeta:
+    """fps, frame count (that of a sequential decode), duration and size of a video file;
+    cached per (path, mtime, size)."""
+    return _index(path)[1].meta
 
 
 def read_frames(path: PathLike, indices: Sequence[int]) -> torch.Tensor:
-    """Frames `indices` (any order, repeats allowed) of a video as uint8 (T, H, W, 3).
+    """Frames `indices` (any order, repeats allowed) of a video file as uint8 (T, H, W, 3).
 
-    For each run of nearby wanted frames: seek to the keyframe before the first one, decode
-    forward, convert to RGB only the wanted frames, stop after the last one. A decoded
-    frame's index is round((pts * time_base - start) * fps).
+    Frame i is the i-th frame of a sequential decode (what decord returns); indices past the
+    end are clamped to the last frame. Wanted frames close together share one seek to the
+    keyframe before them; only wanted frames are converted to RGB. Raises VideoReadError if a
+    frame the file's packets promised does not decode (truncated file), never repeating one.
+    The table and its exact fallbacks are described in the module docstring.
     """
     indices = [int(i) for i in indices]
     if not indices:
         raise ValueError(f"{path}: read_frames needs at least one frame index")
     if min(indices) < 0:
         raise ValueError(f"{path}: negative frame index {min(indices)}")
-    meta = video_meta(path)
-    indices = [min(i, meta.num_frames - 1) for i in indices]
+    key, idx = _index(path)
+    try:
+        return _read(path, idx, indices)
+    except _Mismatch as e:  # only a packet table is checked this way: rebuild by decoding
+        _DISTRUSTED.add(key)
+        promised, idx = idx.meta.num_frames, _index(path)[1]
+        n = idx.meta.num_frames
+        if n < promised and max(indices) >= n:
+            raise VideoReadError(f"{path}: frame {min(max(indices), promised - 1)} does not "
+                                 f"decode ({e}): {n} of its {promised} frames do") from None
+        return _read(path, idx, indices)
+
+
+def _read(path: PathLike, idx: _Index, indices: list) -> torch.Tensor:
+    """`read_frames` with one frame table; raises _Mismatch where a packet table proves wrong."""
+    indices = [min(i, idx.meta.num_frames - 1) for i in indices]
     wanted = sorted(set(indices))
-    runs, gap = [[wanted[0]]], max(1, round(RESEEK_SECONDS * meta.fps))
+    runs = [[wanted[0]]]
     for i in wanted[1:]:  # runs of wanted frames, each reached by one seek
-        if i - runs[-1][-1] > gap:
+        k = bisect.bisect_right(idx.keys, i) - 1
+        if (idx.keys[k] if k >= 0 else 0) - runs[-1][-1] > RESEEK_FRAMES:
             runs.append([])
         runs[-1].append(i)
     got = {}
@@ -101,49 +200,57 @@ def read_frames(path: PathLike, indices: Sequence[int]) -> torch.Tensor:
         with _open(path) as c:
             s = c.streams.video[0]
             s.thread_type = "AUTO"
-            tb, start = s.time_base, s.start_time or 0
             for run in runs:
-                got.update(_decode_run(c, s, run, tb, start, meta.fps))
-    except av.FFmpegError as e:
+                got.update(_decode_run(c, s, idx, run))
+    except (av.FFmpegError, _Mismatch) as e:
+        if idx.mode == "packets":
+            raise _Mismatch(str(e)) from None
         raise VideoReadError(f"{path}: decoding failed ({e})") from None
-    if len(got) < len(wanted):
-        raise VideoReadError(f"{path}: no frame could be decoded")
     return torch.from_numpy(np.stack([got[i] for i in indices]))
 
 
-def _decode_run(c, s, run: list, tb: Fraction, start: int, fps: float) -> dict:
-    """Decode the frames of `run` (sorted unique indices) after one seek.
+def _decode_run(c, s, idx: _Index, run: list, key: Optional[int] = None) -> dict:
+    """{index: RGB array} for `run` (sorted unique indices), decoded after one seek.
 
-    An index the stream skips (variable frame rate, a stream shorter than its metadata)
-    gets the frame on screen at that time: the last decoded one before it.
+    Seeks to keyframe `key` (a position in idx.keys; default: the last at or before run[0];
+    -1: the start), stepping back a keyframe whenever the seek lands after run[0] (demuxers
+    whose index holds dts may), and names each decoded frame by its pts in the table. In
+    "count" mode `c` must be fresh and frames are counted from 0. Raises _Mismatch where the
+    decoded frames contradict the table.
     """
-    got = {}
-    for target in (start + int(run[0] / fps / tb), start):  # retry from the very start
-        c.seek(target, stream=s, backward=True, any_frame=False)
-        j, idx, prev = 0, -1, None
-        for frame in c.decode(s):
-            # Some old AVI files lack pts: count on from the previous frame.
-            idx = idx + 1 if frame.pts is None else round(float((frame.pts - start) * tb) * fps)
-            if prev is None and idx > run[0] and target != start:
-                break  # the seek landed after the first wanted frame
-            while j < len(run) and run[j] <= idx:
-                shown = frame if run[j] == idx or prev is None else prev
-                got[run[j]] = shown.to_ndarray(format="rgb24")
-                j += 1
-            if j == len(run):
-                return got
-            prev = frame
-        if prev is not None:  # end of stream: its last frame stays on screen
-            last = prev.to_ndarray(format="rgb24")
-            got.update({i: last for i in run[j:]})
-            return got
+    got, want, last = {}, set(run), None
+    if idx.mode == "count":
+        frames = enumerate(c.decode(s))
+    else:
+        key = bisect.bisect_right(idx.keys, run[0]) - 1 if key is None else key
+        c.seek(idx.key_ts[key] if key >= 0 else idx.start_ts, stream=s, backward=True)
+        frames = ((idx.rank.get(f.pts), f) for f in c.decode(s))
+    for i, f in frames:
+        if i is None:
+            raise _Mismatch(f"decoded a frame with pts {f.pts}, not in the table")
+        if last is None and i > run[0]:  # the seek landed after the first wanted frame
+            if key < 0:
+                raise _Mismatch(f"decoding from the start begins at frame {i}, not {run[0]}")
+            return _decode_run(c, s, idx, run, key - 1)
+        if idx.mode == "packets" and last is not None and i != last + 1:
+            raise _Mismatch(f"decoded frame {i} right after frame {last}")
+        if i in want:
+            got[i] = f.to_ndarray(format="rgb24")
+        if i >= run[-1]:
+            break
+        last = i
+    if len(got) < len(run):
+        raise _Mismatch(f"frame {min(want - got.keys())} is never decoded")
     return got
 
 
 def read_frames_at(path: PathLike, timestamps: Sequence[float]) -> torch.Tensor:
-    """Frames on screen at `timestamps` (seconds from the video start): index floor(t * fps)."""
-    fps = video_meta(path).fps
-    return read_frames(path, [max(0, math.floor(t * fps + 1e-6)) for t in timestamps])
+    """Frames on screen at `timestamps` (seconds from the first frame) as uint8 (T, H, W, 3):
+    the last frame whose real presentation time is <= t, so variable frame rates are right
+    (frames without timestamps, "count" mode: frame i is shown from i / fps)."""
+    times = _index(path)[1].times
+    return read_frames(path, [max(0, bisect.bisect_right(times, t + TIME_EPS) - 1)
+                              for t in timestamps])
 
 
 @functools.lru_cache(maxsize=4096)
@@ -182,13 +289,16 @@ def read_frame_folder(folder: PathLike, indices: Sequence[int]) -> torch.Tensor:
 
 
 def write_video(path: PathLike, frames, fps: float = 25, codec: str = "libx264",
-                gop: int = 12, crf: int = 18) -> Path:
-    """Encode uint8 (T, H, W, 3) RGB frames (tensor or array) as yuv420p; returns the path.
+                gop: int = 12, crf: int = 18, pts: Optional[Sequence[int]] = None) -> Path:
+    """Encode uint8 (T, H, W, 3) RGB frames (tensor or array); returns the path.
 
-    `codec`: libx264, mpeg4, libvpx-vp9 (PyAV 18 encoders); `crf` sets the quality of x264
-    and vp9, mpeg4 gets a generous bit rate. `gop`: frames between keyframes. H and W must
-    be even (yuv420p). x264 output is not always byte-identical from run to run (about 1 file
-    in 50 differs by a few bytes here, whatever the thread settings); the pictures agree.
+    `codec`: libx264, mpeg4, msmpeg4 (v3), msmpeg4v2, libvpx-vp9, cinepak (PyAV 18 encoders);
+    all as yuv420p (H and W must be even) but cinepak, as rgb24. `crf` sets the quality of
+    x264 and vp9, the others get a generous bit rate. `gop`: frames between keyframes.
+    `pts`: increasing presentation times of the frames in units of 1 / `fps` (default 0, 1, 2,
+    ...: a constant rate); gaps make a variable-rate file (AVI fills them with empty chunks).
+    x264 output is not always byte-identical from run to run (about 1 file in 50 differs by a
+    few bytes here, whatever the thread settings); the pictures agree.
     """
     frames = np.asarray(frames.cpu() if torch.is_tensor(frames) else frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -197,23 +307,30 @@ def write_video(path: PathLike, frames, fps: float = 25, codec: str = "libx264",
     t, h, w, _ = frames.shape
     if h % 2 or w % 2:
         raise ValueError(f"{path}: yuv420p needs an even frame size, got {h}x{w}: crop or pad")
+    if pts is not None and (len(pts) != t or any(b <= a for a, b in zip(pts, pts[1:]))):
+        raise ValueError(f"{path}: pts must be {t} increasing integers, got {list(pts)}")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    rate = Fraction(fps).limit_denominator(10**5)
     with av.open(str(path), "w") as c:
-        s = c.add_stream(codec, rate=Fraction(fps).limit_denominator(10**5))
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        s = c.add_stream(codec, rate=rate)
+        s.width, s.height = w, h
+        s.pix_fmt = "rgb24" if codec == "cinepak" else "yuv420p"
         s.codec_context.gop_size = gop
         if codec in ("libx264", "libvpx-vp9"):
             s.options = {"crf": str(crf), **({"b": "0"} if codec == "libvpx-vp9" else {})}
         else:
             s.codec_context.bit_rate = max(10**6, int(h * w * fps))
-        for f in frames:
-            c.mux(s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")))
+        for k, f in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
+            frame.pts, frame.time_base = (k if pts is None else int(pts[k])), 1 / rate
+            c.mux(s.encode(frame))
         c.mux(s.encode())
     return Path(path)
 
 
 def video_length(path: PathLike) -> int:
-    """Frame count of a video file or of a frame folder."""
+    """Frame count of a frame folder, or of a video file: the frames a sequential decode
+    yields (of a truncated file, those that decode; see the module docstring)."""
     return frame_folder_length(path) if os.path.isdir(path) else video_meta(path).num_frames
 
 

@@ -130,17 +130,6 @@ def test_load_model_mismatch_messages():
         checkpoint.load_model(small_model(), sd, strict=False, what="f.pt")
 
 
-def test_resume_path(tmp_path):
-    assert checkpoint.resume_path(tmp_path) is None
-    (tmp_path / "last.pt").write_bytes(b"x")
-    assert checkpoint.resume_path(tmp_path) == str(tmp_path / "last.pt")
-    other = tmp_path / "other.pt"
-    with pytest.raises(FileNotFoundError, match="other.pt"):
-        checkpoint.resume_path(tmp_path, str(other))
-    other.write_bytes(b"x")
-    assert checkpoint.resume_path(tmp_path, str(other)) == str(other)
-
-
 def test_init_from_detects_key_and_prefix(tmp_path):
     src = small_model()
     sd = src.state_dict()

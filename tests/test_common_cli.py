@@ -98,3 +98,36 @@ def test_save_args(tmp_path):
     path = cli.save_args(a, str(tmp_path / "run"))
     saved = json.load(open(path))
     assert saved == json.loads(json.dumps(dataclasses.asdict(a)))
+
+
+def test_help_lists_each_flag_once_and_both_spellings_parse(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse(Args, PRESETS, ["--help"])
+    out = capsys.readouterr().out
+    assert "--tau_m" not in out and "--no-symmetric, --symmetric" not in out
+    out = out.split("options:")[1]  # the list below the usage line
+    assert out.count("--tau-m") == 1 and out.count("--symmetric") == 1
+    assert out.count("--crop-scale") == 1 and "--init_from" not in out
+    assert cli.parse(Args, PRESETS, ["--tau_m", "0.2"]).tau_m == 0.2  # still accepted
+    assert cli.parse(Args, PRESETS, ["--tau-m", "0.3"]).tau_m == 0.3
+    assert cli.parse(Args, PRESETS, ["--init_from", "x"]).init_from == "x"
+
+
+def test_run_turns_user_errors_into_one_line_and_status_2(capsys):
+    def missing(args):
+        raise FileNotFoundError(f"{args.data}: no such list file")
+
+    def malformed(args):
+        raise cli.InputError("train.csv:3: expected 'path label', got 'a b c d'")
+
+    def bug(args):
+        raise KeyError("a genuine bug keeps its traceback")
+    for fn, text in [(missing, "error: /nope: no such list file"),
+                     (malformed, "error: train.csv:3: expected 'path label'")]:
+        with pytest.raises(SystemExit) as e:
+            cli.run(fn, Args, PRESETS, ["--data", "/nope"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(text) and err.count("\n") == 1
+    with pytest.raises(KeyError):
+        cli.run(bug, Args, PRESETS, ["--data", "/x"])
+    assert cli.run(lambda a: a.epochs, Args, PRESETS, ["--data", "/x"]) == 200

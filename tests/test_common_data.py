@@ -151,6 +151,19 @@ def test_sampler_pads_or_drops():
     assert list(data.ResumableSampler(2, shuffle=False, rank=2, world=4)) == [0]  # wraps around
 
 
+def test_evaluation_sampler_sees_each_sample_once_whatever_the_world():
+    for n, world in [(3, 2), (10, 3), (2, 4), (7, 1)]:
+        shares = [list(data.ResumableSampler(n, shuffle=False, pad=False, rank=r, world=world))
+                  for r in range(world)]
+        assert sorted(sum(shares, [])) == list(range(n)), (n, world, shares)
+        assert [len(data.ResumableSampler(n, shuffle=False, pad=False, rank=r, world=world))
+                for r in range(world)] == [len(s) for s in shares]
+    assert [list(data.ResumableSampler(3, shuffle=False, pad=False, rank=r, world=2))
+            for r in (0, 1)] == [[0, 2], [1]]
+    loader = data.make_loader(list(range(5)), 2, train=False)  # no padding, no dropping
+    assert torch.cat(list(loader)).tolist() == [0, 1, 2, 3, 4]
+
+
 def test_sampler_resume_mid_epoch():
     s = data.ResumableSampler(20, seed=1, rank=1, world=2, with_epoch=True)
     s.set_epoch(4)
@@ -208,8 +221,19 @@ def test_safe_dataset_aborts_over_fraction(tmp_path, caplog):
                           name="clips")
     assert ds[1][0] == 2 and ds[1][0] == 2 and ds[5][0] == 6  # 2 failures: 2 <= 0.25 * 8
     assert [r.getMessage().count("1.mp4") > 0 for r in caplog.records] == [True, False]
-    with pytest.raises(RuntimeError, match=r"clips: 3 of 8 samples are unreadable.*7\.mp4"):
+    with pytest.raises(RuntimeError, match=r"clips: 3 of 8 samples are unreadable, more than "
+                                            r"--max-fail-fraction 0.25 allows.*7\.mp4"):
         ds[7]
+
+
+def test_one_unreadable_file_in_a_small_list_does_not_stop_the_run(tmp_path):
+    ds = data.SafeDataset(Clips(make_videos(tmp_path, 10, bad={4, 6})), max_fail_fraction=0.05)
+    assert ds[4][0] == 5 and ds.skipped == 1  # 0.05 x 10 = 0.5 files, but one is always allowed
+    with pytest.raises(RuntimeError, match="2 of 10"):
+        ds[6]
+    strict = data.SafeDataset(Clips(make_videos(tmp_path, 10, bad={4})), max_fail_fraction=0)
+    with pytest.raises(RuntimeError, match="1 of 10"):
+        strict[4]
 
 
 def test_safe_dataset_gives_up_after_tries(tmp_path):

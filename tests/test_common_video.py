@@ -1,8 +1,13 @@
 """common/video.py: exact frames at indices and timestamps, metadata, frame folders, errors.
 
-The test videos have 60 uniform frames whose brightness is 4 * k for frame k, so the frame
-index can be read back from the pixels (lossy codecs stay within +-2 of it).
+The ground truth for frame i is the i-th frame of a plain sequential decode with PyAV
+(`sequential`). Most test videos have uniform frames whose brightness is 4 * k for frame k,
+so the frame index can also be read back from the pixels (lossy codecs stay within +-2 of it).
 """
+import shutil
+from fractions import Fraction
+
+import av
 import numpy as np
 import pytest
 import torch
@@ -12,27 +17,67 @@ from common import video
 from common.video import VideoReadError
 
 N, H, W, FPS = 60, 48, 64, 25
+# (container, codec) pairs the project writes or reads
+FORMATS = ["libx264.mp4", "libx264.mkv", "mpeg4.avi", "msmpeg4.avi", "msmpeg4v2.avi",
+           "cinepak.avi", "libvpx-vp9.webm"]
 
 
 def ramp(n: int = N) -> np.ndarray:
     return np.stack([np.full((H, W, 3), 4 * k, np.uint8) for k in range(n)])
 
 
-def frame_ids(frames: torch.Tensor) -> list:
-    """Frame index read back from the brightness; asserts each frame is uniform."""
+def frame_ids(frames: torch.Tensor, step: float = 4, offset: float = 0) -> list:
+    """Frame index read back from the brightness (offset + step * k for frame k); asserts
+    each frame is uniform."""
     x = frames.float()
     mean = x.mean((1, 2, 3))
     assert (x - mean[:, None, None, None]).abs().max() <= 3
-    ids = (mean / 4).round()
-    assert (mean - 4 * ids).abs().max() <= 2
+    ids = ((mean - offset) / step).round()
+    assert (mean - offset - step * ids).abs().max() <= 2
     return ids.long().tolist()
 
 
-@pytest.fixture(scope="module", params=["libx264.mp4", "mpeg4.avi", "libx264.mkv"])
+def sequential(path) -> np.ndarray:
+    """All frames of a plain sequential decode, up to the first decoding error if any."""
+    out = []
+    with av.open(str(path)) as c:
+        try:
+            for f in c.decode(c.streams.video[0]):
+                out.append(f.to_ndarray(format="rgb24"))
+        except av.FFmpegError:
+            pass
+    return np.stack(out)
+
+
+def packets(path) -> list:
+    """(pts, size) of the video packets in demux order, the final flush packet left out."""
+    with av.open(str(path)) as c:
+        return [(p.pts, p.size) for p in c.demux(c.streams.video[0]) if p.size]
+
+
+def assert_matches_sequential(path, seed: int = 0) -> np.ndarray:
+    """Length, all frames at once, and every frame alone in random order, exactly equal to
+    the sequential decode; returns that decode."""
+    seq = sequential(path)
+    assert video.video_length(path) == len(seq)
+    assert np.array_equal(video.read_frames(path, range(len(seq))).numpy(), seq)
+    for i in np.random.default_rng(seed).permutation(len(seq)):
+        assert np.array_equal(video.read_frames(path, [i])[0].numpy(), seq[i]), i
+    idx = np.random.default_rng(seed + 1).integers(0, len(seq), 12).tolist()
+    assert np.array_equal(video.read_frames(path, idx).numpy(), seq[idx])
+    return seq
+
+
+@pytest.fixture(scope="module", params=FORMATS)
 def clip(request, tmp_path_factory):
     codec = request.param.split(".")[0]
     path = tmp_path_factory.mktemp("v") / request.param
     return video.write_video(path, ramp(), FPS, codec, gop=12)
+
+
+def test_matches_sequential_decode(clip):
+    seq = assert_matches_sequential(clip)
+    assert frame_ids(torch.from_numpy(seq)) == list(range(N))
 
 
 def test_meta(clip):
@@ -50,7 +95,7 @@ def test_read_frames_exact(clip):
 
 
 def test_read_frames_far_apart_and_clamped(clip):
-    # 0 and 58 are more than 2 s apart (a second seek); 200 is past the end -> last frame.
+    # 0 and 58 are keyframes apart (a second seek); 200 is past the end -> last frame.
     assert frame_ids(video.read_frames(clip, [58, 0, 200, 1])) == [58, 0, N - 1, 1]
 
 
@@ -75,14 +120,141 @@ class CountingContainer:
 
 
 def test_decode_run_seeks(clip):
-    """Reading frames 40..42 decodes from the keyframe at 36, not from frame 0."""
+    """Reading frames 40 and 42 decodes from the keyframe at or before 40, not from 0."""
+    idx = video._index(clip)[1]
+    assert idx.mode == "packets" and 36 in idx.keys
     with video._open(clip) as c:
         s = c.streams.video[0]
         cc = CountingContainer(c)
-        got = video._decode_run(cc, s, [40, 42], s.time_base, s.start_time or 0, FPS)
+        got = video._decode_run(cc, s, idx, [40, 42])
     assert sorted(got) == [40, 42]
     assert [round(got[i].mean() / 4) for i in (40, 42)] == [40, 42]
     assert 3 <= cc.decoded <= 12 + 3
+
+
+def grey(levels) -> np.ndarray:
+    return np.stack([np.full((H, W, 3), v, np.uint8) for v in levels])
+
+
+def test_variable_frame_rate_mp4(tmp_path):
+    """The bug report: 20 frames, 40 ms apart then 200 ms apart. Frame k has level 10 + 12 k;
+    the old time x fps indexing returned frames 0, 2, 4, 7, 9, 10, 10, 11, 11, 12, ..."""
+    path, tb = str(tmp_path / "vfr.mp4"), Fraction(1, 1000)
+    with av.open(path, "w") as c:
+        s = c.add_stream("libx264", rate=FPS)
+        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
+        s.time_base = s.codec_context.time_base = tb
+        for k, frame in enumerate(grey(10 + 12 * np.arange(20))):
+            f = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            f.pts, f.time_base = (40 * k if k < 10 else 360 + 200 * (k - 9)), tb
+            c.mux(s.encode(f))
+        c.mux(s.encode())
+    assert video.video_length(path) == 20
+    assert frame_ids(video.read_frames(path, range(20)), 12, 10) == list(range(20))
+    assert frame_ids(video.read_frames(path, [19]), 12, 10) == [19]
+    assert frame_ids(video.read_frames(path, [15, 3, 19, 10]), 12, 10) == [15, 3, 19, 10]
+    assert_matches_sequential(path)
+    # frame k < 10 is shown from 0.04 k s, frame k >= 10 from 0.36 + 0.2 (k - 9) s
+    ts = [0.0, 0.039, 0.04, 0.39, 0.40, 0.559, 0.56, 0.57, 1.0, 2.359, 2.36, 5.0, -1.0]
+    want = [0, 0, 1, 9, 9, 9, 10, 10, 12, 18, 19, 19, 0]
+    assert frame_ids(video.read_frames_at(path, ts), 12, 10) == want
+
+
+def test_b_frames_mp4(tmp_path):
+    """x264's default B-frames: packet pts do not rise in decode order."""
+    path = video.write_video(tmp_path / "bf.mp4", ramp(), FPS, gop=12)
+    pts = [p for p, _ in packets(path)]
+    assert pts != sorted(pts)
+    assert frame_ids(torch.from_numpy(assert_matches_sequential(path))) == list(range(N))
+
+
+@pytest.mark.parametrize("codec", ["mpeg4", "msmpeg4"])
+def test_avi_with_timestamp_gaps(tmp_path, codec):
+    """FFmpeg's AVI muxer fills pts gaps with empty "dropped frame" chunks: the header counts
+    them, the decoder yields only the real frames."""
+    pts = [0, 1, 2, 10, 11, 30, 31, 32, 40, 41]
+    path = video.write_video(tmp_path / "gaps.avi", ramp(len(pts)), FPS, codec, pts=pts)
+    with av.open(str(path)) as c:
+        assert c.streams.video[0].frames == pts[-1] + 1  # 42 chunks, 10 frames
+    seq = assert_matches_sequential(path)
+    assert len(seq) == len(pts) and frame_ids(torch.from_numpy(seq)) == list(range(len(pts)))
+    ts = [0.0, 0.08, 0.39, 0.4, 1.19, 1.2, 5.0]
+    assert frame_ids(video.read_frames_at(path, ts)) == [0, 2, 2, 3, 4, 5, 9]
+
+
+def test_h264_in_avi_falls_back_to_decode_order(tmp_path):
+    """In AVI, H.264 packet pts are decode-order stamps: sorting them misorders B-frames. The
+    first read that meets this rebuilds the table from one full decode, exactly."""
+    path = video.write_video(tmp_path / "h264.avi", ramp(), FPS, gop=12)
+    pts = [p for p, _ in packets(path)]
+    assert pts == sorted(pts)
+    with av.open(str(path)) as c:
+        decoded = [f.pts for f in c.decode(c.streams.video[0])]
+    assert decoded != sorted(decoded)  # frame pts of B-frames are out of order
+    assert frame_ids(video.read_frames(path, [13, 14])) == [13, 14]  # a seek to frame 12
+    assert video._index(path)[1].mode == "decode"
+    seq = assert_matches_sequential(path)
+    for i in range(N):  # the first read of a fresh copy is right too, whatever it asks
+        fresh = shutil.copy(path, tmp_path / f"copy{i}.avi")
+        assert np.array_equal(video.read_frames(fresh, [i, i + 1])[0].numpy(), seq[i]), i
+
+
+def test_raw_h264_without_timestamps_counts_frames(tmp_path):
+    path = video.write_video(tmp_path / "raw.h264", ramp(30), FPS, gop=12)
+    assert all(p is None for p, _ in packets(path))
+    assert frame_ids(torch.from_numpy(assert_matches_sequential(path))) == list(range(30))
+    assert video._index(path)[1].mode == "count"
+    assert frame_ids(video.read_frames_at(path, [0.0, 0.039, 0.04, 9.0])) == [0, 0, 1, 29]
+
+
+def noisy(n: int) -> np.ndarray:
+    """Frames of level 10 + 12 k under noise, so that they compress poorly."""
+    noise = np.random.default_rng(0).integers(-40, 40, (n, H, W, 3))
+    return np.clip(noise + 10 + 12 * np.arange(n)[:, None, None, None], 0, 255).astype(np.uint8)
+
+
+def assert_no_repeated_last_frame(path, promised: int):
+    """Indices the decoder lacks raise VideoReadError, unless the length excludes them."""
+    seq = sequential(path)
+    for i in range(promised):
+        if i < len(seq):
+            assert np.array_equal(video.read_frames(path, [i])[0].numpy(), seq[i]), i
+        elif video.video_length(path) > len(seq):
+            with pytest.raises(VideoReadError, match=str(path)):
+                video.read_frames(path, [i])
+    assert video.video_length(path) == len(seq)  # once a read has found out, at the latest
+
+
+def test_truncated_mkv(tmp_path):
+    good = video.write_video(tmp_path / "good.mkv", noisy(12), FPS)
+    path = tmp_path / "cut.mkv"
+    path.write_bytes(good.read_bytes()[:good.stat().st_size // 2])
+    with av.open(str(path)) as c:  # the header still says 12 frames
+        assert round(c.duration / av.time_base * FPS) == 12
+    assert 0 < len(sequential(path)) < 12
+    assert_no_repeated_last_frame(path, 12)
+
+
+def test_truncated_mp4_promising_frames_that_do_not_decode(tmp_path):
+    """moov first, mdat cut: the packet table lists 6 frames, the decoder stops at 3."""
+    good = tmp_path / "good.mp4"
+    with av.open(str(good), "w", options={"movflags": "faststart"}) as c:
+        s = c.add_stream("libx264", rate=FPS)
+        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
+        for f in noisy(12):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(s.encode())
+    path = tmp_path / "cut.mp4"
+    path.write_bytes(good.read_bytes()[:good.stat().st_size // 2])
+    n_seq, promised = len(sequential(path)), video.video_length(path)
+    assert n_seq < promised < 12  # the case: promised frames that never decode
+    with pytest.raises(VideoReadError, match="does not decode"):
+        video.read_frames(path, [0, promised - 1])
+    with pytest.raises(VideoReadError, match="does not decode"):
+        video.read_frames(shutil.copy(path, tmp_path / "cut2.mp4"), [100])  # clamped
+    assert_no_repeated_last_frame(path, 12)
+    assert video.video_length(path) == n_seq
+    assert video.read_frames(path, [100]).shape == (1, H, W, 3)  # past the true end: clamped
 
 
 def test_write_video_rejects_bad_frames(tmp_path):
@@ -90,6 +262,8 @@ def test_write_video_rejects_bad_frames(tmp_path):
         video.write_video(tmp_path / "odd.mp4", np.zeros((2, 47, 64, 3), np.uint8))
     with pytest.raises(ValueError, match="uint8"):
         video.write_video(tmp_path / "f.mp4", np.zeros((2, 48, 64, 3), np.float32))
+    with pytest.raises(ValueError, match="increasing"):
+        video.write_video(tmp_path / "p.mp4", np.zeros((2, 48, 64, 3), np.uint8), pts=[3, 3])
 
 
 def test_write_video_tensor_vp9(tmp_path):

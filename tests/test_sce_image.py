@@ -16,6 +16,8 @@ from torchvision.transforms import v2
 
 import sce_image as S
 from common import checkpoint, log, optim, synthetic
+from tests import checks
+from tests import checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -262,8 +264,8 @@ def tiny_data(tmp_path_factory):
 
 
 def run_args(data, out, **kw) -> S.Args:
-    return tiny_args(data=data, output_dir=str(out), epochs=4, log_every=2, ckpt_every=1000,
-                     knn_k=(5,), **kw)
+    return tiny_args(**{"data": data, "output_dir": str(out), "epochs": 4, "log_every": 2,
+                        "ckpt_every": 1000, "knn_k": (5,), **kw})
 
 
 def test_tiny_run_learns_and_exports_the_backbone(tiny_data, tmp_path):
@@ -286,11 +288,33 @@ def test_resume_is_bit_identical(tiny_data, tmp_path):
     S.main(run_args(tiny_data, tmp_path / "straight", max_steps=10))
     S.main(run_args(tiny_data, tmp_path / "resumed", max_steps=5))
     S.main(run_args(tiny_data, tmp_path / "resumed", max_steps=10))  # resumes last.pt
-    a = checkpoint.load(tmp_path / "straight" / "last.pt")
-    b = checkpoint.load(tmp_path / "resumed" / "last.pt")
-    assert a["step"] == b["step"] == 10
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
+    a = checks.assert_same_checkpoints(tmp_path / "straight" / "last.pt",
+                                       tmp_path / "resumed" / "last.pt")  # queue, LARS, RNG too
+    assert a["step"] == 10
+
+
+def test_linear_probe_resumes_bitwise(tiny_data, tmp_path, monkeypatch):
+    """The thesis probe (augmented images, head init from the global RNG) stopped mid-way and
+    resumed equals the uninterrupted probe, and so does its score."""
+    S.main(run_args(tiny_data, tmp_path / "pre", max_steps=2))
+    kw = dict(eval_only=True, init_from=str(tmp_path / "pre" / "last.pt"), lin_aug=True,
+              lin_epochs=3, lin_batch_size=16, ckpt_every=2)
+    straight = S.main(run_args(tiny_data, tmp_path / "straight", **kw))
+    checks.stop_after_step(monkeypatch, 4, "linear.pt")  # mid-epoch 2 of 3 (3 steps each)
+    with pytest.raises(checks.Stop):
+        S.main(run_args(tiny_data, tmp_path / "resumed", **kw))
+    resumed = S.main(run_args(tiny_data, tmp_path / "resumed", **kw))
+    checks.assert_same_checkpoints(tmp_path / "straight" / "linear.pt",
+                                   tmp_path / "resumed" / "linear.pt")
+    assert straight["metrics"] == resumed["metrics"]
+
+
+def test_non_finite_loss_stops_before_its_update(tiny_data, tmp_path, monkeypatch):
+    """NaN pixels at step 4: no update, no EMA step, no enqueued key; last.pt of step 2."""
+    seen = checks.nan_input_at_step(monkeypatch, S, 4)
+    checks.assert_stopped_before_update(
+        seen, lambda: S.main(run_args(tiny_data, tmp_path, ckpt_every=2, log_every=5)),
+        tmp_path / "last.pt", step=4, kept=2)
 
 
 def test_eval_only_from_checkpoint(tiny_data, tmp_path):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import sigma as S
 from common import checkpoint, log, optim, synthetic
+from tests import checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -381,14 +382,52 @@ def test_tiny_run_lowers_the_loss_against_an_lr0_control(tiny_data, tmp_path):
 
 
 def test_resume_is_bit_identical(tiny_data, tmp_path):
-    S.main(run_args(tiny_data, tmp_path / "straight", max_steps=10))
-    S.main(run_args(tiny_data, tmp_path / "resumed", max_steps=5))
-    S.main(run_args(tiny_data, tmp_path / "resumed", max_steps=10))  # resumes last.pt
-    a = checkpoint.load(tmp_path / "straight" / "last.pt")
-    b = checkpoint.load(tmp_path / "resumed" / "last.pt")
-    assert a["step"] == b["step"] == 10
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
+    """Drop path 0.3 draws from the global RNG every step (the bug report's case)."""
+    S.main(run_args(tiny_data, tmp_path / "straight", max_steps=10, drop_path=0.3))
+    S.main(run_args(tiny_data, tmp_path / "resumed", max_steps=5, drop_path=0.3))
+    S.main(run_args(tiny_data, tmp_path / "resumed", max_steps=10, drop_path=0.3))
+    a = checks.assert_same_checkpoints(tmp_path / "straight" / "last.pt",
+                                       tmp_path / "resumed" / "last.pt")
+    assert a["step"] == 10
+
+
+@pytest.mark.parametrize("mode", ["finetune", "linear"])
+def test_finetune_and_probe_resume_bitwise(tiny_data, tmp_path, monkeypatch, mode):
+    """Mixup/cutmix, random erasing, drop path, RandAugment all on; stopped after step 3 of
+    2 epochs x 4 steps and resumed: the checkpoint and the test scores are the uninterrupted
+    run's. A checkpoint from other pretrained weights is refused."""
+    S.main(run_args(tiny_data, tmp_path / "pre", max_steps=2))
+    kw = dict(eval=mode, init_from=str(tmp_path / "pre" / "last.pt"), ft_epochs=2,
+              ft_base_lr=0.05, test_clips=1, test_crops=1, ckpt_every=1, mixup=0.8, cutmix=1.0,
+              reprob=0.25, ft_drop_path=0.2)
+    straight = S.main(run_args(tiny_data, tmp_path / "straight", **kw))
+    checks.stop_after_step(monkeypatch, 3, f"{mode}.pt")
+    with pytest.raises(checks.Stop):
+        S.main(run_args(tiny_data, tmp_path / "resumed", **kw))
+    resumed = S.main(run_args(tiny_data, tmp_path / "resumed", **kw))
+    a = checks.assert_same_checkpoints(tmp_path / "straight" / f"{mode}.pt",
+                                       tmp_path / "resumed" / f"{mode}.pt")
+    assert a["step"] == 2 * 32 // 4 and straight["metrics"] == resumed["metrics"]
+    S.main(run_args(tiny_data, tmp_path / "pre2", max_steps=1))
+    with pytest.raises(checkpoint.CheckpointError, match="new --output-dir"):
+        S.main(run_args(tiny_data, tmp_path / "resumed",
+                        **{**kw, "init_from": str(tmp_path / "pre2" / "last.pt")}))
+
+
+def test_non_finite_loss_stops_before_its_update(tiny_data, tmp_path, monkeypatch):
+    """NaN pixels at step 3: no update of the encoder, decoder or prototypes; last.pt of 2."""
+    seen = checks.nan_input_at_step(monkeypatch, S, 3)
+    checks.assert_stopped_before_update(
+        seen, lambda: S.main(run_args(tiny_data, tmp_path, ckpt_every=2, log_every=5)),
+        tmp_path / "last.pt", step=3, kept=2,
+        forward_changes={"prototypes": lambda w: F.normalize(w, dim=1)})  # spec §1.5
+
+
+def test_data_may_name_the_list_file(tiny_data, tmp_path):
+    a = tiny_args(data=os.path.join(tiny_data, "train.csv"))
+    assert S.read_split(a, False) == S.read_split(tiny_args(data=tiny_data), False)
+    with pytest.raises(FileNotFoundError, match="train.csv and val.csv"):
+        S.read_split(tiny_args(data=str(tmp_path)), True)
 
 
 def test_knn_linear_and_finetune_from_a_checkpoint(tiny_data, tmp_path):
