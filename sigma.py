@@ -39,7 +39,8 @@ Deviations, with reasons:
 - --amp auto is bf16 on CUDA (official: fp16 with a GradScaler, available as --amp fp16).
 - The DINO teacher is loaded from a local file (--teacher-weights; torch.hub is not reachable).
 - HMDB51 lists are read (the official VideoClsDataset has no HMDB branch and crashes).
-- Fine-tuning checkpoints are written, and resumed, at epoch boundaries only.
+- Fine-tuning and linear-probe checkpoints (`finetune.pt`, `linear.pt`) are written every
+  --ckpt-every steps and resumed mid-epoch, bitwise on the CPU (official: per epoch).
 - `ucf101-vits` is the spec's one-GPU trend check (§5), not a paper setting.
 - Sinkhorn's column constant c = 1/(world * M) (SwAV), not the code's world/M: a uniform
   scale that cancels (spec §1.6).

@@ -157,10 +157,11 @@ def save_training(path, state: dict, amp, step: int, args, **extra) -> None:
     save(path, ckpt)
 
 
-def load_training(path, state: dict, amp) -> dict:
+def load_training(path, state: dict, amp, ckpt: Optional[dict] = None) -> dict:
     """Restore what `save_training` wrote into `state`'s objects (modules strictly, wrapper
-    prefixes stripped), the AMP scaler and the RNG states; returns the checkpoint dict."""
-    ckpt = load(path)
+    prefixes stripped), the AMP scaler and the RNG states; returns the checkpoint dict.
+    `ckpt`: the already loaded contents of `path` (read from disk otherwise)."""
+    ckpt = load(path) if ckpt is None else ckpt
     for name, obj in state.items():
         if name not in ckpt:
             raise CheckpointError(f"{path}: no {name!r} entry; it holds {sorted(ckpt)}")

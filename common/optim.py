@@ -202,9 +202,10 @@ class Amp:
         """Raise `NonFiniteLoss` when `loss` is NaN/inf on this or any other rank."""
         bad = (~torch.isfinite(loss.detach().float())).any().float().reshape(1)
         if dist.all_reduce(bad, "sum").item() > 0:  # the one host sync of a step
-            raise NonFiniteLoss(f"non-finite loss ({loss.detach().float().sum().item()} on "
-                                f"rank {dist.rank()}) {self.context}: stopping before the "
-                                f"update, no step from it was applied".replace("  ", " "))
+            where = f" {self.context}" if self.context else ""
+            raise NonFiniteLoss(f"non-finite loss ({loss.detach().float().sum().item()} on rank "
+                                f"{dist.rank()}){where}: stopping before the update, no step "
+                                f"from it was applied")
 
     def autocast(self):
         if self.dtype is None:

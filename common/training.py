@@ -63,7 +63,6 @@ class Loop:
         self.source, self.desc, self.prefix = source, desc, prefix
         self.step, self.epoch, self.saved_step = 0, 0, None
         self.meter = log.Throughput(amp.device)
-        self._pending = None
 
     # ---- resume and save ----
     def resume(self, path: Optional[str] = None) -> int:
@@ -73,13 +72,13 @@ class Loop:
         path = path or (self.path if os.path.isfile(self.path) else None)
         if path is None:
             return 0
-        source = checkpoint.load(path).get("source") if not explicit else self.source
-        if source != self.source:
+        ckpt = checkpoint.load(path)
+        if not explicit and ckpt.get("source") != self.source:
             raise checkpoint.CheckpointError(
-                f"{path} continues a run started from {source!r}, not from {self.source!r}: "
-                f"choose a new --output-dir (or delete the file), or pass --resume {path} to "
-                f"continue it anyway")
-        ckpt = checkpoint.load_training(path, self.state, self.amp)
+                f"{path} continues a run started from {ckpt.get('source')!r}, not from "
+                f"{self.source!r}: choose a new --output-dir (or delete the file), or pass "
+                f"--resume {path} to continue it anyway")
+        checkpoint.load_training(path, self.state, self.amp, ckpt)
         self.step = self.saved_step = int(ckpt["step"])
         dist.print0(f"resumed from {path} at step {self.step}")
         return self.step

@@ -8,7 +8,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from common import checkpoint, dist  # noqa: E402
+from common import checkpoint, dist, optim  # noqa: E402
 
 
 def main(out_dir: str) -> None:
@@ -38,13 +38,24 @@ def main(out_dir: str) -> None:
     checkpoint.set_rng_state(checkpoint.load(ckpt)["rng"])
     resumed = torch.rand(2).tolist()
 
+    # A NaN loss on rank 1 only stops both ranks before backward (no gradient anywhere).
+    lin = torch.nn.Linear(2, 1)
+    sgd = torch.optim.SGD(lin.parameters(), lr=0.1)
+    loss = lin(torch.ones(1, 2)).sum() * (float("nan") if r == 1 else 1.0)
+    try:
+        optim.Amp("none", dev).step(loss, sgd)
+        stopped = False
+    except optim.NonFiniteLoss:
+        stopped = True
+    no_grad = lin.weight.grad is None
+
     dist.barrier()
     with open(os.path.join(out_dir, f"rank{r}.json"), "w") as fh:
         json.dump({"rank": r, "world": w, "device": str(dev), "seed": seed, "draw": draw,
                    "sum": summed, "mean": mean, "gathered": gathered,
                    "gathered_grad_value": g.detach().tolist(), "grad": x.grad.tolist(),
                    "is_main": dist.is_main(), "rng_expected": expected,
-                   "rng_resumed": resumed}, fh)
+                   "rng_resumed": resumed, "nan_stopped": stopped, "nan_no_grad": no_grad}, fh)
     dist.print0(f"printed once by rank {r}")
     dist.cleanup()
 

@@ -49,3 +49,4 @@ def test_two_process_gloo(tmp_path):
         assert res["rng_resumed"] == res["rng_expected"]
     assert ranks[0]["rng_expected"] != ranks[1]["rng_expected"]
     assert proc.stdout.count("printed once by rank") == 1
+    assert all(res["nan_stopped"] and res["nan_no_grad"] for res in ranks)  # rank 1's NaN
