@@ -21,11 +21,15 @@ never by time x fps. Two exact fallbacks:
   decode-order stamps, so sorting them misorders B-frames);
 - "count": if even the decoded frames lack distinct pts (raw .h264), every read decodes from
   frame 0 and counts.
-A truncated or corrupt file has only the frames that decode. When a read finds that a frame the
-packets promised never decodes, it raises VideoReadError (the error `common.data.SafeDataset`
-counts and skips), never a repeated last frame, and from then on `video_length` is the
-decodable count. Known blind spot: a non-empty packet that decodes to nothing (an MPEG-4
-"not coded" VOP) is seen only by a read that decodes through it.
+A truncated or corrupt file has only the frames that decode: a packet cut by the end of the
+file (or flagged corrupt) is seen by the demux pass, whose table is then built by decoding, so
+`video_length` is the decodable count from the first call, in every process. Should a read
+still find a promised frame that never decodes, it raises VideoReadError (the error
+`common.data.SafeDataset` counts and skips), never a repeated last frame, and so does every
+later read of those indices. Known blind spot: a non-empty packet that decodes to nothing (an
+MPEG-4 "not coded" VOP) is seen only by a read that decodes through it.
+Cost: the tables of the last 4096 files are cached per process; a miss costs one demux pass
+(about 5 ms for a 10-s 320x240 clip), a full decode for the rare files that need it.
 """
 import bisect
 import functools
@@ -69,7 +73,6 @@ class _Index:
     times: tuple  # seconds from frame 0 to frame i (sorted pts; i / fps in "count" mode)
     keys: tuple  # sorted indices of the keyframes, the seek points
     key_ts: tuple  # their pts, the timestamps to seek to
-    start_ts: int  # timestamp to seek to for frame 0: the smallest pts or dts
 
 
 class _Mismatch(Exception):
@@ -104,6 +107,8 @@ def _scan(path: str, mtime_ns: int, size: int, decode: bool) -> _Index:
                     rows.append((f.pts, f.dts, f.key_frame, f.duration))
             else:  # packets in decode order; sorted by pts below
                 for p in c.demux(s):
+                    if p.is_corrupt or (p.pos is not None and p.pos + p.size > size):
+                        return _scan(path, mtime_ns, size, True)  # truncated: count what decodes
                     if p.size and not p.is_discard:
                         rows.append((p.pts, p.dts, p.is_keyframe, p.duration))
         except av.FFmpegError:  # truncated or corrupt: keep the frames before the error
@@ -133,13 +138,13 @@ def _scan(path: str, mtime_ns: int, size: int, decode: bool) -> _Index:
         raise VideoReadError(f"{path}: cannot tell the frame rate")
     last = float(rows[-1][3] * tb) if rows and rows[-1][3] else 1 / fps
     keys = [i for i, r in enumerate(rows) if r[2]]
-    start = min((r[0] if r[1] is None else min(r[:2]) for r in rows), default=0)
     return _Index(VideoMeta(fps, n, times[-1] + last, w, h), mode,
                   {r[0]: i for i, r in enumerate(rows)}, times, tuple(keys),
-                  tuple(rows[i][0] for i in keys), start)
+                  tuple(rows[i][0] for i in keys))
 
 
 _DISTRUSTED = set()  # (path, mtime_ns, size) of files whose packet table a read proved wrong
+_PROMISED = {}  # of those, the ones that decode fewer frames than their packets: -> that count
 
 
 def _index(path: PathLike) -> tuple:
@@ -173,15 +178,21 @@ def read_frames(path: PathLike, indices: Sequence[int]) -> torch.Tensor:
     if min(indices) < 0:
         raise ValueError(f"{path}: negative frame index {min(indices)}")
     key, idx = _index(path)
+    n, promised = idx.meta.num_frames, _PROMISED.get(key, 0)
+    if max(indices) >= n and promised > n:  # the same answer as the read that found it out
+        raise VideoReadError(f"{path}: frame {min(max(indices), promised - 1)} does not "
+                             f"decode: {n} of its {promised} frames do")
     try:
         return _read(path, idx, indices)
     except _Mismatch as e:  # only a packet table is checked this way: rebuild by decoding
         _DISTRUSTED.add(key)
         promised, idx = idx.meta.num_frames, _index(path)[1]
         n = idx.meta.num_frames
-        if n < promised and max(indices) >= n:
-            raise VideoReadError(f"{path}: frame {min(max(indices), promised - 1)} does not "
-                                 f"decode ({e}): {n} of its {promised} frames do") from None
+        if n < promised:
+            _PROMISED[key] = promised
+            if max(indices) >= n:
+                raise VideoReadError(f"{path}: frame {min(max(indices), promised - 1)} does "
+                                     f"not decode ({e}): {n} of its {promised} frames do") from None
         return _read(path, idx, indices)
 
 
@@ -201,7 +212,7 @@ def _read(path: PathLike, idx: _Index, indices: list) -> torch.Tensor:
             s = c.streams.video[0]
             s.thread_type = "AUTO"
             for run in runs:
-                got.update(_decode_run(c, s, idx, run))
+                got.update(_decode_run(path, c, s, idx, run))
     except (av.FFmpegError, _Mismatch) as e:
         if idx.mode == "packets":
             raise _Mismatch(str(e)) from None
@@ -209,29 +220,41 @@ def _read(path: PathLike, idx: _Index, indices: list) -> torch.Tensor:
     return torch.from_numpy(np.stack([got[i] for i in indices]))
 
 
-def _decode_run(c, s, idx: _Index, run: list, key: Optional[int] = None) -> dict:
+def _decode_run(path, c, s, idx: _Index, run: list, key: Optional[int] = None) -> dict:
     """{index: RGB array} for `run` (sorted unique indices), decoded after one seek.
 
-    Seeks to keyframe `key` (a position in idx.keys; default: the last at or before run[0];
-    -1: the start), stepping back a keyframe whenever the seek lands after run[0] (demuxers
-    whose index holds dts may), and names each decoded frame by its pts in the table. In
-    "count" mode `c` must be fresh and frames are counted from 0. Raises _Mismatch where the
-    decoded frames contradict the table.
+    Seeks to keyframe `key` (a position in idx.keys; default: the last at or before run[0])
+    and steps back a keyframe whenever the seek lands after run[0] (demuxers whose index holds
+    dts may); key -1 and "count" mode decode a fresh container of `path` from its first
+    packet, with no seek (a seek to the smallest timestamp can land on the second keyframe).
+    Each decoded frame is named by its pts in the table ("count": by its position). Raises
+    _Mismatch where the decoded frames contradict the table.
     """
+    key = -1 if idx.mode == "count" else (bisect.bisect_right(idx.keys, run[0]) - 1
+                                           if key is None else key)
+    if key < 0:
+        with _open(path) as fresh:
+            stream = fresh.streams.video[0]
+            stream.thread_type = "AUTO"
+            return _decode_frames(path, c, s, idx, run, key, fresh.decode(stream))
+    c.seek(idx.key_ts[key], stream=s, backward=True)
+    return _decode_frames(path, c, s, idx, run, key, c.decode(s))
+
+
+def _decode_frames(path, c, s, idx: _Index, run: list, key: int, decoded) -> dict:
+    """The frames of `run` among `decoded`, the frames after a seek to keyframe `key`."""
     got, want, last = {}, set(run), None
     if idx.mode == "count":
-        frames = enumerate(c.decode(s))
+        frames = enumerate(decoded)
     else:
-        key = bisect.bisect_right(idx.keys, run[0]) - 1 if key is None else key
-        c.seek(idx.key_ts[key] if key >= 0 else idx.start_ts, stream=s, backward=True)
-        frames = ((idx.rank.get(f.pts), f) for f in c.decode(s))
+        frames = ((idx.rank.get(f.pts), f) for f in decoded)
     for i, f in frames:
         if i is None:
             raise _Mismatch(f"decoded a frame with pts {f.pts}, not in the table")
         if last is None and i > run[0]:  # the seek landed after the first wanted frame
             if key < 0:
                 raise _Mismatch(f"decoding from the start begins at frame {i}, not {run[0]}")
-            return _decode_run(c, s, idx, run, key - 1)
+            return _decode_run(path, c, s, idx, run, key - 1)
         if idx.mode == "packets" and last is not None and i != last + 1:
             raise _Mismatch(f"decoded frame {i} right after frame {last}")
         if i in want:

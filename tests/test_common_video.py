@@ -126,7 +126,7 @@ def test_decode_run_seeks(clip):
     with video._open(clip) as c:
         s = c.streams.video[0]
         cc = CountingContainer(c)
-        got = video._decode_run(cc, s, idx, [40, 42])
+        got = video._decode_run(clip, cc, s, idx, [40, 42])
     assert sorted(got) == [40, 42]
     assert [round(got[i].mean() / 4) for i in (40, 42)] == [40, 42]
     assert 3 <= cc.decoded <= 12 + 3
@@ -235,8 +235,11 @@ def test_truncated_mkv(tmp_path):
     assert_no_repeated_last_frame(path, 12)
 
 
-def test_truncated_mp4_promising_frames_that_do_not_decode(tmp_path):
-    """moov first, mdat cut: the packet table lists 6 frames, the decoder stops at 3."""
+def test_truncated_mp4_reports_the_decodable_length_from_the_start(tmp_path):
+    """moov first, mdat cut: the header lists 12 frames and the demuxer 6 packets, the last of
+    them cut, but only 3 frames decode. The cut packet is seen by the demux pass, so the
+    length is the decodable one before any read (in every process: no history), and the same
+    call gives the same frames every time."""
     good = tmp_path / "good.mp4"
     with av.open(str(good), "w", options={"movflags": "faststart"}) as c:
         s = c.add_stream("libx264", rate=FPS)
@@ -246,15 +249,28 @@ def test_truncated_mp4_promising_frames_that_do_not_decode(tmp_path):
         c.mux(s.encode())
     path = tmp_path / "cut.mp4"
     path.write_bytes(good.read_bytes()[:good.stat().st_size // 2])
-    n_seq, promised = len(sequential(path)), video.video_length(path)
-    assert n_seq < promised < 12  # the case: promised frames that never decode
-    with pytest.raises(VideoReadError, match="does not decode"):
-        video.read_frames(path, [0, promised - 1])
-    with pytest.raises(VideoReadError, match="does not decode"):
-        video.read_frames(shutil.copy(path, tmp_path / "cut2.mp4"), [100])  # clamped
-    assert_no_repeated_last_frame(path, 12)
-    assert video.video_length(path) == n_seq
-    assert video.read_frames(path, [100]).shape == (1, H, W, 3)  # past the true end: clamped
+    assert 0 < len(packets(path)) < 12
+    seq = sequential(path)
+    assert video.video_length(path) == len(seq) < len(packets(path))  # before any read
+    for _ in range(2):
+        out = video.read_frames(path, [0, 5]).numpy()  # 5 lies past the end: clamped
+        assert np.array_equal(out, seq[[0, len(seq) - 1]])
+    assert_matches_sequential(path)
+
+
+def test_h264_avi_whose_second_frame_is_a_keyframe_reads_frame_0(tmp_path):
+    """Frame 1 differs so much that x264 makes it a keyframe: after the table is rebuilt by
+    decoding, frame 0 is still read (decoding from the start does not seek)."""
+    frames = np.zeros((40, 32, 48, 3), np.uint8)
+    for i in range(40):
+        frames[i] = (10 + 12 * i) % 256
+        frames[i, (3 * i) % 28:(3 * i) % 28 + 4, :8] = 255
+    path = video.write_video(tmp_path / "key1.avi", frames, FPS, "libx264", gop=7)
+    seq = sequential(path)
+    assert np.array_equal(video.read_frames(path, [5])[0].numpy(), seq[5])
+    assert video._index(path)[1].mode == "decode"
+    assert np.array_equal(video.read_frames(path, [0])[0].numpy(), seq[0])
+    assert_matches_sequential(path)
 
 
 def test_write_video_rejects_bad_frames(tmp_path):
