@@ -352,7 +352,8 @@ def random_masking(B: int, L: int, ratio: float, device) -> tuple:
     Returns keep indices (B, K) (in noise order), ids_restore (B, L), mask (B, L) 1 = removed."""
     keep = int(L * (1 - ratio))
     if not 0 < keep <= L:
-        raise ValueError(f"mask ratio {ratio} keeps {keep} of {L} patches; it must keep >= 1")
+        raise cli.InputError(f"--mask-ratio {ratio} keeps {keep} of {L} patches; it must keep "
+                             f">= 1")
     noise = torch.rand(B, L, device=device)
     ids_shuffle = noise.argsort(1)
     ids_restore = ids_shuffle.argsort(1)
@@ -490,7 +491,7 @@ def load_weights(model: CropMAE, path: str) -> None:
     missing = [k for k in model.state_dict() if k not in sd and not k.startswith(
         ("decoder_", "mask_token"))]
     if missing:
-        raise KeyError(f"{path}: encoder weights missing: {missing[:5]}")
+        raise checkpoint.CheckpointError(f"{path}: encoder weights missing: {missing[:5]}")
     checkpoint.load_model(model, sd, strict=False, what=path)
 
 
@@ -604,9 +605,8 @@ def pretrain(model, mae: CropMAE, args: Args, device, amp: optim.Amp, logger: lo
                                 no_decay=lambda n, p: p.ndim <= 1 or n.endswith(".bias"))
     opt = torch.optim.AdamW(groups, lr=peak_lr, betas=args.betas,
                             fused=device.type == "cuda")
-    loop = training.Loop(make_loader(ds, args), args.epochs, args.output_dir, logger, amp, args,
-                         {"model": mae, "optimizer": opt}, args.log_every, args.ckpt_every,
-                         args.max_steps)
+    loop = training.Loop(make_loader(ds, args), args.epochs, {"model": mae, "optimizer": opt},
+                         args, logger, amp, max_steps=args.max_steps)
     warmup = min(args.warmup_epochs * loop.steps_per_epoch, loop.total_steps)
     dist.print0(f"{len(ds)} samples, {loop.steps_per_epoch} steps/epoch, global batch "
                 f"{global_batch}, peak lr {peak_lr:.4g}, visible patches "

@@ -388,8 +388,8 @@ class SCE(nn.Module):
         keys = dist.all_gather(keys)
         n, m = len(keys), len(self.queue)
         if m % n:
-            raise ValueError(f"queue_size {m} must be a multiple of the keys enqueued per step "
-                             f"({n} = views x batch x world), as in the official code")
+            raise cli.InputError(f"--queue-size {m} must be a multiple of the keys enqueued per "
+                                 f"step ({n} = views x batch x world), as in the official code")
         rows = (self.queue_ptr + torch.arange(n, device=keys.device)) % m  # no host sync
         self.queue.index_copy_(0, rows, keys.to(self.queue.dtype))
         self.queue_ptr.add_(n).remainder_(m)
@@ -474,12 +474,12 @@ def knn_eval(encoder: nn.Module, args: Args, device, amp) -> dict:
 
 
 def linear_eval(encoder: nn.Module, args: Args, device, amp, logger: log.Logger,
-                source: str, name: str = "trained") -> dict:
+                name: str = "trained") -> dict:
     """Thesis linear probe (App. A.5.1 / MoCo v3 protocol for ImageNet): frozen encoder in
     eval mode, a Linear layer trained with SGD (momentum 0.9, no wd) on augmented images.
     Checkpointed in `<output-dir>/linear.pt` (`linear-<name>.pt` for the other encoders) and
-    resumed bitwise; `source` names the encoder's weights (a resume from other weights is
-    refused)."""
+    resumed bitwise, unless that file started from other encoder weights (then refused)."""
+    source = f"encoder weights {checkpoint.fingerprint(encoder.state_dict())}"
     train_ds = data.SafeDataset(Indexed(base_dataset(args, "train"),
                                         eval_transform(args.img_size, train=True), args.seed),
                                 args.max_fail_fraction, "linear-probe images")
@@ -492,10 +492,10 @@ def linear_eval(encoder: nn.Module, args: Args, device, amp, logger: log.Logger,
     lr = args.lin_lr * (args.lin_batch_size * dist.world() / 256 if args.lin_schedule == "cosine" else 1)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
     loader = make_loader(train_ds, args.lin_batch_size, args, train=True)
-    loop = training.Loop(loader, args.lin_epochs, args.output_dir, logger, amp, args,
-                         {"model": head, "optimizer": opt}, args.log_every, args.ckpt_every,
+    loop = training.Loop(loader, args.lin_epochs, {"model": head, "optimizer": opt}, args,
+                         logger, amp, source=source, batch_flag="--lin-batch-size",
                          ckpt_name="linear.pt" if name == "trained" else f"linear-{name}.pt",
-                         source=source, desc="linear", prefix="linear")
+                         desc="linear", prefix="linear", resume_flag=None)
     loop.resume()
     encoder.eval()
     for x, y, _ in loop:
@@ -521,10 +521,10 @@ def linear_eval(encoder: nn.Module, args: Args, device, amp, logger: log.Logger,
 
 
 def evaluate_encoder(encoder: nn.Module, args: Args, device, amp, logger: log.Logger,
-                     source: str, name: str = "trained") -> dict:
+                     name: str = "trained") -> dict:
     out = knn_eval(encoder, args, device, amp)
     if args.lin_aug:
-        out.update(linear_eval(encoder, args, device, amp, logger, source, name))
+        out.update(linear_eval(encoder, args, device, amp, logger, name))
     return out
 
 
@@ -577,12 +577,11 @@ def main(args: Args) -> dict:
         step = pretrain(model, sce, args, device, amp, logger)
     summary.update(steps=step, seconds=round(time.time() - t0, 1))
 
-    source = f"{args.init_from or 'random init'} + {step} steps in {args.output_dir}"
-    results = {"trained": evaluate_encoder(sce.encoder, args, device, amp, logger, source)}
+    results = {"trained": evaluate_encoder(sce.encoder, args, device, amp, logger)}
     if args.eval_random_init:
         torch.manual_seed(args.seed)
         results["random_init"] = evaluate_encoder(build_backbone(args).to(device), args, device,
-                                                  amp, logger, f"seed {args.seed}", "random_init")
+                                                  amp, logger, "random_init")
     for name in results["trained"]:
         summary["metrics"][name] = {k: round(v[name], 2) for k, v in results.items()}
     dist.print0(f"{'metric':<16}" + "".join(f"{k:>14}" for k in reversed(results)))
@@ -606,9 +605,8 @@ def pretrain(model, sce: SCE, args: Args, device, amp: optim.Amp, logger: log.Lo
     opt = (optim.LARS(params, lr=peak_lr, momentum=0.9, weight_decay=args.weight_decay)
            if args.optimizer == "lars" else
            torch.optim.SGD(params, lr=peak_lr, momentum=0.9, weight_decay=args.weight_decay))
-    loop = training.Loop(loader, args.epochs, args.output_dir, logger, amp, args,
-                         {"model": sce, "optimizer": opt}, args.log_every, args.ckpt_every,
-                         args.max_steps)
+    loop = training.Loop(loader, args.epochs, {"model": sce, "optimizer": opt}, args, logger,
+                         amp, max_steps=args.max_steps)
     warmup = min(args.warmup_epochs * loop.steps_per_epoch, loop.total_steps)
     dist.print0(f"{len(ds)} images, {loop.steps_per_epoch} steps/epoch, global batch "
                 f"{global_batch}, peak lr {peak_lr:.4g}, amp {amp.mode}, output {args.output_dir}")

@@ -88,7 +88,7 @@ class Args:
     """steps between checkpoints (last.pt, atomic); also written at the end"""
     resume: str = ""
     """checkpoint to resume from (default: <output_dir>/last.pt when it exists; with --eval
-    finetune|linear: <output_dir>/finetune.pt|linear.pt of the same --init-from)"""
+    finetune|linear: <output_dir>/finetune.pt|linear.pt if it started from the same weights)"""
     init_from: str = ""
     """weights to evaluate / fine-tune: a pretraining last.pt (encoder.* keys) or a fine-tune one"""
     eval: Literal["none", "knn", "linear", "finetune"] = "none"
@@ -271,6 +271,9 @@ def read_split(args: Args, train: bool) -> list:
         return data.read_video_csv(root / ("train.csv" if train else "val.csv"))
     if not os.path.exists(args.data):
         raise FileNotFoundError(f"--data {args.data}: no such folder or list file")
+    if os.path.isfile(args.data) and os.path.basename(args.data) not in ("train.csv", "val.csv"):
+        raise cli.InputError(f"--data {args.data}: give the folder holding train.csv and val.csv, "
+                             f"or one of those two files")
     root = os.path.dirname(args.data) if os.path.isfile(args.data) else args.data
     if args.dataset == "ucf101":
         return data.read_ucf101_split(root, 1, train)
@@ -564,7 +567,16 @@ class SIGMA(nn.Module):
                           a.sinkhorn_eps, a.sinkhorn_iters, a.temperature, a.soft_targets, a.loss)
 
 
+def check_shapes(a: Args) -> None:
+    """Raise `cli.InputError` when the clip does not tile into tubelets x patches."""
+    if a.num_frames % a.tubelet or a.input_size % a.patch_size:
+        raise cli.InputError(f"--num-frames {a.num_frames} must be a multiple of --tubelet "
+                             f"{a.tubelet} and --input-size {a.input_size} of --patch-size "
+                             f"{a.patch_size}")
+
+
 def build_model(args: Args) -> SIGMA:
+    check_shapes(args)
     return SIGMA(args)
 
 
@@ -736,10 +748,14 @@ def mix(x: torch.Tensor, y: torch.Tensor, a: Args, num_classes: int) -> tuple:
 @torch.no_grad()
 def multi_view_test(model: nn.Module, records: list, args: Args, device, amp) -> dict:
     """Top-1/top-5 with the per-view softmax averaged over test_clips x test_crops views."""
-    ds = data.SafeDataset(ClipViews(records, args, "test"), args.max_fail_fraction, "test videos")
+    ds = data.SafeDataset(ClipViews(records, args, "test"), args.max_fail_fraction, "test videos",
+                          replace=False)  # an unreadable clip is left out, not replaced
     model.eval()
     counts = torch.zeros(3, device=device)
-    for x, y, _ in make_loader(ds, args.ft_batch_size, args, train=False):
+    for batch in make_loader(ds, args.ft_batch_size, args, train=False):
+        if batch is None:
+            continue
+        x, y, _ = batch
         B, V = x.shape[:2]
         with amp.autocast():
             logits = model(x.flatten(0, 1).to(device, non_blocking=True))
@@ -757,6 +773,7 @@ def finetune(args: Args, device, amp: optim.Amp, logger: log.Logger) -> dict:
     backbone in eval mode), then the multi-view test (spec §2.2, §3, §4)."""
     train_recs, val_recs = read_split(args, True), read_split(args, False)
     n_cls = max(r.label for r in train_recs + val_recs) + 1
+    check_shapes(args)
     model = Classifier(args, n_cls).to(device)
     if args.init_from:
         load_classifier(model, args.init_from)
@@ -772,12 +789,12 @@ def finetune(args: Args, device, amp: optim.Amp, logger: log.Logger) -> dict:
     ds = data.SafeDataset(ClipViews(train_recs, args, "train"), args.max_fail_fraction,
                           "train videos")
     loop = training.Loop(make_loader(ds, args.ft_batch_size, args, train=True), args.ft_epochs,
-                         args.output_dir, logger, amp, args, {"model": model, "optimizer": opt},
-                         args.log_every, args.ckpt_every, ckpt_name=f"{args.eval}.pt",
-                         source=args.init_from or "random init", desc=args.eval,
-                         prefix=args.eval)
+                         {"model": model, "optimizer": opt}, args, logger, amp,
+                         source=f"weights {checkpoint.fingerprint(model.state_dict())}",
+                         ckpt_name=f"{args.eval}.pt", batch_flag="--ft-batch-size",
+                         desc=args.eval, prefix=args.eval)
     warmup = min(args.ft_warmup_epochs * loop.steps_per_epoch, loop.total_steps)
-    loop.resume(args.resume)  # <output-dir>/{finetune,linear}.pt of the same --init-from
+    loop.resume(args.resume)  # <output-dir>/{finetune,linear}.pt from the same weights
     dist.print0(f"{args.eval}: {len(ds)} clips, {n_cls} classes, peak lr {peak:.3g}")
     net.train(not linear)
     for x, y, _ in loop:
@@ -797,7 +814,7 @@ def feature_eval(encoder: Encoder, args: Args, device, amp) -> dict:
     """Weighted kNN (k, T = 0.07; train split as the bank; eval mode) on the pooled encoder
     tokens of one centre view, and a quick linear probe on the same frozen features."""
     loaders = [make_loader(data.SafeDataset(ClipViews(read_split(args, s), args, "single"),
-                                            args.max_fail_fraction, "clips"),
+                                            args.max_fail_fraction, "clips", replace=False),
                            args.ft_batch_size * 4, args, train=False) for s in (True, False)]
     was = encoder.training
     encoder.eval()
@@ -945,8 +962,8 @@ def pretrain(model: SIGMA, teacher, args: Args, device, amp: optim.Amp, logger: 
     opt = torch.optim.AdamW(optim.param_groups(model, args.weight_decay), lr=peak,
                             betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
     loop = training.Loop(make_loader(ds, args.batch_size, args, train=True), args.epochs,
-                         args.output_dir, logger, amp, args, {"model": model, "optimizer": opt},
-                         args.log_every, args.ckpt_every, args.max_steps)
+                         {"model": model, "optimizer": opt}, args, logger, amp,
+                         max_steps=args.max_steps)
     warmup = min(args.warmup_epochs * loop.steps_per_epoch, loop.total_steps)
     dist.print0(f"{len(ds)} videos, {loop.steps_per_epoch} steps/epoch, global batch "
                 f"{global_batch}, peak lr {peak:.3g}, {num_tokens(args)} tokens, amp {amp.mode}, "

@@ -6,6 +6,7 @@ A full checkpoint, as the method scripts write it, is a plain dict such as
 """
 import argparse
 import dataclasses
+import hashlib
 import os
 import random
 from pathlib import Path
@@ -146,7 +147,7 @@ def load_model(model: nn.Module, state_dict: dict, strict: bool = True, what: st
 
 
 def save_training(path, state: dict, amp, step: int, args, **extra) -> None:
-    """Write the training state of DESIGN §5 atomically: each entry of `state` (a module, an
+    """Write the whole training state atomically: each entry of `state` (a module, an
     optimiser, anything with `state_dict()`) under its name, the AMP scaler, the step, args (a
     dataclass is stored as a dict), every rank's RNG state, and `extra` entries. Call it on
     every rank: gathering the RNG states is a collective under DDP."""
@@ -173,6 +174,20 @@ def load_training(path, state: dict, amp, ckpt: Optional[dict] = None) -> dict:
         amp.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
     return ckpt
+
+
+def fingerprint(state_dict: dict) -> str:
+    """A short hash (12 hex digits) of a state dict's names and tensor bytes: the identity of
+    a set of weights, e.g. those a fine-tuning or a linear probe starts from, whatever file or
+    folder they came from."""
+    h = hashlib.sha1()
+    for name in sorted(state_dict):
+        t = state_dict[name]
+        h.update(name.encode())
+        if isinstance(t, torch.Tensor):
+            h.update(str(t.dtype).encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:12]
 
 
 def init_from(model: nn.Module, path, key: Optional[str] = None, strict: bool = False,

@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import numpy as np
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from . import cli, dist
 from .video import IMAGE_EXTS
@@ -216,7 +216,7 @@ class ResumableSampler(Sampler):
     the world size so that every rank does the same number of steps; rank r takes positions
     r, r + world, ... With `pad=False` (evaluation) nothing is added: rank r takes r, r +
     world, ... of the plain order, shares may differ by one, and over all ranks every sample
-    is seen exactly once (DESIGN §5: distributed evaluation counts each sample once).
+    is seen exactly once (distributed evaluation counts each sample once).
     Call `set_epoch(e)` before each epoch, then, when resuming, `set_start(k)` to skip the
     first k samples of this rank's share (k = batches done this epoch x batch size); `len()`
     is the count still to come.
@@ -268,6 +268,13 @@ class ResumableSampler(Sampler):
         return self.per_rank - self.start
 
 
+def collate_readable(batch: list):
+    """`default_collate` of the samples that are not None (left out by
+    `SafeDataset(replace=False)`); None when none is left."""
+    batch = [b for b in batch if b is not None]
+    return default_collate(batch) if batch else None
+
+
 def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, num_workers: int = 0,
                 **kwargs) -> DataLoader:
     """The project's DataLoader over `ds`.
@@ -277,8 +284,11 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, num_wo
     distributed evaluation sees each sample exactly once. Either way the loader has its own
     `torch.Generator` (seeded from `seed`): starting an iterator draws from it, never from the
     global generator that dropout, masks and mixup use, so a resumed run draws exactly what
-    the uninterrupted one draws (DESIGN §5). `kwargs` go to `DataLoader` (e.g. collate_fn).
+    the uninterrupted one draws. Evaluation batches drop unreadable samples
+    (`collate_readable`; a batch may be None). `kwargs` go to `DataLoader`.
     """
+    if not train:
+        kwargs.setdefault("collate_fn", collate_readable)
     sampler = ResumableSampler(ds, shuffle=train, seed=seed, drop_last=train, with_epoch=train,
                                pad=train)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
@@ -291,7 +301,9 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, num_wo
 class SafeDataset(Dataset):
     """Skip-and-count wrapper: a sample whose loading raises OSError, RuntimeError or
     ValueError (VideoReadError included) is logged once, counted, and replaced by the next
-    index (up to `tries` of them, the key's epoch kept).
+    index (up to `tries` of them, the key's epoch kept); with `replace=False` (evaluation,
+    where a replacement would be counted twice) it is left out: the item is None, which
+    `collate_readable` drops.
 
     Failed indices are flagged in a shared-memory tensor created here, so the count is the
     same in DataLoader workers and in the main process (`skipped`). When more distinct
@@ -301,8 +313,8 @@ class SafeDataset(Dataset):
     """
 
     def __init__(self, dataset: Dataset, max_fail_fraction: float = 0.05,
-                 name: str = "dataset", tries: int = 10):
-        self.dataset, self.name, self.tries = dataset, name, tries
+                 name: str = "dataset", tries: int = 10, replace: bool = True):
+        self.dataset, self.name, self.tries, self.replace = dataset, name, tries, replace
         self.max_fail_fraction = max_fail_fraction
         share = max_fail_fraction * len(dataset) / dist.world()
         self.limit = max(share, 1.0) if max_fail_fraction > 0 else 0.0
@@ -338,5 +350,7 @@ class SafeDataset(Dataset):
                         f"{self.name}: {self.skipped} of {len(self)} samples are unreadable, more "
                         f"than --max-fail-fraction {self.max_fail_fraction} allows; last: "
                         f"{self._describe(index)}: {e}") from None
+                if not self.replace:
+                    return None
         raise RuntimeError(f"{self.name}: {self.tries} consecutive unreadable samples up to "
                            f"{self._describe(index)}")

@@ -19,24 +19,30 @@ def extract_features(fn: Callable[[Tensor], Tensor], loader: Iterable, device: t
     Batches are `(x, y)` or `(x, y, index)`. Putting the model in eval mode is the caller's job.
     Under DDP each rank extracts its share (its loader's sampler) and batches MUST carry the
     dataset index as third element: the shares are gathered, padding duplicates dropped, and
-    every rank gets all features in dataset (index) order. Returns float32 feats (N, D) and
-    long labels (N,), on CPU.
+    every rank gets all features in dataset (index) order; a rank's share may be empty.
+    Batches that are None (every sample unreadable, `data.SafeDataset(replace=False)`) are
+    skipped. Returns float32 feats (N, D) and long labels (N,), on CPU.
     """
     feats, labels, idxs = [], [], []
     for batch in loader:
+        if batch is None:  # every sample of the batch was unreadable (SafeDataset, evaluation)
+            continue
         with amp.autocast() if amp is not None else nullcontext():
             feats.append(fn(batch[0].to(device, non_blocking=True)).float())
         labels.append(torch.as_tensor(batch[1]).long().to(device))
         if len(batch) > 2:
             idxs.append(torch.as_tensor(batch[2]).long().to(device))
-    f, y = torch.cat(feats), torch.cat(labels)
     if not dist.is_dist():
-        return f.cpu(), y.cpu()
+        return torch.cat(feats).cpu(), torch.cat(labels).cpu()
     if len(idxs) != len(feats):
         raise ValueError("extract_features under DDP needs batches (x, y, index): "
                          "the dataset must return each sample's index")
-    idx = torch.cat(idxs)
-    # Shares may differ in length: pad each to the longest, gather, then cut the padding off.
+    # Shares may differ in length, and be empty where the world is larger than the split:
+    # pad each to the longest (and to the common feature size), gather, cut the padding off.
+    dim = dist.all_gather(torch.tensor([feats[0].shape[1] if feats else 0], device=device))
+    empty = torch.zeros(0, device=device, dtype=torch.long)
+    f = torch.cat(feats) if feats else torch.zeros(0, int(dim.max()), device=device)
+    y, idx = (torch.cat(labels), torch.cat(idxs)) if feats else (empty, empty)
     counts = dist.all_gather(torch.tensor([len(idx)], device=device)).tolist()
     m = max(counts)
 
@@ -95,7 +101,8 @@ def linear_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tenso
         mean, std = train_f.mean(0), train_f.std(0, correction=0) + 1e-6
         train_f, test_f = (train_f - mean) / std, (test_f - mean) / std
     g = torch.Generator().manual_seed(seed)
-    head = torch.nn.Linear(train_f.shape[1], num_classes).to(dev)
+    with torch.random.fork_rng(devices=[]):  # the default init must not draw from the global
+        head = torch.nn.Linear(train_f.shape[1], num_classes).to(dev)  # RNG of a training run
     with torch.no_grad():
         head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.01)
         head.bias.zero_()

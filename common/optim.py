@@ -175,7 +175,7 @@ def resolve_amp(mode: str, device: torch.device) -> str:
 
 class NonFiniteLoss(FloatingPointError):
     """A loss was NaN or infinite: raised before its backward pass, so no update from it
-    reaches the weights (DESIGN §5)."""
+    reaches the weights."""
 
 
 class Amp:
@@ -201,11 +201,12 @@ class Amp:
     def check_finite(self, loss: torch.Tensor) -> None:
         """Raise `NonFiniteLoss` when `loss` is NaN/inf on this or any other rank."""
         bad = (~torch.isfinite(loss.detach().float())).any().float().reshape(1)
-        if dist.all_reduce(bad, "sum").item() > 0:  # the one host sync of a step
+        ranks = dist.all_gather(bad)  # (world,): one host sync per step
+        if ranks.any():
             where = f" {self.context}" if self.context else ""
-            raise NonFiniteLoss(f"non-finite loss ({loss.detach().float().sum().item()} on rank "
-                                f"{dist.rank()}){where}: stopping before the update, no step "
-                                f"from it was applied")
+            raise NonFiniteLoss(f"non-finite loss on rank {ranks.nonzero().flatten().tolist()}"
+                                f"{where}: stopping before the update, no step from it was "
+                                f"applied")
 
     def autocast(self):
         if self.dtype is None:

@@ -122,7 +122,7 @@ def write_label_png(path, label, palette: Optional[Sequence[int]] = None) -> Non
     """Write (H, W) ids in [0, 255] as an indexed ("P") PNG, with the DAVIS palette by default."""
     a = np.asarray(label)
     if a.ndim != 2 or a.min() < 0 or a.max() > 255:
-        raise cli.InputError(f"{path}: label must be (H, W) ids in [0, 255], got shape {a.shape}")
+        raise ValueError(f"{path}: label must be (H, W) ids in [0, 255], got shape {a.shape}")
     im = Image.fromarray(a.astype(np.uint8))
     im.putpalette(list(palette) if palette is not None else davis_palette())
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,10 @@
-"""The bookkeeping of a training loop keyed by the global step, in one place (DESIGN §5).
+"""The bookkeeping of a training loop keyed by the global step, in one place (README: "What
+is guaranteed, and tested").
 
 A method's loop keeps only its own lines (its schedules, its `train_step`, its EMA or queue):
 
-    loop = training.Loop(loader, epochs=args.epochs, max_steps=args.max_steps,
-                         output_dir=args.output_dir, logger=logger, amp=amp, args=args,
-                         state={"model": sce, "optimizer": opt},
-                         log_every=args.log_every, ckpt_every=args.ckpt_every)
+    loop = training.Loop(loader, args.epochs, {"model": sce, "optimizer": opt}, args,
+                         logger, amp, max_steps=args.max_steps)
     loop.resume(args.resume)              # <output_dir>/last.pt when it exists
     for views, _, _ in loop:              # sets the sampler's epoch and mid-epoch start
         lr = optim.cosine_schedule(loop.step, loop.total_steps, peak)
@@ -21,8 +20,9 @@ What it guarantees:
   (seed, epoch, index), so a run stopped at any checkpoint and resumed is, on CPU, bitwise
   the uninterrupted run. A checkpoint whose `source` differs is refused (`CheckpointError`).
 - a non-finite loss stops the run before its update (`optim.Amp.step` checks every step;
-  the loop keeps `amp.context` naming the step and the last good checkpoint); the loss is
-  checked before every save too, so the checkpoint on disk is always a good one.
+  the loop keeps `amp.context` naming the step and the last good checkpoint); before every
+  save the loss and the weights are checked too (a finite loss can still bring an infinite
+  gradient), so the checkpoint on disk is always a good one.
 - logging on rank 0 every `log_every` steps and at the last step: the rank-mean loss, the
   given metrics, the epoch, skipped samples (`SafeDataset.skipped`) and throughput.
 """
@@ -37,30 +37,36 @@ from common import checkpoint, cli, dist, log, optim
 
 class Loop:
     """Iterate over `loader` from the current step to `min(epochs x steps per epoch,
-    max_steps)`; see the module docstring. Attributes: `step` (global steps done),
+    max_steps)`; see the module docstring. `state` maps checkpoint entries to the objects
+    saved under them; `args` (the script's `Args`, saved too) gives `output_dir`,
+    `log_every` and `ckpt_every`. Attributes: `step` (global steps done),
     `epoch`, `steps_per_epoch`, `total_steps` (for schedules), `last_step`, `path` (the
     checkpoint file, `<output_dir>/<ckpt_name>`).
 
-    Raises `cli.InputError` when the loader yields no full batch, and `checkpoint.CheckpointError`
-    from `resume` on a checkpoint of another source.
+    `source` names what the loop starts from (e.g. `checkpoint.fingerprint` of the weights a
+    fine-tuning starts from); `batch_flag` and `resume_flag` are the script's flags that the
+    error messages name (`resume_flag=None`: the script has none for this loop).
+    Raises `cli.InputError` when the loader yields no full batch, and
+    `checkpoint.CheckpointError` from `resume` on a checkpoint of another source.
     """
 
-    def __init__(self, loader, epochs: int, output_dir: str, logger: log.Logger,
-                 amp: optim.Amp, args, state: dict, log_every: int = 50,
-                 ckpt_every: int = 1000, max_steps: int = 0, ckpt_name: str = "last.pt",
-                 source: Optional[str] = None, desc: str = "epoch", prefix: str = "train"):
+    def __init__(self, loader, epochs: int, state: dict, args, logger: log.Logger,
+                 amp: optim.Amp, *, max_steps: int = 0, ckpt_name: str = "last.pt",
+                 source: Optional[str] = None, desc: str = "epoch", prefix: str = "train",
+                 batch_flag: str = "--batch-size", resume_flag: Optional[str] = "--resume"):
         self.loader, self.sampler = loader, loader.sampler
         self.sampler.set_epoch(0)
         self.steps_per_epoch = len(loader)
         if self.steps_per_epoch == 0:
-            raise cli.InputError(f"{len(loader.dataset)} samples per process are fewer than one "
-                             f"batch of {loader.batch_size}: lower --batch-size")
+            raise cli.InputError(f"{len(self.sampler)} samples per process are fewer than one "
+                                 f"batch of {loader.batch_size}: lower {batch_flag}")
         self.total_steps = epochs * self.steps_per_epoch
         self.last_step = min(self.total_steps, max_steps or self.total_steps)
-        self.path = os.path.join(output_dir, ckpt_name)
+        self.path = os.path.join(args.output_dir, ckpt_name)
         self.logger, self.amp, self.args, self.state = logger, amp, args, state
-        self.log_every, self.ckpt_every = log_every, ckpt_every
+        self.log_every, self.ckpt_every = args.log_every, args.ckpt_every
         self.source, self.desc, self.prefix = source, desc, prefix
+        self.resume_flag = resume_flag
         self.step, self.epoch, self.saved_step = 0, 0, None
         self.meter = log.Throughput(amp.device)
 
@@ -74,10 +80,11 @@ class Loop:
             return 0
         ckpt = checkpoint.load(path)
         if not explicit and ckpt.get("source") != self.source:
+            hint = (f", or pass {self.resume_flag} {path} to continue it anyway"
+                    if self.resume_flag else "")
             raise checkpoint.CheckpointError(
                 f"{path} continues a run started from {ckpt.get('source')!r}, not from "
-                f"{self.source!r}: choose a new --output-dir (or delete the file), or pass "
-                f"--resume {path} to continue it anyway")
+                f"{self.source!r}: choose a new --output-dir (or delete the file){hint}")
         checkpoint.load_training(path, self.state, self.amp, ckpt)
         self.step = self.saved_step = int(ckpt["step"])
         dist.print0(f"resumed from {path} at step {self.step}")
@@ -135,7 +142,18 @@ class Loop:
                                         **self.meter.rates()})
             self.meter.reset()
         if saving:
+            if not self._finite_weights():  # a finite loss can still bring an inf gradient
+                where = self._where(self.step)
+                raise optim.NonFiniteLoss(f"non-finite weights after the update {where}")
             self.save()
+
+    def _finite_weights(self) -> bool:
+        """Every floating tensor of the modules in `state` is finite, on every rank."""
+        tensors = [t for obj in self.state.values() if isinstance(obj, nn.Module)
+                   for t in obj.state_dict().values() if t.is_floating_point()]
+        bad = sum((~torch.isfinite(t)).sum() for t in tensors) if tensors else \
+            torch.zeros((), device=self.amp.device)
+        return dist.all_reduce(bad.float().reshape(1), "sum").item() == 0
 
     def check_replicas(self, *modules: nn.Module, buffers: tuple = ()) -> Optional[float]:
         """Under DDP, log the largest difference between ranks of the sums of every

@@ -13,8 +13,8 @@ import torch
 from common import checkpoint, optim, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IGNORED = ("args", "source")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads in every run compared bitwise  # they name the output folder, which differs between the runs
+IGNORED = ("args", "source")  # args name the output folder, which differs between the runs
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads in every run compared bitwise
 
 
 def assert_same(a, b, where: str = "") -> None:

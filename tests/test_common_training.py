@@ -2,8 +2,8 @@
 per-sample input and a global-RNG draw per step resumes bitwise from any checkpoint; a NaN
 loss stops the run before its update; a checkpoint of another source is refused; logging and
 checkpoint cadence; loaders never draw from the global generator."""
-import json
 import os
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -12,6 +12,13 @@ from torch.utils.data import Dataset
 
 from common import checkpoint, data, log, optim, training
 from tests import checks
+
+
+@dataclass
+class Args:
+    output_dir: str
+    log_every: int = 3
+    ckpt_every: int = 2
 
 
 class Noise(Dataset):
@@ -26,7 +33,7 @@ class Noise(Dataset):
 
 
 def run(out, max_steps=0, nan_at=None, source="init", ckpt_every=2, log_every=3, resume="",
-        box=None):
+        box=None, inf_grad_at=None):
     """3 epochs of 3 steps (10 samples, batch 3, drop_last); returns (model, loop); the model
     is also put in `box["model"]`."""
     torch.manual_seed(0)
@@ -36,15 +43,17 @@ def run(out, max_steps=0, nan_at=None, source="init", ckpt_every=2, log_every=3,
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
     amp = optim.Amp("none", torch.device("cpu"))
     loader = data.make_loader(Noise(), 3, train=True, seed=0)
-    loop = training.Loop(loader, 3, str(out), log.Logger(str(out)), amp, {"note": 1},
-                         {"model": model, "optimizer": opt}, log_every, ckpt_every, max_steps,
-                         source=source)
+    args = Args(str(out), log_every, ckpt_every)
+    loop = training.Loop(loader, 3, {"model": model, "optimizer": opt}, args,
+                         log.Logger(str(out)), amp, max_steps=max_steps, source=source)
     loop.resume(resume)
     for x, y in loop:
         x = x + 0.1 * torch.randn_like(x)  # a global-RNG draw each step, like masks or mixup
         loss = nn.functional.cross_entropy(model(x), y)
         if loop.step + 1 == nan_at:
             loss = loss * float("nan")
+        if loop.step + 1 == inf_grad_at:  # a finite loss whose gradient overflows
+            model[0].weight.register_hook(lambda g: g * float("inf"))
         amp.step(loss, opt)
         loop.end_step({"loss": loss.detach()}, {"train/lr": 0.05})
     return model, loop
@@ -83,6 +92,13 @@ def test_non_finite_loss_never_reaches_the_weights(tmp_path):
     checks.assert_same_checkpoints(tmp_path / "ref" / "last.pt", tmp_path / "nan" / "last.pt")
 
 
+def test_weights_made_non_finite_by_a_finite_loss_are_never_saved(tmp_path):
+    with pytest.raises(optim.NonFiniteLoss, match=r"weights .*at step 4 .*\(step 2\) is kept"):
+        run(tmp_path, inf_grad_at=4, ckpt_every=2, log_every=100)
+    ckpt = checkpoint.load(tmp_path / "last.pt")
+    assert ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["model"].values())
+
+
 def test_no_checkpoint_yet_is_said(tmp_path):
     with pytest.raises(optim.NonFiniteLoss, match="at step 1 .*no checkpoint was written yet"):
         run(tmp_path, nan_at=1)
@@ -98,8 +114,8 @@ def test_a_checkpoint_of_another_source_is_refused(tmp_path):
 
 def test_forgetting_end_step_is_an_error(tmp_path):
     loader = data.make_loader(Noise(), 3, train=True)
-    loop = training.Loop(loader, 1, str(tmp_path), log.Logger(None),
-                         optim.Amp("none", torch.device("cpu")), {}, {})
+    loop = training.Loop(loader, 1, {}, Args(str(tmp_path)), log.Logger(None),
+                         optim.Amp("none", torch.device("cpu")))
     with pytest.raises(RuntimeError, match="end_step"):
         for _ in loop:
             pass
@@ -108,8 +124,8 @@ def test_forgetting_end_step_is_an_error(tmp_path):
 def test_fewer_samples_than_a_batch_is_a_user_error(tmp_path):
     loader = data.make_loader(Noise(), 11, train=True)
     with pytest.raises(ValueError, match="fewer than one batch of 11"):
-        training.Loop(loader, 1, str(tmp_path), log.Logger(None),
-                      optim.Amp("none", torch.device("cpu")), {}, {})
+        training.Loop(loader, 1, {}, Args(str(tmp_path)), log.Logger(None),
+                      optim.Amp("none", torch.device("cpu")))
 
 
 def test_loaders_never_draw_from_the_global_generator():
@@ -123,4 +139,5 @@ def test_loaders_never_draw_from_the_global_generator():
 
 def test_args_are_stored_as_a_dict(tmp_path):
     run(tmp_path, max_steps=2)
-    assert json.dumps(checkpoint.load(tmp_path / "last.pt")["args"]) == '{"note": 1}'
+    saved = checkpoint.load(tmp_path / "last.pt")["args"]
+    assert saved == {"output_dir": str(tmp_path), "log_every": 3, "ckpt_every": 2}

@@ -296,7 +296,7 @@ def test_eval_only_loads_an_official_style_checkpoint(tiny_davis, tmp_path):
     assert out["steps"] == 0 and out["metrics"]["davis_jf"]["trained"] == round(direct["davis_jf"], 4)
     enc_only = {k: v for k, v in model.state_dict().items() if not k.startswith("blocks.1.")}
     torch.save({"model": enc_only}, tmp_path / "broken.pth")
-    with pytest.raises(KeyError, match="encoder weights missing"):
+    with pytest.raises(checkpoint.CheckpointError, match="encoder weights missing"):
         C.load_weights(C.build_model(tiny_args()), str(tmp_path / "broken.pth"))
 
 

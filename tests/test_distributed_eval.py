@@ -1,8 +1,10 @@
-"""Distributed evaluation counts each sample exactly once (DESIGN §5): 2-process gloo runs on
+"""Distributed evaluation counts each sample exactly once: 2-process gloo runs on
 splits of 3 samples (which 2 does not divide) give the one-process values.
 
 A classifier that always answers class 0, on 3 samples labelled [0, 1, 1], scores 33.33 top-1;
-a sampler that pads the split with a repeated sample would score 50.00 on 2 processes.
+a sampler that pads the split with a repeated sample would score 50.00 on 2 processes, and an
+unreadable extra clip replaced by its neighbour (label 1) 25.00: it is left out instead. A
+split of one sample leaves the second process an empty share.
 """
 import dataclasses
 import json
@@ -42,13 +44,18 @@ class AlwaysZero(nn.Module):  # logits favouring class 0
         return torch.tensor([[2.0, 0.0]]).expand(len(x), 2)
 
 a = sce_image.Args(**cfg["sce"])
-out["sce_linear"] = sce_image.linear_eval(Zero(), a, dev, amp, log.Logger(None), "zero")
+out["sce_linear"] = sce_image.linear_eval(Zero(), a, dev, amp, log.Logger(None))
 s = sigma.Args(**cfg["sigma"])
 recs = [VideoRecord(p, y) for p, y in cfg["videos"]]
-out["sigma_multi_view"] = sigma.multi_view_test(AlwaysZero(), recs, s, dev, amp)
+missing = VideoRecord(cfg["missing"], 1)  # unreadable: left out, not replaced by a neighbour
+out["sigma_multi_view"] = sigma.multi_view_test(AlwaysZero(), recs[:2] + [missing] + recs[2:],
+                                                s, dev, amp)
 loader = sigma.make_loader(sigma.ClipViews(recs, s, "single"), 2, s, train=False)
 f, y = evaluate.extract_features(lambda x: x.flatten(1)[:, :8], loader, dev)
 out["features"] = {"labels": y.tolist(), "n": len(f)}
+one = sigma.make_loader(sigma.ClipViews(recs[:1], s, "single"), 2, s, train=False)
+f, y = evaluate.extract_features(lambda x: x.flatten(1)[:, :8], one, dev)  # rank 1 has none
+out["one_sample"] = {"labels": y.tolist(), "shape": list(f.shape)}
 if dist.is_main():
     json.dump(out, open(sys.argv[3], "w"))
 dist.cleanup()
@@ -74,7 +81,7 @@ def setup(tmp_path_factory):
                                     output_dir=str(tmp / "out")))
     sig = dataclasses.asdict(G.Args(input_size=32, num_frames=8, sampling_rate=2, test_clips=2,
                                     test_crops=1, ft_batch_size=2, num_workers=0, amp="none"))
-    cfg = {"sce": sce, "sigma": sig,
+    cfg = {"sce": sce, "sigma": sig, "missing": str(tmp / "missing.mp4"),
            "videos": [[str(videos / p), y] for p, y in zip(paths, [0, 1, 1])]}
     (tmp / "cfg.json").write_text(json.dumps(cfg))
     (tmp / "script.py").write_text(SCRIPT)
@@ -100,3 +107,4 @@ def test_two_processes_count_each_sample_once(setup):
     assert one["sigma_multi_view"]["top5"] == 100.0  # 2 classes: always in the top 5
     assert two == one
     assert two["features"] == {"labels": [0, 1, 1], "n": 3}
+    assert two["one_sample"] == {"labels": [0], "shape": [1, 8]}

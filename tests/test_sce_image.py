@@ -17,7 +17,6 @@ from torchvision.transforms import v2
 import sce_image as S
 from common import checkpoint, log, optim, synthetic
 from tests import checks
-from tests import checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -284,10 +283,13 @@ def test_tiny_run_learns_and_exports_the_backbone(tiny_data, tmp_path):
     assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
 
 
-def test_resume_is_bit_identical(tiny_data, tmp_path):
-    S.main(run_args(tiny_data, tmp_path / "straight", max_steps=10))
-    S.main(run_args(tiny_data, tmp_path / "resumed", max_steps=5))
-    S.main(run_args(tiny_data, tmp_path / "resumed", max_steps=10))  # resumes last.pt
+@pytest.mark.parametrize("stop", [5, 6])  # mid-epoch; right after the epoch-end kNN
+def test_resume_is_bit_identical(tiny_data, tmp_path, stop):
+    """With a kNN + quick probe after every epoch (--eval-every 1): the evaluation must not
+    draw from the training's random stream, or a run stopped at the epoch's end would differ."""
+    S.main(run_args(tiny_data, tmp_path / "straight", max_steps=10, eval_every=1))
+    S.main(run_args(tiny_data, tmp_path / "resumed", max_steps=stop, eval_every=1))
+    S.main(run_args(tiny_data, tmp_path / "resumed", max_steps=10, eval_every=1))  # resumes
     a = checks.assert_same_checkpoints(tmp_path / "straight" / "last.pt",
                                        tmp_path / "resumed" / "last.pt")  # queue, LARS, RNG too
     assert a["step"] == 10

@@ -395,7 +395,7 @@ def test_resume_is_bit_identical(tiny_data, tmp_path):
 def test_finetune_and_probe_resume_bitwise(tiny_data, tmp_path, monkeypatch, mode):
     """Mixup/cutmix, random erasing, drop path, RandAugment all on; stopped after step 3 of
     2 epochs x 4 steps and resumed: the checkpoint and the test scores are the uninterrupted
-    run's. A checkpoint from other pretrained weights is refused."""
+    run's. A checkpoint started from other weights is refused, even at the same path."""
     S.main(run_args(tiny_data, tmp_path / "pre", max_steps=2))
     kw = dict(eval=mode, init_from=str(tmp_path / "pre" / "last.pt"), ft_epochs=2,
               ft_base_lr=0.05, test_clips=1, test_crops=1, ckpt_every=1, mixup=0.8, cutmix=1.0,
@@ -408,10 +408,9 @@ def test_finetune_and_probe_resume_bitwise(tiny_data, tmp_path, monkeypatch, mod
     a = checks.assert_same_checkpoints(tmp_path / "straight" / f"{mode}.pt",
                                        tmp_path / "resumed" / f"{mode}.pt")
     assert a["step"] == 2 * 32 // 4 and straight["metrics"] == resumed["metrics"]
-    S.main(run_args(tiny_data, tmp_path / "pre2", max_steps=1))
-    with pytest.raises(checkpoint.CheckpointError, match="new --output-dir"):
-        S.main(run_args(tiny_data, tmp_path / "resumed",
-                        **{**kw, "init_from": str(tmp_path / "pre2" / "last.pt")}))
+    S.main(run_args(tiny_data, tmp_path / "pre", max_steps=4))  # same file, new weights
+    with pytest.raises(checkpoint.CheckpointError, match="new --output-dir.* or pass --resume"):
+        S.main(run_args(tiny_data, tmp_path / "resumed", **kw))
 
 
 def test_non_finite_loss_stops_before_its_update(tiny_data, tmp_path, monkeypatch):

@@ -1,11 +1,12 @@
 """A user's mistake is one line `error: <message>` and exit status 2, not a traceback, in
 every method script: a missing data path, a malformed list line (named file:line), a file
-that is not a checkpoint."""
+that is not a checkpoint or lacks the weights, flags that cannot work together."""
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,6 +22,8 @@ def lists(tmp_path_factory):
     (tmp / "train.csv").write_text("a.mp4 1\nb.mp4 one\n")
     (tmp / "val.csv").write_text("a.mp4 1\n")
     (tmp / "not_a_checkpoint.pt").write_text("hello")
+    (tmp / "subset.csv").write_text("a.mp4 1\n")
+    torch.save({"model": {"unrelated": torch.zeros(1)}}, tmp / "empty.pt")
     return tmp
 
 
@@ -31,10 +34,19 @@ def lists(tmp_path_factory):
     (["sigma.py", "--data", "{tmp}/missing"], "error: --data {tmp}/missing: no such folder"),
     (["cropmae.py", "--eval-only", "--init-from", "{tmp}/not_a_checkpoint.pt"],
      "error: cannot load checkpoint {tmp}/not_a_checkpoint.pt"),
+    (["cropmae.py", "--eval-only", "--init-from", "{tmp}/empty.pt"],
+     "error: {tmp}/empty.pt: encoder weights missing"),
+    (["sigma.py", "--data", "{tmp}/subset.csv"], "error: --data {tmp}/subset.csv: give the folder"),
+    (["sigma.py", "--num-frames", "7"], "error: --num-frames 7 must be a multiple of --tubelet"),
+    (["sce_image.py", "--queue-size", "60", "--max-steps", "1"],
+     "error: --queue-size 60 must be a multiple of the keys enqueued per step"),
+    (["cropmae.py", "--mask-ratio", "1.0", "--max-steps", "1"],
+     "error: --mask-ratio 1.0 keeps 0 of"),
 ])
 def test_user_mistakes_are_one_line(lists, tmp_path, argv, message):
     argv = [a.format(tmp=lists) for a in argv] + ["--output-dir", str(tmp_path)]
     proc = run(*argv)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.startswith(message.format(tmp=lists)), proc.stderr[-2000:]
-    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    last = proc.stderr.rstrip("\n").split("\n")[-1]  # after any progress bar
+    assert last.startswith(message.format(tmp=lists)), proc.stderr[-2000:]
+    assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr
