@@ -196,7 +196,7 @@ class Amp:
         self.mode = resolve_amp(mode, self.device)
         self.dtype = AMP_DTYPES[self.mode]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.mode == "fp16")
-        self.context = ""
+        self.context, self.accum, self.stepped = "", (0, 1), False
 
     def check_finite(self, loss: torch.Tensor) -> None:
         """Raise `NonFiniteLoss` when `loss` is NaN/inf on this or any other rank."""
@@ -220,9 +220,18 @@ class Amp:
         Returns the total grad norm before clipping (a tensor; use `clip_grad=math.inf` to only
         measure it), or None without clipping. Raises `NonFiniteLoss` before backward when the
         loss is not finite (`check_finite`); with fp16 a step whose grads overflow is skipped.
+
+        Gradient accumulation (MAE's `accum_iter`): while `accum` is (i, n) with n > 1 (the
+        loop keeps it: micro-batch i of n), the loss is divided by n and only micro-batch n - 1
+        clips and steps; the others return None after their backward. `stepped` tells whether
+        the last call stepped the optimiser (EMA updates follow the optimiser steps).
         """
         self.check_finite(loss)
-        self.scaler.scale(loss).backward()
+        i, n = self.accum
+        self.scaler.scale(loss / n if n > 1 else loss).backward()
+        self.stepped = i == n - 1
+        if not self.stepped:
+            return None
         norm = None
         if clip_grad is not None:
             self.scaler.unscale_(optimizer)

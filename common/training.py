@@ -12,6 +12,11 @@ A method's loop keeps only its own lines (its schedules, its `train_step`, its E
         loop.end_step(out, {"train/lr": lr})  # logs every log_every, checkpoints every ckpt_every
     loop.check_replicas(sce)
 
+With `accum_iter=n` (MAE's gradient accumulation, `--accum-iter`) a step is n micro-batches:
+the loop yields each, `amp.step` divides the loss by n and steps the optimiser after the n-th
+(the loop tells it which is which), and `end_step` counts the step then; the schedules, the
+checkpoints and the resume stay keyed by optimiser steps.
+
 What it guarantees:
 - resume: the checkpoint holds every entry of `state` (anything with `state_dict` /
   `load_state_dict`), the AMP scaler, the step, `args`, every rank's RNG states and `source`
@@ -53,13 +58,16 @@ class Loop:
     def __init__(self, loader, epochs: int, state: dict, args, logger: log.Logger,
                  amp: optim.Amp, *, max_steps: int = 0, ckpt_name: str = "last.pt",
                  source: Optional[str] = None, desc: str = "epoch", prefix: str = "train",
-                 batch_flag: str = "--batch-size", resume_flag: Optional[str] = "--resume"):
+                 batch_flag: str = "--batch-size", resume_flag: Optional[str] = "--resume",
+                 accum_iter: int = 1):
         self.loader, self.sampler = loader, loader.sampler
         self.sampler.set_epoch(0)
-        self.steps_per_epoch = len(loader)
+        self.accum_iter = accum_iter
+        self.steps_per_epoch = len(loader) // accum_iter  # optimiser steps
         if self.steps_per_epoch == 0:
+            times = f" x --accum-iter {accum_iter}" if accum_iter > 1 else ""
             raise cli.InputError(f"{len(self.sampler)} samples per process are fewer than one "
-                                 f"batch of {loader.batch_size}: lower {batch_flag}")
+                                 f"batch of {loader.batch_size}{times}: lower {batch_flag}")
         self.total_steps = epochs * self.steps_per_epoch
         self.last_step = min(self.total_steps, max_steps or self.total_steps)
         self.path = os.path.join(args.output_dir, ckpt_name)
@@ -67,7 +75,7 @@ class Loop:
         self.log_every, self.ckpt_every = args.log_every, args.ckpt_every
         self.source, self.desc, self.prefix = source, desc, prefix
         self.resume_flag = resume_flag
-        self.step, self.epoch, self.saved_step = 0, 0, None
+        self.step, self.epoch, self.saved_step, self._micro = 0, 0, None, (0, 1)
         self.meter = log.Throughput(amp.device)
 
     # ---- resume and save ----
@@ -103,29 +111,40 @@ class Loop:
         return f"at step {step} in {os.path.dirname(self.path) or '.'}; {kept}"
 
     def __iter__(self):
+        """Yields the batches (with --accum-iter n, the n micro-batches of each step, `amp`
+        told which one is which); the body must call `end_step` after each."""
+        n = self.accum_iter
         while self.step < self.last_step:
             self.epoch = self.step // self.steps_per_epoch
             self.sampler.set_epoch(self.epoch)
-            self.sampler.set_start((self.step % self.steps_per_epoch) * self.loader.batch_size)
-            for batch in log.progress(self.loader, desc=f"{self.desc} {self.epoch}"):
+            done = self.step % self.steps_per_epoch
+            self.sampler.set_start(done * n * self.loader.batch_size)
+            batches = log.progress(self.loader, desc=f"{self.desc} {self.epoch}")
+            for j, batch in enumerate(batches):
                 self.amp.context, before = self._where(self.step + 1), self.step
+                self.amp.accum = self._micro = (j % n, n)
                 yield batch
-                if self.step != before + 1:
+                if self.step != before + (j % n == n - 1):
                     raise RuntimeError("training.Loop: call end_step() once per batch")
-                if self.step == self.last_step:
-                    break
+                if self.step == self.last_step or self.epoch_end:
+                    break  # (a last incomplete accumulation group is dropped, as in MAE)
+        self.amp.accum = (0, 1)
 
     @property
     def epoch_end(self) -> bool:
-        """True after the last step of an epoch (for per-epoch evaluations)."""
-        return self.step % self.steps_per_epoch == 0
+        """True right after the step that ends an epoch (for per-epoch evaluations)."""
+        return self._micro[0] == self._micro[1] - 1 and self.step % self.steps_per_epoch == 0
 
     def end_step(self, out: dict, metrics: Optional[dict] = None) -> None:
         """Count the step; log `out` (its "loss" averaged over ranks) and `metrics` at log
         steps; check the loss and save at checkpoint steps. Values may be tensors: they are
-        read on the host only at log and checkpoint steps."""
+        read on the host only at log and checkpoint steps. With --accum-iter n it counts a
+        step after the n-th micro-batch only."""
+        i, n = self._micro
+        if i < n - 1:
+            return
         self.step += 1
-        self.meter.update(self.loader.batch_size * dist.world())
+        self.meter.update(self.loader.batch_size * n * dist.world())
         logging = self.step % self.log_every == 0 or self.step == self.last_step
         saving = self.step % self.ckpt_every == 0 or self.step == self.last_step
         if not (logging or saving):

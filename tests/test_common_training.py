@@ -33,7 +33,7 @@ class Noise(Dataset):
 
 
 def run(out, max_steps=0, nan_at=None, source="init", ckpt_every=2, log_every=3, resume="",
-        box=None, inf_grad_at=None):
+        box=None, inf_grad_at=None, batch=3, accum=1):
     """3 epochs of 3 steps (10 samples, batch 3, drop_last); returns (model, loop); the model
     is also put in `box["model"]`."""
     torch.manual_seed(0)
@@ -42,10 +42,11 @@ def run(out, max_steps=0, nan_at=None, source="init", ckpt_every=2, log_every=3,
         box["model"] = model
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
     amp = optim.Amp("none", torch.device("cpu"))
-    loader = data.make_loader(Noise(), 3, train=True, seed=0)
+    loader = data.make_loader(Noise(), batch, train=True, seed=0)
     args = Args(str(out), log_every, ckpt_every)
     loop = training.Loop(loader, 3, {"model": model, "optimizer": opt}, args,
-                         log.Logger(str(out)), amp, max_steps=max_steps, source=source)
+                         log.Logger(str(out)), amp, max_steps=max_steps, source=source,
+                         accum_iter=accum)
     loop.resume(resume)
     for x, y in loop:
         x = x + 0.1 * torch.randn_like(x)  # a global-RNG draw each step, like masks or mixup
@@ -81,6 +82,38 @@ def test_resume_is_bitwise_the_uninterrupted_run(tmp_path, stop):
     b = log.read_jsonl(str(tmp_path / "resumed" / "log.jsonl"))
     after = [[r["train/loss"] for r in recs if r["step"] > stop] for recs in (a, b)]
     assert after[0] == after[1] and len(after[0]) >= 2
+
+
+@pytest.mark.parametrize("stop", [1, 3])  # 10 samples, batch 2, 2 micro-batches: 2 steps/epoch
+def test_accumulation_resumes_bitwise(tmp_path, stop):
+    _, loop = run(tmp_path / "straight", ckpt_every=1, batch=2, accum=2)
+    assert (loop.steps_per_epoch, loop.step) == (2, 6)  # the 5th micro-batch is dropped
+    run(tmp_path / "resumed", max_steps=stop, ckpt_every=1, batch=2, accum=2)
+    run(tmp_path / "resumed", ckpt_every=1, batch=2, accum=2)
+    checks.assert_same_checkpoints(tmp_path / "straight" / "last.pt",
+                                   tmp_path / "resumed" / "last.pt")
+
+
+def test_accumulating_two_half_batches_is_one_full_batch(tmp_path):
+    """Same samples, same order: 2 x 4 accumulated equals one batch of 8 (up to rounding)."""
+    out = {}
+    for batch, accum in ((8, 1), (4, 2)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        init = torch.cat([p.detach().flatten() for p in model.parameters()])
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        amp = optim.Amp("none", torch.device("cpu"))
+        loader = data.make_loader(Noise(), batch, train=True, seed=0)
+        loop = training.Loop(loader, 4, {"model": model, "optimizer": opt},
+                             Args(str(tmp_path / str(accum)), 100, 100), log.Logger(None), amp,
+                             accum_iter=accum)
+        for x, y in loop:
+            amp.step(nn.functional.cross_entropy(model(x), y), opt)
+            loop.end_step({"loss": torch.zeros(())})
+        assert loop.step == 4 and amp.accum == (0, 1)
+        out[accum] = torch.cat([p.flatten() for p in model.parameters()])
+    assert torch.allclose(out[1], out[2], atol=1e-6)
+    assert (out[1] - init).abs().max() > 0.05  # it did train
 
 
 def test_non_finite_loss_never_reaches_the_weights(tmp_path):
