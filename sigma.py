@@ -11,31 +11,48 @@ into equipartitioned cluster codes over the batch (Eqs. 3-4), and each branch pr
 other's codes with a cross-entropy at temperature 0.1 (Eqs. 5-7), which prevents the collapse
 of plain feature regression (Eq. 2).
 
-Launch:
+Launch (--batch-size is per GPU; the presets give the release scripts' global batch with
+these commands):
     python sigma.py                                  # CPU demo on the embedded synthetic videos
     python sigma.py --preset ucf101-vits --data ~/data/ucf101              # 1 GPU
-    torchrun --nproc_per_node=8 sigma.py --preset k400-vitb --data ~/data/k400   # 8 GPUs
+    torchrun --nproc_per_node=8 sigma.py --preset ssv2-vits-dino --teacher-weights \
+        dino_vitbase16.pth --data ~/data/ssv2        # 8 x 16 = 128 (pretrain_ssv2_vit_s.sh)
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
-        sigma.py --preset ssv2-vitb-dino --teacher-weights dino_vitbase16.pth --data ~/data/ssv2
+        sigma.py --preset k400-vitb-dino --teacher-weights dino_vitbase16.pth \
+        --data ~/data/k400                           # 16 x 40 = 640 (the multi-node script)
     torchrun --nproc_per_node=8 sigma.py --preset ft-ssv2-vitb --init-from runs/x/last.pt \
-        --data ~/data/ssv2                            # full fine-tuning (--eval finetune)
+        --data ~/data/ssv2                           # full fine-tuning, 8 x 4 = 32
+    torchrun --nproc_per_node=8 sigma.py --preset linear-ssv2 --init-from runs/x/last.pt \
+        --data ~/data/ssv2                           # linear probe, 8 x 24 x 2 (accumulated)
     python sigma.py --eval knn --init-from runs/x/last.pt --data ~/data/ucf101 --dataset ucf101
+The ViT-B pretraining presets (k400-vitb*, ssv2-vitb*) are 2 nodes x 8 GPUs in the official
+runs; on one node, --accum-iter 2 gives the same global batch and lr, but Sinkhorn then
+equipartitions each micro-batch (half the tokens) rather than the whole batch.
 Presets: k400-vits, k400-vitb, ssv2-vits, ssv2-vitb (MLP target), *-dino (frozen DINO teacher),
-ucf101-vits (one GPU), ft-ssv2-vitb, ft-k400-vitb, ft-ucf101-vits, linear-ssv2, demo.
+ucf101-vits (one GPU), ft-ssv2-vitb, ft-k400-vitb, ft-ucf101-vits, linear-ssv2, the Tabs. 6-7
+mini-SSv2 ablations (3 GPUs) mini-ssv2-vits, mini-ssv2-vits-dino, mini-ssv2-vits-videomae
+(the VideoMAE baseline: --target pixel) and ft-mini-ssv2-vits, demo.
 
 Deviations, with reasons:
 - PyAV decoding (common/video.py) instead of decord; frames are the same.
 - The multi-scale crop is resized with antialiased bilinear interpolation on tensors (PIL
-  bilinear in the official code).
+  bilinear in the official code). Fine-tuning crops and test views are resized with bilinear
+  interpolation without antialiasing, as the official F.interpolate / cv2 linear; the test
+  resize is on float frames (cv2 rounds to uint8 first).
 - kNN: bank from the training split, pooled encoder tokens, eval mode (the official script's
   test-set bank, random-head logits and train-mode drop path are bugs, spec §4).
-- Fine-tuning RandAugment is torchvision's RandAugment(4 ops, magnitude 7), the same op on all
-  frames; timm's magnitude noise (mstd 0.5) and "increasing" variants are not reproduced.
+- Fine-tuning RandAugment is timm's rand-m7-n4-mstd0.5-inc1 written out here (the same ops,
+  levels, p = 0.5 per op, magnitude noise, bicubic, fill 128, one draw per clip), drawn from
+  the sample's numpy generator instead of Python's `random` (same distributions, other
+  numbers).
 - Mixup/cutmix are written out here (batch mode, switch 0.5, label smoothing folded in);
-  random erasing is torchvision's: one box in the same place in every frame, filled with
-  normal noise that is the same in every frame.
-- Linear probing runs the backbone in eval mode (official: train mode, drop path active).
-- The fine-tuning validation during training is skipped; the multi-view test runs at the end.
+  random erasing is timm's cube mode (one box in the same place in every frame, fresh noise
+  in each frame), its draws from the sample's generator.
+- Test views as the official VideoClsDataset (stride `rate` from frame 0, windows from frame
+  0 to the end, crops at int offsets along the long side); with one view (which the official
+  code cannot do: it divides by zero) the centre window and crop.
+- The DINOv2 teacher option (reg4 ViT at patch 14, unused in the release scripts) is not
+  written: the register tokens and patch-14 tables come with T-CoRe's ViT.
 - --amp auto is bf16 on CUDA (official: fp16 with a GradScaler, available as --amp fp16).
 - The DINO teacher is loaded from a local file (--teacher-weights; torch.hub is not reachable).
 - HMDB51 lists are read (the official VideoClsDataset has no HMDB branch and crashes).
@@ -54,17 +71,18 @@ Deviations, with reasons:
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from PIL import Image, ImageEnhance, ImageOps
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 
 from common import (checkpoint, cli, data, dist, evaluate, log, optim, synthetic, training,
                     video, vit)
@@ -140,8 +158,9 @@ class Args:
     drop_path: float = 0.0
     """stochastic depth of the encoder in pretraining (spec §1.2: 0)"""
     # method
-    target: Literal["mlp", "teacher"] = "mlp"
-    """phi: MLP on normalised pixel tubes (SIGMA-MLP) or a frozen DINO ViT (SIGMA-DINO) (Sec. 4)"""
+    target: Literal["mlp", "teacher", "pixel"] = "mlp"
+    """phi: MLP on normalised pixel tubes (SIGMA-MLP), a frozen DINO ViT (SIGMA-DINO) (Sec. 4),
+    or pixel: the VideoMAE baseline, MSE on the normalised pixel tubes (Tabs. 6-7)"""
     teacher_weights: str = ""
     """local DINO ViT-S/16 or B/16 weights (timm-style keys) for --target teacher"""
     teacher_model: Literal["small", "base"] = "base"
@@ -175,6 +194,9 @@ class Args:
     """linear warmup from 0, per step (spec §3)"""
     clip_grad: float = 0.0
     """gradient clipping max norm (0: none, as the official code; the norm is still logged)"""
+    accum_iter: int = 1
+    """gradient accumulation: micro-batches per optimiser step, in pretraining and fine-tuning
+    (official update_freq); the lr follows the effective batch batch x GPUs x accum_iter"""
     # system
     device: str = "auto"
     """cpu, cuda, cuda:N or auto"""
@@ -207,6 +229,17 @@ class Args:
     """fine-tuning AdamW (0.9, 0.999) weight decay"""
     layer_decay: float = 0.75
     """layer-wise lr decay (spec §3)"""
+    num_sample: int = 1
+    """augmented copies of each fine-tuning clip per step (official num_sample: 1 in the
+    fine-tuning scripts, 2 in the SSv2 linear probe; not counted in the lr scaling)"""
+    probe_train_mode: bool = True
+    """linear probe: the frozen backbone stays in train mode, drop path active (official);
+    --no-probe-train-mode puts it in eval mode"""
+    rand_augment: str = "rand-m7-n4-mstd0.5-inc1"
+    """fine-tuning RandAugment in timm's notation (official --aa), or none"""
+    ft_flip: Optional[bool] = None
+    """fine-tuning horizontal flip p = 0.5 (default: on, off for --dataset ssv2 as the official
+    code; the mini-SSv2 ablations keep it)"""
     ft_drop_path: float = 0.1
     """stochastic depth in fine-tuning"""
     mixup: float = 0.8
@@ -246,7 +279,18 @@ PRESETS = {
     "ft-ssv2-vitb": dict(**_SSV2, eval="finetune", ft_epochs=40),
     "ft-k400-vitb": dict(eval="finetune", ft_epochs=100, test_clips=5),
     "ft-ucf101-vits": dict(_S, dataset="ucf101", eval="finetune", ft_epochs=100, ft_batch_size=8),
-    "linear-ssv2": dict(**_SSV2, eval="linear", ft_epochs=30, ft_batch_size=24),
+    # linear_probing_ssv2.sh: 8 GPUs x 24 clips x 2 copies (num_sample), update_freq 2: the lr
+    # 1e-3 x 8 x 24 x 2 / 256 = 1.5e-3 (num_sample not counted); backbone in train mode
+    "linear-ssv2": dict(**_SSV2, eval="linear", ft_epochs=30, ft_batch_size=24, num_sample=2,
+                        accum_iter=2),
+    # Tabs. 6-7 ablations on mini-SSv2 (the old scripts, 3 GPUs): ViT-S pretrained with 3 x 96
+    # clips, K = 1024 (Tab. 6 varies it: --num-prototypes), then fine-tuned with 3 GPUs x 4
+    # clips x update_freq 8, num_sample 2, layer decay 0.7, flips kept (spec §3)
+    "mini-ssv2-vits": dict(_S, **_SSV2, epochs=2401, batch_size=96, num_prototypes=1024),
+    "mini-ssv2-vits-dino": dict(_S, **_SSV2, **_DINO, epochs=2401, batch_size=96),
+    "mini-ssv2-vits-videomae": dict(_S, **_SSV2, target="pixel", epochs=2401, batch_size=96),
+    "ft-mini-ssv2-vits": dict(_S, **_SSV2, eval="finetune", ft_epochs=40, ft_batch_size=4,
+                              accum_iter=8, num_sample=2, layer_decay=0.7, ft_flip=True),
     # CPU demo (2 cores, <= 5 min): a small ViT on the synthetic motion videos.
     # Flat backgrounds and 1.5x objects: the motion is what there is to predict.
     "demo": dict(model="tiny", embed_dim=96, depth=4, num_heads=2, decoder_depth=2, decoder_dim=64,
@@ -355,45 +399,204 @@ class PretrainClips(Dataset):
         return to_input(crop), tube_mask(a, rng)
 
 
+def _negate(v: float, rng: np.random.Generator) -> float:
+    return -v if rng.random() > 0.5 else v  # timm's _randomly_negate
+
+
+FILL = (128, 128, 128)  # timm's _FILL: the official video RandAugment sets no img_mean
+# timm's "increasing" RandAugment ops (inc1): name -> (PIL op, level in [0, 10] -> its arguments)
+RAND_OPS = {
+    "AutoContrast": (lambda im: ImageOps.autocontrast(im), lambda m, r: ()),
+    "Equalize": (lambda im: ImageOps.equalize(im), lambda m, r: ()),
+    "Invert": (lambda im: ImageOps.invert(im), lambda m, r: ()),
+    "Rotate": (lambda im, deg: im.rotate(deg, resample=Image.BICUBIC, fillcolor=FILL),
+               lambda m, r: (_negate(m / 10 * 30, r),)),
+    "PosterizeIncreasing": (lambda im, bits: ImageOps.posterize(im, bits) if bits < 8 else im,
+                            lambda m, r: (4 - int(m / 10 * 4),)),
+    "SolarizeIncreasing": (lambda im, thr: ImageOps.solarize(im, thr),
+                           lambda m, r: (256 - int(m / 10 * 256),)),
+    "SolarizeAdd": (lambda im, add: im.point([min(255, i + add) if i < 128 else i
+                                              for i in range(256)] * 3),
+                    lambda m, r: (int(m / 10 * 110),)),
+    "ColorIncreasing": (lambda im, f: ImageEnhance.Color(im).enhance(f),
+                        lambda m, r: (max(0.1, 1 + _negate(m / 10 * 0.9, r)),)),
+    "ContrastIncreasing": (lambda im, f: ImageEnhance.Contrast(im).enhance(f),
+                           lambda m, r: (max(0.1, 1 + _negate(m / 10 * 0.9, r)),)),
+    "BrightnessIncreasing": (lambda im, f: ImageEnhance.Brightness(im).enhance(f),
+                             lambda m, r: (max(0.1, 1 + _negate(m / 10 * 0.9, r)),)),
+    "SharpnessIncreasing": (lambda im, f: ImageEnhance.Sharpness(im).enhance(f),
+                            lambda m, r: (max(0.1, 1 + _negate(m / 10 * 0.9, r)),)),
+    "ShearX": (lambda im, f: im.transform(im.size, Image.AFFINE, (1, f, 0, 0, 1, 0),
+                                          resample=Image.BICUBIC, fillcolor=FILL),
+               lambda m, r: (_negate(m / 10 * 0.3, r),)),
+    "ShearY": (lambda im, f: im.transform(im.size, Image.AFFINE, (1, 0, 0, f, 1, 0),
+                                          resample=Image.BICUBIC, fillcolor=FILL),
+               lambda m, r: (_negate(m / 10 * 0.3, r),)),
+    "TranslateXRel": (lambda im, f: im.transform(im.size, Image.AFFINE,
+                                                 (1, 0, f * im.size[0], 0, 1, 0),
+                                                 resample=Image.BICUBIC, fillcolor=FILL),
+                      lambda m, r: (_negate(m / 10 * 0.45, r),)),
+    "TranslateYRel": (lambda im, f: im.transform(im.size, Image.AFFINE,
+                                                 (1, 0, 0, 0, 1, f * im.size[1]),
+                                                 resample=Image.BICUBIC, fillcolor=FILL),
+                      lambda m, r: (_negate(m / 10 * 0.45, r),)),
+}
+class RandAugment:
+    """timm's RandAugment `rand-m{M}-n{N}-mstd{S}-inc1` (official --aa rand-m7-n4-mstd0.5-inc1,
+    spec §2.2), for a clip: N ops drawn with replacement from the 15 "increasing" ops; each
+    is applied with p = 0.5, at magnitude M + N(0, S^2) clipped to [0, 10] (level 10 = the
+    op's full range: rotate 30 deg, shear 0.3, translate 0.45 of the side, enhance factor
+    1 +- 0.9, posterize 4 -> 0 bits removed, solarize threshold 256 -> 0, solarize-add 110),
+    signs drawn per op; every draw is made once per clip and applied to every frame (PIL,
+    bicubic, fill grey 128). Draws come from the sample's numpy generator."""
+
+    def __init__(self, spec: str = "rand-m7-n4-mstd0.5-inc1"):
+        parts, vals = spec.split("-"), {}
+        for part in parts[1:]:
+            key = re.match(r"[a-z]*", part).group()
+            vals[key] = part[len(key):]
+        if parts[0] != "rand" or "m" not in vals or vals.get("inc") != "1":
+            raise cli.InputError(f"--rand-augment {spec!r}: expected rand-m<M>-n<N>-mstd<S>-inc1 "
+                                 f"(timm's format; only the 'increasing' op set is written here)")
+        self.m, self.n = float(vals["m"]), int(vals.get("n", 2))
+        self.std = float(vals.get("mstd", 0))
+
+    def draw(self, rng: np.random.Generator) -> list:
+        """[(op name, args)] of the ops that fire for one clip."""
+        out = []
+        for name in rng.choice(list(RAND_OPS), self.n, replace=True):
+            if rng.random() > 0.5:  # prob 0.5 per op
+                continue
+            m = min(max(rng.normal(self.m, self.std) if self.std > 0 else self.m, 0.0), 10.0)
+            out.append((str(name), RAND_OPS[name][1](m, rng)))
+        return out
+
+    def __call__(self, frames: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """uint8 (T, H, W, 3) -> uint8 (T, H, W, 3), the same ops on every frame."""
+        ops = self.draw(rng)
+        if not ops:
+            return frames
+        out = []
+        for f in frames.numpy():
+            im = Image.fromarray(f)
+            for name, op_args in ops:
+                im = RAND_OPS[name][0](im, *op_args)
+            out.append(np.asarray(im))
+        return torch.from_numpy(np.stack(out))
+
+
+def random_erase(x: torch.Tensor, p: float, rng: np.random.Generator) -> torch.Tensor:
+    """timm's RandomErasing(p, mode "pixel", count 1, area 0.02-1/3, aspect 0.3-1/0.3) in the
+    official "cube" mode: one box at the same place in every frame, filled with fresh N(0, 1)
+    noise in each frame (spec §2.2). x: normalised (3, T, H, W), changed in place."""
+    if rng.random() > p:
+        return x
+    _, T, H, W = x.shape
+    for _ in range(10):
+        area = rng.uniform(0.02, 1 / 3) * H * W
+        aspect = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
+        h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        if w < W and h < H:
+            top, left = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
+            g = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+            x[:, :, top:top + h, left:left + w] = torch.randn(3, T, h, w, generator=g)
+            break
+    return x
+
+
+def random_resized_crop(frames: torch.Tensor, size: int, scale: tuple,
+                        rng: np.random.Generator) -> torch.Tensor:
+    """VideoMAE's random_resized_crop: the torchvision box rule (10 tries of area in `scale`
+    and log-uniform ratio 3/4-4/3, then a centre fallback), the same box in every frame,
+    resized with bilinear interpolation, no antialiasing (official F.interpolate).
+    (T, 3, H, W) float -> (T, 3, size, size)."""
+    H, W = frames.shape[-2:]
+    for _ in range(10):
+        area = rng.uniform(*scale) * H * W
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = int(round(math.sqrt(area * ratio))), int(round(math.sqrt(area / ratio)))
+        if 0 < w <= W and 0 < h <= H:
+            top, left = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
+            break
+    else:  # centre crop at the clamped ratio
+        ratio = W / H
+        w, h = (W, int(round(W / (4 / 3)))) if ratio > 4 / 3 else \
+            ((int(round(H * 3 / 4)), H) if ratio < 3 / 4 else (W, H))
+        top, left = (H - h) // 2, (W - w) // 2
+    crop = frames[..., top:top + h, left:left + w]
+    return F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def train_window(n: int, num_frames: int, rate: int, rng: np.random.Generator) -> list:
+    """VideoClsDataset's training frames (spec §2.2, official loadvideo_decord): a random end
+    in [T*rate, n), then linspace(end - T*rate, end, T) clipped to end - 1 and truncated; a
+    video of at most T*rate frames gives linspace(0, n, n // rate) then n, clipped to n - 1."""
+    span = num_frames * rate
+    if n <= span:
+        idx = np.concatenate([np.linspace(0, n, n // rate), np.full(num_frames - n // rate, n)])
+        return np.clip(idx, 0, n - 1).astype(np.int64).tolist()
+    end = int(rng.integers(span, n))
+    idx = np.linspace(end - span, end, num_frames)
+    return np.clip(idx, end - span, end - 1).astype(np.int64).tolist()
+
+
+def test_windows(n: int, num_frames: int, rate: int, views: int) -> list:
+    """VideoClsDataset's test windows (spec §2.2): every `rate`-th frame from 0 (the last one
+    repeated up to T), then `views` windows of T of them starting at int(k * step), step =
+    (L - T) / (views - 1): the first at frame 0, the last touching the end. One view (the
+    official code divides by zero): the centre window."""
+    frames = list(range(0, n, rate))
+    frames += frames[-1:] * (num_frames - len(frames))
+    step = (len(frames) - num_frames) / (views - 1) if views > 1 else None
+    starts = [int(k * step) for k in range(views)] if step is not None else \
+        [(len(frames) - num_frames) // 2]
+    return [frames[s:s + num_frames] for s in starts]
+
+
 class ClipViews(Dataset):
     """(clip(s), label, index) for kNN, probing and fine-tuning (spec §2.2).
 
-    mode "train": K400 random window with linspace frames (SSv2: TSN segments), RandAugment,
-    random-resized crop, flip (not SSv2), random erasing. mode "test": test_clips x test_crops
-    views (V, 3, T, S, S). mode "single": the centre window and centre crop (3, T, S, S).
+    mode "train": K400 windows (`train_window`; SSv2: TSN segments), RandAugment, random
+    resized crop, flip (`--ft-flip`; default: not for SSv2), random erasing; with
+    `--num-sample S` > 1, S augmented copies of the same frames (S, 3, T, S, S). mode "test":
+    test_clips x test_crops views (V, 3, T, S, S). mode "single": the centre window and
+    centre crop (3, T, S, S).
     """
 
     def __init__(self, records: list, args: Args, mode: str):
         self.records, self.args, self.mode = records, args, mode
-        a = args
-        self.augment = v2.Compose([v2.RandAugment(num_ops=4, magnitude=7),
-                                   v2.ToDtype(torch.float32, scale=True)])
-        self.crop = v2.RandomResizedCrop(a.input_size, scale=a.rrc_scale, ratio=(3 / 4, 4 / 3),
-                                         antialias=True)
-        self.erase = v2.RandomErasing(p=a.reprob, value="random")
+        self.augment = RandAugment(args.rand_augment) if args.rand_augment != "none" else None
 
     def __len__(self) -> int:
         return len(self.records)
 
     def windows(self, n: int, rng) -> list:
-        a, span = self.args, self.args.num_frames * self.args.sampling_rate
+        a = self.args
         if self.mode == "train":
             if a.dataset == "ssv2":  # TSN: one random frame in each of T segments
                 seg = n / a.num_frames
                 return [[min(int(seg * i) + int(rng.integers(max(int(seg), 1))), n - 1)
                          for i in range(a.num_frames)]]
-            end = int(rng.integers(span, n)) if n > span else n
-            return [np.linspace(max(end - span, 0), end - 1, a.num_frames).round().astype(int)]
+            return [train_window(n, a.num_frames, a.sampling_rate, rng)]
         views = a.test_clips if self.mode == "test" else 1
         if a.dataset == "ssv2" and self.mode == "test":  # 2 interleaved TSN views (spec §2.2)
             tick = n / a.num_frames
             both = sorted([int(tick / 2 + tick * x) for x in range(a.num_frames)]
                           + [int(tick * x) for x in range(a.num_frames)])
             return [[min(i, n - 1) for i in both[k::2]] for k in range(2)][:views]
-        starts = np.linspace(0, max(n - span, 0), views + 2)[1:-1] if views > 1 else \
-            [max(n - span, 0) / 2]
-        return [[min(int(s) + i * a.sampling_rate, n - 1) for i in range(a.num_frames)]
-                for s in starts]
+        return test_windows(n, a.num_frames, a.sampling_rate, views)
+
+    def augmented(self, frames: torch.Tensor, rng) -> torch.Tensor:
+        """One training view (3, T, S, S) of uint8 (T, H, W, 3) frames (spec §2.2 order)."""
+        a = self.args
+        if self.augment is not None:
+            frames = self.augment(frames, rng)
+        x = frames.permute(0, 3, 1, 2).float()  # (T, 3, H, W) in [0, 255]
+        x = random_resized_crop(x, a.input_size, a.rrc_scale, rng)
+        flip = a.ft_flip if a.ft_flip is not None else a.dataset != "ssv2"
+        if flip and rng.random() < 0.5:
+            x = x.flip(-1)
+        return random_erase(to_input(x), a.reprob, rng)
 
     def __getitem__(self, key):
         epoch, index = data.split_key(key)
@@ -401,26 +604,24 @@ class ClipViews(Dataset):
         rng = data.sample_np_rng(a.seed, epoch, index)
         wins = self.windows(video.video_length(rec.path), rng)
         if self.mode == "train":
-            frames = video.read_clip(rec.path, wins[0]).permute(0, 3, 1, 2)  # (T, 3, H, W)
-            with torch.random.fork_rng(devices=[]):  # v2 draws from torch's global RNG
-                torch.manual_seed(int(rng.integers(2**62)))
-                x = self.crop(self.augment(frames))
-                if a.dataset != "ssv2" and torch.rand(()) < 0.5:
-                    x = x.flip(-1)
-                x = to_input(x * 255)
-                x = self.erase(x.transpose(0, 1)).transpose(0, 1)  # same box in all frames
-            return x, rec.label, index
+            frames = video.read_clip(rec.path, wins[0])  # (T, H, W, 3) uint8
+            views = [self.augmented(frames, rng) for _ in range(a.num_sample)]
+            return (views[0] if a.num_sample == 1 else torch.stack(views)), rec.label, index
         views = []
-        for win in wins:
+        for win in wins:  # short side to S, bilinear without antialiasing (official cv2 linear)
             frames = video.read_clip(rec.path, win).permute(0, 3, 1, 2).float()
-            frames = F.interpolate(frames, scale_factor=a.input_size / min(frames.shape[-2:]),
-                                   mode="bilinear", antialias=True).clamp(0, 255)
             h, w = frames.shape[-2:]
+            size = (a.input_size, int(a.input_size * w / h)) if h <= w else \
+                (int(a.input_size * h / w), a.input_size)
+            frames = F.interpolate(frames, size=size, mode="bilinear", align_corners=False)
+            h, w = size
             crops = a.test_crops if self.mode == "test" else 1
-            for c in (np.linspace(0, 1, crops) if crops > 1 else [0.5]):  # along the long side
-                top, left = round(c * (h - a.input_size)), round(c * (w - a.input_size))
+            step = (max(h, w) - a.input_size) / (crops - 1) if crops > 1 else None
+            for k in range(crops):  # along the long side at int(k * step) (centre for one)
+                off = int(k * step) if step is not None else (max(h, w) - a.input_size) // 2
+                top, left = (off, 0) if h > w else (0, off)
                 views.append(to_input(frames[..., top:top + a.input_size,
-                                             left:left + a.input_size]))
+                                             left:left + a.input_size].clamp(0, 255)))
         return (torch.stack(views) if self.mode == "test" else views[0]), rec.label, index
 
 
@@ -532,7 +733,9 @@ class SIGMA(nn.Module):
         super().__init__()
         self.args = a
         mlp = a.target == "mlp"
-        out_dim = a.proj_dim if mlp else TEACHER_DIMS[a.teacher_model]
+        tube = a.tubelet * a.patch_size ** 2 * 3
+        out_dim = {"mlp": a.proj_dim, "pixel": tube}.get(a.target) or \
+            TEACHER_DIMS[a.teacher_model]
         dd = a.decoder_dim or encoder_dims(a)[0] // 2
         self.encoder = Encoder(a)
         self.encoder_to_decoder = nn.Linear(self.encoder.dim, dd, bias=False)  # default init
@@ -542,13 +745,14 @@ class SIGMA(nn.Module):
         self.register_buffer("decoder_pos", vit.sincos_1d(num_tokens(a), dd)[None],
                              persistent=False)
         if mlp:  # phi: Linear(t*p*p*3, 1024)-GELU-...-Linear(512, 256) (spec §1.4)
-            widths, layers = (a.tubelet * a.patch_size ** 2 * 3,) + tuple(a.proj_hidden), []
+            widths, layers = (tube,) + tuple(a.proj_hidden), []
             for i, o in zip(widths, widths[1:]):
                 layers += [nn.Linear(i, o), nn.GELU()]
             self.head = nn.Sequential(*layers, nn.Linear(widths[-1], a.proj_dim))
-        else:  # frozen teacher features: phi is the identity (spec §1.4)
+        else:  # frozen teacher features or pixels: phi is the identity (spec §1.4)
             self.head = nn.Identity()
-        self.prototypes = nn.Parameter(torch.randn(a.num_prototypes, out_dim))  # spec §1.5
+        if a.target != "pixel":  # VideoMAE has no prototypes
+            self.prototypes = nn.Parameter(torch.randn(a.num_prototypes, out_dim))  # §1.5
 
     def forward(self, video, mask, target_in):
         a = self.args
@@ -561,6 +765,8 @@ class SIGMA(nn.Module):
                        self.mask_token.to(z.dtype) + pos_msk], 1)  # spec §1.3
         x_psi = self.decoder(x, pos_msk.shape[1])  # (B, N_m, D): video model Psi
         x_phi = self.head(target_in)  # (B, N_m, D): projection network phi (Sec. 3.2)
+        if a.target == "pixel":  # VideoMAE: MSE on the normalised masked tubes
+            return F.mse_loss(x_psi.float(), x_phi.float()), {}
         with torch.no_grad():  # prototypes re-normalised every forward (spec §1.5)
             self.prototypes.copy_(F.normalize(self.prototypes, dim=1))
         return sigma_loss(x_phi.flatten(0, 1), x_psi.flatten(0, 1), self.prototypes,
@@ -782,7 +988,7 @@ def finetune(args: Args, device, amp: optim.Amp, logger: log.Logger) -> dict:
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith(("fc_norm.", "head."))
     groups = optim.layer_decay_groups(model, args.ft_weight_decay, args.layer_decay, model.depth)
-    global_batch = args.ft_batch_size * dist.world()
+    global_batch = args.ft_batch_size * dist.world() * args.accum_iter  # num_sample not counted
     peak, final = args.ft_base_lr * global_batch / 256, args.ft_min_lr * global_batch / 256
     opt = torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.999), fused=device.type == "cuda")
     net = nn.parallel.DistributedDataParallel(model) if dist.is_dist() else model
@@ -792,14 +998,17 @@ def finetune(args: Args, device, amp: optim.Amp, logger: log.Logger) -> dict:
                          {"model": model, "optimizer": opt}, args, logger, amp,
                          source=f"weights {checkpoint.fingerprint(model.state_dict())}",
                          ckpt_name=f"{args.eval}.pt", batch_flag="--ft-batch-size",
-                         desc=args.eval, prefix=args.eval)
+                         desc=args.eval, prefix=args.eval, accum_iter=args.accum_iter)
     warmup = min(args.ft_warmup_epochs * loop.steps_per_epoch, loop.total_steps)
     loop.resume(args.resume)  # <output-dir>/{finetune,linear}.pt from the same weights
-    dist.print0(f"{args.eval}: {len(ds)} clips, {n_cls} classes, peak lr {peak:.3g}")
-    net.train(not linear)
+    dist.print0(f"{args.eval}: {len(ds)} clips, {n_cls} classes, effective batch "
+                f"{global_batch}, peak lr {peak:.3g}")
+    net.train(not linear or args.probe_train_mode)  # official probe: train mode (spec §4)
     for x, y, _ in loop:
         lr = optim.cosine_schedule(loop.step, loop.total_steps, peak, warmup, final=final)
         optim.set_lr_wd(opt, lr)
+        if args.num_sample > 1:  # (B, S, 3, T, H, W) copies -> a batch of B*S clips
+            x, y = x.flatten(0, 1), y.repeat_interleave(args.num_sample)
         x, target = mix(x.to(device, non_blocking=True), y.to(device), args, n_cls)
         with amp.autocast():
             logits = net(x)
@@ -957,13 +1166,13 @@ def pretrain(model: SIGMA, teacher, args: Args, device, amp: optim.Amp, logger: 
     """The pretraining loop, keyed by the global step; returns the number of steps done."""
     ds = data.SafeDataset(PretrainClips(read_split(args, True), args), args.max_fail_fraction,
                           "pretrain videos")
-    global_batch = args.batch_size * dist.world()
+    global_batch = args.batch_size * dist.world() * args.accum_iter
     peak, final = args.base_lr * global_batch / 256, args.min_lr * global_batch / 256  # spec §3
     opt = torch.optim.AdamW(optim.param_groups(model, args.weight_decay), lr=peak,
                             betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
     loop = training.Loop(make_loader(ds, args.batch_size, args, train=True), args.epochs,
                          {"model": model, "optimizer": opt}, args, logger, amp,
-                         max_steps=args.max_steps)
+                         max_steps=args.max_steps, accum_iter=args.accum_iter)
     warmup = min(args.warmup_epochs * loop.steps_per_epoch, loop.total_steps)
     dist.print0(f"{len(ds)} videos, {loop.steps_per_epoch} steps/epoch, global batch "
                 f"{global_batch}, peak lr {peak:.3g}, {num_tokens(args)} tokens, amp {amp.mode}, "

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import sigma as S
 from common import checkpoint, log, optim, synthetic
@@ -288,10 +289,110 @@ def test_clip_datasets(tiny_data):
     assert views.shape == (2 * 3, 3, 8, 32, 32) and label == recs[5].label and i == 5
     ds = S.ClipViews(recs, a, "test")
     assert ds.windows(16, None) == [[0, 2, 4, 6, 8, 10, 12, 14]] * 2  # 16-frame video: 1 window
-    assert ds.windows(40, None) == [[8, 10, 12, 14, 16, 18, 20, 22],
-                                    [16, 18, 20, 22, 24, 26, 28, 30]]  # evenly spaced
+    # every 2nd frame: 20 of them; windows of 8 at int(k * (20 - 8) / 1): frames 0 and 24 on
+    assert ds.windows(40, None) == [list(range(0, 16, 2)), list(range(24, 40, 2))]
     x, y, _ = S.ClipViews(recs, a, "train")[(1, 2)]
     assert x.shape == (3, 8, 32, 32) and torch.isfinite(x).all()
+    two, _, _ = S.ClipViews(recs, tiny_args(data=tiny_data, num_sample=2), "train")[(1, 2)]
+    assert two.shape == (2, 3, 8, 32, 32) and not torch.equal(two[0], two[1])  # 2 augmentations
+
+
+class FixedEnd:
+    """A generator whose `integers` returns a chosen value (the official random end)."""
+
+    def __init__(self, end):
+        self.end = end
+
+    def integers(self, lo, hi):
+        assert lo <= self.end < hi
+        return self.end
+
+
+def test_training_windows_are_the_official_formula():
+    # 250 frames, 16 x rate 4 = 64, end 100: linspace(36, 100, 16) = 36 + 64 k / 15, truncated,
+    # the last (100) clipped to 99
+    assert S.train_window(250, 16, 4, FixedEnd(100)) == [36, 40, 44, 48, 53, 57, 61, 65, 70, 74,
+                                                         78, 82, 87, 91, 95, 99]
+    # 40 frames <= 64: linspace(0, 40, 10) = 0, 4.44, 8.89, ..., 40 then 40 x 6, clipped to 39
+    assert S.train_window(40, 16, 4, None) == [0, 4, 8, 13, 17, 22, 26, 31, 35] + [39] * 7
+    # 64 frames (= 16 x 4, the short branch): linspace(0, 64, 16) = 64 k / 15, the last -> 63
+    assert S.train_window(64, 16, 4, None) == [0, 4, 8, 12, 17, 21, 25, 29, 34, 38, 42, 46, 51,
+                                               55, 59, 63]
+
+
+def test_test_windows_are_the_official_placement():
+    # 250 frames at rate 4: 63 frames 0..248; step (63 - 16) / 4 = 11.75: 0, 11, 23, 35, 47
+    wins = S.test_windows(250, 16, 4, 5)
+    assert [w[0] for w in wins] == [0, 44, 92, 140, 188]
+    assert all(w == list(range(w[0], w[0] + 64, 4)) for w in wins) and wins[-1][-1] == 248
+    assert S.test_windows(30, 16, 4, 2) == [[0, 4, 8, 12, 16, 20, 24, 28] + [28] * 8] * 2
+    assert S.test_windows(250, 16, 4, 1) == [list(range(92, 156, 4))]  # centre: (63 - 16) // 2
+
+
+def test_test_crops_at_int_offsets_without_antialiasing(tiny_data, tmp_path):
+    """A 48 x 80 video, views of 32: resized to 32 x 53 (int(32 * 80 / 48)), bilinear without
+    antialiasing; 3 crops at int(k * 21 / 2) = 0, 10, 21 along the width."""
+    frames = torch.arange(48 * 80, dtype=torch.float32).reshape(48, 80) % 251
+    rgb = frames[None, :, :, None].expand(16, 48, 80, 3).to(torch.uint8)
+    path = S.video.write_video(tmp_path / "v.mkv", rgb.numpy(), 25, "libx264", crf=0)
+    a = tiny_args(data=tiny_data, test_clips=1, test_crops=3)
+    views, _, _ = S.ClipViews([S.data.VideoRecord(str(path), 0)], a, "test")[0]
+    decoded = S.video.read_clip(str(path), [0]).permute(0, 3, 1, 2).float()
+    small = F.interpolate(decoded, size=(32, 53), mode="bilinear", align_corners=False)
+    for k, off in enumerate((0, 10, 21)):
+        want = S.to_input(small[..., :, off:off + 32])[:, 0]
+        assert torch.allclose(views[k][:, 0], want, atol=1e-5), off
+
+
+def test_rand_augment_op_table_at_magnitude_7():
+    """timm's levels at m = 7 (no magnitude noise), each op forced by a fixed draw."""
+    ra = S.RandAugment("rand-m7-n4-mstd0-inc1")
+    assert (ra.m, ra.n, ra.std) == (7.0, 4, 0.0)
+    levels = {name: fn(7.0, np.random.default_rng(0)) for name, (_, fn) in S.RAND_OPS.items()}
+    assert len(S.RAND_OPS) == 15 and levels["AutoContrast"] == ()
+    assert abs(levels["Rotate"][0]) == pytest.approx(21.0)
+    assert abs(levels["ShearX"][0]) == pytest.approx(0.21)
+    assert abs(levels["TranslateXRel"][0]) == pytest.approx(0.315)
+    assert levels["PosterizeIncreasing"] == (2,) and levels["SolarizeIncreasing"] == (77,)
+    assert levels["SolarizeAdd"] == (77,)
+    assert levels["ContrastIncreasing"][0] in (pytest.approx(1.63), pytest.approx(0.37))
+    with pytest.raises(S.cli.InputError, match="rand-m"):
+        S.RandAugment("rand-m7-n4")  # only the increasing op set is written
+
+
+def test_rand_augment_draws_on_fixed_seeds():
+    """Each of the N drawn ops fires with p = 0.5; ops are uniform over the 15; the magnitude
+    is N(7, 0.5^2); one draw per clip, the same on every frame."""
+    ra, rng = S.RandAugment(), np.random.default_rng(0)
+    draws = [ra.draw(rng) for _ in range(2000)]
+    fired = sum(len(d) for d in draws) / (4 * 2000)
+    assert abs(fired - 0.5) < 3 * (0.25 / 8000) ** 0.5
+    names = [n for d in draws for n, _ in d]
+    assert set(names) == set(S.RAND_OPS) and max(map(names.count, S.RAND_OPS)) < 2 * len(names) / 15
+    mags = np.array([abs(args[0]) / 3 for d in draws for n, args in d if n == "Rotate"])
+    assert abs(mags.mean() - 7) < 0.1 and abs(mags.std() - 0.5) < 0.1
+    frame = np.random.default_rng(1).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    clip = torch.from_numpy(np.stack([frame, frame]))
+    out = ra(clip, np.random.default_rng(5))
+    assert torch.equal(out[0], out[1]) and not torch.equal(out[0], clip[0])
+    ops = ra.draw(np.random.default_rng(5))  # the same draws by hand, with PIL
+    im = Image.fromarray(frame)
+    for name, op_args in ops:
+        im = S.RAND_OPS[name][0](im, *op_args)
+    assert np.array_equal(out[0].numpy(), np.asarray(im))
+    rot = S.RAND_OPS["Rotate"][0](Image.fromarray(frame), 21.0)  # bicubic, grey 128 corners
+    assert np.asarray(rot)[0, 0].tolist() == [128, 128, 128]
+
+
+def test_random_erasing_fresh_noise_in_every_frame():
+    x = torch.zeros(3, 4, 32, 32)
+    out = S.random_erase(x.clone(), 1.0, np.random.default_rng(3))
+    box = out.abs().sum((0, 1)) > 0  # (H, W): the erased box, the same in every frame
+    assert all(torch.equal((out[:, t].abs().sum(0) > 0), box) for t in range(4))
+    area = box.sum().item() / (32 * 32)
+    assert 0.02 * 0.8 <= area <= 1 / 3 * 1.2
+    assert not torch.equal(out[:, 0][:, box], out[:, 1][:, box])  # fresh noise per frame
+    assert torch.equal(S.random_erase(x.clone(), 0.0, np.random.default_rng(3)), x)
 
 
 def test_synthetic_plain_and_scaled_videos():
@@ -393,13 +494,14 @@ def test_resume_is_bit_identical(tiny_data, tmp_path):
 
 @pytest.mark.parametrize("mode", ["finetune", "linear"])
 def test_finetune_and_probe_resume_bitwise(tiny_data, tmp_path, monkeypatch, mode):
-    """Mixup/cutmix, random erasing, drop path, RandAugment all on; stopped after step 3 of
-    2 epochs x 4 steps and resumed: the checkpoint and the test scores are the uninterrupted
-    run's. A checkpoint started from other weights is refused, even at the same path."""
+    """Mixup/cutmix, random erasing, drop path, RandAugment, 2 copies per clip and 2 accumulated
+    micro-batches per step all on; stopped after step 3 of 2 epochs x 4 steps and resumed: the
+    checkpoint and the test scores are the uninterrupted run's. A checkpoint started from
+    other weights is refused, even at the same path."""
     S.main(run_args(tiny_data, tmp_path / "pre", max_steps=2))
     kw = dict(eval=mode, init_from=str(tmp_path / "pre" / "last.pt"), ft_epochs=2,
               ft_base_lr=0.05, test_clips=1, test_crops=1, ckpt_every=1, mixup=0.8, cutmix=1.0,
-              reprob=0.25, ft_drop_path=0.2)
+              reprob=0.25, ft_drop_path=0.2, num_sample=2, accum_iter=2)
     straight = S.main(run_args(tiny_data, tmp_path / "straight", **kw))
     checks.stop_after_step(monkeypatch, 3, f"{mode}.pt")
     with pytest.raises(checks.Stop):
@@ -407,7 +509,7 @@ def test_finetune_and_probe_resume_bitwise(tiny_data, tmp_path, monkeypatch, mod
     resumed = S.main(run_args(tiny_data, tmp_path / "resumed", **kw))
     a = checks.assert_same_checkpoints(tmp_path / "straight" / f"{mode}.pt",
                                        tmp_path / "resumed" / f"{mode}.pt")
-    assert a["step"] == 2 * 32 // 4 and straight["metrics"] == resumed["metrics"]
+    assert a["step"] == 2 * 32 // (4 * 2) and straight["metrics"] == resumed["metrics"]
     S.main(run_args(tiny_data, tmp_path / "pre", max_steps=4))  # same file, new weights
     with pytest.raises(checkpoint.CheckpointError, match="new --output-dir.* or pass --resume"):
         S.main(run_args(tiny_data, tmp_path / "resumed", **kw))
@@ -495,6 +597,21 @@ def test_cli_help_and_unknown_flag():
     assert bad.returncode == 2 and "unrecognized arguments: --sinkhorn-epss" in bad.stderr
 
 
+def test_videomae_baseline_is_mse_on_the_normalised_masked_tubes():
+    a = tiny_args(target="pixel")
+    torch.manual_seed(0)
+    model = S.build_model(a)
+    assert "prototypes" not in model.state_dict()
+    assert model.decoder.head.out_features == 3 * 2 * 8 * 8
+    video = torch.randn(2, 3, 8, 32, 32)
+    mask = torch.stack([S.tube_mask(a, np.random.default_rng(i)) for i in range(2)])
+    out = {}
+    model.decoder.register_forward_hook(lambda m, i, o: out.update(psi=o))
+    loss, stats = model(video, mask, S.target_input(video, mask, a))
+    want = S.pixel_tubes(video, 2, 8)[mask].reshape(2, -1, 3 * 2 * 8 * 8)
+    assert stats == {} and torch.allclose(loss, ((out["psi"] - want) ** 2).mean())
+
+
 def test_presets_follow_the_release_scripts():
     def preset(name):
         return S.cli.parse(S.Args, S.PRESETS, ["--preset", name, "--data", "/x"])
@@ -507,3 +624,18 @@ def test_presets_follow_the_release_scripts():
     assert b.base_lr * 16 * b.batch_size / 256 == pytest.approx(3e-4)  # 4x4 V100 x 32
     assert preset("k400-vits").model == "small" and preset("ssv2-vits").epochs == 2400
     assert preset("k400-vitb-dino").target == "teacher"
+    k = preset("k400-vitb")  # 2 nodes x 8 GPUs x 40 = 640, lr 3.75e-4 (multi-node script)
+    assert k.base_lr * 16 * k.batch_size * k.accum_iter / 256 == pytest.approx(3.75e-4)
+    lin = preset("linear-ssv2")  # 8 GPUs x 24 x update_freq 2 (num_sample 2 not counted)
+    assert (lin.eval, lin.num_sample, lin.accum_iter, lin.probe_train_mode) == ("linear", 2, 2,
+                                                                                True)
+    assert lin.ft_base_lr * 8 * lin.ft_batch_size * lin.accum_iter / 256 == pytest.approx(1.5e-3)
+    mini = preset("ft-mini-ssv2-vits")  # 3 GPUs x 4 x update_freq 8 = 96: 3.75e-4, flips kept
+    assert mini.ft_base_lr * 3 * mini.ft_batch_size * mini.accum_iter / 256 == pytest.approx(
+        3.75e-4)
+    assert (mini.layer_decay, mini.num_sample, mini.ft_flip, mini.dataset) == (0.7, 2, True,
+                                                                               "ssv2")
+    pre = preset("mini-ssv2-vits")  # 3 x 96 = 288: lr 1.69e-4, K 1024, rate 2
+    assert pre.base_lr * 3 * pre.batch_size / 256 == pytest.approx(1.6875e-4)
+    assert (pre.num_prototypes, pre.sampling_rate) == (1024, 2)
+    assert preset("mini-ssv2-vits-videomae").target == "pixel"
