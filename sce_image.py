@@ -18,6 +18,8 @@ Launch:
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
         sce_image.py --preset imagenet-multicrop --data ~/data/imagenet
     python sce_image.py --eval-only --init-from runs/x/last.pt --preset cifar10 --data ~/data/cifar
+    python sce_image.py --eval-only --init-from sce200.state_dict.pt --data ~/data/imagenet
+        # the authors' released checkpoint, extracted as `load_encoder` says
 Presets: cifar10, cifar100, stl10, tiny-imagenet, imagenet100, imagenet-baseline (Tab. 4.6
 setting), imagenet (= the defaults, Tab. 4.7), imagenet-multicrop, demo.
 
@@ -26,13 +28,24 @@ Deviations, with reasons:
   in eztorch: one readable pipeline, same distributions; the random draws of each sample come
   from (seed, epoch, index).
 - Gaussian-blur kernel = the odd number nearest 10 % of the crop size (23 at 224 px, as the
-  code; eztorch's CIFAR runs use a PIL blur of radius sigma instead).
+  code), widened where that is shorter to hold +-3 sigma_max (2 ceil(3 x 2.0) + 1 = 13 taps,
+  capped by the crop size): 10 % of 32 px is 5 taps, which blurs sigma = 2 like 1.3 (the
+  variance of a blurred impulse is 1.66 instead of 4); with 13 taps it is 3.95. The SCE repo's
+  CIFAR runs use a PIL blur of radius sigma instead.
 - Normalisation with the ImageNet mean/std everywhere (eztorch's default; the older SCE repo
   used CIFAR-specific statistics).
 - SGD applies weight decay to every parameter, as MoCo/eztorch; LARS excludes 1-D parameters
   from decay and adaptation (spec §7.6).
-- Small-dataset linear probe: RandomCrop(size, padding 4) + flip (the SCE repo's code) instead
-  of the thesis' RandomResizedCrop(0.08, 1) + padding 4.
+- CIFAR (32 px) linear probe: RandomCrop(32, padding 4) + flip (the SCE repo's code) instead
+  of the thesis' RandomResizedCrop(0.08, 1) + padding 4. STL-10 and Tiny-ImageNet follow the
+  thesis text (App. A.5.1; no official config exists for them): RandomResizedCrop(size,
+  scale (0.08, 1)) + flip, resize to the dataset size for validation; the crop's aspect-ratio
+  range (3/4, 4/3) and bilinear interpolation, which the thesis does not state, are
+  torchvision's defaults. Which protocol applies is read from the crop size (<= 32 px small,
+  <= 96 px medium, larger: the ImageNet protocol), as the thesis' dataset classes (Sec. 4.4.2).
+- Checkpoints load with `weights_only=True` (DESIGN §5), where eztorch unpickles everything: a
+  PyTorch Lightning file whose `hyper_parameters` hold pickled config objects is refused with
+  a one-line command that extracts its `state_dict` (see `load_encoder`).
 - The demo's linear probe is `common.evaluate.linear_probe` on frozen, pre-extracted features
   (no augmentation; `--no-lin-aug`) so that it fits the 5-minute CPU budget; the thesis
   protocol (`--lin-aug`, the default) trains on augmented images.
@@ -43,6 +56,7 @@ Deviations, with reasons:
 """
 import copy
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -130,7 +144,8 @@ class Args:
     mask_positive: bool = False
     """thesis Eq. 4.5: s_ii = 0 exactly; default: the code's relational logit 0 (spec §7.1)"""
     symmetric: bool = True
-    """symmetrised loss: each global view is a query for the other's key (Sec. 4.4.3)"""
+    """symmetrised loss: each global view is a query for the other's key (Sec. 4.4.3); off:
+    view 0 is the only key and every other view a query (spec §1)"""
     aug_view0: Literal["weak", "strong", "strong-alpha", "strong-beta", "strong-gamma"] = "strong-alpha"
     """augmentation of view 0 (the target view when not symmetric) (Tab. 4.1, 4.4)"""
     aug_view1: Literal["weak", "strong", "strong-alpha", "strong-beta", "strong-gamma"] = "strong-beta"
@@ -150,6 +165,10 @@ class Args:
     """weight decay (App. A.5.2; 1.5e-6 for 1000 epochs)"""
     warmup_epochs: int = 10
     """linear lr warmup from 0, per step (App. A.5)"""
+    accum_iter: int = 1
+    """gradient accumulation: micro-batches per optimiser step; the lr follows the effective
+    batch batch x GPUs x accum_iter (the queue takes every micro-batch's keys, the EMA follows
+    the optimiser steps; BatchNorm sees micro-batches)"""
     # system
     device: str = "auto"
     """cpu, cuda, cuda:N or auto"""
@@ -233,26 +252,38 @@ def pretrain_transform(kind: str, size: int, scale: tuple) -> v2.Compose:
         ops.append(v2.RandomApply([v2.ColorJitter(0.4, 0.4, saturation, 0.1)], p=0.8))
     if gray_p:
         ops.append(v2.RandomGrayscale(p=gray_p))
-    if blur_p:
-        kernel = 2 * round(0.05 * size) + 1  # 23 at 224 px (spec §2)
-        ops.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p))
+    if blur_p:  # sigma ~ U[0.1, 2.0] (Tab. 4.1, spec §2)
+        ops.append(v2.RandomApply([v2.GaussianBlur(blur_kernel(size), sigma=(0.1, 2.0))],
+                                  p=blur_p))
     if solarize_p:
         ops.append(v2.RandomSolarize(threshold=0.5, p=solarize_p))
     ops += [v2.RandomHorizontalFlip(0.5), v2.Normalize(MEAN, STD)]
     return v2.Compose(ops)
 
 
+def blur_kernel(size: int, sigma_max: float = 2.0) -> int:
+    """Odd Gaussian-blur kernel for `size`-px crops: the odd number nearest 10 % of the size (23
+    at 224 px, the code's; spec §2), or 2 ceil(3 sigma_max) + 1 (13) where that is longer, so
+    that +-3 sigma fits (see the deviations); never more than the crop (largest odd <= size)."""
+    k = max(2 * round(0.05 * size) + 1, 2 * math.ceil(3 * sigma_max) + 1)
+    return min(k, size - 1 + size % 2)
+
+
 def eval_transform(size: int, train: bool = False) -> v2.Compose:
-    """Linear-probe / kNN transforms (App. A.5.1): small datasets resize to the dataset size
-    (train: RandomCrop pad 4 + flip); large ones resize 256/224 then centre crop (train:
-    RandomResizedCrop(0.08, 1) + flip)."""
-    small = size <= 96
+    """Linear-probe / kNN transforms (App. A.5.1, spec §5), by the thesis' dataset classes
+    (Sec. 4.4.2), told apart by the crop size `size`:
+    - small (CIFAR, <= 32 px): train RandomCrop(size, padding 4) + flip (the SCE repo's code);
+    - medium (Tiny-ImageNet 64 px, STL-10 96 px): train RandomResizedCrop(size, scale
+      (0.08, 1)) + flip; small and medium evaluate resized to the dataset size;
+    - large (ImageNet): train RandomResizedCrop(size, (0.08, 1)) + flip; evaluate: short side
+      resized to 256/224 x size, centre crop of size.
+    Returns (3, size, size) float tensors normalised with the ImageNet mean/std."""
     if train:
-        crop = ([v2.Resize((size, size), antialias=True), v2.RandomCrop(size, padding=4)] if small
-                else [v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True)])
+        crop = ([v2.Resize((size, size), antialias=True), v2.RandomCrop(size, padding=4)]
+                if size <= 32 else [v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True)])
         ops = crop + [v2.RandomHorizontalFlip(0.5)]
     else:
-        ops = ([v2.Resize((size, size), antialias=True)] if small
+        ops = ([v2.Resize((size, size), antialias=True)] if size <= 96
                else [v2.Resize(size * 256 // 224, antialias=True), v2.CenterCrop(size)])
     return v2.Compose([v2.ToImage(), *ops, v2.ToDtype(torch.float32, scale=True),
                        v2.Normalize(MEAN, STD)])
@@ -339,6 +370,9 @@ class SCE(nn.Module):
     """Online encoder/projector/predictor, EMA target encoder/projector, memory buffer.
 
     `forward(views) -> (loss, keys)`: one call per step so that DDP sees the whole online pass.
+    views: global views 0 and 1, (B, 3, H, W), then the local views, (B, 3, h, w). Symmetric:
+    keys of both global views, every other view a query for each; keys (2B, D). Non-symmetric:
+    the key of view 0, views 1.. its queries; keys (B, D). The keys are what `enqueue` takes.
     """
 
     def __init__(self, args: Args):
@@ -370,17 +404,20 @@ class SCE(nn.Module):
     def forward(self, views: list):
         a = self.args
         # Each view is forwarded on its own, so BN statistics are per view (spec §7.4).
-        keys = [self.target(v) for v in views[:2]]  # keys from the global views only
         queue = self.queue.clone()  # both symmetric terms see the old buffer (spec §7.3)
         kw = dict(lam=a.lam, tau=a.tau, tau_m=a.tau_m, in_batch=a.in_batch_negatives,
                   mask_positive=a.mask_positive)
-        if a.symmetric or len(views) > 2:  # mean over pairs (query j, key i), i != j (Sec. 4.4.3)
+        if a.symmetric:  # mean over pairs (query j, key i), i != j, keys global (Sec. 4.4.3)
+            keys = [self.target(v) for v in views[:2]]
             queries = [self.online(v) for v in views]
             pairs = [(j, i) for i in range(2) for j in range(len(views)) if i != j]
             loss = sum(sce_loss(queries[j], keys[i], queue, **kw) for j, i in pairs) / len(pairs)
             return loss, torch.cat(keys)
-        # Non-symmetric: view 0 (weak) -> target, view 1 (strong) -> online (spec §1).
-        return sce_loss(self.online(views[1]), keys[0], queue, **kw), keys[0]
+        # Non-symmetric: view 0 (weak) is the only key; view 1 (strong) and every local view
+        # are queries, loss averaged over them (spec §1; eztorch `training_step`, sym=False).
+        key = self.target(views[0])
+        loss = sum(sce_loss(self.online(v), key, queue, **kw) for v in views[1:])
+        return loss / (len(views) - 1), key
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
@@ -430,13 +467,15 @@ def sce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, lam: float =
 
 # ---- 6. Training step ----
 def train_step(model, views: list, optimizer, amp: optim.Amp, momentum: float) -> dict:
-    """Forward, SCE loss, backward and step, then EMA of the target and the FIFO update."""
+    """Forward, SCE loss, backward and step, then EMA of the target and the FIFO update. With
+    --accum-iter the EMA follows the optimiser steps and every micro-batch's keys are queued."""
     with amp.autocast():
         loss, keys = model(views)
     amp.step(loss, optimizer)
     sce = checkpoint.unwrap(model)
-    optim.ema_update(sce.target_encoder, sce.encoder, momentum, copy_buffers=False)  # Eq. 4.2
-    optim.ema_update(sce.target_projector, sce.projector, momentum, copy_buffers=False)
+    if amp.stepped:
+        optim.ema_update(sce.target_encoder, sce.encoder, momentum, copy_buffers=False)  # Eq. 4.2
+        optim.ema_update(sce.target_projector, sce.projector, momentum, copy_buffers=False)
     sce.enqueue(keys)
     return {"loss": loss.detach()}
 
@@ -529,12 +568,36 @@ def evaluate_encoder(encoder: nn.Module, args: Args, device, amp, logger: log.Lo
 
 
 def load_encoder(encoder: nn.Module, path: str) -> None:
-    """Weights from a full SCE checkpoint ('model': encoder.*) or an exported backbone.pt."""
-    ckpt = checkpoint.load(path)
-    sd = ckpt.get("model", ckpt)
-    if any(k.startswith("encoder.") for k in checkpoint.clean_state_dict(sd)):
-        sd = {k[len("encoder."):]: v for k, v in checkpoint.clean_state_dict(sd).items()
-              if k.startswith("encoder.")}
+    """Load the backbone weights of `path` into `encoder` (strict), whatever the layout:
+    - our `last.pt` (`{"model": {"encoder.*", "target_encoder.*", ...}, ...}`) or `backbone.pt`;
+    - a torchvision ResNet state dict (`fc.*`, if present, is dropped);
+    - the authors' eztorch / SCE-repo files: a PyTorch Lightning checkpoint
+      `{"state_dict": {"trunk.*", "momentum_trunk.*", "projector.*", "momentum_projector.*",
+      "predictor.*", "queue", "queue_ptr"}, "hyper_parameters": ..., ...}`, or its `state_dict`
+      alone. The online `trunk.*` is loaded, as eztorch's linear evaluation does (its default
+      `trunk_pattern`, the prefix `trunk.`, which no SCE evaluation config overrides).
+    Files are read with `weights_only=True`. A Lightning file whose `hyper_parameters` hold
+    pickled config objects is refused (`checkpoint.CheckpointError`) with the command that
+    extracts its `state_dict` once, in a session that trusts the file."""
+    try:
+        ckpt = checkpoint.load(path)
+    except checkpoint.CheckpointError as e:
+        out = f"{path}.state_dict.pt"
+        raise checkpoint.CheckpointError(
+            f"{str(e).rstrip('.')}. If it is a PyTorch Lightning checkpoint (e.g. the authors' "
+            f"SCE release) that pickles its hyper-parameters, extract its weights once, where "
+            f"you trust the file (with the packages it pickles, e.g. omegaconf, installed): "
+            f"python -c \"import torch; torch.save(torch.load({path!r}, map_location='cpu', "
+            f"weights_only=False)['state_dict'], {out!r})\" and pass --init-from {out}") from None
+    sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict):
+        raise checkpoint.CheckpointError(f"{path}: no state dict in it")
+    sd = checkpoint.clean_state_dict(sd)
+    for prefix in ("encoder.", "trunk."):  # ours (online encoder); eztorch's online trunk
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            break
+    sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}  # torchvision's classifier
     checkpoint.load_model(encoder, sd, strict=True, what=path)
 
 
@@ -599,14 +662,14 @@ def pretrain(model, sce: SCE, args: Args, device, amp: optim.Amp, logger: log.Lo
     ds = data.SafeDataset(Views(base_dataset(args, "pretrain"), pretrain_views(args), args.seed),
                           args.max_fail_fraction, "pretrain images")
     loader = make_loader(ds, args.batch_size, args, train=True)
-    global_batch = args.batch_size * dist.world()
+    global_batch = args.batch_size * dist.world() * args.accum_iter
     peak_lr = args.base_lr * global_batch / 256  # linear scaling rule (App. A.5)
     params = [p for p in sce.parameters() if p.requires_grad]
     opt = (optim.LARS(params, lr=peak_lr, momentum=0.9, weight_decay=args.weight_decay)
            if args.optimizer == "lars" else
            torch.optim.SGD(params, lr=peak_lr, momentum=0.9, weight_decay=args.weight_decay))
     loop = training.Loop(loader, args.epochs, {"model": sce, "optimizer": opt}, args, logger,
-                         amp, max_steps=args.max_steps)
+                         amp, max_steps=args.max_steps, accum_iter=args.accum_iter)
     warmup = min(args.warmup_epochs * loop.steps_per_epoch, loop.total_steps)
     dist.print0(f"{len(ds)} images, {loop.steps_per_epoch} steps/epoch, global batch "
                 f"{global_batch}, peak lr {peak_lr:.4g}, amp {amp.mode}, output {args.output_dir}")

@@ -51,8 +51,10 @@ Deviations, with reasons:
 - Test views as the official VideoClsDataset (stride `rate` from frame 0, windows from frame
   0 to the end, crops at int offsets along the long side); with one view (which the official
   code cannot do: it divides by zero) the centre window and crop.
-- The DINOv2 teacher option (reg4 ViT at patch 14, unused in the release scripts) is not
-  written: the register tokens and patch-14 tables come with T-CoRe's ViT.
+- The DINOv2 teacher (--teacher-kind dinov2, unused in the release scripts) reads timm-layout
+  weights from a file; its 37 x 37 position table is resized to the input grid as timm does
+  when it creates the model at 224 (bicubic, antialiased), and its 16 x 16 tokens are resized
+  to 14 x 14 bilinearly (align_corners False; the spec says "bilinear" only).
 - --amp auto is bf16 on CUDA (official: fp16 with a GradScaler, available as --amp fp16).
 - The DINO teacher is loaded from a local file (--teacher-weights; torch.hub is not reachable).
 - HMDB51 lists are read (the official VideoClsDataset has no HMDB branch and crashes).
@@ -165,6 +167,10 @@ class Args:
     """local DINO ViT-S/16 or B/16 weights (timm-style keys) for --target teacher"""
     teacher_model: Literal["small", "base"] = "base"
     """DINO teacher size (release scripts: dino_b even for the ViT-S student, spec §1.4)"""
+    teacher_kind: Literal["dino", "dinov2"] = "dino"
+    """dino: DINO v1 ViT/16 (release scripts); dinov2: timm's vit_*_patch14_reg4_dinov2 (4
+    registers, layer scale) at the input size, its tokens resized to the student's grid
+    (official --target_type dino_v2, spec §1.4)"""
     proj_hidden: tuple[int, ...] = (1024, 1024, 512)
     """hidden widths of the MLP phi (code: 4 linears, 3.28M params = Tab. 7a 'base 3M')"""
     proj_dim: int = 256
@@ -707,15 +713,23 @@ TEACHER_DIMS = {"small": 384, "base": 768}
 
 
 def build_teacher(a: Args) -> nn.Module:
-    """Frozen DINO ViT-{S,B}/16 with timm keys, fp32, eval mode (spec §1.4); local weights only."""
+    """Frozen DINO ViT-{S,B}/16 (or DINOv2-reg4 ViT-{S,B}/14) with timm keys, fp32, eval mode
+    (spec §1.4); local weights only. A DINOv2 position table (37 x 37 at 518 px) is resized to
+    the input grid (bicubic, antialiased, as timm does when it loads it at 224)."""
     dim, depth, heads = vit.vit_sizes[a.teacher_model]
-    net = vit.VisionTransformer(a.input_size, 16, 3, dim, depth, heads, pos_embed="learned")
+    v2 = a.teacher_kind == "dinov2"
+    net = vit.VisionTransformer(a.input_size, 14 if v2 else 16, 3, dim, depth, heads,
+                                pos_embed="learned", init_values=1e-5 if v2 else None,
+                                reg_tokens=4 if v2 else 0, no_embed_class=v2)
     if not a.teacher_weights:
-        raise ValueError("--target teacher needs --teacher-weights PATH (a DINO ViT-S/16 or "
-                         "B/16 state dict; nothing is downloaded)")
+        raise cli.InputError("--target teacher needs --teacher-weights PATH (a DINO ViT-S/16 or "
+                             "B/16 state dict, timm keys; nothing is downloaded)")
     sd = checkpoint.load(a.teacher_weights)
     sd = sd.get("teacher", sd.get("state_dict", sd))
     sd = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items()}
+    if v2 and "pos_embed" in sd:
+        sd["pos_embed"] = vit.interpolate_pos_embed(sd["pos_embed"], net.patch_embed.grid_size,
+                                                    n_extra=0, antialias=True)
     missing, _ = checkpoint.load_model(net, sd, strict=False, what=a.teacher_weights)
     if missing:
         raise RuntimeError(f"{a.teacher_weights}: not a DINO ViT-{a.teacher_model} (missing "
@@ -802,12 +816,19 @@ def pixel_tubes(video: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_tokens(teacher: nn.Module, video: torch.Tensor) -> torch.Tensor:
+def teacher_tokens(teacher: nn.Module, video: torch.Tensor,
+                   grid: Optional[int] = None) -> torch.Tensor:
     """DINO patch tokens of frames 0, 2, 4, ... (B, N, Dt), standardised per clip and channel
-    over the N tokens (unbiased std + 1e-6) (spec §1.4)."""
+    over the N tokens (unbiased std + 1e-6) (spec §1.4); a teacher whose grid differs from the
+    student's `grid` x `grid` (DINOv2 at patch 14: 16 x 16) is resized bilinearly to it."""
     B = video.shape[0]
     frames = video.float()[:, :, ::2].transpose(1, 2).flatten(0, 1)  # (B*T', 3, H, W)
-    x = teacher.forward_features(frames)[:, 1:]  # (B*T', h*w, Dt), final LN, no CLS
+    x = teacher.forward_features(frames)[:, teacher.num_prefix:]  # (B*T', h*w, Dt), final LN
+    if grid is not None and teacher.patch_embed.grid_size != (grid, grid):  # DINOv2: 16 -> 14
+        g = teacher.patch_embed.grid_size
+        x = x.transpose(1, 2).reshape(len(x), -1, *g)
+        x = F.interpolate(x, size=(grid, grid), mode="bilinear", align_corners=False)
+        x = x.flatten(2).transpose(1, 2)
     x = x.reshape(B, -1, x.shape[-1])  # t-major (B, N, Dt)
     return (x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-6)
 
@@ -816,7 +837,7 @@ def target_input(video, mask, a: Args, teacher=None) -> torch.Tensor:
     """The masked tubes' phi input, ascending token order = the decoder's order ('inverse
     masking', Sec. 3.2): (B, N_m, Din)."""
     full = pixel_tubes(video, a.tubelet, a.patch_size) if teacher is None else \
-        teacher_tokens(teacher, video)
+        teacher_tokens(teacher, video, a.input_size // a.patch_size)
     return full[mask].reshape(video.shape[0], -1, full.shape[-1])
 
 

@@ -461,24 +461,40 @@ def video_features(feat_fn, paths: Sequence, size: tuple[int, int], device="cpu"
     return F.normalize(torch.cat(out), dim=1)
 
 
-def resize_nearest(label: Tensor, size) -> Tensor:
-    """(..., H, W) ids -> `size`, PIL NEAREST semantics (pixel centres)."""
+def resize_nearest(label: Tensor, size, how: str = "pil") -> Tensor:
+    """(..., H, W) int ids -> (..., *size) by nearest neighbour, as PIL `Image.NEAREST`
+    (`how="pil"`: PIL itself, whose source coordinates accumulate in floating point, so no
+    closed form matches it everywhere) or as cv2 `INTER_NEAREST` (`how="cv2"`: source index
+    floor(i * (1 / (out / in))) in double precision, as cv2's `resizeNN`)."""
     if tuple(label.shape[-2:]) == tuple(size):
         return label
-    x = label.reshape(-1, 1, *label.shape[-2:]).float()
-    x = F.interpolate(x, size=tuple(size), mode="nearest-exact")
-    return x.reshape(*label.shape[:-2], *size).to(label.dtype)
+    (H0, W0), (H, W) = label.shape[-2:], size
+    flat = torch.as_tensor(label).reshape(-1, H0, W0).cpu()
+    if how == "cv2":
+        rows = np.minimum(np.floor(np.arange(H) * (1.0 / (H / H0))), H0 - 1).astype(np.int64)
+        cols = np.minimum(np.floor(np.arange(W) * (1.0 / (W / W0))), W0 - 1).astype(np.int64)
+        out = flat[:, torch.from_numpy(rows)][:, :, torch.from_numpy(cols)]
+    elif how == "pil":
+        out = torch.stack([torch.from_numpy(np.array(
+            Image.fromarray(x.numpy().astype(np.int32)).resize((W, H), Image.NEAREST)))
+            for x in flat])
+    else:
+        raise ValueError(f"resize_nearest: how must be 'pil' or 'cv2', not {how!r}")
+    return out.reshape(*label.shape[:-2], H, W).to(label.dtype)
 
 
 def eval_davis(feat_fn, root, size: tuple[int, int] = (480, 880), topk: int = 7,
                temperature: float = 0.7, radius: float = 20.0, context: int = 20,
                gt_at_eval_size: bool = True, out_dir=None, device="cpu") -> tuple[dict, list]:
-    """DAVIS-2017 semi-supervised J&F of `feat_fn` on `root` (val split): frames at `size`,
-    first-frame one-hot at the feature grid, `propagate`, bilinear upsampling and argmax.
+    """DAVIS-2017 semi-supervised J&F of `feat_fn` on `root` (val split): frames at `size`;
+    the first-frame annotation nearest-resized to `size`, then its one-hot bilinearly reduced
+    to the feature grid (the official loader's order); `propagate`, bilinear upsampling, argmax.
 
-    `gt_at_eval_size`: score against GT NEAREST-resized to `size`, as CropMAE's DAVIS_480_880
-    copy (9 px F tolerance at 480x880); else at the native GT size (T-CoRe). Writes indexed
-    PNGs `out_dir/<seq>/<t:05d>.png` at the scored size when `out_dir` is set. Returns the
+    `gt_at_eval_size`: every annotation PIL-NEAREST-resized to `size` first, as CropMAE's
+    DAVIS_480_880 copy, and scored there (9 px F tolerance at 480x880). Else (T-CoRe) scored
+    at the native GT size: the loader cv2-nearest-resizes the first annotation to `size`, and
+    `convert_davis` the predictions back to the GT size. Writes indexed PNGs
+    `out_dir/<seq>/<t:05d>.png` at the scored size when `out_dir` is set. Returns the
     `davis_jf` dict and [(name, frame paths, pred (T, H, W) uint8 at the scored size)].
     """
     gts, preds, out = [], [], []
@@ -488,15 +504,15 @@ def eval_davis(feat_fn, root, size: tuple[int, int] = (480, 880), topk: int = 7,
                              f"{len(masks)} annotations (semi-supervised val annotates all)")
         gt = torch.from_numpy(np.stack([read_label_png(m) for m in masks]))
         gt[gt == 255] = 0  # the toolkit's semi-supervised mode: void counts as background
-        feats = video_features(feat_fn, frames, size, device)  # (T, C, h, w)
-        num = int(gt[0].max()) + 1
-        first = label_to_onehot(gt[0], num, tuple(feats.shape[-2:])).to(feats.device)
-        soft = propagate(feats, first, topk, temperature, context, radius).cpu()
-        pred = torch.stack([soft_to_label(s, size) for s in soft])  # (T, H, W) at eval size
         if gt_at_eval_size:
             gt = resize_nearest(gt, size)
-        else:
-            pred = resize_nearest(pred, gt.shape[-2:])
+        feats = video_features(feat_fn, frames, size, device)  # (T, C, h, w)
+        first = resize_nearest(gt[0], size, "cv2")  # the loader's resize; no-op on eval-size GT
+        first = label_to_onehot(first, int(gt[0].max()) + 1, tuple(feats.shape[-2:]))
+        soft = propagate(feats, first.to(feats.device), topk, temperature, context, radius).cpu()
+        pred = torch.stack([soft_to_label(s, size) for s in soft])  # (T, H, W) at eval size
+        if not gt_at_eval_size:
+            pred = resize_nearest(pred, gt.shape[-2:], "cv2")
         pred = pred.to(torch.uint8)
         gts.append(gt.numpy())
         preds.append(pred.numpy())
@@ -543,9 +559,10 @@ def vip_size(height: int, width: int, long_side: int = 880) -> tuple[int, int]:
 def eval_vip(feat_fn, file_list, long_side: int = 880, topk: int = 10, temperature: float = 0.7,
              radius: float = 20.0, context: int = 20, num_classes: int = 20,
              device="cpu") -> dict:
-    """VIP mIoU of `feat_fn`: frames at `vip_size`, the one-hot of frame 0's class ids,
-    `propagate`, argmax at eval size, NEAREST-resized to the GT size; one confusion matrix over
-    every annotated frame, frame 0 included."""
+    """VIP mIoU of `feat_fn`: frames at `vip_size`; frame 0's class ids cv2-nearest-resized to
+    that size, one-hot, bilinearly reduced to the grid (the official loader's order);
+    `propagate`, argmax at eval size, PIL-NEAREST-resized to the GT size (`eval_vip`); one
+    confusion matrix over every annotated frame, frame 0 included."""
     hist = np.zeros((num_classes, num_classes), np.int64)
     for img_dir, ann_dir in read_pair_list(file_list, "VIP"):
         frames = _frame_files(img_dir)
@@ -556,8 +573,9 @@ def eval_vip(feat_fn, file_list, long_side: int = 880, topk: int = 10, temperatu
         size = vip_size(*gt0.shape, long_side)
         feats = video_features(feat_fn, frames, size, device)
         gt0[(gt0 < 0) | (gt0 >= num_classes)] = 0  # ignore ids start as background
-        first = label_to_onehot(gt0, num_classes, tuple(feats.shape[-2:])).to(feats.device)
-        soft = propagate(feats, first, topk, temperature, context, radius).cpu()
+        first = label_to_onehot(resize_nearest(gt0, size, "cv2"), num_classes,
+                                tuple(feats.shape[-2:]))
+        soft = propagate(feats, first.to(feats.device), topk, temperature, context, radius).cpu()
         for s, ann in zip(soft, anns):
             if ann.is_file():
                 gt = read_label_png(ann)

@@ -1,7 +1,8 @@
 """Vision Transformer building blocks with timm parameter names, so official checkpoints load.
 
-Keys: `patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.{i}.{norm1, attn.qkv, attn.q_bias,
-attn.v_bias, attn.proj, ls1.gamma, norm2, mlp.fc1, mlp.fc2, ls2.gamma}`, `norm`.
+Keys: `patch_embed.proj`, `cls_token`, `reg_token` (register tokens), `pos_embed`,
+`blocks.{i}.{norm1, attn.qkv, attn.q_bias, attn.v_bias, attn.proj, ls1.gamma, norm2, mlp.fc1,
+mlp.fc2, ls2.gamma}`, `norm`.
 Token order: images row-major (idx = h*W' + w); videos t-major (idx = t*H'W' + h*W' + w).
 """
 import math
@@ -215,19 +216,26 @@ class VisionTransformer(nn.Module):
 
     `pos_embed="sincos"` is a fixed 2-D table (a Parameter with requires_grad=False, so it is in
     the state dict as in MAE checkpoints); "learned" is trainable, trunc-normal std .02.
+    `reg_tokens` register tokens (`reg_token`, (1, R, D)) follow the CLS token, without a
+    position; `no_embed_class` (timm's DINOv2-with-registers layout) gives the CLS token no
+    position either, so `pos_embed` covers the patches only. `num_prefix` = CLS + registers.
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 384, depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop_path_rate: float = 0.0,
                  init_values: float | None = None, pos_embed: str = "sincos",
-                 cls_token: bool = True, qv_bias: bool = False):
+                 cls_token: bool = True, qv_bias: bool = False, reg_tokens: int = 0,
+                 no_embed_class: bool = False):
         super().__init__()
         if pos_embed not in ("sincos", "learned"):
             raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {pos_embed!r}")
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        self.n_extra = int(cls_token)
+        self.n_extra = int(cls_token and not no_embed_class)  # tokens with a position before N
+        self.num_prefix = int(cls_token) + reg_tokens
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if cls_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens \
+            else None
         gh, gw = self.patch_embed.grid_size
         self.pos_embed = nn.Parameter(torch.zeros(1, self.n_extra + gh * gw, embed_dim),
                                       requires_grad=pos_embed == "learned")
@@ -244,15 +252,18 @@ class VisionTransformer(nn.Module):
         nn.init.xavier_uniform_(self.patch_embed.proj.weight.view(embed_dim, -1))
         if cls_token:
             nn.init.normal_(self.cls_token, std=0.02)
+        if reg_tokens:
+            nn.init.normal_(self.reg_token, std=0.02)
         with torch.no_grad():
             if pos_embed == "sincos":
-                self.pos_embed.copy_(sincos_2d(gh, gw, embed_dim, cls_token)[None])
+                self.pos_embed.copy_(sincos_2d(gh, gw, embed_dim, self.n_extra == 1)[None])
             else:
                 nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     def forward_features(self, x: Tensor, keep_idx: Tensor | None = None) -> Tensor:
-        """(B, C, H, W) -> normed tokens (B, n_extra + K, D), CLS first. `keep_idx` (B, K)
-        selects the patch tokens that enter the blocks (MAE: the visible ones); default all."""
+        """(B, C, H, W) -> normed tokens (B, num_prefix + K, D): CLS, registers, patches.
+        `keep_idx` (B, K) selects the patch tokens that enter the blocks (MAE: the visible
+        ones); default all."""
         p = self.patch_embed.patch_size
         grid = (x.shape[-2] // p, x.shape[-1] // p)
         x = self.patch_embed(x)  # (B, N, D)
@@ -262,8 +273,11 @@ class VisionTransformer(nn.Module):
         x = x + pos[:, self.n_extra:]
         if keep_idx is not None:
             x = gather_tokens(x, keep_idx)
+        if self.reg_token is not None:
+            x = torch.cat([self.reg_token.expand(x.shape[0], -1, -1), x], 1)
         if self.cls_token is not None:
-            x = torch.cat([(self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1), x], 1)
+            cls = self.cls_token + pos[:, :1] if self.n_extra else self.cls_token
+            x = torch.cat([cls.expand(x.shape[0], -1, -1), x], 1)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)

@@ -393,3 +393,113 @@ def test_overlay_and_read_pair_list_errors(tmp_path):
     (tmp_path / "l.txt").write_text("a b\n")
     with pytest.raises(FileNotFoundError, match="l.txt:1"):
         P.read_pair_list(tmp_path / "l.txt", "VIP")
+
+
+# ---- first-frame labels and final resizes in the official order (issue 10, item 7) ----
+def cv2_nearest(label: np.ndarray, size) -> np.ndarray:
+    """cv2 INTER_NEAREST written as integers: source index floor(i * in / out)."""
+    (h0, w0), (h, w) = label.shape, size
+    return label[(np.arange(h) * h0) // h][:, (np.arange(w) * w0) // w]
+
+
+def pil_nearest(label: np.ndarray, size) -> np.ndarray:
+    return np.array(Image.fromarray(label).resize(size[::-1], Image.NEAREST))
+
+
+def reduce_by_16(label: np.ndarray, num: int) -> torch.Tensor:
+    """One-hot, then cv2 INTER_LINEAR by exactly 1/16 (no antialiasing): each cell centre
+    (16 i + 7.5, 16 j + 7.5) averages the 2 x 2 pixels around it."""
+    onehot = (label[None] == np.arange(num)[:, None, None]).astype(np.float32)
+    return torch.from_numpy(sum(onehot[:, 7 + a::16, 7 + b::16] for a in (0, 1) for b in (0, 1))
+                            / 4)
+
+
+def cell_features(stride: int, dim: int = 32):
+    """Random features per grid cell, the same in every frame: with top-1, every frame copies
+    frame 0's grid labels cell for cell (a cell matches itself at 1, any other cell below)."""
+    def fn(x):
+        h, w = x.shape[-2] // stride, x.shape[-1] // stride
+        f = torch.randn(dim, h, w, generator=torch.Generator().manual_seed(0))
+        return f[None].expand(len(x), -1, -1, -1)
+    return fn
+
+
+def thin_labels(h: int, w: int) -> np.ndarray:
+    """1-pixel lines of three ids and a block: which columns a resize keeps changes the grid."""
+    label = np.zeros((h, w), np.uint8)
+    label[:, ::5], label[:, 2::7], label[:, 3::11] = 1, 2, 3
+    label[h // 5:h // 2, w // 4:w // 2] = 4
+    return label
+
+
+def test_resize_nearest_pil_and_cv2():
+    label = torch.arange(448 * 880, dtype=torch.int32).view(448, 880)
+    want = pil_nearest(label.numpy(), (720, 1280))
+    assert np.array_equal(P.resize_nearest(label, (720, 1280)).numpy(), want)
+    exact = torch.nn.functional.interpolate(label[None, None].double(), size=(720, 1280),
+                                            mode="nearest-exact")[0, 0].int()
+    assert (exact.numpy() != want).sum() > 1000  # pixel centres in floats are not PIL
+    for (h0, w0), size in [((720, 1280), (448, 880)), ((480, 854), (480, 880)),
+                           ((480, 880), (480, 854)), ((240, 320), (480, 640))]:
+        x = torch.arange(h0 * w0).view(h0, w0)
+        assert np.array_equal(P.resize_nearest(x, size, "cv2").numpy(),
+                              cv2_nearest(x.numpy(), size))
+    x = torch.arange(720 * 1280).view(720, 1280)
+    assert not torch.equal(P.resize_nearest(x, (448, 880), "cv2"),
+                           P.resize_nearest(x, (448, 880)))
+    batch = torch.randint(0, 5, (2, 3, 48, 64), dtype=torch.uint8)
+    out = P.resize_nearest(batch, (20, 30), "cv2")
+    assert out.shape == (2, 3, 20, 30) and out.dtype == torch.uint8
+    assert torch.equal(out[1, 2], P.resize_nearest(batch[1, 2], (20, 30), "cv2"))
+    with pytest.raises(ValueError, match="how"):
+        P.resize_nearest(batch, (20, 30), "bilinear")
+
+
+def test_eval_davis_first_frame_resized_before_reduction(tmp_path):
+    """480 x 854 DAVIS at 480 x 880: the first annotation is nearest-resized to 480 x 880,
+    then reduced to the 30 x 55 grid (official order), not reduced at its native size."""
+    root, gt0 = tmp_path / "davis", thin_labels(480, 854)
+    (root / "ImageSets/2017").mkdir(parents=True)
+    (root / "ImageSets/2017/val.txt").write_text("seq\n")
+    (root / "JPEGImages/480p/seq").mkdir(parents=True)
+    for t in range(3):
+        Image.new("RGB", (854, 480)).save(root / f"JPEGImages/480p/seq/{t:05d}.jpg")
+        P.write_label_png(root / f"Annotations/480p/seq/{t:05d}.png", gt0)
+    kw = dict(size=(480, 880), topk=1, context=2)
+    # CropMAE: the DAVIS_480_880 copy (PIL NEAREST), scored at 480 x 880
+    scores, preds = P.eval_davis(cell_features(16), root, **kw)
+    official = P.soft_to_label(reduce_by_16(pil_nearest(gt0, (480, 880)), 5), (480, 880))
+    native = P.soft_to_label(P.label_to_onehot(gt0, 5, (30, 55)), (480, 880))
+    assert not torch.allclose(reduce_by_16(pil_nearest(gt0, (480, 880)), 5),
+                              P.label_to_onehot(gt0, 5, (30, 55)))
+    assert (official != native).float().mean() > 0.05  # the two orders disagree
+    for t in range(3):
+        assert torch.equal(preds[0][2][t].long(), official), t
+    gt = np.stack([pil_nearest(gt0, (480, 880))] * 3)
+    assert scores == P.davis_jf([gt], [np.stack([official.numpy().astype(np.uint8)] * 3)])
+    # T-CoRe: native GT; the loader's cv2 resize, predictions cv2-resized back to 480 x 854
+    _, preds = P.eval_davis(cell_features(16), root, gt_at_eval_size=False, **kw)
+    official = P.soft_to_label(reduce_by_16(cv2_nearest(gt0, (480, 880)), 5), (480, 880))
+    back = cv2_nearest(official.numpy(), (480, 854))
+    assert np.array_equal(preds[0][2][1].numpy(), back)
+
+
+def test_eval_vip_first_frame_and_final_resize_official_order(tmp_path):
+    """720 x 1280 VIP: frame 0 cv2-nearest-resized to 448 x 880 then reduced to 28 x 55;
+    predictions PIL-NEAREST-resized to the GT size (eval_vip)."""
+    gt0 = thin_labels(720, 1280) * 4 + 3  # class ids 3..19
+    img, ann = tmp_path / "Images/videos1", tmp_path / "Annotations/Category_ids/videos1"
+    img.mkdir(parents=True)
+    ann.mkdir(parents=True)
+    for t in range(3):
+        Image.new("RGB", (1280, 720)).save(img / f"{t:06d}.jpg")
+        Image.fromarray(gt0).save(ann / f"{t:06d}.png")
+    (tmp_path / "vip.txt").write_text("Images/videos1 Annotations/Category_ids/videos1\n")
+    got = P.eval_vip(cell_features(16), tmp_path / "vip.txt", topk=1, context=2)["mIoU"]
+    pred = P.soft_to_label(reduce_by_16(cv2_nearest(gt0, (448, 880)), 20), (448, 880))
+    pred = pil_nearest(pred.numpy().astype(np.uint8), (720, 1280))
+    assert got == pytest.approx(P.miou(3 * P.confusion(gt0, pred)), abs=1e-12)
+    old = P.soft_to_label(P.label_to_onehot(gt0, 20, (28, 55)), (448, 880))  # native reduction
+    old = torch.nn.functional.interpolate(old[None, None].float(), size=(720, 1280),
+                                          mode="nearest-exact")[0, 0].numpy()
+    assert abs(got - P.miou(3 * P.confusion(gt0, old))) > 1e-3

@@ -211,3 +211,22 @@ def test_block_with_drop_path_is_deterministic_in_eval():
     torch.testing.assert_close(a, h + 0.1 * blk.mlp(blk.norm2(h)))
     assert isinstance(blk.mlp.act, torch.nn.GELU) and blk.mlp.act.approximate == "none"
     assert torch.allclose(blk.mlp(x), blk.mlp.fc2(F.gelu(blk.mlp.fc1(x))))
+
+
+def test_register_tokens_and_no_embed_class():
+    """DINOv2-with-registers layout: CLS, then the registers (no position), then the patches
+    (with the position table, which covers the patches only)."""
+    torch.manual_seed(0)
+    net = vit.VisionTransformer(28, 14, 3, 8, 0, 2, pos_embed="learned", reg_tokens=4,
+                                no_embed_class=True)  # depth 0: the output is norm(tokens)
+    assert net.pos_embed.shape == (1, 4, 8) and net.reg_token.shape == (1, 4, 8)
+    assert net.num_prefix == 5 and net.n_extra == 0
+    x = torch.randn(2, 3, 28, 28)
+    out = net.forward_features(x)
+    assert out.shape == (2, 5 + 4, 8)
+    patches = net.patch_embed(x) + net.pos_embed
+    assert torch.allclose(out[:, 0], net.norm(net.cls_token[0]).expand(2, -1), atol=1e-6)
+    assert torch.allclose(out[:, 1:5], net.norm(net.reg_token).expand(2, -1, -1), atol=1e-6)
+    assert torch.allclose(out[:, 5:], net.norm(patches), atol=1e-6)
+    plain = vit.VisionTransformer(28, 14, 3, 8, 0, 2, pos_embed="learned")
+    assert plain.pos_embed.shape == (1, 1 + 4, 8) and plain.num_prefix == 1  # CLS has a position

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -334,6 +335,68 @@ def test_cli_help_presets_and_unknown_flag():
     k400 = C.cli.parse(C.Args, C.PRESETS, ["--preset", "k400-vits", "--data", "x.txt"])
     assert k400.global_scale == (0.5, 1.0) and k400.local_scale == (0.3, 0.6)
     assert C.Args().blr * 2048 / 256 == pytest.approx(8e-4)  # spec §3: lr 8e-4 at batch 2048
+
+
+def test_warmup_is_five_percent_of_the_epochs(tiny_data, tmp_path):
+    """spec §3: warmup int(0.05 x epochs) unless --warmup-epochs is given."""
+    for epochs, want in [(400, 20), (800, 40), (100, 5), (30, 1), (10, 0)]:
+        assert C.warmup_epochs(C.Args(epochs=epochs)) == want, epochs
+    assert C.warmup_epochs(C.Args(epochs=400, warmup_epochs=7)) == 7
+    assert C.warmup_epochs(C.Args(epochs=400, warmup_epochs=0)) == 0
+    parse = lambda *a: C.cli.parse(C.Args, C.PRESETS, ["--data", "x", *a])  # noqa: E731
+    assert C.warmup_epochs(parse("--preset", "in1k-vits", "--epochs", "800")) == 40
+    assert C.warmup_epochs(parse("--preset", "in1k-vits", "--warmup-epochs", "3")) == 3
+    # the loop uses it: 20 epochs -> 1 warmup epoch = 6 steps; step k logs the lr it ran at
+    C.main(run_args(tiny_data, tmp_path, epochs=20, warmup_epochs=-1, max_steps=3, log_every=1,
+                    blr=3.2e-2))
+    lrs = [r["train/lr"] for r in log.read_jsonl(str(tmp_path / "log.jsonl")) if "train/lr" in r]
+    peak = 3.2e-2 * 8 / 256
+    assert lrs == pytest.approx([0.0, peak / 6, 2 * peak / 6])
+
+
+def docstring_commands() -> list:
+    """The shell commands of cropmae.py's docstring, continuation lines joined, comments cut."""
+    cmds, cur = [], None
+    for line in C.__doc__.splitlines():
+        code = line.split("#")[0].strip()
+        if cur is None and not code.startswith(("python cropmae.py", "torchrun")):
+            continue
+        cur = (cur or "") + " " + code.rstrip("\\")
+        if not code.endswith("\\"):
+            cmds.append(shlex.split(cur))
+            cur = None
+    return cmds
+
+
+def test_in1k_presets_and_docstring_commands_are_tab1():
+    """Tab. 1 (IN-Sub rows, K400): 400 epochs, mask 0.985, global batch 2048 and lr 8e-4
+    (blr 1e-4, spec §3), IN Subset of 239,787 images (Sec. 4.1), decoder 256 / 4 / 8."""
+    for name, model in [("in1k-vits", "small"), ("in1k-vitb", "base")]:
+        a = C.cli.parse(C.Args, C.PRESETS, ["--preset", name, "--data", "x"])
+        assert (a.subset, a.model, a.epochs, a.mask_ratio) == (239787, model, 400, 0.985)
+        assert (a.views, a.global_scale, a.local_scale) == ("global-to-local", (0.1, 1.0),
+                                                            (0.3, 0.6))
+        assert (a.decoder_dim, a.decoder_depth, a.decoder_heads, a.decoder_ffn) == \
+            (256, 4, 8, 2048)
+        assert a.norm_pix_loss and a.blr == 1e-4 and C.warmup_epochs(a) == 20
+    trained = set()
+    for cmd in docstring_commands():
+        i = cmd.index("cropmae.py")
+        if i + 1 == len(cmd):
+            continue  # the demo
+        launcher = dict(t[2:].split("=", 1) for t in cmd[1:i] if "=" in t)
+        world = int(launcher.get("nnodes", 1)) * int(launcher.get("nproc_per_node", 1))
+        a = C.cli.parse(C.Args, C.PRESETS, cmd[i + 1:])
+        assert a.davis and a.jhmdb and a.vip, cmd  # every Tab. 1 column
+        if a.eval_only:
+            assert a.init_from, cmd
+            continue
+        trained.add(a.preset)
+        assert world * a.batch_size * a.accum_iter == 2048 and a.epochs == 400, cmd
+        assert a.blr * world * a.batch_size * a.accum_iter / 256 == pytest.approx(8e-4)
+        assert a.subset == (239787 if a.preset.startswith("in1k") else 0), cmd
+        assert a.global_scale == ((0.1, 1.0) if a.preset.startswith("in1k") else (0.5, 1.0))
+    assert trained == {"in1k-vits", "in1k-vitb", "k400-vits"}
 
 
 def test_non_finite_loss_stops_before_its_update(tiny_data, tmp_path, monkeypatch):

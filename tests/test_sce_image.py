@@ -1,6 +1,7 @@
 """sce_image.py: the SCE loss against hand computations and the thesis' propositions, the
-training step's gradient/EMA/queue mechanics, Tab. 4.1 augmentations, and whole runs
-(learning, resume, 2-process DDP, CLI, backbone export)."""
+training step's gradient/EMA/queue mechanics and view pairing, Tab. 4.1 augmentations and the
+blur's effective sigma, the App. A.5.1 probe transforms, loading the authors' checkpoints, and
+whole runs (learning, resume, 2-process DDP, CLI, backbone export)."""
 import dataclasses
 import json
 import math
@@ -165,18 +166,31 @@ def test_train_step_grad_ema_and_queue(symmetric):
     assert torch.equal(m.queue[rest], queue_before[rest])
 
 
-def test_multicrop_pairs_use_global_keys_only():
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_multicrop_pairing(symmetric, monkeypatch):
+    """Which (query view, key view) pairs enter the loss with 2 global + 2 local views.
+    Symmetric: each global key with the 3 other views (Sec. 4.4.3: 2 x 5 with 6 views).
+    Non-symmetric (eztorch `training_step`, sym=False): the key of view 0 with views 1, 2, 3."""
     torch.manual_seed(0)
-    a = tiny_args(local_sizes=(16, 16))
-    m = S.build_model(a).train()
+    m = S.build_model(tiny_args(symmetric=symmetric, local_sizes=(16, 16))).train()
     x = views() + [torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)]
+    with torch.no_grad():  # train-mode BN uses batch statistics: the forward sees the same
+        q, k = [m.online(v) for v in x], [m.target(v) for v in x]
+    real, seen = S.sce_loss, []
+
+    def spy(qq, kk, queue, **kw):
+        seen.append((next(j for j in range(4) if torch.allclose(qq, q[j], atol=1e-6)),
+                     next(i for i in range(4) if torch.allclose(kk, k[i], atol=1e-6))))
+        return real(qq, kk, queue, **kw)
+
+    monkeypatch.setattr(S, "sce_loss", spy)
     loss, keys = m(x)
-    assert keys.shape == (16, 16)  # 2 global views x batch
-    q = [m.online(v) for v in x]
-    k = [m.target(v) for v in x[:2]]
-    pairs = [S.sce_loss(q[j], k[i], m.queue) for i in range(2) for j in range(4) if i != j]
-    assert len(pairs) == 6  # 2 global keys x the 3 other views each (Sec. 4.4.3: 2 x 5 with 6 views)
-    assert torch.allclose(loss, torch.stack(pairs).mean(), atol=1e-5)
+    pairs = ([(1, 0), (2, 0), (3, 0), (0, 1), (2, 1), (3, 1)] if symmetric
+             else [(1, 0), (2, 0), (3, 0)])
+    assert sorted(seen) == sorted(pairs)
+    assert torch.allclose(loss, torch.stack([real(q[j], k[i], m.queue) for j, i in pairs]).mean(),
+                          atol=1e-5)
+    assert torch.allclose(keys, torch.cat(k[:2] if symmetric else k[:1]), atol=1e-6)  # enqueued
 
 
 def test_queue_size_must_divide():
@@ -224,6 +238,52 @@ def test_augmentations_match_table_4_1(kind, sat, gray, blur, sol):
     assert tuple(norm.mean) == S.MEAN and tuple(norm.std) == S.STD
 
 
+def test_blur_holds_sigma_at_32px():
+    """A blurred impulse has variance sigma^2 (per axis) when the kernel holds +-3 sigma. At
+    32 px the 10 % rule gave 5 taps: sigma 2 blurred like sigma 1.29 (variance 1.66)."""
+    (_, blur), = find(S.pretrain_transform("strong-alpha", 32, (0.2, 1.0)), v2.GaussianBlur)
+    k = blur.kernel_size[0]
+    assert k == 13 == 2 * math.ceil(3 * 2.0) + 1
+    assert (S.blur_kernel(224), S.blur_kernel(96), S.blur_kernel(64), S.blur_kernel(8)) == (
+        23, 13, 13, 7)  # the official 23 kept; capped by a crop smaller than the kernel
+    impulse = torch.zeros(1, 32, 32)
+    impulse[0, 16, 16] = 1.0
+    x = torch.arange(32.0) - 16
+    for sigma in (1.0, 2.0):
+        out = v2.functional.gaussian_blur(impulse, blur.kernel_size, [sigma, sigma])
+        assert out.sum().item() == pytest.approx(1.0, abs=1e-5)
+        var = (out[0].sum(0) * x ** 2).sum().item()  # variance along the width
+        taps = range(-(k // 2), k // 2 + 1)  # the sampled Gaussian truncated at k // 2 taps
+        w = [math.exp(-t * t / (2 * sigma ** 2)) for t in taps]
+        assert var == pytest.approx(sum(wi * t * t for wi, t in zip(w, taps)) / sum(w), rel=1e-4)
+        assert var == pytest.approx(sigma ** 2, rel=0.015)  # 3.951 for sigma 2, 1.000 for 1
+
+
+@pytest.mark.parametrize("size", [32, 64, 96, 224])
+def test_linear_probe_transforms_follow_app_a51(size):
+    """Train: CIFAR (32 px) RandomCrop(32, padding 4) + flip (SCE repo); STL-10 (96), Tiny-IN
+    (64) and ImageNet RandomResizedCrop(size, (0.08, 1)) + flip. Val: the image at the dataset
+    size unchanged (32/64/96); ImageNet: short side 256, centre crop 224."""
+    train = S.eval_transform(size, train=True)
+    crops, resized = find(train, v2.RandomCrop), find(train, v2.RandomResizedCrop)
+    if size == 32:
+        (_, c), = crops
+        assert resized == [] and tuple(c.size) == (32, 32) and c.padding == [4, 4, 4, 4]
+    else:
+        (_, r), = resized
+        assert crops == [] and tuple(r.size) == (size, size) and r.scale == (0.08, 1.0)
+    (_, flip), = find(train, v2.RandomHorizontalFlip)
+    assert flip.p == 0.5
+    val = S.eval_transform(size)
+    n = 256 if size == 224 else size
+    img = torch.randint(0, 256, (3, n, n), dtype=torch.uint8)
+    o = (n - size) // 2  # 16 for ImageNet
+    mean, std = torch.tensor(S.MEAN)[:, None, None], torch.tensor(S.STD)[:, None, None]
+    ref = (img[:, o:o + size, o:o + size].float() / 255 - mean) / std
+    out = val(torchvision.transforms.functional.to_pil_image(img))
+    assert out.shape == (3, size, size) and torch.allclose(out, ref, atol=1e-5)
+
+
 def test_views_are_deterministic_per_seed_epoch_index():
     base = [(torchvision.transforms.functional.to_pil_image(torch.rand(3, 40, 40)), 0)] * 3
     ds = S.Views(base, S.pretrain_views(tiny_args()), seed=5)
@@ -253,6 +313,8 @@ def test_presets_reproduce_table_a2():
         "lars", 0.3, 1e-6, True)
     assert in1k.batch_size * 8 == 4096 and in1k.base_lr * 4096 / 256 == pytest.approx(4.8)
     assert preset("imagenet100").proj_bn == "no" and preset("stl10").tau_m == 0.04
+    for name in ("stl10", "tiny-imagenet"):  # medium datasets: RandomResizedCrop probes
+        assert find(S.eval_transform(preset(name).img_size, train=True), v2.RandomResizedCrop)
 
 
 # ---- whole runs ----
@@ -283,13 +345,15 @@ def test_tiny_run_learns_and_exports_the_backbone(tiny_data, tmp_path):
     assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
 
 
-@pytest.mark.parametrize("stop", [5, 6])  # mid-epoch; right after the epoch-end kNN
-def test_resume_is_bit_identical(tiny_data, tmp_path, stop):
+@pytest.mark.parametrize("stop, accum", [(5, 1), (6, 1), (2, 2)])  # mid-epoch; right after
+def test_resume_is_bit_identical(tiny_data, tmp_path, stop, accum):  # the epoch-end kNN; accum
     """With a kNN + quick probe after every epoch (--eval-every 1): the evaluation must not
-    draw from the training's random stream, or a run stopped at the epoch's end would differ."""
-    S.main(run_args(tiny_data, tmp_path / "straight", max_steps=10, eval_every=1))
-    S.main(run_args(tiny_data, tmp_path / "resumed", max_steps=stop, eval_every=1))
-    S.main(run_args(tiny_data, tmp_path / "resumed", max_steps=10, eval_every=1))  # resumes
+    draw from the training's random stream, or a run stopped at the epoch's end would differ.
+    With 2 accumulated micro-batches per step too (EMA per step, keys queued per batch)."""
+    kw = dict(eval_every=1, accum_iter=accum)
+    S.main(run_args(tiny_data, tmp_path / "straight", max_steps=10, **kw))
+    S.main(run_args(tiny_data, tmp_path / "resumed", max_steps=stop, **kw))
+    S.main(run_args(tiny_data, tmp_path / "resumed", max_steps=10, **kw))  # resumes
     a = checks.assert_same_checkpoints(tmp_path / "straight" / "last.pt",
                                        tmp_path / "resumed" / "last.pt")  # queue, LARS, RNG too
     assert a["step"] == 10
@@ -332,6 +396,69 @@ def test_eval_only_from_checkpoint(tiny_data, tmp_path):
     assert lin[0]["metrics"] == lin[1]["metrics"] and "linear_top1" in lin[0]["metrics"]
     with pytest.raises(RuntimeError, match="does not match"):
         S.load_encoder(S.build_backbone(tiny_args(arch="resnet50")), ckpt)
+
+
+class HParams:
+    """Stands for the config objects (omegaconf) that Lightning pickles in `hyper_parameters`."""
+    temp = 0.1
+
+
+def lightning_checkpoint(path, online: dict, momentum: dict, hparams) -> None:
+    """A file laid out as eztorch's SCE checkpoints: Lightning entries around a `state_dict`
+    with the online and momentum trunks (torchvision ResNet keys, no `fc`) and the heads."""
+    sd = {**{f"trunk.{k}": v for k, v in online.items()},
+          **{f"momentum_trunk.{k}": v for k, v in momentum.items()},
+          "projector.layers.0.weight": torch.randn(32, 512),
+          "momentum_projector.layers.0.weight": torch.randn(32, 512),
+          "predictor.layers.0.weight": torch.randn(16, 16),
+          "queue": torch.randn(16, 64), "queue_ptr": torch.zeros(1, dtype=torch.long)}
+    torch.save({"epoch": 199, "global_step": 50000, "pytorch-lightning_version": "1.6.0",
+                "state_dict": sd, "optimizer_states": [{"state": {}, "param_groups": []}],
+                "lr_schedulers": [], "hyper_parameters": hparams}, path)
+
+
+def test_load_encoder_reads_the_authors_checkpoints(tmp_path, tiny_data, capsys):
+    """The online `trunk.*` (what eztorch's linear evaluation loads), from a Lightning file or
+    its `state_dict` alone; a torchvision ResNet state dict with its `fc`; and a file that
+    weights_only refuses: one `error:` line whose extraction command makes it loadable."""
+    a = tiny_args(small_stem=True)
+    online, momentum = S.build_backbone(a).state_dict(), S.build_backbone(a).state_dict()
+
+    def loaded(path, args=a):
+        enc = S.build_backbone(args)
+        S.load_encoder(enc, str(path))
+        return enc.state_dict()
+
+    def same(x, y):
+        return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+    lightning_checkpoint(tmp_path / "plain.ckpt", online, momentum, {"sym": False, "temp": 0.1})
+    assert same(loaded(tmp_path / "plain.ckpt"), online)
+    assert not torch.equal(online["conv1.weight"], momentum["conv1.weight"])  # trunk, not EMA
+    sd = torch.load(tmp_path / "plain.ckpt", weights_only=True)["state_dict"]
+    torch.save(sd, tmp_path / "sd.pt")
+    assert same(loaded(tmp_path / "sd.pt"), online)
+    tv = torchvision.models.resnet18().state_dict()  # with fc.weight, fc.bias
+    torch.save(tv, tmp_path / "tv.pt")
+    std = tiny_args()  # the standard stem, as torchvision's
+    assert same(loaded(tmp_path / "tv.pt", std), {k: v for k, v in tv.items() if "fc." not in k})
+
+    bad = tmp_path / "pickled.ckpt"
+    lightning_checkpoint(bad, online, momentum, {"model": HParams()})
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        loaded(bad)
+    msg = str(err.value)
+    assert "\n" not in msg and "HParams" in msg and f"--init-from {bad}.state_dict.pt" in msg
+    # The user's side: the command, run where the file is trusted, writes a loadable file.
+    exec(msg.split('python -c "')[1].split('" and pass')[0])
+    assert same(loaded(f"{bad}.state_dict.pt"), online)
+    # From the command line: one `error:` line, exit status 2.
+    argv = ["--data", tiny_data, "--output-dir", str(tmp_path / "run"), "--eval-only",
+            "--init-from", str(bad), "--arch", "resnet18", "--num-workers", "0"]
+    with pytest.raises(SystemExit) as exit_:
+        S.cli.run(S.main, S.Args, S.PRESETS, argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: cannot load")
 
 
 def test_ddp_two_processes_stay_identical(tiny_data, tmp_path):

@@ -247,6 +247,33 @@ def test_train_step_grads_prototypes_renormalised_teacher_untouched(tmp_path):
     assert torch.allclose(feats.mean(1), torch.zeros(2, 384), atol=1e-4)
 
 
+def test_dinov2_teacher_with_registers_loads_timm_weights_and_resizes_tokens(tmp_path):
+    """timm's vit_small_patch14_reg4_dinov2 layout (4 registers, layer scale, a 37 x 37
+    position table for the patches only): the table is resized to the input grid, the 5
+    prefix tokens are dropped and the patch grid is resized to the student's (spec §1.4)."""
+    torch.manual_seed(0)
+    src = S.vit.VisionTransformer(518, 14, 3, 384, 12, 6, pos_embed="learned", init_values=1e-5,
+                                  reg_tokens=4, no_embed_class=True)
+    sd = src.state_dict()
+    assert sd["reg_token"].shape == (1, 4, 384) and sd["pos_embed"].shape == (1, 37 * 37, 384)
+    assert "blocks.11.ls2.gamma" in sd
+    torch.save(sd, tmp_path / "dinov2.pth")
+    a = tiny_args(target="teacher", teacher_kind="dinov2", teacher_model="small", input_size=56,
+                  teacher_weights=str(tmp_path / "dinov2.pth"))  # 56 px: teacher grid 4 x 4
+    t = S.build_teacher(a)
+    assert t.num_prefix == 5 and t.patch_embed.grid_size == (4, 4)
+    assert torch.equal(t.pos_embed, S.vit.interpolate_pos_embed(sd["pos_embed"], (4, 4), 0,
+                                                                antialias=True))
+    video = torch.randn(2, 3, 8, 56, 56)
+    got = S.teacher_tokens(t, video, grid=7)  # student grid 56 / 8 = 7
+    frames = video[:, :, ::2].transpose(1, 2).flatten(0, 1)  # 4 frames per clip
+    tok = t.forward_features(frames)[:, 5:].reshape(8, 4, 4, 384).permute(0, 3, 1, 2)
+    tok = F.interpolate(tok, size=(7, 7), mode="bilinear", align_corners=False)
+    tok = tok.permute(0, 2, 3, 1).reshape(2, 4 * 49, 384)
+    want = (tok - tok.mean(1, keepdim=True)) / (tok.std(1, keepdim=True) + 1e-6)
+    assert got.shape == (2, 196, 384) and torch.allclose(got, want, atol=1e-5)
+
+
 # ---- data ----
 def test_stride_sampling():
     rng = np.random.default_rng(0)
