@@ -167,8 +167,8 @@ class Args:
     """linear lr warmup from 0, per step (App. A.5)"""
     accum_iter: int = 1
     """gradient accumulation: micro-batches per optimiser step; the lr follows the effective
-    batch batch x GPUs x accum_iter (the queue takes every micro-batch's keys, the EMA follows
-    the optimiser steps; BatchNorm sees micro-batches)"""
+    batch batch x GPUs x accum_iter (keys buffered and enqueued once per step, EMA per step, as
+    eztorch; BatchNorm sees micro-batches)"""
     # system
     device: str = "auto"
     """cpu, cuda, cuda:N or auto"""
@@ -393,6 +393,7 @@ class SCE(nn.Module):
         self.register_buffer("queue", F.normalize(
             torch.randn(args.queue_size, args.proj_dim, generator=g), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.pending = []  # keys of this step's micro-batches (--accum-iter); empty between steps
 
     def online(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, D)
         return F.normalize(self.predictor(self.projector(self.encoder(x))), dim=1)
@@ -426,7 +427,8 @@ class SCE(nn.Module):
         n, m = len(keys), len(self.queue)
         if m % n:
             raise cli.InputError(f"--queue-size {m} must be a multiple of the keys enqueued per "
-                                 f"step ({n} = views x batch x world), as in the official code")
+                                 f"step ({n} = views x batch x world x accum-iter), as in the "
+                                 f"official code")
         rows = (self.queue_ptr + torch.arange(n, device=keys.device)) % m  # no host sync
         self.queue.index_copy_(0, rows, keys.to(self.queue.dtype))
         self.queue_ptr.add_(n).remainder_(m)
@@ -468,15 +470,18 @@ def sce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, lam: float =
 # ---- 6. Training step ----
 def train_step(model, views: list, optimizer, amp: optim.Amp, momentum: float) -> dict:
     """Forward, SCE loss, backward and step, then EMA of the target and the FIFO update. With
-    --accum-iter the EMA follows the optimiser steps and every micro-batch's keys are queued."""
+    --accum-iter the keys of the step's micro-batches are buffered and enqueued once, after the
+    optimiser step (eztorch, spec §7.3), and the EMA follows the optimiser steps."""
     with amp.autocast():
         loss, keys = model(views)
     amp.step(loss, optimizer)
     sce = checkpoint.unwrap(model)
+    sce.pending.append(keys)
     if amp.stepped:
         optim.ema_update(sce.target_encoder, sce.encoder, momentum, copy_buffers=False)  # Eq. 4.2
         optim.ema_update(sce.target_projector, sce.projector, momentum, copy_buffers=False)
-    sce.enqueue(keys)
+        sce.enqueue(torch.cat(sce.pending))
+        sce.pending.clear()
     return {"loss": loss.detach()}
 
 

@@ -55,6 +55,9 @@ Deviations, with reasons:
   weights from a file; its 37 x 37 position table is resized to the input grid as timm does
   when it creates the model at 224 (bicubic, antialiased), and its 16 x 16 tokens are resized
   to 14 x 14 bilinearly (align_corners False; the spec says "bilinear" only).
+- The fine-tuning validation during training (the official "Max accuracy" and
+  checkpoint-best) is skipped; the multi-view test runs once at the end, on the last weights,
+  as the official final test.
 - --amp auto is bf16 on CUDA (official: fp16 with a GradScaler, available as --amp fp16).
 - The DINO teacher is loaded from a local file (--teacher-weights; torch.hub is not reachable).
 - HMDB51 lists are read (the official VideoClsDataset has no HMDB branch and crashes).
@@ -461,10 +464,10 @@ class RandAugment:
         for part in parts[1:]:
             key = re.match(r"[a-z]*", part).group()
             vals[key] = part[len(key):]
-        if parts[0] != "rand" or "m" not in vals or vals.get("inc") != "1":
+        if parts[0] != "rand" or vals.get("inc") != "1":
             raise cli.InputError(f"--rand-augment {spec!r}: expected rand-m<M>-n<N>-mstd<S>-inc1 "
                                  f"(timm's format; only the 'increasing' op set is written here)")
-        self.m, self.n = float(vals["m"]), int(vals.get("n", 2))
+        self.m, self.n = float(vals.get("m", 10)), int(vals.get("n", 2))
         self.std = float(vals.get("mstd", 0))
 
     def draw(self, rng: np.random.Generator) -> list:
@@ -493,12 +496,13 @@ class RandAugment:
 
 def random_erase(x: torch.Tensor, p: float, rng: np.random.Generator) -> torch.Tensor:
     """timm's RandomErasing(p, mode "pixel", count 1, area 0.02-1/3, aspect 0.3-1/0.3) in the
-    official "cube" mode: one box at the same place in every frame, filled with fresh N(0, 1)
-    noise in each frame (spec §2.2). x: normalised (3, T, H, W), changed in place."""
+    official "cube" mode (VideoMAE's random_erasing.py `_erase_cube`): one box at the same place
+    in every frame, filled with fresh N(0, 1) noise in each frame (spec §2.2). x: normalised
+    (3, T, H, W), changed in place."""
     if rng.random() > p:
         return x
     _, T, H, W = x.shape
-    for _ in range(10):
+    for _ in range(100):  # the cube mode's 100 tries (the per-image mode makes 10)
         area = rng.uniform(0.02, 1 / 3) * H * W
         aspect = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
         h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
@@ -512,22 +516,27 @@ def random_erase(x: torch.Tensor, p: float, rng: np.random.Generator) -> torch.T
 
 def random_resized_crop(frames: torch.Tensor, size: int, scale: tuple,
                         rng: np.random.Generator) -> torch.Tensor:
-    """VideoMAE's random_resized_crop: the torchvision box rule (10 tries of area in `scale`
-    and log-uniform ratio 3/4-4/3, then a centre fallback), the same box in every frame,
-    resized with bilinear interpolation, no antialiasing (official F.interpolate).
+    """VideoMAE's random_resized_crop (`_get_param_spatial_crop`, the torchvision rule): 10
+    tries of an area in `scale` and a log-uniform ratio in [0.75, 1.3333]; if none fits, the
+    centre crop at the ratio clamped to that range. The same box in every frame, resized with
+    bilinear interpolation, no antialiasing (official F.interpolate).
     (T, 3, H, W) float -> (T, 3, size, size)."""
     H, W = frames.shape[-2:]
+    lo, hi = 0.75, 1.3333  # the official ratio range (not exactly 4/3)
     for _ in range(10):
         area = rng.uniform(*scale) * H * W
-        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        ratio = math.exp(rng.uniform(math.log(lo), math.log(hi)))
         w, h = int(round(math.sqrt(area * ratio))), int(round(math.sqrt(area / ratio)))
         if 0 < w <= W and 0 < h <= H:
             top, left = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
             break
     else:  # centre crop at the clamped ratio
-        ratio = W / H
-        w, h = (W, int(round(W / (4 / 3)))) if ratio > 4 / 3 else \
-            ((int(round(H * 3 / 4)), H) if ratio < 3 / 4 else (W, H))
+        if W / H < lo:
+            w, h = W, int(round(W / lo))
+        elif W / H > hi:
+            w, h = int(round(H * hi)), H
+        else:
+            w, h = W, H
         top, left = (H - h) // 2, (W - w) // 2
     crop = frames[..., top:top + h, left:left + w]
     return F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)
@@ -544,6 +553,17 @@ def train_window(n: int, num_frames: int, rate: int, rng: np.random.Generator) -
     end = int(rng.integers(span, n))
     idx = np.linspace(end - span, end, num_frames)
     return np.clip(idx, end - span, end - 1).astype(np.int64).tolist()
+
+
+def tsn_train_indices(n: int, segments: int, rng: np.random.Generator) -> list:
+    """SSv2 training frames (spec §2.2, official SSVideoClsDataset): avg = n // T, then frame
+    i * avg + randint(avg) in segment i (the last n - T * avg frames are never drawn); a video
+    of fewer than T frames gives frame 0 T times (the official "sorted random frames" branch
+    for n > T cannot be reached when avg is 0)."""
+    avg = n // segments
+    if avg == 0:
+        return [0] * segments
+    return (np.arange(segments) * avg + rng.integers(0, avg, size=segments)).tolist()
 
 
 def test_windows(n: int, num_frames: int, rate: int, views: int) -> list:
@@ -579,10 +599,8 @@ class ClipViews(Dataset):
     def windows(self, n: int, rng) -> list:
         a = self.args
         if self.mode == "train":
-            if a.dataset == "ssv2":  # TSN: one random frame in each of T segments
-                seg = n / a.num_frames
-                return [[min(int(seg * i) + int(rng.integers(max(int(seg), 1))), n - 1)
-                         for i in range(a.num_frames)]]
+            if a.dataset == "ssv2":  # SSVideoClsDataset's TSN: a random frame per segment
+                return [tsn_train_indices(n, a.num_frames, rng)]
             return [train_window(n, a.num_frames, a.sampling_rate, rng)]
         views = a.test_clips if self.mode == "test" else 1
         if a.dataset == "ssv2" and self.mode == "test":  # 2 interleaved TSN views (spec §2.2)
@@ -996,8 +1014,9 @@ def multi_view_test(model: nn.Module, records: list, args: Args, device, amp) ->
 
 
 def finetune(args: Args, device, amp: optim.Amp, logger: log.Logger) -> dict:
-    """Full fine-tuning, or linear probing (`--eval linear`: only fc_norm and head train, the
-    backbone in eval mode), then the multi-view test (spec §2.2, §3, §4)."""
+    """Full fine-tuning, or linear probing (`--eval linear`: only fc_norm and head train; the
+    frozen backbone in train mode as the official script, eval mode with
+    --no-probe-train-mode), then the multi-view test (spec §2.2, §3, §4)."""
     train_recs, val_recs = read_split(args, True), read_split(args, False)
     n_cls = max(r.label for r in train_recs + val_recs) + 1
     check_shapes(args)

@@ -62,12 +62,15 @@ class Loop:
                  accum_iter: int = 1):
         self.loader, self.sampler = loader, loader.sampler
         self.sampler.set_epoch(0)
+        if accum_iter < 1:
+            raise cli.InputError(f"--accum-iter must be at least 1, got {accum_iter}")
         self.accum_iter = accum_iter
         self.steps_per_epoch = len(loader) // accum_iter  # optimiser steps
         if self.steps_per_epoch == 0:
-            times = f" x --accum-iter {accum_iter}" if accum_iter > 1 else ""
+            times, flags = (f" x --accum-iter {accum_iter}", f"{batch_flag} or --accum-iter") \
+                if accum_iter > 1 else ("", batch_flag)
             raise cli.InputError(f"{len(self.sampler)} samples per process are fewer than one "
-                                 f"batch of {loader.batch_size}{times}: lower {batch_flag}")
+                                 f"batch of {loader.batch_size}{times}: lower {flags}")
         self.total_steps = epochs * self.steps_per_epoch
         self.last_step = min(self.total_steps, max_steps or self.total_steps)
         self.path = os.path.join(args.output_dir, ckpt_name)
@@ -87,6 +90,10 @@ class Loop:
         if path is None:
             return 0
         ckpt = checkpoint.load(path)
+        if ckpt.get("accum_iter", 1) != self.accum_iter:  # steps would mean other batches
+            raise checkpoint.CheckpointError(
+                f"{path} was written with --accum-iter {ckpt.get('accum_iter', 1)}, this run "
+                f"has {self.accum_iter}: resume with the same value, or a new --output-dir")
         if not explicit and ckpt.get("source") != self.source:
             hint = (f", or pass {self.resume_flag} {path} to continue it anyway"
                     if self.resume_flag else "")
@@ -101,7 +108,7 @@ class Loop:
     def save(self) -> None:
         """Write the checkpoint (a collective under DDP: call on every rank)."""
         checkpoint.save_training(self.path, self.state, self.amp, self.step, self.args,
-                                 source=self.source)
+                                 source=self.source, accum_iter=self.accum_iter)
         self.saved_step = self.step
 
     # ---- the loop ----
@@ -114,21 +121,23 @@ class Loop:
         """Yields the batches (with --accum-iter n, the n micro-batches of each step, `amp`
         told which one is which); the body must call `end_step` after each."""
         n = self.accum_iter
-        while self.step < self.last_step:
-            self.epoch = self.step // self.steps_per_epoch
-            self.sampler.set_epoch(self.epoch)
-            done = self.step % self.steps_per_epoch
-            self.sampler.set_start(done * n * self.loader.batch_size)
-            batches = log.progress(self.loader, desc=f"{self.desc} {self.epoch}")
-            for j, batch in enumerate(batches):
-                self.amp.context, before = self._where(self.step + 1), self.step
-                self.amp.accum = self._micro = (j % n, n)
-                yield batch
-                if self.step != before + (j % n == n - 1):
-                    raise RuntimeError("training.Loop: call end_step() once per batch")
-                if self.step == self.last_step or self.epoch_end:
-                    break  # (a last incomplete accumulation group is dropped, as in MAE)
-        self.amp.accum = (0, 1)
+        try:
+            while self.step < self.last_step:
+                self.epoch = self.step // self.steps_per_epoch
+                self.sampler.set_epoch(self.epoch)
+                done = self.step % self.steps_per_epoch
+                self.sampler.set_start(done * n * self.loader.batch_size)
+                batches = log.progress(self.loader, desc=f"{self.desc} {self.epoch}")
+                for j, batch in enumerate(batches):
+                    self.amp.context, before = self._where(self.step + 1), self.step
+                    self.amp.accum = self._micro = (j % n, n)
+                    yield batch
+                    if self.step != before + (j % n == n - 1):
+                        raise RuntimeError("training.Loop: call end_step() once per batch")
+                    if self.step == self.last_step or self.epoch_end:
+                        break  # (a last incomplete accumulation group is dropped, as in MAE)
+        finally:  # also when the caller leaves the loop early: later amp.step calls step
+            self.amp.accum = (0, 1)
 
     @property
     def epoch_end(self) -> bool:

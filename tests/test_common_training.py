@@ -94,6 +94,29 @@ def test_accumulation_resumes_bitwise(tmp_path, stop):
                                    tmp_path / "resumed" / "last.pt")
 
 
+def test_accumulation_flags_are_checked(tmp_path):
+    run(tmp_path, max_steps=1, batch=2, accum=2)
+    with pytest.raises(checkpoint.CheckpointError, match="--accum-iter 2, this run has 1"):
+        run(tmp_path, batch=2, accum=1)  # the saved step means other batches
+    loader = data.make_loader(Noise(), 3, train=True)
+    amp = optim.Amp("none", torch.device("cpu"))
+    with pytest.raises(ValueError, match="--accum-iter must be at least 1"):
+        training.Loop(loader, 1, {}, Args(str(tmp_path)), log.Logger(None), amp, accum_iter=0)
+    with pytest.raises(ValueError, match="fewer than one batch of 3 x --accum-iter 4: lower "
+                                         "--batch-size or --accum-iter"):
+        training.Loop(loader, 1, {}, Args(str(tmp_path)), log.Logger(None), amp, accum_iter=4)
+
+
+def test_leaving_the_loop_early_resets_the_accumulation(tmp_path):
+    loader = data.make_loader(Noise(), 2, train=True)
+    amp = optim.Amp("none", torch.device("cpu"))
+    loop = training.Loop(loader, 1, {}, Args(str(tmp_path)), log.Logger(None), amp, accum_iter=2)
+    for _ in loop:
+        assert amp.accum == (0, 2)
+        break  # the loop's generator is closed when the for loop is left: `finally` runs
+    assert amp.accum == (0, 1)
+
+
 def test_accumulating_two_half_batches_is_one_full_batch(tmp_path):
     """Same samples, same order: 2 x 4 accumulated equals one batch of 8 (up to rounding)."""
     out = {}

@@ -166,6 +166,29 @@ def test_train_step_grad_ema_and_queue(symmetric):
     assert torch.equal(m.queue[rest], queue_before[rest])
 
 
+def test_accumulation_buffers_the_keys_and_steps_the_ema_once():
+    """--accum-iter 2: both micro-batches see the old queue; after the second, the optimiser
+    and the EMA step once and the keys of both are enqueued together (eztorch, spec §7.3)."""
+    torch.manual_seed(0)
+    m = S.build_model(tiny_args(symmetric=False))
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    amp = optim.Amp("none", torch.device("cpu"))
+    x1, x2 = views(), [v.flip(-1) for v in views()]
+    target0 = [p.clone() for p in m.target_encoder.parameters()]
+    queue0, ptr = m.queue.clone(), int(m.queue_ptr)
+    with torch.no_grad():
+        keys = [m(x)[1] for x in (x1, x2)]  # BN in train mode: statistics only move
+    amp.accum = (0, 2)
+    S.train_step(m, x1, opt, amp, momentum=0.5)
+    assert not amp.stepped and torch.equal(m.queue, queue0) and len(m.pending) == 1
+    assert all(torch.equal(a, b) for a, b in zip(target0, m.target_encoder.parameters()))
+    amp.accum = (1, 2)
+    S.train_step(m, x2, opt, amp, momentum=0.5)
+    assert amp.stepped and m.pending == [] and int(m.queue_ptr) == (ptr + 16) % 64
+    assert torch.allclose(m.queue[ptr:ptr + 16], torch.cat(keys), atol=1e-5)
+    assert any(not torch.equal(a, b) for a, b in zip(target0, m.target_encoder.parameters()))
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_multicrop_pairing(symmetric, monkeypatch):
     """Which (query view, key view) pairs enter the loss with 2 global + 2 local views.

@@ -347,6 +347,35 @@ def test_training_windows_are_the_official_formula():
                                                55, 59, 63]
 
 
+class Highest:
+    """A generator whose `integers(lo, hi, size)` returns its largest values (hi - 1)."""
+
+    def integers(self, lo, hi, size=None):
+        return np.full(size, hi - 1) if size is not None else hi - 1
+
+
+def test_ssv2_training_frames_are_the_official_tsn():
+    # 40 frames, 16 segments: avg 2, frame 2 i + 1 at most: never past 31
+    assert S.tsn_train_indices(40, 16, Highest()) == list(range(1, 32, 2))
+    assert S.tsn_train_indices(50, 16, Highest()) == [3 * i + 2 for i in range(16)]  # ends at 47
+    assert S.tsn_train_indices(12, 16, Highest()) == [0] * 16
+
+
+def test_random_resized_crop_fallback_is_the_centre_at_the_clamped_ratio():
+    """Scale (1, 1) never fits a 1:4 frame at ratio <= 1.3333: the fallback is the centre
+    crop at ratio 1.3333 (VideoMAE / torchvision), 100 x 133 at left 133 (tall: top 133)."""
+    wide = torch.rand(2, 3, 100, 400)
+    got = S.random_resized_crop(wide, 32, (1.0, 1.0), np.random.default_rng(0))
+    want = F.interpolate(wide[..., :, 133:266], size=(32, 32), mode="bilinear",
+                         align_corners=False)
+    assert torch.equal(got, want)
+    tall = torch.rand(2, 3, 400, 100)
+    got = S.random_resized_crop(tall, 32, (1.0, 1.0), np.random.default_rng(0))
+    want = F.interpolate(tall[..., 133:266, :], size=(32, 32), mode="bilinear",
+                         align_corners=False)
+    assert torch.equal(got, want)
+
+
 def test_test_windows_are_the_official_placement():
     # 250 frames at rate 4: 63 frames 0..248; step (63 - 16) / 4 = 11.75: 0, 11, 23, 35, 47
     wins = S.test_windows(250, 16, 4, 5)
