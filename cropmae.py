@@ -76,7 +76,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
@@ -541,10 +540,10 @@ def save_reconstructions(model: CropMAE, imgs: torch.Tensor, args: Args, path: s
     m = mask[..., None]
     masked = vit.unpatchify(target * (1 - m), p, *g)  # hidden patches at the mean colour
     recon = vit.unpatchify(target * (1 - m) + pred.float() * m, p, *g)
-    rows = [imgs[:, 0], masked, recon, imgs[:, 1]]
-    grid = torchvision.utils.make_grid([unnormalise(x) for r in rows for x in r],
-                                       nrow=len(imgs), padding=2, pad_value=1.0)
-    torchvision.utils.save_image(grid, path)
+    rows = [unnormalise(r) for r in (imgs[:, 0], masked, recon, imgs[:, 1])]
+    log.save_grid(rows, path, f"CropMAE reconstructions ({args.mask_ratio:.0%} of V2 masked)",
+                  ["V1 (seen)", "V2 visible", "reconstruction", "V2 (target)"],
+                  [f"sample {i}" for i in range(len(imgs))], scale=2)
     model.train()
 
 
@@ -555,12 +554,15 @@ def save_propagation(davis_root: str, davis_preds: dict, path: str, n: int = 5) 
     gt = torch.from_numpy(np.stack([propagation.read_label_png(masks[t]) for t in ts]))
     rows = []
     for pred in [gt, *(preds[0][2][ts] for preds in davis_preds.values())]:
+        row = []
         for t, lab in zip(ts, pred):
             img = torch.from_numpy(np.array(Image.open(frames[t]).convert("RGB"))).permute(2, 0, 1)
             lab = propagation.resize_nearest(lab, img.shape[-2:])
-            rows.append(propagation.overlay(img, lab).float() / 255)
-    torchvision.utils.save_image(torchvision.utils.make_grid(rows, nrow=n, padding=2,
-                                                             pad_value=1.0), path)
+            row.append(propagation.overlay(img, lab).float() / 255)
+        rows.append(torch.stack(row))
+    log.save_grid(rows, path, "DAVIS label propagation from the first frame (first sequence)",
+                  ["ground truth", *(f"{name.replace('_', '-')} encoder" for name in davis_preds)],
+                  [f"frame {t}" for t in ts])
 
 
 # ---- 8. Main ----

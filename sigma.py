@@ -85,7 +85,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from PIL import Image, ImageEnhance, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
@@ -1138,17 +1137,18 @@ def cluster_picture(model: SIGMA, encoders: dict, args: Args, path: str, device)
         col = F.interpolate(col, size=frames.shape[-2:], mode="nearest")
         return 0.45 * frames + 0.55 * col
 
-    rows = [frames]
-    for enc in encoders.values():
+    rows, labels = [frames], ["clip"]
+    for name, enc in encoders.items():
         enc.eval()
         rows.append(overlay(kmeans(enc(clip)[0], 4)))
+        labels.append(f"k-means, {name}")
     if args.target == "mlp":
         codes = F.normalize(model.head(pixel_tubes(clip, args.tubelet, args.patch_size))[0], dim=1)
         rows.append(overlay((codes @ F.normalize(model.prototypes, dim=1).T).argmax(1)))
-    grid = torchvision.utils.make_grid(torch.cat(rows), nrow=nt, padding=2, pad_value=1.0)
-    torchvision.utils.save_image(F.interpolate(grid[None], scale_factor=2, mode="nearest"), path)
-    dist.print0(f"wrote {path}: rows = clip, k-means of {', '.join(encoders)} encoder tokens"
-                + (", phi prototype codes" if args.target == "mlp" else ""))
+        labels.append("phi prototype codes")
+    log.save_grid(rows, path, "SIGMA: k-means (k = 4) of space-time tokens, first val clip",
+                  labels, [f"t = {t * args.tubelet}" for t in range(nt)], scale=2)
+    dist.print0(f"wrote {path}: rows = {', '.join(labels)}")
 
 
 # ---- 8. Main ----

@@ -11,6 +11,9 @@ import time
 from typing import Callable, Iterable, Optional
 
 import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from common import dist
@@ -134,3 +137,39 @@ def bench(step_fn: Callable[[], object], batch_size: int, device: torch.device,
     dist.print0(json.dumps({k: round(v, 3) if isinstance(v, float) else v
                             for k, v in out.items()}))
     return out
+
+
+def save_grid(rows: list, path: str, title: str, row_labels: list,
+              col_labels: Optional[list] = None, scale: int = 1) -> None:
+    """Write a labelled PNG (DESIGN: every picture reads without the code): `rows` of images,
+    each a (K, 3, H, W) float tensor in [0, 1] with the same K, H, W, laid out as a grid with
+    `title` on top, `col_labels` (K) above the columns and `row_labels` left of the rows, in
+    Pillow's default font; `scale` enlarges the images (nearest) first. Rank 0 only."""
+    if not dist.is_main():
+        return
+    if len(row_labels) != len(rows):
+        raise ValueError(f"save_grid: {len(rows)} rows but {len(row_labels)} row labels")
+    images = torch.cat([r.detach().float().cpu() for r in rows])
+    if scale > 1:
+        images = F.interpolate(images, scale_factor=scale, mode="nearest")
+    k, (h, w), pad = len(rows[0]), images.shape[-2:], 2
+    grid = torchvision.utils.make_grid(images.clamp(0, 1), nrow=k, padding=pad, pad_value=1.0)
+    grid = Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
+    try:  # Pillow's default font, scalable where Pillow has FreeType
+        font = ImageFont.load_default(size=13)
+    except (TypeError, ImportError, OSError):
+        font = ImageFont.load_default()
+    line = 16
+    left = 8 + max(ImageDraw.Draw(grid).textlength(t, font=font) for t in row_labels)
+    top = line + 6 + (line if col_labels else 0)
+    canvas = Image.new("RGB", (int(left) + grid.width, top + grid.height), "white")
+    canvas.paste(grid, (int(left), top))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 3), title, fill="black", font=font)
+    for j, text in enumerate(col_labels or []):
+        draw.text((int(left) + pad + j * (w + pad), line + 4), text, fill="black", font=font)
+    for i, text in enumerate(row_labels):
+        draw.text((4, top + pad + i * (h + pad) + h // 2 - line // 2), text, fill="black",
+                  font=font)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)

@@ -1,6 +1,8 @@
 import json
 import time
 
+import numpy as np
+import pytest
 import torch
 
 from common import log
@@ -46,3 +48,23 @@ def test_bench_counts_steps_and_times_the_loader(capsys):
 
 def test_progress_is_a_plain_iterator():
     assert list(log.progress(range(5), total=5)) == [0, 1, 2, 3, 4]
+
+
+def test_save_grid_writes_a_titled_labelled_picture(tmp_path):
+    """Two rows of three 8x8 images, scaled 2x: the canvas holds the grid below a title and
+    a column-label line, right of the row labels; the grid's pixels are the images'."""
+    from PIL import Image
+    rows = [torch.zeros(3, 3, 8, 8), torch.ones(3, 3, 8, 8)]
+    path = tmp_path / "pic" / "grid.png"
+    log.save_grid(rows, str(path), "a title", ["black row", "white row"], ["a", "b", "c"],
+                  scale=2)
+    img = np.asarray(Image.open(path).convert("L")).astype(int)
+    gw, gh = 3 * 16 + 4 * 2, 2 * 16 + 3 * 2  # make_grid: padding 2 around every image
+    assert img.shape[1] > gw and img.shape[0] > gh
+    grid = img[-gh:, -gw:]
+    assert (grid[2:18, 2:18] == 0).all() and (grid[20:36, 2:18] == 255).all()
+    labels = img[:, :-gw]
+    assert (labels < 128).any()  # the row labels are drawn
+    assert (img[:img.shape[0] - gh] < 128).any()  # the title / column labels are drawn
+    with pytest.raises(ValueError, match="2 rows but 1 row labels"):
+        log.save_grid(rows, str(path), "t", ["one"])
