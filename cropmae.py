@@ -63,8 +63,11 @@ Deviations, with reasons:
   64-px synthetic images: an 8 x 8 grid, so 96 % masking keeps 2 patches as the paper's
   98.5 % does on 14 x 14; decoder width 128, FFN 512, batch 32, lr 5e-4 (blr 4e-3: the
   paper's blr x 32 / 256 would barely move in 370 steps), 10 epochs, bf16 autocast on the
-  CPU; it evaluates on the synthetic DAVIS set at its own 96 x 160 (grid 12 x 20).
+  CPU; it evaluates on the synthetic DAVIS set at its own 96 x 160 (grid 12 x 20), and on
+  the training loss of the 240 held-out val images (`pretext_eval`: same pairs and masks for
+  the trained and random-init models, standard error, mean-predictor baseline).
 """
+import dataclasses
 import json
 import os
 import time
@@ -212,6 +215,9 @@ class Args:
     """previous frames in the short-term context (spec §4)"""
     eval_random_init: bool = False
     """also evaluate a randomly initialised encoder, side by side (the demo does)"""
+    heldout_images: int = 10000
+    """held-out pretext evaluation (`pretext_eval`, on ROOT/val of an image folder): at most
+    this many images, a fixed random subset; 0: skip it"""
     preset: str = ""
     """the preset applied (set by --preset)"""
 
@@ -338,6 +344,20 @@ class PretrainPairs(Dataset):
             return self.views(imgs)
 
 
+class HeldoutPairs(PretrainPairs):
+    """`pretext_eval`'s samples: (view pair (2, 3, S, S) drawn as in pretraining from
+    (args.seed, epoch 0, index), mask noise (L,) from its own `data.sample_rng` of the same
+    key). Give it `args` with the evaluation's seed."""
+
+    def __init__(self, files: list, args: Args, num_patches: int):
+        super().__init__(files, False, args)
+        self.num_patches = num_patches
+
+    def __getitem__(self, index: int) -> tuple:
+        noise = torch.rand(self.num_patches, generator=data.sample_rng(self.args.seed, 0, index))
+        return super().__getitem__(index), noise
+
+
 def pretrain_dataset(args: Args) -> Dataset:
     root = args.data or str(synthetic.images())
     if os.path.isfile(root):
@@ -371,14 +391,17 @@ class DecoderBlock(nn.Module):
         return self.norm1(x + d(self.self_attn(x, x, x, need_weights=False)[0]))
 
 
-def random_masking(B: int, L: int, ratio: float, device) -> tuple:
+def random_masking(B: int, L: int, ratio: float, device,
+                   noise: torch.Tensor | None = None) -> tuple:
     """MAE masking (spec §1): noise U(0,1)^L per sample, keep the int(L(1-r)) smallest.
-    Returns keep indices (B, K) (in noise order), ids_restore (B, L), mask (B, L) 1 = removed."""
+    Returns keep indices (B, K) (in noise order), ids_restore (B, L), mask (B, L) 1 = removed.
+    `noise` (B, L): given instead of drawn from the global RNG (fixed masks, `pretext_eval`)."""
     keep = int(L * (1 - ratio))
     if not 0 < keep <= L:
         raise cli.InputError(f"--mask-ratio {ratio} keeps {keep} of {L} patches; it must keep "
                              f">= 1")
-    noise = torch.rand(B, L, device=device)
+    if noise is None:
+        noise = torch.rand(B, L, device=device)
     ids_shuffle = noise.argsort(1)
     ids_restore = ids_shuffle.argsort(1)
     mask = torch.ones(B, L, device=device)
@@ -424,11 +447,12 @@ class CropMAE(vit.VisionTransformer):
             q = blk(q, memory)
         return self.decoder_pred(self.decoder_norm(q))[:, 1:]
 
-    def forward(self, imgs: torch.Tensor, mask_ratio: float):
-        """imgs (B, 2, 3, H, W), index 0 unmasked (V1), 1 masked (V2) -> (loss, pred, mask)."""
+    def forward(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+        """imgs (B, 2, 3, H, W), index 0 unmasked (V1), 1 masked (V2) -> (loss, pred, mask);
+        `noise` (B, L) fixes the masks (`random_masking`)."""
         v1, v2_ = imgs[:, 0], imgs[:, 1]
         keep, ids_restore, mask = random_masking(imgs.shape[0], self.num_patches, mask_ratio,
-                                                 imgs.device)
+                                                 imgs.device, noise)
         z1 = self.forward_features(v1)  # (B, 1+L, D)
         z2 = self.forward_features(v2_, keep_idx=keep)  # (B, 1+K, D): visible patches only
         pred = self.forward_decoder(z1, z2, ids_restore)
@@ -481,6 +505,74 @@ def patch_features(model: CropMAE, frames: torch.Tensor) -> torch.Tensor:
         x = blk(x)
     x = model.norm(x)[:, 1:]
     return x.transpose(1, 2).reshape(len(x), -1, h, w)
+
+
+def heldout_files(args: Args) -> list:
+    """The images of pretext_eval: ROOT/val of the --data image folder (of the synthetic set
+    without --data), at most --heldout-images of them; [] when there is none (video lists)."""
+    root = args.data or str(synthetic.images())
+    val = Path(root) / "val"
+    if args.heldout_images <= 0 or args.views == "frames" or not val.is_dir():
+        return []
+    try:
+        return list_images(str(val), args.heldout_images, args.seed)
+    except FileNotFoundError:  # ROOT/val holds no images
+        return []
+
+
+@torch.no_grad()
+def pretext_eval(model: CropMAE, args: Args, device) -> dict:
+    """The pretext on held-out images (issue 11, level 1): the training objective, `mae_loss`
+    (norm-pix as configured, so in units of a patch's own standard deviation squared), on view
+    pairs of images pretraining never sees, ROOT/val of the --data image folder (--heldout-
+    images of them at most). Skipped ({}) for a video list (K400, SiamMAE) or without ROOT/val.
+
+    Each image gives one pair (2, 3, S, S) from the pretraining pipeline (`make_views`) and
+    one mask of V2's L patches, both drawn from (seed + 1, epoch 0, index) alone, the mask with
+    its own torch.Generator: every model sees the same pairs and masks, and the global RNG is
+    not touched. The model runs in eval mode (no decoder dropout) under --amp.
+    Returns `heldout_loss`: the mean over images of each image's loss (the mean over its masked
+    patches of the squared error, averaged over a patch's p*p*3 values), lower is better;
+    `heldout_loss_se`: its standard error, std of the per-image losses / sqrt(n);
+    `heldout_loss_mean_predictor`: the same loss when each masked patch is predicted by its own
+    mean value (0 in norm-pix units; about 1 for a textured patch, 0 for a flat one), a
+    model-independent baseline that a model must beat to show it predicts structure;
+    `heldout_images`: n."""
+    files = heldout_files(args)
+    if not files:
+        return {}
+    ds = data.SafeDataset(HeldoutPairs(files, dataclasses.replace(args, seed=args.seed + 1),
+                                       model.num_patches),
+                          args.max_fail_fraction, "held-out pretext data", replace=False)
+    loader = DataLoader(ds, batch_size=args.batch_size, num_workers=args.num_workers,
+                        collate_fn=data.collate_readable,
+                        generator=torch.Generator())  # an iterator's seed: not the global RNG
+    amp, p = optim.Amp(args.amp, device), args.patch_size
+    was = model.training
+    model.eval()
+    losses, baseline = [], []
+    for batch in loader:
+        if batch is None:
+            continue
+        imgs, noise = (t.to(device, non_blocking=True) for t in batch)
+        with amp.autocast():
+            _, pred, mask = model(imgs, args.mask_ratio, noise)
+        v2_ = imgs[:, 1].float()
+        mean = vit.patchify(v2_, p).mean(-1, keepdim=True).expand(pred.shape)
+        mean_pred = torch.zeros_like(mean) if args.norm_pix_loss else mean
+        for i in range(len(imgs)):  # per image, for the standard error
+            losses.append(mae_loss(v2_[i:i + 1], pred[i:i + 1], mask[i:i + 1], p,
+                                   args.norm_pix_loss))
+            baseline.append(mae_loss(v2_[i:i + 1], mean_pred[i:i + 1], mask[i:i + 1], p,
+                                     args.norm_pix_loss))
+    model.train(was)
+    if not losses:
+        return {}
+    loss, base = torch.stack(losses).double().cpu(), torch.stack(baseline).double().cpu()
+    n = len(loss)
+    se = loss.std().item() / n ** 0.5 if n > 1 else float("nan")
+    return {"heldout_loss": loss.mean().item(), "heldout_loss_se": se,
+            "heldout_loss_mean_predictor": base.mean().item(), "heldout_images": n}
 
 
 def evaluate(model: CropMAE, args: Args, device, out_dir: str | None = None) -> tuple:
@@ -600,18 +692,27 @@ def main(args: Args) -> dict:
     summary.update(steps=step, seconds=round(time.time() - t0, 1))
 
     results, davis_preds = {}, {}
-    if dist.is_main() and (args.davis or args.jhmdb or args.vip):  # evaluation on rank 0
+    propagate = bool(args.davis or args.jhmdb or args.vip)
+    if dist.is_main() and (propagate or heldout_files(args)):  # evaluation on rank 0
         pred_dir = os.path.join(args.output_dir, "davis_pred")
-        results["trained"], davis_preds["trained"] = evaluate(mae, args, device, pred_dir)
+        models = {"trained": mae}
         if args.eval_random_init:
-            rand = build_model(args).to(device)
-            rand.load_state_dict(random_state)
-            results["random_init"], davis_preds["random_init"] = evaluate(rand, args, device)
+            models["random_init"] = build_model(args).to(device)
+            models["random_init"].load_state_dict(random_state)
+        for name, m in models.items():
+            results[name] = pretext_eval(m, args, device)
+            if propagate:
+                scores, davis_preds[name] = evaluate(m, args, device,
+                                                     pred_dir if name == "trained" else None)
+                results[name].update(scores)
         for name in results["trained"]:
             summary["metrics"][name] = {k: round(v[name], 4) for k, v in results.items()}
-        print(f"{'metric':<16}" + "".join(f"{k:>14}" for k in reversed(results)))
+        width = max(len(name) for name in ["metric", *summary["metrics"]]) + 2
+        print(f"{'metric':<{width}}" + "".join(f"{k:>14}" for k in reversed(results)))
         for name, vals in summary["metrics"].items():
-            print(f"{name:<16}" + "".join(f"{vals[k]:>14.4f}" for k in reversed(results)))
+            print(f"{name:<{width}}" + "".join(
+                f"{vals[k]:>14}" if isinstance(vals[k], int) else f"{vals[k]:>14.4f}"
+                for k in reversed(results)))
         if davis_preds.get("trained"):
             save_propagation(args.davis, {k: davis_preds[k] for k in reversed(davis_preds)},
                              os.path.join(args.output_dir, "propagation.png"))

@@ -517,6 +517,27 @@ def knn_eval(encoder: nn.Module, args: Args, device, amp) -> dict:
     return out
 
 
+@torch.no_grad()
+def view_retrieval(encoder: nn.Module, args: Args, device, amp) -> dict:
+    """The pretext on held-out data (issue 11, level 1): each validation image gives its two
+    pretraining views (view 0 and view 1 transforms, drawn from (seed + 1, 0, index), so every
+    encoder sees the same pairs); `view_top1` is the percentage of second views whose most
+    cosine-similar first view, among all N, is their own (chance 100 / N), on the encoder's
+    pooled features (B, D); `view_top1_se` its binomial standard error."""
+    t0, t1 = pretrain_views(args)[:2]
+    pairs = Indexed(base_dataset(args, "val"), lambda img: torch.stack([t0(img), t1(img)]),
+                    args.seed + 1)  # (2, 3, S, S) per image
+    loader = make_loader(pairs, args.lin_batch_size, args, train=False)
+    was_training = encoder.training
+    encoder.eval()
+    f, _ = evaluate.extract_features(lambda x: torch.cat([encoder(x[:, 0]), encoder(x[:, 1])], 1),
+                                     loader, device, amp)  # (N, 2D)
+    encoder.train(was_training)
+    f1, f2 = F.normalize(f[:, :f.shape[1] // 2], dim=1), F.normalize(f[:, f.shape[1] // 2:], dim=1)
+    hit = ((f2 @ f1.T).argmax(1) == torch.arange(len(f))).double().mean().item()
+    return {"view_top1": 100 * hit, "view_top1_se": 100 * (hit * (1 - hit) / len(f)) ** 0.5}
+
+
 def linear_eval(encoder: nn.Module, args: Args, device, amp, logger: log.Logger,
                 name: str = "trained") -> dict:
     """Thesis linear probe (App. A.5.1 / MoCo v3 protocol for ImageNet): frozen encoder in
@@ -566,7 +587,7 @@ def linear_eval(encoder: nn.Module, args: Args, device, amp, logger: log.Logger,
 
 def evaluate_encoder(encoder: nn.Module, args: Args, device, amp, logger: log.Logger,
                      name: str = "trained") -> dict:
-    out = knn_eval(encoder, args, device, amp)
+    out = {**view_retrieval(encoder, args, device, amp), **knn_eval(encoder, args, device, amp)}
     if args.lin_aug:
         out.update(linear_eval(encoder, args, device, amp, logger, name))
     return out
@@ -650,6 +671,11 @@ def main(args: Args) -> dict:
         torch.manual_seed(args.seed)
         results["random_init"] = evaluate_encoder(build_backbone(args).to(device), args, device,
                                                   amp, logger, "random_init")
+    n_val = len(base_dataset(args, "val"))
+    for res in results.values():  # binomial standard errors of the accuracies (percent)
+        for name in [k for k in res if k.startswith(("knn_top1", "linear_top1"))]:
+            p = res[name] / 100
+            res[f"{name}_se"] = 100 * (p * (1 - p) / n_val) ** 0.5
     for name in results["trained"]:
         summary["metrics"][name] = {k: round(v[name], 2) for k, v in results.items()}
     dist.print0(f"{'metric':<16}" + "".join(f"{k:>14}" for k in reversed(results)))

@@ -72,7 +72,10 @@ Deviations, with reasons:
   one torch thread (its loader worker takes the other core). Besides kNN and a quick probe of
   the motion class it reports unsupervised segmentation mIoU (Tab. 4 protocol, K = 2), whose
   ground truth the flat backgrounds give; there is no video object segmentation set here.
+  Before those, the pretext on held-out clips (`pretext_eval`, not in the paper): the % of
+  masked tubes where psi's top prototype is phi's Sinkhorn code (chance 100/K), +- SE.
 """
+import dataclasses
 import json
 import math
 import os
@@ -114,7 +117,8 @@ class Args:
     init_from: str = ""
     """weights to evaluate / fine-tune: a pretraining last.pt (encoder.* keys) or a fine-tune one"""
     eval: Literal["none", "knn", "linear", "finetune"] = "none"
-    """none: pretrain, then kNN + quick probe; knn/linear/finetune: evaluate --init-from (§4)"""
+    """none: pretrain, then the held-out pretext, kNN + quick probe; knn/linear/finetune:
+    evaluate --init-from (§4)"""
     bench: bool = False
     """time the training step on random tensors and the data pipeline, print JSON, exit"""
     # data
@@ -785,8 +789,9 @@ class SIGMA(nn.Module):
         if a.target != "pixel":  # VideoMAE has no prototypes
             self.prototypes = nn.Parameter(torch.randn(a.num_prototypes, out_dim))  # §1.5
 
-    def forward(self, video, mask, target_in):
-        a = self.args
+    def branches(self, video, mask, target_in) -> tuple:
+        """(x_phi, x_psi), each (B, N_m, D): phi's embedding of the masked tubes and the
+        decoder's (video model Psi) prediction for them, in ascending token order."""
         z = self.encoder(video, mask)  # (B, N_v, E)
         B = z.shape[0]
         pos = self.decoder_pos.expand(B, -1, -1).to(z.dtype)
@@ -796,6 +801,11 @@ class SIGMA(nn.Module):
                        self.mask_token.to(z.dtype) + pos_msk], 1)  # spec §1.3
         x_psi = self.decoder(x, pos_msk.shape[1])  # (B, N_m, D): video model Psi
         x_phi = self.head(target_in)  # (B, N_m, D): projection network phi (Sec. 3.2)
+        return x_phi, x_psi
+
+    def forward(self, video, mask, target_in):
+        a = self.args
+        x_phi, x_psi = self.branches(video, mask, target_in)
         if a.target == "pixel":  # VideoMAE: MSE on the normalised masked tubes
             return F.mse_loss(x_psi.float(), x_phi.float()), {}
         with torch.no_grad():  # prototypes re-normalised every forward (spec §1.5)
@@ -860,21 +870,24 @@ def target_input(video, mask, a: Args, teacher=None) -> torch.Tensor:
 
 # ---- 5. Loss ----
 @torch.no_grad()
-def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 10) -> torch.Tensor:
+def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 10,
+             local: bool = False) -> torch.Tensor:
     """Sinkhorn-Knopp (Eqs. 3-4; spec §1.6): (M, K) scores -> (M, K) assignments q in fp32.
 
     Q = exp(S / eps)^T (K x M); after normalising the total mass, alternate rows to 1/K (the
     prototype marginal r, summed over every rank's tokens: all-reduced) and columns to 1/M
-    (c, local); finally each token's column is normalised to sum 1.
+    (c, local); finally each token's column is normalised to sum 1. `local`: this rank's
+    tokens only, no collective (the held-out evaluation, whose ranks hold unequal shares).
     """
+    reduce = (lambda t: t) if local else (lambda t: dist.all_reduce(t, "sum"))
     Q = torch.exp(scores.float() / eps).T  # (K, M); no max-subtraction, as the official code
     K, M = Q.shape
-    Q /= dist.all_reduce(Q.sum(), "sum")
+    Q /= reduce(Q.sum())
     for _ in range(iters):
-        Q /= dist.all_reduce(Q.sum(1, keepdim=True), "sum")  # rows: r = 1/K (Eq. 4)
+        Q /= reduce(Q.sum(1, keepdim=True))  # rows: r = 1/K (Eq. 4)
         Q /= K
         Q /= Q.sum(0, keepdim=True)  # columns: c = 1/B (Eq. 4), B = all tokens of all ranks
-        Q /= M * dist.world()
+        Q /= M * (1 if local else dist.world())
     return (Q / Q.sum(0, keepdim=True)).T
 
 
@@ -1058,6 +1071,83 @@ def finetune(args: Args, device, amp: optim.Amp, logger: log.Logger) -> dict:
     return {f"{args.eval}_top1": res["top1"], f"{args.eval}_top5": res["top5"]}
 
 
+@torch.no_grad()
+def code_agreement(x_phi: torch.Tensor, x_psi: torch.Tensor, prototypes: torch.Tensor,
+                   eps: float = 0.05, iters: int = 10) -> tuple:
+    """Per-clip agreement of the two branches' cluster codes on the masked tubes, in fp32.
+
+    x_phi, x_psi: (B, N_m, D) phi's and the decoder's features of B clips' masked tubes;
+    prototypes (K, D), L2-normalised here out of place. phi's codes are the loss's targets for
+    psi: argmax of Sinkhorn over the B * N_m tokens pooled (as `sigma_loss` pools a batch; this
+    process's tokens only, no collective). psi's prediction is the argmax of its cosine scores
+    (the class its softmax at tau ranks first). Returns (agree (B,): the fraction of each
+    clip's masked tubes where the two match, codes (B, N_m): phi's codes)."""
+    with torch.autocast(x_phi.device.type, enabled=False):
+        C = F.normalize(prototypes.detach().float(), dim=1)
+        s_phi = F.normalize(x_phi.float(), dim=-1) @ C.T  # (B, N_m, K)
+        s_psi = F.normalize(x_psi.float(), dim=-1) @ C.T
+        codes = sinkhorn(s_phi.flatten(0, 1), eps, iters, local=True).argmax(1)
+        codes = codes.view(s_phi.shape[:2])
+        return (s_psi.argmax(-1) == codes).float().mean(1), codes
+
+
+@torch.no_grad()
+def pretext_eval(model: SIGMA, args: Args, device, amp, teacher=None) -> dict:
+    """The pretext task on held-out data (issue 11, level 1): the validation clips with the
+    pretraining sampling and tube masks (`PretrainClips`, epoch-0 keys of seed + 1, so every
+    model sees the same clips and masks, none of them a training draw), eval mode, no
+    gradient, nothing drawn from the global RNG, no weight changed (the prototypes are
+    normalised out of place); the train/eval mode is restored.
+
+    SIGMA (`--loss swav`): `code_agreement`, the % of masked tubes whose decoder (psi) top
+    prototype equals phi's Sinkhorn code, i.e. the accuracy of psi predicting the targets the
+    loss trains it on; codes from batches of --batch-size clips with the loss's eps, iters and
+    hard argmax (under DDP each process pools its own share). Chance is 100 / K %: when the
+    codes are equipartitioned, any prediction independent of them matches 1 / K of the tubes.
+    `code_majority`: the % of tubes holding phi's most frequent code, the score of the best
+    constant guess (100 / K for exactly balanced codes). `--target pixel` (VideoMAE) and
+    `--loss l2` (no trained prototypes): `heldout_mse`, the loss's MSE between the decoder's
+    output and the target. Each is the mean over clips of a per-clip value; `*_se` is its
+    standard error across clips (sample std / sqrt(clips))."""
+    held = dataclasses.replace(args, seed=args.seed + 1)  # crops and masks: not training draws
+    ds = data.SafeDataset(PretrainClips(read_split(args, False), held), args.max_fail_fraction,
+                          "held-out clips", replace=False)
+    codes = args.target != "pixel" and args.loss == "swav"
+    hist = torch.zeros(args.num_prototypes if codes else 1, device=device, dtype=torch.float64)
+    moments = torch.zeros(3, device=device, dtype=torch.float64)  # clips, sum, sum of squares
+    was = model.training
+    model.eval()
+    try:
+        for batch in make_loader(ds, args.batch_size, held, train=False):
+            if batch is None:
+                continue
+            clip, mask = batch[0].to(device, non_blocking=True), batch[1].to(device)
+            tgt = target_input(clip, mask, args, teacher)
+            with amp.autocast():
+                x_phi, x_psi = model.branches(clip, mask, tgt)
+            if codes:
+                per_clip, y = code_agreement(x_phi, x_psi, model.prototypes, args.sinkhorn_eps,
+                                             args.sinkhorn_iters)
+                per_clip = 100 * per_clip.double()
+                hist.index_add_(0, y.flatten(), torch.ones(y.numel(), device=device,
+                                                           dtype=torch.float64))
+            else:
+                per_clip = (x_psi.double() - x_phi.double()).pow(2).flatten(1).mean(1)
+            moments += torch.stack([torch.tensor(float(len(per_clip)), device=device,
+                                                 dtype=torch.float64),
+                                    per_clip.sum(), per_clip.pow(2).sum()])
+    finally:
+        model.train(was)
+    n, total, squares = dist.all_reduce(moments, "sum").tolist()
+    hist = dist.all_reduce(hist, "sum")
+    mean = total / max(n, 1)
+    se = math.sqrt(max(squares - n * mean ** 2, 0.0) / (n - 1) / n) if n > 1 else float("nan")
+    if not codes:
+        return {"heldout_mse": mean, "heldout_mse_se": se}
+    return {"code_agreement": mean, "code_agreement_se": se,
+            "code_majority": 100 * (hist.max() / hist.sum().clamp_min(1)).item()}
+
+
 def feature_eval(encoder: Encoder, args: Args, device, amp) -> dict:
     """Weighted kNN (k, T = 0.07; train split as the bank; eval mode) on the pooled encoder
     tokens of one centre view, and a quick linear probe on the same frozen features."""
@@ -1180,26 +1270,54 @@ def main(args: Args) -> dict:
             checkpoint.load_model(model.encoder, encoder_state(args.init_from), what=args.init_from)
         else:
             step = pretrain(model, teacher, args, device, amp, logger)
-        results = {"trained": feature_eval(model.encoder, args, device, amp)}
+        pretext = args.eval == "none"  # --eval knn loads the encoder only: no phi, decoder
+
+        def evaluate_model(m: SIGMA) -> dict:  # held-out pretext (level 1), then features
+            out = pretext_eval(m, args, device, amp, teacher) if pretext else {}
+            return {**out, **feature_eval(m.encoder, args, device, amp)}
+
+        results = {"trained": evaluate_model(model)}
         encoders = {"trained": model.encoder}
         if args.eval_random_init:
             torch.manual_seed(args.seed)  # the initial weights of the trained run (rank 0)
-            encoders["random-init"] = build_model(args).encoder.to(device)
-            results["random_init"] = feature_eval(encoders["random-init"], args, device, amp)
+            init = build_model(args).to(device)
+            encoders["random-init"] = init.encoder
+            results["random_init"] = evaluate_model(init)
         if dist.is_main():
             cluster_picture(model, encoders, args, os.path.join(args.output_dir, "clusters.png"),
                             device)
+        if pretext and args.target != "pixel" and args.loss == "swav":
+            summary["code_agreement_chance"] = round(100 / args.num_prototypes, 4)
     summary.update(steps=step, seconds=round(time.time() - t0, 1))
     for name in results["trained"]:
-        summary["metrics"][name] = {k: round(v[name], 2) for k, v in reversed(results.items())}
-    dist.print0(f"{'metric':<16}" + "".join(f"{k:>14}" for k in reversed(results)))
-    for name, vals in summary["metrics"].items():
-        dist.print0(f"{name:<16}" + "".join(f"{vals[k]:>14.2f}" for k in reversed(results)))
+        summary["metrics"][name] = {k: round(v[name], 2 if abs(v[name]) >= 1 else 4)
+                                    for k, v in reversed(results.items())}
+    print_table(summary["metrics"], list(reversed(results)))
+    if "code_agreement_chance" in summary:
+        dist.print0(f"code_agreement: % of held-out masked tubes where the decoder's top "
+                    f"prototype is phi's Sinkhorn code (chance 100/K = "
+                    f"{summary['code_agreement_chance']:.2f}); code_majority: the best constant "
+                    f"guess; +- one standard error across the held-out clips")
     if dist.is_main():
         with open(os.path.join(args.output_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)
     dist.cleanup()
     return summary
+
+
+def print_table(metrics: dict, columns: list) -> None:
+    """One row per metric, one column per model; a metric's `<name>_se` is shown as +- in its
+    row (values below 1, such as MSEs, and their errors with 3 decimals, others with 2)."""
+    def cell(v, se=None):
+        d = 2 if abs(v) >= 1 or v == 0 or math.isnan(v) else 3
+        return f"{v:.{d}f}" + (f" +- {se:.{d}f}" if se is not None else "")
+    dist.print0(f"{'metric':<16}" + "".join(f"{k:>18}" for k in columns))
+    for name, vals in metrics.items():
+        if name.endswith("_se") and name[:-3] in metrics:
+            continue
+        se = metrics.get(f"{name}_se")
+        cells = [cell(vals[k], se[k] if se else None) for k in columns]
+        dist.print0(f"{name:<16}" + "".join(f"{c:>18}" for c in cells))
 
 
 def pretrain(model: SIGMA, teacher, args: Args, device, amp: optim.Amp, logger: log.Logger) -> int:

@@ -8,6 +8,7 @@ import os
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import torch.nn as nn
 from PIL import Image
 
 import cropmae as C
-from common import checkpoint, log, synthetic, vit
+from common import checkpoint, data, log, synthetic, vit
 from tests import checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -249,16 +250,88 @@ def run_args(data, out, **kw) -> C.Args:
 def test_tiny_run_learns(tiny_data, tiny_davis, tmp_path):
     """The same run with lr = 0 is the control."""
     summary = C.main(run_args(tiny_data, tmp_path / "a", blr=2e-2, davis=tiny_davis,
-                              davis_size=(48, 64)))
-    C.main(run_args(tiny_data, tmp_path / "b", blr=0.0))
+                              davis_size=(48, 64), eval_random_init=True))
+    C.main(run_args(tiny_data, tmp_path / "b", blr=0.0, eval_random_init=True))
     loss = {r: [x["train/loss"] for x in log.read_jsonl(str(tmp_path / r / "log.jsonl"))
                 if "train/loss" in x] for r in "ab"}
     assert sum(loss["a"][-2:]) < sum(loss["b"][-2:]) - 0.1, loss
+    # level 1 (issue 11): the loss on the 8 held-out val images, same pairs and masks for all
+    held = {r: json.load(open(tmp_path / r / "summary.json"))["metrics"] for r in "ab"}
+    a, b = held["a"]["heldout_loss"], held["b"]["heldout_loss"]
+    assert held["a"]["heldout_images"] == {"trained": 8, "random_init": 8}
+    assert a["random_init"] == b["random_init"] == b["trained"]  # lr 0 changes nothing
+    se = held["a"]["heldout_loss_se"]
+    assert a["trained"] + 3 * se["trained"] < b["trained"] - 3 * se["random_init"], held
     assert summary["steps"] == 6 * 6 and 0 <= summary["metrics"]["davis_jf"]["trained"] <= 1
     assert json.load(open(tmp_path / "a" / "summary.json"))["metrics"] == summary["metrics"]
     assert (tmp_path / "a" / "reconstructions.png").is_file()
     assert (tmp_path / "a" / "propagation.png").is_file()
     assert len(list((tmp_path / "a" / "davis_pred").rglob("*.png"))) == 2 * 6
+
+
+def heldout_by_hand(args: C.Args, model: C.CropMAE, pred: np.ndarray) -> np.ndarray:
+    """Per-image held-out losses of a model that predicts `pred` (p*p*3,) for every patch,
+    drawn as documented: pair and mask from (seed + 1, 0, index), the views from the
+    pretraining pipeline, the mask noise from `data.sample_rng`; the loss is the mean over
+    masked patches of the squared error to the normalised target (per-patch unbiased
+    variance, eps 1e-6)."""
+    files = sorted(str(p) for p in (Path(args.data) / "val").rglob("*.png"))
+    make, L = C.make_views(args), model.num_patches
+    keep = int(L * (1 - args.mask_ratio))
+    out = []
+    for i, f in enumerate(files):
+        rng = data.sample_np_rng(args.seed + 1, 0, i)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(rng.integers(2 ** 62)))
+            v2_ = make([Image.open(f).convert("RGB")])[1]
+        hidden = torch.rand(L, generator=data.sample_rng(args.seed + 1, 0, i)).argsort()[keep:]
+        t = vit.patchify(v2_[None], args.patch_size)[0].numpy().astype(np.float64)[hidden]
+        norm = (t - t.mean(-1, keepdims=True)) / np.sqrt(t.var(-1, ddof=1, keepdims=True) + 1e-6)
+        out.append(((pred - norm) ** 2).mean())
+    return np.array(out)
+
+
+def test_pretext_eval_of_a_zero_decoder_is_the_normalised_target_energy(tiny_data):
+    args = tiny_args(data=tiny_data, seed=3)
+    torch.manual_seed(0)
+    model = C.build_model(args)
+    nn.init.zeros_(model.decoder_pred.weight)
+    nn.init.zeros_(model.decoder_pred.bias)
+    out = C.pretext_eval(model, args, "cpu")
+    want = heldout_by_hand(args, model, np.zeros(192))  # the mean over masked patches of t^2
+    assert out["heldout_images"] == len(want) == 8
+    assert out["heldout_loss"] == pytest.approx(want.mean(), rel=1e-5)
+    assert out["heldout_loss_se"] == pytest.approx(want.std(ddof=1) / 8 ** 0.5, abs=1e-6)
+    assert out["heldout_loss_mean_predictor"] == pytest.approx(out["heldout_loss"], rel=1e-6)
+    # the same prediction for every patch, not 0: the loss varies between images, so the SE
+    # (std of the 8 per-image losses / sqrt(8)) is far from 0
+    bias = torch.randn(192, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.decoder_pred.bias.copy_(bias)
+    out = C.pretext_eval(model, args, "cpu")
+    want = heldout_by_hand(args, model, bias.numpy().astype(np.float64))
+    assert out["heldout_loss"] == pytest.approx(want.mean(), rel=1e-5)
+    assert out["heldout_loss_se"] == pytest.approx(want.std(ddof=1) / 8 ** 0.5, rel=1e-3)
+    assert out["heldout_loss_se"] > 1e-3
+
+
+def test_pretext_eval_is_deterministic_and_leaves_the_global_rng_alone(tiny_data, tmp_path):
+    args = tiny_args(data=tiny_data)
+    torch.manual_seed(0)
+    model = C.build_model(args).train()  # decoder dropout 0.1: pretext_eval turns it off
+    state = torch.get_rng_state()
+    first = C.pretext_eval(model, args, "cpu")
+    assert torch.equal(torch.get_rng_state(), state) and model.training
+    assert C.pretext_eval(model, args, "cpu") == first
+    assert C.pretext_eval(model, dataclasses.replace(args, num_workers=2), "cpu") == first
+    assert first["heldout_loss"] > first["heldout_loss_mean_predictor"]  # a random decoder
+    assert C.pretext_eval(model, dataclasses.replace(args, seed=1), "cpu") != first
+    # skipped: --heldout-images 0, a folder without val/, a video list
+    assert C.pretext_eval(model, dataclasses.replace(args, heldout_images=0), "cpu") == {}
+    assert C.pretext_eval(model, dataclasses.replace(args, data=str(tmp_path)), "cpu") == {}
+    (tmp_path / "list.txt").write_text("video.mp4 0\n")
+    assert C.pretext_eval(model, dataclasses.replace(args, data=str(tmp_path / "list.txt")),
+                          "cpu") == {}
 
 
 def test_resume_is_bit_identical(tiny_data, tmp_path):

@@ -515,3 +515,23 @@ def test_cli_help_and_unknown_flag():
     bad = subprocess.run([sys.executable, "sce_image.py", "--tau-mm", "1"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unrecognized arguments: --tau-mm" in bad.stderr
+
+
+def test_view_retrieval_closed_form_and_determinism(tiny_data):
+    """A constant encoder ties every similarity: argmax picks first view 0, so exactly one of
+    the N second views (image 0's) is found: 100 / N, with its binomial SE. A real encoder
+    gives the same numbers twice and leaves the global RNG alone."""
+    a = run_args(tiny_data, "/unused", lin_batch_size=5)
+    n = len(S.base_dataset(a, "val"))
+
+    class Constant(torch.nn.Module):
+        def forward(self, x):
+            return torch.ones(len(x), 4)
+    out = S.view_retrieval(Constant(), a, torch.device("cpu"), optim.Amp("none", "cpu"))
+    assert out["view_top1"] == pytest.approx(100 / n)
+    assert out["view_top1_se"] == pytest.approx(100 * ((1 / n) * (1 - 1 / n) / n) ** 0.5)
+    torch.manual_seed(0)
+    enc, state = S.build_backbone(a), torch.get_rng_state()
+    first = S.view_retrieval(enc, a, torch.device("cpu"), optim.Amp("none", "cpu"))
+    assert first == S.view_retrieval(enc, a, torch.device("cpu"), optim.Amp("none", "cpu"))
+    assert torch.equal(state, torch.get_rng_state()) and enc.training

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 
@@ -512,6 +513,108 @@ def test_mix_targets():
             assert torch.allclose(xm[0], lam * x[0] + (1 - lam) * x[3], atol=1e-5)
 
 
+# ---- the held-out pretext (issue 11, level 1) ----
+def one_hot_codes(labels, k=8, d=16):
+    """Features sitting exactly on orthonormal prototypes eye(k, d): (..., d)."""
+    return torch.eye(k, d)[labels]
+
+
+def test_code_agreement_closed_forms():
+    """Balanced one-hot features on orthonormal prototypes are a fixed point of Sinkhorn, so
+    phi's codes are the labels: identical branches agree on every tube; psi always naming
+    prototype 3 agrees on that prototype's share, 2 of 16 tubes; psi right on the first
+    k_b tubes of clip b (wrong on the rest) scores k_b / 16."""
+    labels = torch.arange(16).remainder(8).expand(3, 16)  # 3 clips, 16 masked tubes, K = 8
+    x_phi, C = one_hot_codes(labels), 5 * torch.eye(8, 16)  # prototypes normalised inside
+    before = C.clone()
+    agree, codes = S.code_agreement(x_phi, x_phi.clone(), C, eps=0.05, iters=10)
+    assert torch.equal(codes, labels) and torch.equal(agree, torch.ones(3))
+    agree, _ = S.code_agreement(x_phi, one_hot_codes(torch.full((3, 16), 3)), C)
+    assert torch.equal(agree, torch.full((3,), 2 / 16))
+    right = torch.tensor([4, 8, 16])[:, None] > torch.arange(16)  # first k_b tubes right
+    psi = one_hot_codes(torch.where(right, labels, (labels + 1) % 8))
+    agree, _ = S.code_agreement(x_phi, psi, C)
+    assert torch.equal(agree, torch.tensor([4 / 16, 8 / 16, 1.0])) and torch.equal(C, before)
+
+
+class ForcedBranches:
+    """model.branches replaced: phi = one-hot on prototype (tube index mod 8) of each clip's
+    56 masked tubes (7 per prototype), psi = phi or a constant prototype."""
+
+    def __init__(self, model, psi_code=None):
+        self.model, self.psi_code, self.calls = model, psi_code, 0
+
+    def __call__(self, video, mask, tgt):
+        self.calls += 1
+        B, n_m = mask.shape[0], int(mask[0].sum())
+        assert n_m == 56 and (mask.sum(1) == n_m).all() and tgt.shape == (B, n_m, 384)
+        x_phi = one_hot_codes(torch.arange(n_m).remainder(8)).expand(B, -1, -1)
+        psi = x_phi if self.psi_code is None else one_hot_codes(torch.full((B, n_m),
+                                                                           self.psi_code))
+        return x_phi, psi
+
+
+def test_pretext_eval_agreement_100_and_constant_guess_is_chance(tiny_data, monkeypatch):
+    a = tiny_args(data=tiny_data, num_prototypes=8)
+    torch.manual_seed(0)
+    model = S.build_model(a)
+    with torch.no_grad():
+        model.prototypes.copy_(3 * torch.eye(8, 16))  # not unit rows: normalised out of place
+    dev, amp = torch.device("cpu"), optim.Amp("none", "cpu")
+    forced = ForcedBranches(model)
+    monkeypatch.setattr(model, "branches", forced)
+    out = S.pretext_eval(model, a, dev, amp)
+    assert forced.calls == 4  # 16 validation clips in batches of 4
+    assert out == {"code_agreement": 100.0, "code_agreement_se": 0.0, "code_majority": 12.5}
+    monkeypatch.setattr(model, "branches", ForcedBranches(model, psi_code=5))
+    out = S.pretext_eval(model, a, dev, amp)  # balanced codes: a constant scores 1 / K
+    assert out == {"code_agreement": 12.5, "code_agreement_se": 0.0, "code_majority": 12.5}
+    assert torch.equal(model.prototypes, 3 * torch.eye(8, 16))
+
+
+def test_pretext_eval_deterministic_leaves_rng_weights_and_mode(tiny_data):
+    a = tiny_args(data=tiny_data)
+    torch.manual_seed(0)
+    model = S.build_model(a)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    dev, amp = torch.device("cpu"), optim.Amp("none", "cpu")
+    rng = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    first = S.pretext_eval(model.train(), a, dev, amp)
+    assert model.training and model.encoder.training
+    second = S.pretext_eval(model.eval(), a, dev, amp)
+    assert not model.training and first == second
+    assert torch.equal(torch.get_rng_state(), rng[0])
+    assert np.array_equal(np.random.get_state()[1], rng[1])
+    assert random.getstate() == rng[2]
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert not torch.allclose(model.prototypes.norm(dim=1), torch.ones(12))  # not renormalised
+    assert set(first) == {"code_agreement", "code_agreement_se", "code_majority"}
+    assert 0 <= first["code_agreement"] <= 100 and first["code_agreement_se"] > 0
+    assert 100 / 12 <= first["code_majority"] <= 100  # the top code holds at least 1 / K
+
+
+@pytest.mark.parametrize("kw", [dict(target="pixel"), dict(loss="l2")])
+def test_pretext_eval_mse_is_the_loss_on_the_held_out_clips(tiny_data, kw):
+    """VideoMAE and the L2 ablation: the mean of the per-clip MSEs is the batch loss of all
+    validation clips at once, drawn as pretraining clips with seed + 1 at epoch 0."""
+    a = tiny_args(data=tiny_data, **kw)
+    torch.manual_seed(0)
+    model = S.build_model(a).eval()
+    out = S.pretext_eval(model, a, torch.device("cpu"), optim.Amp("none", "cpu"))
+    assert set(out) == {"heldout_mse", "heldout_mse_se"}
+    ds = S.PretrainClips(S.read_split(a, False), dataclasses.replace(a, seed=1))
+    video, mask = map(torch.stack, zip(*[ds[i] for i in range(len(ds))]))
+    with torch.no_grad():
+        x_phi, x_psi = model.branches(video, mask, S.target_input(video, mask, a))
+        per_clip = ((x_psi - x_phi) ** 2).flatten(1).mean(1).double()
+        if kw.get("target") == "pixel":
+            assert model(video, mask, S.target_input(video, mask, a))[0].item() == \
+                pytest.approx(out["heldout_mse"], rel=1e-5)
+    assert out["heldout_mse"] == pytest.approx(per_clip.mean().item(), rel=1e-5)
+    assert out["heldout_mse_se"] == pytest.approx(
+        (per_clip.std() / len(per_clip) ** 0.5).item(), rel=1e-4)
+
+
 # ---- whole runs ----
 def run_args(data, out, **kw) -> S.Args:
     base = dict(data=data, output_dir=str(out), epochs=3, log_every=2, ckpt_every=1000,
@@ -531,6 +634,11 @@ def test_tiny_run_lowers_the_loss_against_an_lr0_control(tiny_data, tmp_path):
     la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert len(la) == len(lb) == 5 and la[-1] < lb[-1] - 0.3, (la, lb)
     assert summary["steps"] == 5 * 4 and "knn_top1@5" in summary["metrics"]
+    # The held-out pretext is reported (20 steps are too few for it to beat the lr = 0
+    # control reliably on 16 clips: issue 11's level 1 is checked on the demo).
+    got = json.load(open(tmp_path / "a" / "summary.json"))
+    assert {"code_agreement", "code_agreement_se", "code_majority"} <= set(got["metrics"])
+    assert got["code_agreement_chance"] == pytest.approx(100 / 12, abs=1e-4)
     assert json.load(open(tmp_path / "a" / "summary.json"))["method"] == "sigma"
     assert os.path.getsize(tmp_path / "a" / "clusters.png") > 1000
     rec = log.read_jsonl(str(tmp_path / "a" / "log.jsonl"))[-1]
