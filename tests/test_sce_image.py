@@ -535,3 +535,39 @@ def test_view_retrieval_closed_form_and_determinism(tiny_data):
     first = S.view_retrieval(enc, a, torch.device("cpu"), optim.Amp("none", "cpu"))
     assert first == S.view_retrieval(enc, a, torch.device("cpu"), optim.Amp("none", "cpu"))
     assert torch.equal(state, torch.get_rng_state()) and enc.training
+
+
+def test_view_loss_closed_form_and_mode(tiny_data):
+    """Held-out SCE loss: when every query and key is the same unit vector, all N logits of
+    each query tie, so the cross-entropy against any target distribution is log N exactly,
+    for every image (standard error 0). A real model gives the same value twice, above 0,
+    and is back in train mode with the global RNG untouched."""
+    a = run_args(tiny_data, "/unused", lin_batch_size=5)
+    n = len(S.base_dataset(a, "val"))
+
+    class Constant(torch.nn.Module):
+        feat_dim = 4
+
+        def forward(self, x):
+            return torch.ones(len(x), 4)
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = Constant()
+
+        def online(self, x):
+            return F.normalize(torch.ones(len(x), a.proj_dim), dim=1)
+        target = online
+    tied = Tied()
+    out = S.view_retrieval(tied.encoder, a, torch.device("cpu"), optim.Amp("none", "cpu"),
+                           sce=tied)
+    assert out["view_loss"] == pytest.approx(math.log(n)) and out["view_loss_se"] == 0
+    torch.manual_seed(0)
+    model, state = S.build_model(a), torch.get_rng_state()
+    first = S.view_retrieval(model.encoder, a, torch.device("cpu"), optim.Amp("none", "cpu"),
+                             sce=model)
+    again = S.view_retrieval(model.encoder, a, torch.device("cpu"), optim.Amp("none", "cpu"),
+                             sce=model)
+    assert first == again and first["view_loss"] > 0 and first["view_loss_se"] > 0
+    assert torch.equal(state, torch.get_rng_state()) and model.training
