@@ -524,7 +524,8 @@ def knn_eval(encoder: nn.Module, args: Args, device, amp) -> dict:
 
 
 @torch.no_grad()
-def view_retrieval(encoder: nn.Module, args: Args, device, amp, sce: "SCE | None" = None) -> dict:
+def view_retrieval(encoder: nn.Module, args: Args, device, amp,
+                   sce: "SCE | None" = None) -> dict:
     """The pretext on held-out data (issue 11, level 1): each validation image gives its two
     pretraining views (view 0 and view 1 transforms, drawn from (seed + 1, 0, index), so every
     encoder sees the same pairs); `view_top1` is the percentage of second views whose most
@@ -615,7 +616,8 @@ def evaluate_encoder(encoder: nn.Module, args: Args, device, amp, logger: log.Lo
                      name: str = "trained", sce: "SCE | None" = None) -> dict:
     """Held-out pretext (`view_retrieval`, with the loss when `sce` is given), kNN and the
     linear probe of `encoder`."""
-    out = {**view_retrieval(encoder, args, device, amp, sce), **knn_eval(encoder, args, device, amp)}
+    out = {**view_retrieval(encoder, args, device, amp, sce),
+           **knn_eval(encoder, args, device, amp)}
     if args.lin_aug:
         out.update(linear_eval(encoder, args, device, amp, logger, name))
     return out

@@ -164,7 +164,8 @@ def _to_uint8(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 OBJECT_RGB, BACKGROUND_GREY = (230.0, 170.0, 60.0), 60.0
 
 
-def _jittered(rng: np.random.Generator, rgb, hue: float = 0.1, brightness: float = 0.3) -> np.ndarray:
+def _jittered(rng: np.random.Generator, rgb, hue: float = 0.1,
+              brightness: float = 0.3) -> np.ndarray:
     """`rgb` with its hue turned by U(-hue, hue) of a turn and its brightness scaled by
     U(1 - brightness, 1 + brightness): inside the pretraining colour jitter's range
     (ColorJitter(0.4, 0.4, ., 0.1)), so a per-image colour is no cue that survives it."""
