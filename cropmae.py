@@ -215,6 +215,9 @@ class Args:
     """previous frames in the short-term context (spec §4)"""
     eval_random_init: bool = False
     """also evaluate a randomly initialised encoder, side by side (the demo does)"""
+    random_init_seeds: int = 1
+    """with --eval-random-init: how many random initialisations (seeds seed, seed + 1, ...;
+    the first is the trained model's start); their J&F spread is the noise floor (issue 11)"""
     heldout_images: int = 10000
     """held-out pretext evaluation (`pretext_eval`, on ROOT/val of an image folder): at most
     this many images, a fixed random subset; 0: skip it"""
@@ -229,10 +232,11 @@ PRESETS = {
     "k400-vits": dict(global_scale=(0.5, 1.0)),  # Tab. 1: 58.6 / 33.7 / 42.9
     "siammae-k400": dict(views="frames", mask_ratio=0.95),  # Tab. 1 SiamMAE‡: 57.9 / 33.2 / 46.1
     # CPU demo: see the docstring's last deviation
-    "demo": dict(model="tiny", depth=4, patch_size=8, img_size=64, mask_ratio=0.96,
+    "demo": dict(model="tiny", depth=4, patch_size=8, img_size=64, mask_ratio=0.96, subset=1200,
                  decoder_dim=128, decoder_heads=4, decoder_ffn=512, batch_size=32, epochs=10,
                  warmup_epochs=1, blr=4e-3, amp="bf16", num_workers=1, log_every=20,
-                 ckpt_every=500, davis_size=(96, 160), eval_random_init=True),
+                 ckpt_every=500, davis_size=(96, 160), eval_random_init=True,
+                 random_init_seeds=3),
 }
 
 
@@ -699,6 +703,9 @@ def main(args: Args) -> dict:
         if args.eval_random_init:
             models["random_init"] = build_model(args).to(device)
             models["random_init"].load_state_dict(random_state)
+            for i in range(1, args.random_init_seeds):
+                torch.manual_seed(args.seed + i)
+                models[f"random_init_{i + 1}"] = build_model(args).to(device)
         for name, m in models.items():
             results[name] = pretext_eval(m, args, device)
             if propagate:
@@ -707,6 +714,17 @@ def main(args: Args) -> dict:
                 results[name].update(scores)
         for name in results["trained"]:
             summary["metrics"][name] = {k: round(v[name], 4) for k, v in results.items()}
+        randoms = [v["davis_jf"] for k, v in results.items()
+                   if k.startswith("random_init") and "davis_jf" in v]
+        if len(randoms) > 1:  # issue 11, level 2: trained J&F > best random + spread + 3 points
+            summary["davis_jf_random_spread"] = round(max(randoms) - min(randoms), 4)
+            summary["davis_jf_level2_margin"] = round(
+                results["trained"]["davis_jf"] - max(randoms) - (max(randoms) - min(randoms))
+                - 0.03, 4)
+            print(f"DAVIS J&F: random inits {min(randoms):.4f}-{max(randoms):.4f} (spread "
+                  f"{summary['davis_jf_random_spread']:.4f}); trained "
+                  f"{results['trained']['davis_jf']:.4f}; level-2 margin (trained - best random"
+                  f" - spread - 0.03) {summary['davis_jf_level2_margin']:+.4f}")
         width = max(len(name) for name in ["metric", *summary["metrics"]]) + 2
         print(f"{'metric':<{width}}" + "".join(f"{k:>14}" for k in reversed(results)))
         for name, vals in summary["metrics"].items():
@@ -714,7 +732,8 @@ def main(args: Args) -> dict:
                 f"{vals[k]:>14}" if isinstance(vals[k], int) else f"{vals[k]:>14.4f}"
                 for k in reversed(results)))
         if davis_preds.get("trained"):
-            save_propagation(args.davis, {k: davis_preds[k] for k in reversed(davis_preds)},
+            save_propagation(args.davis, {k: davis_preds[k] for k in ("random_init", "trained")
+                                          if k in davis_preds},
                              os.path.join(args.output_dir, "propagation.png"))
     if dist.is_main():
         with open(os.path.join(args.output_dir, "summary.json"), "w") as fh:

@@ -1033,6 +1033,9 @@ def feature_eval(encoder: Encoder, args: Args, device, amp) -> dict:
     out = evaluate.knn_classify(ftr, ytr, fva, yva, n_cls, args.knn_k, args.knn_t)
     if args.quick_probe:
         out.update(evaluate.linear_probe(ftr, ytr, fva, yva, n_cls, seed=args.seed))
+    for name in [k for k in out if k.startswith(("knn_top1", "linear_top1"))]:
+        p = out[name] / 100  # binomial standard error over the len(yva) validation clips
+        out[f"{name}_se"] = 100 * (p * (1 - p) / max(len(yva), 1)) ** 0.5
     if not args.data and args.synthetic_plain:  # flat backgrounds: ground truth for Tab. 4
         out.update(segmentation_eval(encoder, args, device, amp))
         encoder.train(was)

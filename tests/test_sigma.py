@@ -572,6 +572,10 @@ def test_tiny_run_lowers_the_loss_against_an_lr0_control(tiny_data, tmp_path):
     got = json.load(open(tmp_path / "a" / "summary.json"))
     assert {"code_agreement", "code_agreement_se", "code_majority"} <= set(got["metrics"])
     assert got["code_agreement_chance"] == pytest.approx(100 / 12, abs=1e-4)
+    n_val = len(S.read_split(run_args(tiny_data, tmp_path / "a", **kw), False))
+    for name in ("knn_top1@5",):  # binomial standard error over the validation clips
+        acc, se = got["metrics"][name]["trained"] / 100, got["metrics"][f"{name}_se"]["trained"]
+        assert se == pytest.approx(100 * (acc * (1 - acc) / n_val) ** 0.5, abs=0.01)
     assert json.load(open(tmp_path / "a" / "summary.json"))["method"] == "sigma"
     assert os.path.getsize(tmp_path / "a" / "clusters.png") > 1000
     rec = log.read_jsonl(str(tmp_path / "a" / "log.jsonl"))[-1]
