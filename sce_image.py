@@ -695,6 +695,7 @@ def main(args: Args) -> dict:
     if not args.eval_only:
         step = pretrain(model, sce, args, device, amp, logger)
     summary.update(steps=step, seconds=round(time.time() - t0, 1))
+    dist.broadcast_buffers(sce)  # rank 0's BN statistics on every rank's evaluation share
 
     results = {"trained": evaluate_encoder(sce.encoder, args, device, amp, logger, sce=sce)}
     if args.eval_random_init:  # the same architecture at its initial weights (seed)
@@ -748,6 +749,7 @@ def pretrain(model, sce: SCE, args: Args, device, amp: optim.Amp, logger: log.Lo
         out = train_step(model, views, opt, amp, m)
         loop.end_step(out, {"train/lr": lr, "train/ema_m": m})
         if args.eval_every and loop.epoch_end and (loop.epoch + 1) % args.eval_every == 0:
+            dist.broadcast_buffers(sce.encoder)  # BN statistics differ by rank
             logger.log(loop.step, {f"knn/{k}": v for k, v in
                                    knn_eval(sce.encoder, args, device, amp).items()})
     loop.check_replicas(sce, buffers=(sce.queue,))  # weights, target, queue

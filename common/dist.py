@@ -116,3 +116,16 @@ def seed_all(seed: int, per_rank: bool = True) -> int:
     np.random.seed(s % 2**32)
     torch.manual_seed(s)
     return s
+
+
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics, a queue) to every rank, in place.
+
+    Under DDP with `broadcast_buffers=False` and no SyncBN each rank updates its own BN
+    statistics from its own batches; call this before an evaluation that gives each rank a
+    share of the data, so that every share is seen by the model in rank 0's checkpoint. No-op
+    in a single process."""
+    if is_dist():
+        for b in module.buffers():
+            torch.distributed.broadcast(b, 0)

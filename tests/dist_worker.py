@@ -49,13 +49,22 @@ def main(out_dir: str) -> None:
         stopped = True
     no_grad = lin.weight.grad is None
 
+    # BN statistics that differ per rank become rank 0's everywhere; weights are untouched.
+    bn = torch.nn.BatchNorm1d(2)
+    bn(torch.full((4, 2), float(r + 1)) + torch.arange(4.0)[:, None])  # running_mean differs
+    weight = bn.weight.detach().clone()
+    dist.broadcast_buffers(bn)
+    bn_mean = bn.running_mean.tolist()
+    bn_weight_kept = torch.equal(weight, bn.weight)
+
     dist.barrier()
     with open(os.path.join(out_dir, f"rank{r}.json"), "w") as fh:
         json.dump({"rank": r, "world": w, "device": str(dev), "seed": seed, "draw": draw,
                    "sum": summed, "mean": mean, "gathered": gathered,
                    "gathered_grad_value": g.detach().tolist(), "grad": x.grad.tolist(),
                    "is_main": dist.is_main(), "rng_expected": expected,
-                   "rng_resumed": resumed, "nan_stopped": stopped, "nan_no_grad": no_grad}, fh)
+                   "rng_resumed": resumed, "nan_stopped": stopped, "nan_no_grad": no_grad,
+                   "bn_mean": bn_mean, "bn_weight_kept": bn_weight_kept}, fh)
     dist.print0(f"printed once by rank {r}")
     dist.cleanup()
 
