@@ -90,8 +90,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from common import (augment, checkpoint, cli, data, dist, evaluate, log, optim, synthetic,
-                    training, video, vit)
+from common import (augment, checkpoint, cli, data, dist, evaluate, log, multiview, optim,
+                    synthetic, training, video, vit)
 
 
 # ---- 2. Arguments ----
@@ -507,18 +507,10 @@ class ClipViews(Dataset):
         views = []
         for win in wins:  # short side to S, bilinear without antialiasing (official cv2 linear)
             frames = video.read_clip(rec.path, win).permute(0, 3, 1, 2).float()
-            h, w = frames.shape[-2:]
-            size = (a.input_size, int(a.input_size * w / h)) if h <= w else \
-                (int(a.input_size * h / w), a.input_size)
-            frames = F.interpolate(frames, size=size, mode="bilinear", align_corners=False)
-            h, w = size
-            crops = a.test_crops if self.mode == "test" else 1
-            step = (max(h, w) - a.input_size) / (crops - 1) if crops > 1 else None
-            for k in range(crops):  # along the long side at int(k * step) (centre for one)
-                off = int(k * step) if step is not None else (max(h, w) - a.input_size) // 2
-                top, left = (off, 0) if h > w else (0, off)
-                views.append(to_input(frames[..., top:top + a.input_size,
-                                             left:left + a.input_size].clamp(0, 255)))
+            frames = multiview.short_side_resize(frames, a.input_size)
+            crops = a.test_crops if self.mode == "test" else 1  # along the long side, int(k step)
+            views += [to_input(c.clamp(0, 255))
+                      for c in multiview.uniform_crops(frames, a.input_size, crops)]
         return (torch.stack(views) if self.mode == "test" else views[0]), rec.label, index
 
 
@@ -877,22 +869,10 @@ def multi_view_test(model: nn.Module, records: list, args: Args, device, amp) ->
     """Top-1/top-5 with the per-view softmax averaged over test_clips x test_crops views."""
     ds = data.SafeDataset(ClipViews(records, args, "test"), args.max_fail_fraction, "test videos",
                           replace=False)  # an unreadable clip is left out, not replaced
-    model.eval()
-    counts = torch.zeros(3, device=device)
-    for batch in make_loader(ds, args.ft_batch_size, args, train=False):
-        if batch is None:
-            continue
-        x, y, _ = batch
-        B, V = x.shape[:2]
-        with amp.autocast():
-            logits = model(x.flatten(0, 1).to(device, non_blocking=True))
-        prob = logits.float().softmax(1).view(B, V, -1).mean(1)  # averaged softmax ('merge')
-        top = prob.topk(min(5, prob.shape[1]), 1).indices.cpu()
-        counts += torch.tensor([(top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum(), B],
-                               device=device)
-    counts = dist.all_reduce(counts, "sum")  # each clip is in exactly one rank's share
-    return {"top1": 100 * (counts[0] / counts[2]).item(),
-            "top5": 100 * (counts[1] / counts[2]).item()}
+    model.eval()  # each clip is in exactly one rank's share; softmax averaged ('merge')
+    res = multiview.multi_view_accuracy(model, make_loader(ds, args.ft_batch_size, args,
+                                                           train=False), device, amp)
+    return {"top1": res["top1"], "top5": res["top5"]}
 
 
 def finetune(args: Args, device, amp: optim.Amp, logger: log.Logger) -> dict:
