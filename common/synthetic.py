@@ -359,3 +359,118 @@ def davis(root: Optional[os.PathLike] = None, seed: int = 0, size: tuple = (96, 
         (tmp / "ImageSets/2017/val.txt").write_text("".join(f"{s}\n" for s in names))
     name = f"davis-v{VERSION}-s{seed}-{h}x{w}-{sequences}x{frames}f"
     return _cached(root, name, build)
+
+
+# ---- SoccerNet-v2 ------------------------------------------------------------------------
+
+SOCCERNET_VERSION = 1
+# The 8 most frequent SoccerNet-v2 classes, one silhouette each (SHAPES order).
+SOCCERNET_EVENTS = ("Ball out of play", "Throw-in", "Foul", "Indirect free-kick", "Clearance",
+                    "Shots on target", "Shots off target", "Corner")
+
+
+def _game_time(half: int, position_ms: int) -> str:
+    s = position_ms // 1000
+    return f"{half} - {s // 60:02d}:{s % 60:02d}"
+
+
+def _soccernet_half(rng: np.random.Generator, frames: int, fps: float, h: int, w: int,
+                    events: list) -> np.ndarray:
+    """(T, H, W, 3) uint8 frames of one "half": a panning striped pitch with moving "player"
+    dots; each visible event (position_ms, class) shows its class's silhouette, in a random
+    colour, place, size and angle, on every frame within 0.5 s of its position."""
+    pan = int(rng.integers(w // 2, w))
+    base = np.array([60.0, 140.0, 60.0]) * rng.uniform(0.8, 1.2, 3)
+    y, x = np.mgrid[0:h, 0:w + pan]
+    pitch = base * (1 + 0.12 * (np.sin(2 * np.pi * x / rng.uniform(14, 22)) > 0))[..., None]
+    pitch[np.abs(x - (w + pan) / 2) < 1] = 230.0  # the halfway line
+    speed = rng.uniform(-1, 1) * pan / max(frames, 1)
+    players = [dict(p=rng.uniform([0, 0], [w, h]), v=rng.uniform(-1.5, 1.5, 2),
+                    c=_colour(rng, base, 80.0)) for _ in range(6)]
+    out = np.empty((frames, h, w, 3), np.uint8)
+    shown = [dict(ms=ms, shape=SHAPES[c], cx=rng.uniform(0.25, 0.75) * w,
+                  cy=rng.uniform(0.25, 0.75) * h, r=rng.uniform(0.16, 0.24) * h,
+                  angle=rng.uniform(-0.5, 0.5), col=_colour(rng, base, 120.0))
+             for ms, c in events]
+    for i in range(frames):
+        off = int(np.clip(pan / 2 + speed * (i - frames / 2), 0, pan))
+        img = pitch[:, off:off + w].copy()
+        for pl in players:
+            pl["p"] = (pl["p"] + pl["v"]) % [w, h]
+            _draw(img, "disk", pl["p"][0], pl["p"][1], 0.05 * h, 0.0, pl["c"], ss=2)
+        t_ms = 1000.0 * i / fps
+        for e in shown:
+            if abs(e["ms"] - t_ms) <= 500:
+                _draw(img, e["shape"], e["cx"], e["cy"], e["r"], e["angle"], e["col"], ss=2)
+        out[i] = _to_uint8(img, rng)
+    return out
+
+
+def soccernet(root: Optional[os.PathLike] = None, seed: int = 0, games: tuple = (6, 2, 2),
+              seconds: tuple = (40, 48), fps: float = 4, size: tuple = (64, 112),
+              events_per_minute: float = 8.0, unshown: float = 0.15,
+              gap: float = 3.0) -> Path:
+    """SoccerNet-v2 layout: `<league>/<season>/<game>/{1,2}_224p.mkv` (H.264) and
+    `Labels-v2.json`, plus `train.txt`, `valid.txt`, `test.txt` (one `league/season/game` per
+    line, as `SoccerNet.utils.getListGames(split)` lists them; `games` = their sizes).
+
+    Each half lasts a random whole number of frames in `seconds` (so durations are not whole
+    seconds), at `fps` and `size` = (H, W) ("224p" is only the official file name). Events of
+    the 8 `SOCCERNET_EVENTS` (class c is silhouette SHAPES[c]) fall at random ms positions at
+    least `gap` s apart and 1.5 s from the ends; a fraction `unshown` are "not shown" (labelled,
+    nothing drawn, as events during a replay). A visible event is on screen exactly on the
+    frames within 0.5 s of its position, the training-label radius. Labels-v2.json holds
+    UrlLocal, UrlYoutube, gameHomeTeam, gameAwayTeam, gameDate, gameScore and annotations
+    {gameTime "H - MM:SS", label, position (ms string), team, visibility}.
+    """
+    import json  # local: this section was appended to the module
+    from common.video import write_video
+    h, w = size
+    if h % 2 or w % 2:
+        raise ValueError(f"synthetic.soccernet: size must be even (H.264 yuv420p), got {size}")
+
+    def build(tmp: Path) -> None:
+        n = 0
+        for split, count in zip(("train", "valid", "test"), games):
+            lines = []
+            for _ in range(count):
+                rng = np.random.default_rng([seed, n])
+                season = f"{2022 + n % 2}-{2023 + n % 2}"
+                home, away = f"Synth {2 * n}", f"Synth {2 * n + 1}"
+                score = f"{rng.integers(4)} - {rng.integers(4)}"
+                date = f"{2022 + n % 2}-{1 + n % 12:02d}-{1 + n % 28:02d}"
+                game = f"synth_league/{season}/{date} - 15-00 {home} {score} {away}"
+                annotations = []
+                for half in (1, 2):
+                    frames = int(rng.integers(seconds[0] * fps, seconds[1] * fps + 1))
+                    dur = frames / fps
+                    count_ev = max(1, int(round(dur / 60 * events_per_minute)))
+                    times: list = []
+                    while len(times) < count_ev:  # rejection: events `gap` s apart
+                        t = rng.uniform(1.5, dur - 1.5)
+                        if all(abs(t - u) >= gap for u in times):
+                            times.append(t)
+                    events = []
+                    for t in sorted(times):
+                        ms, c = int(t * 1000), int(rng.integers(len(SOCCERNET_EVENTS)))
+                        visible = rng.uniform() >= unshown
+                        annotations.append({
+                            "gameTime": _game_time(half, ms), "label": SOCCERNET_EVENTS[c],
+                            "position": str(ms), "team": ("home", "away")[rng.integers(2)],
+                            "visibility": "visible" if visible else "not shown"})
+                        if visible:
+                            events.append((ms, c))
+                    clip = _soccernet_half(rng, frames, fps, h, w, events)
+                    write_video(tmp / game / f"{half}_224p.mkv", clip, fps=fps,
+                                codec="libx264", gop=8)
+                labels = {"UrlLocal": game + "/", "UrlYoutube": "", "gameHomeTeam": home,
+                          "gameAwayTeam": away, "gameDate": f"{date} - 15:00",
+                          "gameScore": score, "annotations": annotations}
+                (tmp / game / "Labels-v2.json").write_text(json.dumps(labels, indent=4))
+                lines.append(game)
+                n += 1
+            (tmp / f"{split}.txt").write_text("".join(f"{g}\n" for g in lines))
+    name = (f"soccernet-v{SOCCERNET_VERSION}-s{seed}-{h}x{w}-{fps:g}fps-"
+            f"{'x'.join(map(str, games))}-{seconds[0]}to{seconds[1]}s-{events_per_minute:g}epm-"
+            f"u{unshown:g}-g{gap:g}")
+    return _cached(root, name, build)
