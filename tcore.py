@@ -666,7 +666,9 @@ class TeacherTargets(nn.Module):
     """Teacher targets of Eq. 7 with the code's centering: P = softmax((z - c) / tau_t); the
     centres (buffers, in the checkpoint) follow c <- m c + (1 - m) mean, where the mean of a
     step is applied at the next call (DINOv2's one-step lag). CLS: the mean over all ranks'
-    2B rows; patches: the average over ranks of each rank's mean over its M masked rows."""
+    2B rows; patches: the average over ranks of each rank's mean over its M masked rows.
+    A call's means are held aside until `commit()` (the training step calls it once the loss
+    is known to be finite), so a non-finite step leaves the buffers as they were."""
 
     def __init__(self, K: int, momentum: float = 0.9, mode: str = "centering"):
         super().__init__()
@@ -688,11 +690,19 @@ class TeacherTargets(nn.Module):
         targets = (F.softmax((z_cls - self.cls_center) / temp, -1),
                    F.softmax((z_pat - self.patch_center) / temp, -1))
         n = dist.all_reduce(torch.tensor(float(len(z_cls)), device=z_cls.device), "sum")
-        self.cls_pending.copy_(dist.all_reduce(z_cls.sum(0, keepdim=True), "sum") / n)
         patch_mean = z_pat.mean(0, keepdim=True) if len(z_pat) else torch.zeros_like(z_cls[:1])
-        self.patch_pending.copy_(dist.all_reduce(patch_mean, "mean"))
-        self.has_pending.fill_(True)
+        self._means = (dist.all_reduce(z_cls.sum(0, keepdim=True), "sum") / n,
+                       dist.all_reduce(patch_mean, "mean"))
         return targets
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """Keep the last call's means for the next call's centre update."""
+        means, self._means = getattr(self, "_means", None), None
+        if means is not None:
+            self.cls_pending.copy_(means[0])
+            self.patch_pending.copy_(means[1])
+            self.has_pending.fill_(True)
 
 
 # ---- 6. Training step ----
@@ -704,6 +714,7 @@ def train_step(model, crops: list, masks: torch.Tensor, optimizer, amp: optim.Am
     with amp.autocast():
         out = model(crops, masks, teacher_temp)
     amp.check_finite(out["loss"])
+    tc.loss.commit()  # this step's teacher means: only from a finite step
     amp.scaler.scale(out["loss"]).backward()
     amp.scaler.unscale_(optimizer)
     norms = [nn.utils.clip_grad_norm_(m.parameters(), clip) for m in

@@ -128,6 +128,7 @@ def test_centering_has_a_one_step_lag():
     c_cls, c_pat = torch.zeros(1, 4), torch.zeros(1, 4)
     for i, (zc, zp) in enumerate(z):
         pc, pp = tt(zc, zp, 0.04)
+        tt.commit()  # the training step commits once the loss is finite
         assert torch.allclose(pc, F.softmax((zc - c_cls) / 0.04, -1), atol=1e-6), i
         assert torch.allclose(pp, F.softmax((zp - c_pat) / 0.04, -1), atol=1e-6), i
         c_cls = 0.9 * c_cls + 0.1 * zc.mean(0, keepdim=True)  # used from the next step on
@@ -452,3 +453,20 @@ def test_cli_help_unknown_flag_and_user_error(tmp_path):
     assert a.base_lr * math.sqrt(256 / 1024) == pytest.approx(1e-3)  # spec §3
     b = C.cli.parse(C.Args, C.PRESETS, ["--data", "x", "--preset", "k400-vitb"])
     assert (b.model, b.epochs, b.warmup_epochs) == ("base", 200, 10)
+
+
+def test_non_finite_loss_stops_before_its_update(tiny_videos, tmp_path, monkeypatch):
+    """NaN pixels in every crop at step 4 make the real loss NaN: the student, teacher, PMM,
+    head and centre are as before that step, and last.pt of step 2 is kept."""
+    seen = checks.nan_input_at_step(monkeypatch, C, 4)
+    m = C.Args.center_momentum
+
+    def lagged(name):  # the forward applies step 3's (finite) means, the one-step lag
+        return lambda c: c.clone().mul_(m).add_(seen["before"][f"loss.{name}_pending"],
+                                                alpha=1 - m)
+    checks.assert_stopped_before_update(
+        seen, lambda: C.main(run_args(tiny_videos, tmp_path, ckpt_every=2, log_every=5)),
+        tmp_path / "last.pt", step=4, kept=2,
+        forward_changes={"loss.cls_center": lagged("cls"), "loss.patch_center": lagged("patch")})
+    # step 4's NaN means were never committed: the pending buffers are step 3's
+    assert torch.isfinite(seen["model"].loss.cls_pending).all()
