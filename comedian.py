@@ -18,7 +18,8 @@ Status: this file is being built in steps. Present now: the SoccerNet-v2 constan
 `Labels-v2.json` parsing, the training-label encoding (frame targets, token OR-reduction, token
 times), the inference post-processing (sliding windows, edge removal, max merge into a per-half
 buffer, hard and soft NMS, `results_spotting.json` writer) and the official action-spotting
-metric `average_map`, written from scratch. Still to come: Args/PRESETS, the ViViT model, the
+metric `average_map`, written from scratch; stage 2's `sce_token_loss` and `temporal_mask`.
+Still to come: Args/PRESETS, the ViViT model, the
 three training stages, the inference driver, the CLI and the demo.
 
 Deviations, with reasons:
@@ -134,6 +135,51 @@ def token_times(frame_times: torch.Tensor) -> torch.Tensor:
     s + j + 0.25."""
     *lead, t = frame_times.shape
     return frame_times.reshape(*lead, t // FRAMES_PER_TOKEN, FRAMES_PER_TOKEN).mean(-1)
+
+
+# ---- 5. Losses and masking ----
+
+def sce_token_loss(q: torch.Tensor, p: torch.Tensor, queue: torch.Tensor, lam: float = 0.5,
+                   tau: float = 0.1, tau_m: float = 0.05) -> torch.Tensor:
+    """Token-level SCE loss of stage 2 (thesis Eqs. 6.3-6.6; eztorch `compute_sce_token_loss`
+    with use_keys, keep_aligned_positive, positive_radius 0; spec §1 Stage 2), in fp32.
+
+    q: (B, T, D) L2-normalised online token projections; p: (B, T, D) L2-normalised teacher
+    features of the same tokens; queue: (M, D) teacher features of earlier steps. For token i
+    of clip b the candidates are the T teacher features of its own clip and the queue; the
+    tokens of the batch's other clips are left out (they enter only through the queue).
+    Online: s1 = softmax([q_bi . p_bj]_j ++ [q_bi . Q_k]_k / tau). Target: s2 = softmax over
+    the same candidates of [p_bi . p_bj]_(j != i) ++ [p_bi . Q_k] / tau_m with the self entry
+    masked; w = lam onehot(i) + (1 - lam) s2; loss = -mean over (b, i) of sum w log s1.
+    Returns a scalar. Raises ValueError when q and p differ in shape."""
+    if q.shape != p.shape or q.dim() != 3:
+        raise ValueError(f"sce_token_loss: q {tuple(q.shape)} and p {tuple(p.shape)} must both "
+                         f"be (B, T, D)")
+    with torch.autocast(q.device.type, enabled=False):
+        q, p, queue = q.float(), p.float(), queue.float()
+        T = q.shape[1]
+        own_q = q @ p.transpose(1, 2)  # (B, T, T): q_bi . p_bj, same clip only
+        own_p = (p @ p.transpose(1, 2)).masked_fill(  # (B, T, T), self masked (Eq. 6.4)
+            torch.eye(T, dtype=torch.bool, device=q.device), -torch.inf)
+        logits_q = torch.cat([own_q, q @ queue.T], -1) / tau  # Eq. 6.5: s1
+        logits_k = torch.cat([own_p, p @ queue.T], -1) / tau_m  # Eq. 6.4: s2
+        w = (1 - lam) * logits_k.softmax(-1)  # Eq. 6.3: w = lam onehot(i) + (1 - lam) s2
+        w[..., :T] += lam * torch.eye(T, device=q.device)
+        return -(w * logits_q.log_softmax(-1)).sum(-1).mean()  # Eq. 6.6
+
+
+def temporal_mask(batch: int, tokens: int, ratio: float,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Stage 2's temporal masking (spec §1 Stage 2): whole tubelets (2 frames = 1 token) are
+    dropped before the spatial encoder, floor(ratio x 2 tokens) frames, i.e. the same number
+    n = floor(ratio x 2 tokens) // 2 of tokens for every clip, chosen at random (not
+    contiguous) per clip. Returns the sorted indices of the kept tokens, (batch, tokens - n)
+    int64, in temporal order (the mask token fills the others before the time embedding)."""
+    if not 0 <= ratio < 1:
+        raise ValueError(f"temporal_mask: ratio must be in [0, 1), got {ratio}")
+    n_drop = math.floor(ratio * tokens * FRAMES_PER_TOKEN) // FRAMES_PER_TOKEN
+    order = torch.rand(batch, tokens, generator=generator).argsort(1)
+    return order[:, n_drop:].sort(1).values
 
 
 # ---- 7. Evaluation ----

@@ -3,11 +3,13 @@ hand-computed APs, hard and soft NMS on hand-made curves, the +-0.5 s label enco
 OR-reduction, the sliding-window edge removal and merge, the results writer, and the synthetic
 SoccerNet set (labels parse, videos decode, events on screen at the labelled times)."""
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import comedian as C
 from common import synthetic, video
@@ -298,3 +300,59 @@ def test_synthetic_soccernet(tmp_path):
             assert all(stat(i) < 100 for i in quiet)
     assert seen >= 4
     assert sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) < 10 * 2**20
+
+
+# ---- stage 2: token SCE loss and temporal masking ----
+
+def test_sce_token_loss_by_hand():
+    """B = 1, T = 2, one queue vector, all in 2-D: the loss written out element by element."""
+    q = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    p = F.normalize(torch.tensor([[[1.0, 1.0], [1.0, 0.0]]]), dim=-1)
+    queue = torch.tensor([[0.0, -1.0]])
+    lam, tau, tau_m = 0.5, 0.1, 0.05
+    total = 0.0
+    for i in range(2):
+        cand = [p[0, 0], p[0, 1], queue[0]]
+        lq = torch.stack([q[0, i] @ c for c in cand]) / tau
+        lk = torch.stack([p[0, i] @ c for c in cand]) / tau_m
+        lk[i] = -math.inf  # self masked in the target
+        w = (1 - lam) * lk.softmax(0)
+        w[i] += lam
+        total += -(w * lq.log_softmax(0)).sum()
+    got = C.sce_token_loss(q, p, queue, lam, tau, tau_m)
+    assert got.item() == pytest.approx(total.item() / 2, rel=1e-6)
+
+
+def test_sce_token_loss_masks_other_clips_and_lam1_is_infonce():
+    """Changing another clip's teacher features leaves a clip's loss unchanged (other clips
+    only enter through the queue); lam = 1 is InfoNCE over own-clip tokens + queue."""
+    g = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(2, 3, 4, generator=g), dim=-1)
+    p = F.normalize(torch.randn(2, 3, 4, generator=g), dim=-1)
+    queue = F.normalize(torch.randn(5, 4, generator=g), dim=-1)
+    alone = C.sce_token_loss(q[:1], p[:1], queue)
+    p2 = p.clone()
+    p2[1] = F.normalize(torch.randn(3, 4, generator=g), dim=-1)
+    both = C.sce_token_loss(q, p2, queue)
+    other = C.sce_token_loss(q[1:], p2[1:], queue)
+    assert both.item() == pytest.approx((alone.item() + other.item()) / 2, rel=1e-6)
+    logits = torch.cat([q[0] @ p[0].T, q[0] @ queue.T], 1) / 0.1
+    infonce = F.cross_entropy(logits, torch.arange(3))
+    assert C.sce_token_loss(q[:1], p[:1], queue, lam=1.0).item() == pytest.approx(
+        infonce.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="must both be"):
+        C.sce_token_loss(q, p[:, :2], queue)
+
+
+def test_temporal_mask_counts():
+    """64 tokens at ratio 0.25: floor(0.25 x 128) = 32 frames = 16 tokens dropped per clip, a
+    different random subset per clip, kept indices sorted and unique."""
+    keep = C.temporal_mask(3, 64, 0.25, torch.Generator().manual_seed(0))
+    assert keep.shape == (3, 48) and keep.dtype == torch.int64
+    for row in keep:
+        assert torch.equal(row, row.sort().values) and len(set(row.tolist())) == 48
+    assert not torch.equal(keep[0], keep[1])
+    assert C.temporal_mask(2, 5, 0.3).shape == (2, 4)  # floor(0.3 x 10) = 3 frames: 1 whole tube
+    assert C.temporal_mask(2, 10, 0.0).shape == (2, 10)
+    with pytest.raises(ValueError):
+        C.temporal_mask(2, 10, 1.0)
