@@ -676,7 +676,6 @@ class TeacherTargets(nn.Module):
         for name in ("cls", "patch"):
             self.register_buffer(f"{name}_center", torch.zeros(1, K))
             self.register_buffer(f"{name}_pending", torch.zeros(1, K))
-        self.register_buffer("has_pending", torch.zeros((), dtype=torch.bool))
 
     @torch.no_grad()
     def forward(self, z_cls: torch.Tensor, z_pat: torch.Tensor, temp: float) -> tuple:
@@ -684,9 +683,10 @@ class TeacherTargets(nn.Module):
         if self.mode == "sinkhorn":
             return sinkhorn_knopp(z_cls, temp), sinkhorn_knopp(z_pat, temp)
         m = self.momentum
-        if self.has_pending:  # the previous step's means, applied now
-            self.cls_center.mul_(m).add_(self.cls_pending, alpha=1 - m)
-            self.patch_center.mul_(m).add_(self.patch_pending, alpha=1 - m)
+        # the previous step's means, applied now (no host sync: before the first commit the
+        # centres and pending means are both zero, and the update leaves them zero)
+        self.cls_center.mul_(m).add_(self.cls_pending, alpha=1 - m)
+        self.patch_center.mul_(m).add_(self.patch_pending, alpha=1 - m)
         targets = (F.softmax((z_cls - self.cls_center) / temp, -1),
                    F.softmax((z_pat - self.patch_center) / temp, -1))
         n = dist.all_reduce(torch.tensor(float(len(z_cls)), device=z_cls.device), "sum")
@@ -702,7 +702,6 @@ class TeacherTargets(nn.Module):
         if means is not None:
             self.cls_pending.copy_(means[0])
             self.patch_pending.copy_(means[1])
-            self.has_pending.fill_(True)
 
 
 # ---- 6. Training step ----
