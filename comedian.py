@@ -14,13 +14,19 @@ tubelets masked. Stage 3: a per-token linear head is fine-tuned with BCE on the 
 encoding (head only, then everything); inference slides 64-s windows, merges by max and applies
 per-class NMS before the official tight average-mAP.
 
-Status: this file is being built in steps. Present now: the SoccerNet-v2 constants and
-`Labels-v2.json` parsing, the training-label encoding (frame targets, token OR-reduction, token
-times), the inference post-processing (sliding windows, edge removal, max merge into a per-half
-buffer, hard and soft NMS, `results_spotting.json` writer) and the official action-spotting
-metric `average_map`, written from scratch; stage 2's `sce_token_loss` and `temporal_mask`.
-Still to come: Args/PRESETS, the ViViT model, the
-three training stages, the inference driver, the CLI and the demo.
+Launch (batch sizes are per GPU; the official runs use 2 A100s, spec §4):
+    python comedian.py                      # CPU demo: all stages small on the synthetic set
+    torchrun --nproc_per_node=2 comedian.py --data ~/soccernet --stage spatial   # stage 1
+    torchrun --nproc_per_node=2 comedian.py --data ~/soccernet --stage distill \
+        --output-dir runs/c1 --init-from runs/c1/spatial.pt     # stage 2, Baidu teacher bank
+    torchrun --nproc_per_node=2 comedian.py --data ~/soccernet --stage finetune \
+        --output-dir runs/c1                                    # stage 3 (phases A and B)
+    python comedian.py --data ~/soccernet --stage spot --output-dir runs/c1   # valid a-mAP
+    torchrun --nproc_per_node=8 comedian.py --data ~/soccernet --spatial-batch-size 128 \
+        --distill-batch-size 4 --ft-batch-size 8               # 8 GPUs, the official global
+                                                                # batches, all stages in turn
+Presets: vivit-t (the default, the final model), vivit-s, vivit-t-32s (the ablation
+setting: 32-s clips, depth 4, no masking), demo.
 
 Deviations, with reasons:
 - Edge removal at inference follows the official code by default, including its end-of-half
@@ -30,15 +36,43 @@ Deviations, with reasons:
   (compare with the half duration D, symmetric with the start guard).
 - A half shorter than one window gets a single window starting at 0 (the official sampler
   would start it at floor(D) - W < 0); real halves are ~45 min, so this never differs there.
+- Augmentations run per window on the CPU with torchvision v2 (one draw for all frames of a
+  clip), not batched on the GPU with torchaug; draws come from (seed, epoch, index). The blur
+  kernel is 10 % of the image (23 at 224, the configs').
+- Frames at 2 fps are the frames on screen at t = i / 2 s (PyAV, seeking), in place of
+  ffmpeg's `fps=2` JPEG extraction; 2-fps frame folders (the official layout) are read as is.
+- Stage 2 window starts: one per equal segment of [0, D - W], uniform inside it, floored to
+  0.5 s; stage 3's free windows are drawn uniformly among non-overlapping sets. Both are my
+  reading of eztorch's samplers' documented behaviour (spec §1), not a transcription.
+- The PCA of the teacher bank is computed in float64 from streamed sums (z-score, then the
+  eigenvectors of the correlation matrix), equal to sklearn's `PCA(512)` on z-scored data up
+  to each component's sign (the dot products the loss uses do not see signs).
+- Fine-tuning does not validate every 10 epochs; `--stage spot` scores the final weights.
+  Raw buffers of several seeds (the thesis' ensembles) are not written.
+- `demo` is a CPU smoke setting, not a thesis one: a 64-wide ViViT (4 + 2 blocks, 8-px
+  patches at 32 px), 16-s windows, small queues and batches, short stages, and the stage-1
+  trunk as its own teacher bank (`--teacher-name stage1`, the thesis' self-supervised SCE
+  teacher in spirit), since the synthetic set has no Baidu features.
 """
+import copy
+import dataclasses
 import json
 import math
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Sequence, Union
+from typing import Literal, NamedTuple, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from common import augment, checkpoint, cli, data, dist, log, optim, synthetic, training, video, vit
 
 PathLike = Union[str, os.PathLike]
 
@@ -54,6 +88,194 @@ FPS = 2  # frames are decoded at 2 fps (spec §0)
 FRAMES_PER_TOKEN = 2  # one Conv3d tubelet = one temporal token = 1 s
 STEP = 1.0 / FPS  # 0.5 s: the grid of labels, merged predictions and NMS windows
 SPLITS = ("train", "valid", "test", "challenge")  # official split names (spec §3)
+
+
+# ---- 2. Arguments ----
+@dataclass
+class Args:
+    # run
+    output_dir: str = ""
+    """args.json, log.jsonl, the stage checkpoints, predictions, summary.json (default
+    runs/comedian-<time>)"""
+    seed: int = 42
+    """random seed (the code's seeds are 42, 203 and 666; T averages the three)"""
+    stage: Literal["all", "spatial", "features", "distill", "finetune", "spot"] = "all"
+    """spatial (stage 1), features (a teacher bank from the stage-1 ViT, for data without
+    one), distill (stage 2), finetune (stage 3: phase A head only, then phase B all), spot
+    (inference and the metric); all: each in turn, each from the previous one's file"""
+    max_steps: int = 0
+    """stop every training loop after this many steps (0: its epochs)"""
+    log_every: int = 50
+    """steps between log lines"""
+    ckpt_every: int = 1000
+    """steps between checkpoints (and at the end of each loop)"""
+    resume: str = ""
+    """resume the (single) stage from this checkpoint; automatic from <output-dir> anyway"""
+    init_from: str = ""
+    """weights the first stage run starts from: distill: a stage-1 file (our spatial.pt or
+    eztorch's `trunk.*`), or "random" (T's "none" row); finetune: distill.pt or an eztorch
+    stage-2 file (`trunk.transformer.*`), or "random"; spot: finetune.pt or a released
+    COMEDIAN checkpoint. Default: the previous stage's file in --output-dir"""
+    bench: bool = False
+    """time the training step of each stage on random tensors at the configured shapes"""
+    # data
+    data: str = ""
+    """SoccerNet-v2 root: <game>/{1,2}_224p.mkv (or 2-fps frame folders {1,2}_224p/),
+    <game>/Labels-v2.json, and <split>.txt game lists; empty: the synthetic set (demo)"""
+    train_splits: tuple[str, ...] = ("train",)
+    """splits the stages train on (T: train for validation numbers, train valid for test)"""
+    eval_split: str = "valid"
+    """split that `spot` predicts and scores (the code's "val" is the evaluator's "valid")"""
+    video_name: str = "224p"
+    """a half is {half}_{video_name}.mkv, or the frame folder {half}_{video_name}/ (2 fps,
+    00000001.jpg is t = 0, as the official extraction writes)"""
+    teacher_dir: str = ""
+    """root of the teacher bank <game>/{half}_<teacher_name>.npy (default: --data, where
+    SoccerNet ships them; stage `features` writes <output-dir>/teacher)"""
+    teacher_name: str = "baidu_soccer_embeddings"
+    """teacher feature files {half}_<name>.npy, one row per 1/teacher_fps s (spec §3);
+    "stage1": stage `features` writes them from our stage-1 trunk (the demo's teacher)"""
+    teacher_fps: float = 1.0
+    """rows per second of the teacher features (Baidu: 1)"""
+    num_workers: int = 8
+    """DataLoader worker processes per GPU"""
+    max_fail_fraction: float = 0.05
+    """abort when more than this fraction of windows cannot be decoded"""
+    # model
+    embed_dim: int = 192
+    """ViViT width D (ViViT-T 192, ViViT-S 384; spec §2)"""
+    depth: int = 12
+    """spatial transformer blocks"""
+    num_heads: int = 3
+    """spatial heads (T 3, S 6)"""
+    temporal_depth: int = 6
+    """temporal transformer blocks (config default 4; documented commands and best: 6)"""
+    temporal_heads: int = 3
+    """temporal heads (T 3, S 6)"""
+    patch_size: int = 16
+    """spatial patch; the tubelet is 2 frames x patch x patch"""
+    img_size: int = 224
+    """frames are squashed to img_size^2 (stages 2, 3, inference) or cropped (stage 1)"""
+    drop_path: float = 0.1
+    """stochastic depth, linear 0 -> this over each transformer"""
+    window: float = 64.0
+    """seconds per clip in stages 2, 3 and inference (T_g = 2 x window frames, T_l = window
+    tokens; T's ablations use 32)"""
+    # stage 1: spatial MoCo (SCE with lambda = 1)
+    spatial_epochs: int = 100
+    """stage-1 epochs (T 100; the config says 200, the docs load epoch 99)"""
+    spatial_base_lr: float = 5e-4
+    """stage-1 AdamW lr per 256 clips (x B/256 = 2e-3 at 1024)"""
+    spatial_batch_size: int = 512
+    """1-s clips per GPU (2 GPUs x 512 = the official 1,024)"""
+    spatial_warmup_epochs: int = 10
+    """linear warmup from 0"""
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    """stage-1 RandomResizedCrop scale (configs/transform/crops/soccernet.yaml)"""
+    crop_ratio: tuple[float, float] = (1.3275, 2.2125)
+    """stage-1 RandomResizedCrop aspect ratio"""
+    queue_size: int = 65536
+    """stage-1 queue of keys (a multiple of 2 x global batch)"""
+    proj_hidden: int = 1024
+    """projector 192 -> 1024 -> 1024 -> out and predictor 256 -> 1024 -> 256 (GELU, no BN)"""
+    proj_dim: int = 256
+    """stage-1 projection size"""
+    tau: float = 0.1
+    """online temperature, stages 1 and 2 (Eqs. 6.2, 6.5)"""
+    ema_m0: float = 0.99
+    """stage-1 EMA momentum, cosine to 1"""
+    # stage 2: distillation
+    distill_epochs: int = 100
+    """stage-2 epochs"""
+    distill_base_lr: float = 4e-3
+    """stage-2 lr per 256 windows (C 4e-3 = T 2e-3 x 128/64 frames; x 32/256 = 5e-4)"""
+    distill_batch_size: int = 16
+    """windows per GPU (2 GPUs x 16 = the official 32 for 64-s windows)"""
+    distill_warmup_epochs: int = 10
+    """linear warmup from 0.01 x peak; the cosine ends at 0.01 x peak"""
+    distill_windows: int = 76
+    """windows per game and epoch, half per half, one jittered window per segment (C 76)"""
+    distill_queue_size: int = 65536
+    """queue of teacher features (a multiple of global batch x window tokens)"""
+    pca_dim: int = 512
+    """teacher features: z-scored, PCA to this size on the training halves (spec §1)"""
+    lam: float = 0.5
+    """lambda: weight of the one-hot positive in the target (Eq. 6.3)"""
+    tau_m: float = 0.05
+    """teacher temperature (C 0.05, T 0.07; Eq. 6.4)"""
+    mask_ratio: float = 0.25
+    """alpha_1: fraction of frames dropped in stage 2 (whole tubelets)"""
+    # stage 3: fine-tuning for spotting
+    head_epochs: int = 30
+    """phase A: classifier only, trunk frozen in eval mode"""
+    ft_epochs: int = 20
+    """phase B: everything (ViViT: 20)"""
+    ft_base_lr: float = 1e-3
+    """stage-3 lr per 256 windows (x 64/256 = 2.5e-4), both phases, no warmup"""
+    ft_batch_size: int = 32
+    """windows per GPU (2 GPUs x 32 = the official 64)"""
+    ft_windows: int = 50
+    """windows per game and epoch (25 per half, first and last forced, the others
+    non-overlapping)"""
+    ft_mask_ratio: float = 0.25
+    """alpha_2: frames dropped in phase B"""
+    mixup_alpha: float = 0.1
+    """mixup lambda ~ Beta(a, a) per window"""
+    final_lr_ratio: float = 0.01
+    """stages 2 and 3: the cosine ends at this x peak"""
+    weight_decay: float = 0.05
+    """AdamW weight decay; none on norms, biases, embeddings, tokens (spec §4)"""
+    clip_grad: float = 1.0
+    """gradient-norm clipping, every stage"""
+    # system
+    device: str = "auto"
+    """cuda if available, else cpu"""
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
+    """autocast (auto: bf16 on CUDA, none on CPU; the code trains in fp16)"""
+    compile: bool = False
+    """torch.compile the trunks"""
+    threads: int = 0
+    """torch CPU threads (0: torch's default)"""
+    # inference and metric
+    remove_s: float = 12.0
+    """edge removal: seconds dropped at each window edge (T best 12; T default 6)"""
+    official_end: bool = True
+    """replicate the official end-of-half quirk of edge removal (spec §7.7)"""
+    merge: Literal["max", "average"] = "max"
+    """how overlapping windows merge"""
+    nms: Literal["soft", "hard"] = "soft"
+    """per-class NMS (T best: soft)"""
+    nms_window: int = 20
+    """NMS window in 0.5-s indices (20 = 10 s)"""
+    nms_threshold: float = 0.001
+    """NMS score threshold"""
+    metric: Literal["tight", "loose", "at1", "at2", "at3", "at4", "at5"] = "tight"
+    """the spotting metric reported first (the summary holds tight and loose)"""
+    eval_random_init: bool = False
+    """also fine-tune and score a randomly initialised trunk (the demo's baseline)"""
+    preset: str = ""
+    """the preset applied (set by --preset)"""
+
+
+PRESETS = {
+    # T Tab. 6.x rows (ViViT-T, 64-s clips, depth 6, alpha 0.25 / 0.25: the final model)
+    "vivit-t": dict(),
+    "vivit-s": dict(embed_dim=384, num_heads=6, temporal_heads=6),  # Tab. 6.2: 65.9
+    "vivit-t-32s": dict(window=32.0, distill_batch_size=32, ft_batch_size=64,
+                        distill_windows=150, temporal_depth=4, mask_ratio=0.0,
+                        ft_mask_ratio=0.0, distill_base_lr=2e-3, ft_base_lr=5e-4),  # ablations
+    # CPU demo: every stage small on the synthetic set (see the deviations)
+    "demo": dict(embed_dim=64, depth=4, num_heads=4, temporal_depth=2, temporal_heads=4,
+                 patch_size=8, img_size=32, window=16.0, drop_path=0.0,
+                 spatial_epochs=6, spatial_batch_size=32, spatial_warmup_epochs=1,
+                 spatial_base_lr=4e-3, queue_size=256, proj_hidden=256, proj_dim=64,
+                 distill_epochs=10, distill_batch_size=8, distill_warmup_epochs=1,
+                 distill_windows=8, distill_queue_size=1024, distill_base_lr=4e-2,
+                 head_epochs=10, ft_epochs=10, ft_batch_size=8, ft_windows=6,
+                 ft_base_lr=2e-2, remove_s=3.0, nms_window=8, teacher_name="stage1",
+                 num_workers=1, log_every=20, ckpt_every=500, amp="none",
+                 eval_random_init=True),
+}
 
 
 # ---- 3. Data ----
@@ -137,6 +359,536 @@ def token_times(frame_times: torch.Tensor) -> torch.Tensor:
     return frame_times.reshape(*lead, t // FRAMES_PER_TOKEN, FRAMES_PER_TOKEN).mean(-1)
 
 
+MEAN, STD = (0.45, 0.45, 0.45), (0.225, 0.225, 0.225)  # spec §1 (normalize)
+
+
+class Half(NamedTuple):
+    """One half of a game: its video (file or 2-fps frame folder), its duration D in s,
+    its frame count on the 2-fps grid (floor(2D)) and its annotations."""
+    game: str
+    half: int
+    path: str
+    duration: float
+    annotations: list
+
+
+def data_root(args: Args) -> Path:
+    """--data, or the synthetic SoccerNet-format set (written once into the cache)."""
+    if not args.data:
+        return synthetic.soccernet()
+    if not os.path.isdir(args.data):
+        raise FileNotFoundError(f"--data {args.data}: no such folder")
+    return Path(args.data)
+
+
+def read_split(root: PathLike, split: str) -> list:
+    """Games of `<root>/<split>.txt` (one `league/season/game` per line, blank lines and
+    `#` comments skipped), as `SoccerNet.utils.getListGames(split)` lists them."""
+    path = Path(root) / f"{split}.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no game list for split {split!r} (write one game "
+                                f"folder per line, e.g. from SoccerNet.utils.getListGames)")
+    games = [ln.strip() for ln in path.read_text().splitlines()
+             if ln.strip() and not ln.lstrip().startswith("#")]
+    for k, g in enumerate(games):
+        if not (Path(root) / g).is_dir():
+            raise cli.InputError(f"{path}:{k + 1}: game folder {Path(root) / g} not found")
+    return games
+
+
+def read_halves(root: PathLike, games: Sequence[str], args: Args) -> list:
+    """The `Half`s of `games`: `{half}_{video_name}.mkv` or the frame folder of that name;
+    D = frames / fps of the file (2-fps folders: frames / 2, the official correction)."""
+    out = []
+    for game in games:
+        annotations = parse_labels(Path(root) / game / "Labels-v2.json")
+        for half in (1, 2):
+            base = Path(root) / game / f"{half}_{args.video_name}"
+            if base.is_dir():
+                path, duration = str(base), video.frame_folder_length(base) / FPS
+            elif base.with_suffix(".mkv").is_file():
+                path = str(base.with_suffix(".mkv"))
+                meta = video.video_meta(path)
+                duration = meta.num_frames / meta.fps
+            else:
+                raise FileNotFoundError(f"{base}.mkv: no such video (nor frame folder)")
+            out.append(Half(game, half, path, duration, annotations))
+    return out
+
+
+def read_frames_2fps(h: Half, start: float, n: int) -> torch.Tensor:
+    """Frames start + i / 2 s, i < n, of a half as uint8 (n, 3, H, W): from a file the frame
+    on screen at that time (PyAV, seeking once), from a folder file round(2t) (clamped)."""
+    times = [start + i * STEP for i in range(n)]
+    if os.path.isdir(h.path):
+        x = video.read_frame_folder(h.path, [round(t * FPS) for t in times])
+    else:
+        x = video.read_frames_at(h.path, times)
+    return x.permute(0, 3, 1, 2)
+
+
+def _colour(brightness, contrast, saturation, hue, p=0.8):
+    return v2.RandomApply([v2.ColorJitter(brightness, contrast, saturation, hue)], p=p)
+
+
+def _blur(size: int, p: float):
+    return v2.RandomApply([v2.GaussianBlur(augment.blur_kernel(size), (0.1, 2.0))], p=p)
+
+
+def transform(kind: str, args: Args) -> v2.Compose:
+    """Per-clip augmentation of uint8 (T, 3, H, W) -> normalised float (T, 3, S, S), one draw
+    for all the frames (spec §1; torchvision v2 in place of eztorch's GPU torchaug):
+    "spatial-a"/"spatial-b": stage 1, RandomResizedCrop + BYOL strong-alpha / strong-beta
+    (blur p 1 / 0.1, solarize p 0 / 0.2); "distill": squash, jitter (.8, .8, .4, .2) p .8,
+    grayscale .2, blur .5, solarize .2, flip; "finetune": squash, jitter (.4, .4, .4, 0)
+    p .8, blur .5, flip; "eval": squash only."""
+    s = args.img_size
+    squash = v2.Resize((s, s), antialias=True)
+    if kind in ("spatial-a", "spatial-b"):
+        b = kind == "spatial-b"
+        ops = [v2.RandomResizedCrop(s, scale=args.crop_scale, ratio=args.crop_ratio,
+                                    antialias=True), v2.ToDtype(torch.float32, scale=True),
+               _colour(0.4, 0.4, 0.2, 0.1), v2.RandomGrayscale(0.2), _blur(s, 0.1 if b else 1.0)]
+        ops += [v2.RandomSolarize(0.5, p=0.2)] if b else []
+    elif kind == "distill":
+        ops = [squash, v2.ToDtype(torch.float32, scale=True), _colour(0.8, 0.8, 0.4, 0.2),
+               v2.RandomGrayscale(0.2), _blur(s, 0.5), v2.RandomSolarize(0.5, p=0.2)]
+    elif kind == "finetune":
+        ops = [squash, v2.ToDtype(torch.float32, scale=True), _colour(0.4, 0.4, 0.4, 0.0),
+               _blur(s, 0.5)]
+    elif kind == "eval":
+        return v2.Compose([squash, v2.ToDtype(torch.float32, scale=True),
+                           v2.Normalize(MEAN, STD)])
+    else:
+        raise ValueError(f"transform: unknown kind {kind!r}")
+    return v2.Compose(ops + [v2.RandomHorizontalFlip(0.5), v2.Normalize(MEAN, STD)])
+
+
+class SpatialClips(Dataset):
+    """Stage 1 (`SlidingWindowSoccerNetClipSampler(1, 0)`): every non-overlapping 1-s clip
+    (2 frames) of the halves, decoded once, two views (3, 2, S, S) with their own crop and
+    augmentation; every draw from (seed, epoch, index). `eval=True`: one squashed view, for
+    the teacher bank of stage `features`."""
+
+    def __init__(self, halves: list, args: Args, seed: int, eval: bool = False):
+        self.halves, self.seed, self.eval = halves, seed, eval
+        self.items = [(i, s) for i, h in enumerate(halves) for s in range(int(h.duration))]
+        self.views = [transform("eval", args)] if eval else \
+            [transform("spatial-a", args), transform("spatial-b", args)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key):
+        epoch, index = data.split_key(key)
+        i, second = self.items[index]
+        x = read_frames_2fps(self.halves[i], float(second), FRAMES_PER_TOKEN)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(data.sample_rng(self.seed, epoch, index).initial_seed())
+            views = [t(x).transpose(0, 1) for t in self.views]  # each (3, 2, S, S)
+        return (*views, index)
+
+
+def distill_starts(duration: float, window: float, n: int, rng: np.random.Generator) -> list:
+    """Stage 2 (`RandomWindowSoccerNetClipSampler`): n window starts in a half, one per
+    equal segment of [0, D - W], jittered uniformly inside it and floored to the 0.5-s grid."""
+    room = max(duration - window, 0.0)
+    u = rng.random(n)
+    return [math.floor((room * (k + u[k]) / n) / STEP) * STEP for k in range(n)]
+
+
+def finetune_starts(duration: float, window: float, n: int, rng: np.random.Generator) -> list:
+    """Stage 3 (`UniformWindowWithoutOverlapSoccerNetClipSampler`): [0, W] and
+    [D - W, D] always, then n - 2 starts on the 0.5-s grid in [W/2, D - 3W/2), mutually
+    non-overlapping (uniform over such sets), which may overlap the two forced windows
+    (spec §1 Stage 3). Raises InputError when n - 2 windows do not fit."""
+    last = math.floor((duration - window) / STEP) * STEP
+    starts = [0.0, max(last, 0.0)][:n]
+    k = n - 2
+    if k <= 0:
+        return starts
+    lo, hi = math.ceil(window / 2 / STEP), math.floor((duration - 1.5 * window) / STEP)
+    w = round(window / STEP)  # a window in grid steps
+    free = (hi - lo) - (k - 1) * (w - 1)  # positions left once the gaps are reserved
+    if free < k:
+        raise cli.InputError(f"{n} windows of {window:g} s per half do not fit a {duration:.1f}"
+                             f"-s half without overlap: lower --ft-windows")
+    v = np.sort(rng.choice(free, size=k, replace=False))
+    return starts + [(lo + int(v[j]) + j * (w - 1)) * STEP for j in range(k)]
+
+
+class TeacherBank:
+    """Stage 2's teacher: per-half feature files `{half}_<name>.npy` (T, F), z-scored and
+    projected by a PCA fitted on the training halves (spec §1 Stage 2: `pca_features`), read
+    lazily (memory-mapped) and projected per window. `pca` = {"mean", "std", "components"}."""
+
+    def __init__(self, root: PathLike, name: str, fps: float, pca: dict):
+        self.root, self.name, self.fps, self.pca = Path(root), name, fps, pca
+
+    def path(self, h: Half) -> Path:
+        return self.root / h.game / f"{h.half}_{self.name}.npy"
+
+    def window(self, h: Half, start: float, tokens: int) -> torch.Tensor:
+        """(tokens, P) projected features; token j takes row floor((start + j) x fps), its
+        first frame's second (C: floor(frame_idx[2j] / 2); spec §7.11), clamped."""
+        feats = np.load(self.path(h), mmap_mode="r")
+        rows = [min(math.floor((start + j) * self.fps + 1e-9), len(feats) - 1)
+                for j in range(tokens)]
+        x = torch.from_numpy(np.asarray(feats[rows], dtype=np.float64))
+        z = (x - self.pca["mean"]) / self.pca["std"]
+        return (z @ self.pca["components"]).float()
+
+
+def fit_pca(paths: Sequence[PathLike], dim: int) -> dict:
+    """Z-score each dimension over all rows of the `paths` (.npy, (T, F)), then PCA without
+    whitening (sklearn `PCA(dim)` of `pca_features`), streamed: the sums and the F x F Gram
+    matrix are accumulated in float64, one file at a time. Returns mean (F,), std (F,) and
+    components (F, min(dim, F)) ordered by decreasing variance."""
+    n, s1, s2 = 0, None, None
+    for p in paths:
+        x = torch.from_numpy(np.load(p).astype(np.float64))
+        if x.ndim != 2:
+            raise cli.InputError(f"{p}: teacher features must be (T, F), got {tuple(x.shape)}")
+        s1 = x.sum(0) if s1 is None else s1 + x.sum(0)
+        s2 = x.T @ x if s2 is None else s2 + x.T @ x
+        n += len(x)
+    if not n:
+        raise cli.InputError("fit_pca: no teacher features to fit")
+    mean = s1 / n
+    cov = s2 / n - torch.outer(mean, mean)
+    std = cov.diagonal().clamp_min(0).sqrt()
+    std = torch.where(std > 0, std, torch.ones_like(std))  # StandardScaler keeps constants
+    corr = cov / torch.outer(std, std)  # covariance of the z-scored features
+    values, vectors = torch.linalg.eigh(corr)
+    order = values.argsort(descending=True)[:min(dim, len(mean))]
+    return {"mean": mean, "std": std, "components": vectors[:, order].contiguous()}
+
+
+class Windows(Dataset):
+    """Stages 2 and 3: `per_game` windows of `window` s per game and epoch (half from each
+    half), re-drawn every epoch from (seed, epoch, half); item = (frames (3, 2W, S, S),
+    target, index) with target the teacher features (W, P) (stage 2, `bank`) or the token
+    labels (W, 17) (stage 3)."""
+
+    def __init__(self, halves: list, args: Args, kind: str, per_game: int, seed: int,
+                 bank: TeacherBank | None = None):
+        if per_game % 2:
+            raise cli.InputError(f"windows per game must be even (one half each), got {per_game}")
+        self.halves, self.args, self.kind, self.seed, self.bank = halves, args, kind, seed, bank
+        self.per_half = per_game // 2
+        self.transform = transform(kind, args)
+        self.frame_y = [frame_labels(h.annotations, h.half, math.floor(h.duration * FPS))
+                        for h in halves] if kind == "finetune" else None
+        for h in halves:  # a sampling that cannot work is the user's error, said now
+            (distill_starts if kind == "distill" else finetune_starts)(
+                h.duration, args.window, self.per_half, np.random.default_rng(0))
+
+    def __len__(self) -> int:
+        return len(self.halves) * self.per_half
+
+    def start(self, epoch: int, index: int) -> float:
+        i, k = divmod(index, self.per_half)
+        h, rng = self.halves[i], data.sample_np_rng(self.seed, epoch, 10**6 + i)
+        draw = distill_starts if self.kind == "distill" else finetune_starts
+        return draw(h.duration, self.args.window, self.per_half, rng)[k]
+
+    def __getitem__(self, key):
+        epoch, index = data.split_key(key)
+        h, start = self.halves[index // self.per_half], self.start(epoch, index)
+        tokens = int(self.args.window)
+        x = read_frames_2fps(h, start, tokens * FRAMES_PER_TOKEN)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(data.sample_rng(self.seed, epoch, index).initial_seed())
+            x = self.transform(x).transpose(0, 1)  # (3, 2W, S, S)
+        if self.kind == "distill":
+            return x, self.bank.window(h, start, tokens), index
+        y = self.frame_y[index // self.per_half]
+        first = round(start * FPS)
+        fy = torch.zeros(tokens * FRAMES_PER_TOKEN, NUM_CLASSES)
+        part = y[first:first + len(fy)]
+        fy[:len(part)] = part
+        return x, token_labels(fy), index
+
+
+def make_loader(ds: Dataset, batch_size: int, args: Args, train: bool):
+    """Shuffled full batches keyed (epoch, index) for training, each sample once in order for
+    evaluation; the loader's own generator (`data.make_loader`)."""
+    return data.make_loader(ds, batch_size, train, args.seed, args.num_workers)
+
+
+# ---- 4. Model ----
+
+def _init_weights(module: nn.Module) -> None:
+    """timm rules (spec §2): Linear trunc-normal .02 / bias 0, LayerNorm 1 / 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class Transformer(nn.Module):
+    """`blocks` (pre-LN timm blocks, qkv bias, MLP x4, drop-path linear 0 -> drop_path) and
+    a final `norm` (eps 1e-6): (N, L, D) -> (N, L, D)."""
+
+    def __init__(self, dim: int, depth: int, heads: int, drop_path: float):
+        super().__init__()
+        rates = torch.linspace(0, drop_path, depth).tolist()
+        self.blocks = nn.ModuleList(vit.Block(dim, heads, drop_path=r) for r in rates)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+
+def _tubelets(patch_embed: vit.TubeletEmbed, x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 2K, H, W) -> (B K, N, D): each 2-frame tubelet's patch tokens."""
+    t = patch_embed.proj(x)  # (B, D, K, H/p, W/p)
+    B, D, K = t.shape[:3]
+    return t.permute(0, 2, 3, 4, 1).reshape(B * K, -1, D)
+
+
+class SpatialViT(nn.Module):
+    """Stage 1's trunk: a ViT on one 2-frame tubelet (Conv3d (2, p, p) patch embed), CLS,
+    learned pos_embed (1, 1 + N, D), blocks, norm; (B, 3, 2, S, S) -> CLS (B, D). Key names
+    are timm's (`blocks.i`, `cls_token`, ...), as eztorch's stage-1 `trunk.*` (spec §8)."""
+
+    def __init__(self, args: Args):
+        super().__init__()
+        D, n = args.embed_dim, (args.img_size // args.patch_size) ** 2
+        self.patch_embed = vit.TubeletEmbed(FRAMES_PER_TOKEN, args.patch_size, 3, D)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n, D))
+        tr = Transformer(D, args.depth, args.num_heads, args.drop_path)
+        self.blocks, self.norm = tr.blocks, tr.norm
+        _init_weights(self)
+        nn.init.kaiming_normal_(self.patch_embed.proj.weight, mode="fan_in")
+        for p in (self.cls_token, self.pos_embed):
+            nn.init.trunc_normal_(p, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = _tubelets(self.patch_embed, x)  # (B, N, D) for 2-frame clips
+        t = torch.cat([self.cls_token.expand(len(t), -1, -1), t], 1) + self.pos_embed
+        for blk in self.blocks:
+            t = blk(t)
+        return self.norm(t)[:, 0]
+
+
+class ViViT(nn.Module):
+    """ViViT "model 2", the factorised encoder (spec §2, eztorch `trunks/vivit.py`).
+
+    (B, 3, 2T, S, S) frames -> (B, T, D) tokens: each 2-frame tubelet -> spatial ViT (CLS +
+    pos_embed, `spatial_transformer`) -> its CLS; in train mode with `mask_ratio` > 0 (or
+    given `keep`, (B, K) token indices) only the kept tubelets are encoded and
+    `temporal_mask_token` fills the others; + `time_embed` (1, T, D) -> `temporal_transformer`.
+    Official parameter names, so released weights load (spec §8)."""
+
+    def __init__(self, args: Args, mask_ratio: float = 0.0):
+        super().__init__()
+        D, n, T = args.embed_dim, (args.img_size // args.patch_size) ** 2, int(args.window)
+        self.num_tokens, self.mask_ratio = T, mask_ratio
+        self.patch_embed = vit.TubeletEmbed(FRAMES_PER_TOKEN, args.patch_size, 3, D)
+        self.spatial_cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n, D))
+        self.time_embed = nn.Parameter(torch.zeros(1, T, D))
+        self.temporal_mask_token = nn.Parameter(torch.zeros(1, 1, D))  # zero-init (spec §1)
+        self.spatial_transformer = Transformer(D, args.depth, args.num_heads, args.drop_path)
+        self.temporal_transformer = Transformer(D, args.temporal_depth, args.temporal_heads,
+                                                args.drop_path)
+        _init_weights(self)
+        nn.init.kaiming_normal_(self.patch_embed.proj.weight, mode="fan_in")
+        for p in (self.spatial_cls_token, self.pos_embed, self.time_embed):
+            nn.init.trunc_normal_(p, std=0.02)
+
+    def spatial(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 2K, S, S) -> the tubelets' CLS tokens (B, K, D)."""
+        B = x.shape[0]
+        t = _tubelets(self.patch_embed, x)  # (B K, N, D)
+        t = torch.cat([self.spatial_cls_token.expand(len(t), -1, -1), t], 1) + self.pos_embed
+        return self.spatial_transformer(t)[:, 0].reshape(B, -1, t.shape[-1])
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        B, T = x.shape[0], self.num_tokens
+        if x.shape[2] != T * FRAMES_PER_TOKEN:
+            raise ValueError(f"ViViT: expected {T * FRAMES_PER_TOKEN} frames, got {x.shape[2]}")
+        if keep is None and self.training and self.mask_ratio > 0:
+            keep = temporal_mask(B, T, self.mask_ratio).to(x.device)  # spec §7.3: train only
+        if keep is None:
+            h = self.spatial(x)  # (B, T, D)
+        else:  # masked tubelets skip the spatial encoder (pitfall 3)
+            S = x.shape[-1]
+            tubes = x.reshape(B, 3, T, FRAMES_PER_TOKEN, S, S)
+            idx = keep[:, None, :, None, None, None].expand(-1, 3, -1, FRAMES_PER_TOKEN, S, S)
+            kept = self.spatial(tubes.gather(2, idx).flatten(2, 3))  # (B, K, D)
+            D = kept.shape[-1]
+            h = torch.scatter(self.temporal_mask_token.expand(B, T, D).to(kept.dtype), 1,
+                              keep[..., None].expand(-1, -1, D), kept)
+        return self.temporal_transformer(h + self.time_embed)  # (B, T, D)
+
+
+def mlp(in_dim: int, hidden: int, layers: int, out_dim: int, last_bias: bool = True):
+    """eztorch MLP head without BN: (Linear, GELU) x layers, Linear(out_dim)."""
+    mods, d = [], in_dim
+    for _ in range(layers):
+        mods += [nn.Linear(d, hidden), nn.GELU()]
+        d = hidden
+    mods.append(nn.Linear(d, out_dim, bias=last_bias))
+    out = nn.Sequential(*mods)
+    _init_weights(out)
+    return out
+
+
+class Queue(nn.Module):
+    """A FIFO of L2-normalised keys (M, P) in buffers, random unit vectors at start (the same
+    on every rank), fed after the loss with the keys of all ranks."""
+
+    def __init__(self, size: int, dim: int, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("queue", F.normalize(torch.randn(size, dim, generator=g), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor, flag: str) -> None:
+        keys = dist.all_gather(keys)
+        n, m = len(keys), len(self.queue)
+        if m % n:
+            raise cli.InputError(f"{flag} {m} must be a multiple of the keys enqueued per step "
+                                 f"({n})")
+        rows = (self.queue_ptr + torch.arange(n, device=keys.device)) % m
+        self.queue.index_copy_(0, rows, keys.to(self.queue.dtype))
+        self.queue_ptr.add_(n).remainder_(m)
+
+
+class SpatialMoCo(nn.Module):
+    """Stage 1 (spec §1): online trunk + projector (D -> h -> h -> 256) + predictor
+    (256 -> h -> 256, no last bias); EMA `trunk_m` + `projector_m`; a queue of keys.
+    `forward(v1, v2) -> (loss, keys (2B, 256))`: Eq. 6.2 symmetrised, both views in one
+    pass ("mutual_pass"), against the queue as it was before the step."""
+
+    def __init__(self, args: Args):
+        super().__init__()
+        self.args = args
+        self.trunk = SpatialViT(args)
+        self.projector = mlp(args.embed_dim, args.proj_hidden, 2, args.proj_dim)
+        self.predictor = mlp(args.proj_dim, args.proj_hidden, 1, args.proj_dim, last_bias=False)
+        self.trunk_m, self.projector_m = copy.deepcopy(self.trunk), copy.deepcopy(self.projector)
+        for p in [*self.trunk_m.parameters(), *self.projector_m.parameters()]:
+            p.requires_grad = False
+        self.memory = Queue(args.queue_size, args.proj_dim, args.seed)
+
+    def forward(self, v1: torch.Tensor, v2: torch.Tensor):
+        a, x = self.args, torch.cat([v1, v2])
+        q1, q2 = F.normalize(self.predictor(self.projector(self.trunk(x))), dim=1).chunk(2)
+        with torch.no_grad():
+            k1, k2 = F.normalize(self.projector_m(self.trunk_m(x)), dim=1).chunk(2)
+        queue = self.memory.queue.clone()
+        loss = (sce_loss(q2, k1, queue, 1.0, a.tau) + sce_loss(q1, k2, queue, 1.0, a.tau)) / 2
+        return loss, torch.cat([k1, k2])
+
+
+class Distiller(nn.Module):
+    """Stage 2 (spec §1): ViViT (temporal masking alpha_1 in train mode) + projector
+    (D -> h -> h -> P, GELU, no BN) on every token; a queue of teacher features.
+    `forward(x, p) -> loss`: Eqs. 6.3-6.6 (`sce_token_loss`) on (B, T, P)."""
+
+    def __init__(self, args: Args, teacher_dim: int):
+        super().__init__()
+        self.args = args
+        self.trunk = ViViT(args, args.mask_ratio)
+        self.projector = mlp(args.embed_dim, args.proj_hidden, 2, teacher_dim)
+        self.memory = Queue(args.distill_queue_size, teacher_dim, args.seed)
+
+    def forward(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        q = F.normalize(self.projector(self.trunk(x)), dim=-1)  # (B, T, P)
+        return sce_token_loss(q, p, self.memory.queue.clone(), self.args.lam, self.args.tau,
+                              self.args.tau_m)
+
+
+class LinearHead(nn.Module):
+    """eztorch `LinearHead`: `layers.0` = Linear(D, 17), weight N(0, 0.01), bias 0."""
+
+    def __init__(self, dim: int, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(dim, num_classes))
+        nn.init.normal_(self.layers[0].weight, std=0.01)
+        nn.init.zeros_(self.layers[0].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class Spotter(nn.Module):
+    """Stage 3 (spec §1): ViViT (alpha_2 masking in train mode) + one linear classifier per
+    token: (B, 3, 2T, S, S) -> logits (B, T, 17)."""
+
+    def __init__(self, args: Args):
+        super().__init__()
+        self.trunk = ViViT(args, args.ft_mask_ratio)
+        self.head_class = LinearHead(args.embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head_class(self.trunk(x))
+
+
+def build_model(args: Args, stage: str = "finetune", teacher_dim: int = 512) -> nn.Module:
+    """The model of a stage: SpatialMoCo (spatial), Distiller (distill), Spotter (else)."""
+    if stage == "spatial":
+        return SpatialMoCo(args)
+    if stage == "distill":
+        return Distiller(args, teacher_dim)
+    return Spotter(args)
+
+
+def vivit_from_spatial(sd: dict, temporal_depth: int) -> dict:
+    """Stage-1 trunk keys -> ViViT keys (`init_from_torch_vit`, copy_strategy "repeat"; spec
+    §2): blocks.i -> spatial_transformer.blocks.i, and blocks i < temporal_depth also ->
+    temporal_transformer.blocks.i; norm -> both final norms; cls_token -> spatial_cls_token;
+    pos_embed and patch_embed as they are (a 2-D patch kernel is repeated over the 2 frames
+    and halved). time_embed and the mask token are not set (fresh, and 0)."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("blocks."):
+            i = int(k.split(".")[1])
+            out["spatial_transformer." + k] = v
+            if i < temporal_depth:
+                out["temporal_transformer." + k] = v.clone()
+        elif k.startswith("norm."):
+            out["spatial_transformer." + k] = v
+            out["temporal_transformer." + k] = v.clone()
+        elif k == "cls_token":
+            out["spatial_cls_token"] = v
+        elif k == "patch_embed.proj.weight" and v.dim() == 4:
+            out[k] = v[:, :, None].repeat(1, 1, FRAMES_PER_TOKEN, 1, 1) / FRAMES_PER_TOKEN
+        else:
+            out[k] = v
+    return out
+
+
+def load_trunk(path: str, args: Args) -> dict:
+    """The ViViT state dict a stage starts from (read with weights_only): from a stage-1 file
+    (our spatial.pt `model` -> `trunk.*`, or eztorch's `state_dict` -> `trunk.*`) mapped by
+    `vivit_from_spatial` when the next stage is distill; else from a stage-2/3 file (ours:
+    `trunk.*`; eztorch Lightning: `trunk.transformer.*`). Raises CheckpointError."""
+    ckpt = checkpoint.load(path)
+    sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict):
+        raise checkpoint.CheckpointError(f"{path}: no state dict in it")
+    sd = checkpoint.clean_state_dict(sd)
+    for prefix in ("trunk.transformer.", "trunk."):
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            break
+    if "blocks.0.attn.qkv.weight" in sd:  # a stage-1 ViT
+        sd = vivit_from_spatial(sd, args.temporal_depth)
+    return sd
+
+
 # ---- 5. Losses and masking ----
 
 def sce_token_loss(q: torch.Tensor, p: torch.Tensor, queue: torch.Tensor, lam: float = 0.5,
@@ -180,6 +932,80 @@ def temporal_mask(batch: int, tokens: int, ratio: float,
     n_drop = math.floor(ratio * tokens * FRAMES_PER_TOKEN) // FRAMES_PER_TOKEN
     order = torch.rand(batch, tokens, generator=generator).argsort(1)
     return order[:, n_drop:].sort(1).values
+
+
+def sce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, lam: float = 1.0,
+             tau: float = 0.1, tau_m: float = 0.05) -> torch.Tensor:
+    """Stage 1's loss: SCE on clips (Eqs. 4.5-4.10) with the code's lambda = 1, i.e. MoCo's
+    InfoNCE (thesis Eqs. 6.1-6.2): CE([q . k, q . Q] / tau, 0); negatives only from the
+    queue (`use_keys=False`). q, k: (B, D) L2-normalised; queue (M, D). In fp32."""
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, queue = q.float(), k.float(), queue.float()
+        pos = (q * k).sum(1, keepdim=True)  # (B, 1)
+        logits_q = torch.cat([pos, q @ queue.T], 1) / tau  # Eq. 6.2
+        w = (1 - lam) * torch.cat([torch.zeros_like(pos), k @ queue.T], 1).div(tau_m).softmax(1)
+        w[:, 0] += lam  # lambda = 1: the one-hot target of InfoNCE
+        return -(w * logits_q.log_softmax(1)).sum(1).mean()
+
+
+def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple:
+    """Stage 3's mixup (spec §1, pitfall 10): lambda_b ~ Beta(alpha, alpha) per window and one
+    random permutation per batch (torch's global RNG); x (B, ...) -> lambda x + (1 - lambda)
+    x[perm]. Returns (mixed x, y, y[perm], lambda (B,))."""
+    B = x.shape[0]
+    lam = torch.distributions.Beta(alpha, alpha).sample((B,)).to(x.device)
+    perm = torch.randperm(B).to(x.device)
+    shape = (B,) + (1,) * (x.dim() - 1)
+    return lam.view(shape) * x + (1 - lam.view(shape)) * x[perm], y, y[perm], lam
+
+
+def mixup_bce(logits: torch.Tensor, y: torch.Tensor, y_perm: torch.Tensor,
+              lam: torch.Tensor) -> torch.Tensor:
+    """sum_b lam_b BCE(logits_b, y_b) / N + sum_b (1 - lam_b) BCE(logits_b, y_perm_b) / N
+    with N = B T C, the non-ignored count (thesis Eq. 6.7 with the code's full BCE; spec §7.10);
+    = BCE against the mixed soft labels. logits, y: (B, T, C). In fp32."""
+    with torch.autocast(logits.device.type, enabled=False):
+        z = logits.float()
+
+        def per_window(t):
+            return F.binary_cross_entropy_with_logits(z, t.float(), reduction="none").flatten(1)\
+                .sum(1)
+        return (lam * per_window(y) + (1 - lam) * per_window(y_perm)).sum() / z.numel()
+
+
+# ---- 6. Training step ----
+def train_step(stage: str, model: nn.Module, batch: tuple, optimizer, amp: optim.Amp,
+               args: Args, momentum: float = 1.0) -> dict:
+    """One optimiser step of a stage (spec §1 pseudo-code), AMP forward, loss, backward,
+    clipping at args.clip_grad, step; a non-finite loss raises before the update.
+    spatial: batch (v1, v2), then the EMA (momentum) and the queue (both views' keys);
+    distill: (x, p) with p the (B, T, P) teacher features, L2-normalised here, then the queue
+    (all of p); finetune: (x, y) token labels, mixup, BCE."""
+    net = checkpoint.unwrap(model)
+    if stage == "spatial":
+        with amp.autocast():
+            loss, keys = model(*batch)
+        amp.step(loss, optimizer, args.clip_grad)
+        optim.ema_update(net.trunk_m, net.trunk, momentum, copy_buffers=False)
+        optim.ema_update(net.projector_m, net.projector, momentum, copy_buffers=False)
+        net.memory.enqueue(keys, "--queue-size")
+    elif stage == "distill":
+        x, p = batch
+        p = F.normalize(p.float(), dim=-1)
+        with amp.autocast():
+            loss = model(x, p)
+        amp.step(loss, optimizer, args.clip_grad)
+        net.memory.enqueue(p.flatten(0, 1), "--distill-queue-size")
+    elif stage == "finetune":
+        x, y = batch
+        x, y, y_perm, lam = mixup(x, y, args.mixup_alpha)
+        with amp.autocast():
+            logits = model(x)
+        loss = mixup_bce(logits, y, y_perm, lam)
+        amp.step(loss, optimizer, args.clip_grad)
+    else:
+        raise ValueError(f"train_step: unknown stage {stage!r}")
+    return {"loss": loss.detach()}
 
 
 # ---- 7. Evaluation ----
@@ -477,3 +1303,367 @@ def average_map(labels_root: PathLike, predictions_root: PathLike, games: Sequen
             "a_mAP_visible": float(means[1]), "a_mAP_per_class_visible": per_class[1].tolist(),
             "a_mAP_unshown": float(means[2] * scale),
             "a_mAP_per_class_unshown": per_class[2].tolist()}
+
+
+@torch.no_grad()
+def predict_half(model: nn.Module, h: Half, args: Args, device, amp: optim.Amp) -> torch.Tensor:
+    """Merged per-class probabilities of one half, (round(D / 0.5) - 1, 17) (spec §1
+    Inference 1-4): 64-s windows overlapping by 32 s (the last ends at floor(D)), resize and
+    normalise only, sigmoid, token j at start + j + 0.25, edge removal, max merge."""
+    tf, T = transform("eval", args), int(args.window)
+    buffer = half_buffer(h.duration)
+    starts = window_starts(h.duration, args.window, args.window / 2)
+    for i in range(0, len(starts), args.ft_batch_size):
+        chunk = starts[i:i + args.ft_batch_size]
+        x = torch.stack([tf(read_frames_2fps(h, s, T * FRAMES_PER_TOKEN)).transpose(0, 1)
+                         for s in chunk]).to(device)
+        with amp.autocast():
+            probs = model(x).float().sigmoid().cpu()  # (b, T, 17)
+        for s, p in zip(chunk, probs):
+            times = s + torch.arange(T, dtype=torch.float64) + 0.25
+            keep = edge_keep(times, args.remove_s, h.duration, args.official_end)
+            merge_window(buffer, p[keep], times[keep], args.merge)
+    return buffer
+
+
+def spot(model: nn.Module, root: Path, args: Args, device, amp: optim.Amp,
+         predictions_root: Path) -> tuple:
+    """Predict every game of --eval-split (games shared out across ranks, each predicted
+    once), write `<predictions_root>/<game>/results_spotting.json`, then score them on rank 0
+    with `average_map` (tight and loose). Returns (metrics dict, {(game, half): buffer} of
+    this rank)."""
+    games = read_split(root, args.eval_split)
+    model.eval()
+    buffers = {}
+    for game in games[dist.rank()::dist.world()]:
+        preds = []
+        for h in read_halves(root, [game], args):
+            buffers[(game, h.half)] = buf = predict_half(model, h, args, device, amp)
+            preds += spotting_predictions(buf, h.half, args.nms, args.nms_window,
+                                          args.nms_threshold)
+        write_results(predictions_root, game, preds)
+    dist.barrier()
+    metrics = {}
+    if dist.is_main():
+        for metric in dict.fromkeys([args.metric, "tight", "loose"]):
+            res = average_map(root, predictions_root, games, metric)
+            metrics[f"{metric}_a_mAP"] = 100 * res["a_mAP"]
+            if metric == args.metric:
+                metrics[f"{metric}_a_mAP_visible"] = 100 * res["a_mAP_visible"]
+                metrics[f"{metric}_a_mAP_unshown"] = 100 * res["a_mAP_unshown"]
+                present = sorted({a.label for g in games
+                                  for a in parse_labels(root / g / "Labels-v2.json")})
+                metrics[f"{metric}_a_mAP_present_classes"] = 100 * float(np.mean(
+                    [res["a_mAP_per_class"][c] for c in present]))
+    return metrics, buffers
+
+
+def save_timeline(path: str, h: Half, curves: dict, args: Args) -> None:
+    """A labelled PNG of one half: for each class with events, a ground-truth row (filled
+    tick: visible, hollow: not shown) and one row per model of `curves` ({name: (N, 17)
+    merged buffer}) with its per-second score (0-1, the max of the second's two 0.5-s
+    indices) as bars; time in seconds along the bottom. Rank 0 only."""
+    if not dist.is_main():
+        return
+    classes = sorted({a.label for a in h.annotations if a.half == h.half})
+    font = ImageFont.load_default()
+    px, left, top, row = 8, 170, 44, 22  # px per second, margins, row height
+    width = max(left + int(px * h.duration) + 20, 560)
+    height = top + len(classes) * (row * (1 + len(curves)) + 10) + 34
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    d.text((4, 4), "COMEDIAN spotting: ground truth (green; hollow = not shown) and merged "
+                   "scores (bars, 0-1)", "black", font=font)
+    d.text((4, 20), f"{h.game}, half {h.half} ({args.eval_split} split)", "black", font=font)
+    y = top
+    for c in classes:
+        d.text((4, y + 5), f"{CLASSES[c][:20]}: truth", "black", font=font)
+        for a in h.annotations:
+            if a.half == h.half and a.label == c:
+                x = left + px * a.position_ms / 1000
+                d.rectangle([x - 2, y + 3, x + 2, y + row - 3], outline="green",
+                            fill="green" if a.visible else None)
+        for name, buf in curves.items():
+            y += row
+            d.text((4, y + 5), f"  {name}", "black", font=font)
+            d.line([left, y + row - 2, width - 10, y + row - 2], fill="lightgray")
+            per_s = torch.nn.functional.pad(buf[:, c], (0, buf.shape[0] % 2)).view(-1, 2)
+            for t, v in enumerate(per_s.amax(1).tolist()):
+                x = left + px * (t + 0.5)
+                d.rectangle([x - px / 2 + 1, y + row - 2 - (row - 4) * v, x + px / 2 - 1,
+                             y + row - 2], fill="blue")
+        y += row + 10
+    for t in range(0, int(h.duration) + 1, 5):
+        x = left + px * t
+        d.line([x, y, x, y + 4], fill="black")
+        d.text((x - 4, y + 6), str(t), "black", font=font)
+    d.text((4, y + 6), "time (s)", "black", font=font)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path)
+
+
+# ---- 8. Main ----
+def optimizer_for(model: nn.Module, args: Args) -> torch.optim.Optimizer:
+    """AdamW (0.9, 0.999), wd on weights only (spec §4, pitfall 7); fused on CUDA."""
+    groups = optim.param_groups(model, args.weight_decay)
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), eps=1e-8, fused=fused)
+
+
+def wrap(model: nn.Module, args: Args) -> nn.Module:
+    if args.compile:
+        model.compile()
+    return nn.parallel.DistributedDataParallel(model) if dist.is_dist() else model
+
+
+def run_loop(stage: str, net, model: nn.Module, ds: Dataset, batch: int, epochs: int,
+             base_lr: float, warmup_epochs: float, final_ratio: float, ckpt: str, args: Args,
+             device, amp: optim.Amp, logger: log.Logger, source: str, opt=None,
+             before_step=None) -> int:
+    """One training loop (a stage or phase) keyed by its global step, checkpointed in
+    <output-dir>/<ckpt>: lr = base x B_global / 256 (spec §4), linear warmup from
+    final_ratio x peak, cosine to final_ratio x peak, per step."""
+    opt = opt or optimizer_for(model, args)
+    loop = training.Loop(make_loader(ds, batch, args, train=True), epochs,
+                         {"model": model, "optimizer": opt}, args, logger, amp,
+                         max_steps=args.max_steps, ckpt_name=ckpt, source=source,
+                         desc=f"{stage} epoch", prefix=ckpt.removesuffix(".pt"),
+                         resume_flag=None)
+    peak = base_lr * batch * dist.world() / 256
+    warmup = min(round(warmup_epochs * loop.steps_per_epoch), loop.total_steps)
+    dist.print0(f"{stage} ({ckpt}): {len(ds)} samples, {loop.steps_per_epoch} steps/epoch, "
+                f"{loop.total_steps} steps, global batch {batch * dist.world()}, peak lr "
+                f"{peak:.3g}, amp {amp.mode}")
+    loop.resume(args.resume if args.stage == stage else "")
+    for *xs, _ in loop:
+        lr = optim.cosine_schedule(loop.step, loop.total_steps, peak, warmup,
+                                   final_ratio * peak, final_ratio * peak)
+        optim.set_lr_wd(opt, lr)
+        m = optim.cosine_schedule(loop.step, max(loop.total_steps - 1, 1), args.ema_m0,
+                                  final=1.0)  # stage 1's EMA momentum 0.99 -> 1
+        net.train()
+        if before_step:
+            before_step()
+        out = train_step(stage, net, [x.to(device, non_blocking=True) for x in xs], opt, amp,
+                         args, m)
+        loop.end_step(out, {f"{loop.prefix}/lr": lr})
+    loop.check_replicas(model)
+    return loop.step
+
+
+def initial_trunk(path: str, what: str, args: Args) -> tuple:
+    """(ViViT state dict, or None for "random"; its fingerprint) a stage starts from."""
+    if path == "random":
+        return None, "random"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no {what} weights (run that stage into this "
+                                f"--output-dir, or give --init-from)")
+    sd = load_trunk(path, args)
+    return sd, checkpoint.fingerprint(sd)
+
+
+def start_file(stage: str, previous: str, args: Args) -> str:
+    """--init-from when `stage` is the one asked for, else <output-dir>/<previous>."""
+    if args.stage == stage and args.init_from:
+        return args.init_from
+    return os.path.join(args.output_dir, previous)
+
+
+def stage_spatial(root: Path, args: Args, device, amp, logger) -> int:
+    halves = read_halves(root, [g for s in args.train_splits for g in read_split(root, s)], args)
+    ds = data.SafeDataset(SpatialClips(halves, args, args.seed), args.max_fail_fraction,
+                          "1-s clips")
+    model = build_model(args, "spatial").to(device)
+    return run_loop("spatial", wrap(model, args), model, ds, args.spatial_batch_size,
+                    args.spatial_epochs, args.spatial_base_lr, args.spatial_warmup_epochs, 0.0,
+                    "spatial.pt", args, device, amp, logger, "random")
+
+
+@torch.no_grad()
+def stage_features(root: Path, args: Args, device, amp, out: Path) -> None:
+    """A teacher bank for data that has none (the demo): the stage-1 EMA trunk's CLS of every
+    1-s clip of every half, `<out>/<game>/{half}_<teacher_name>.npy` (floor(D), D) at 1 fps
+    (like the thesis' SCE-R3D50 teacher: self-supervised, spec §6 "Teacher bank")."""
+    path = os.path.join(args.output_dir, "spatial.pt")
+    model = build_model(args, "spatial")
+    checkpoint.load_model(model, checkpoint.load(path)["model"], what=path)
+    trunk = model.trunk_m.to(device).eval()
+    games = [g for s in (*args.train_splits, args.eval_split) for g in read_split(root, s)]
+    halves = read_halves(root, list(dict.fromkeys(games)), args)[dist.rank()::dist.world()]
+    for h in halves:
+        ds = SpatialClips([h], args, args.seed, eval=True)
+        feats = []
+        for x, _ in DataLoader(ds, args.spatial_batch_size, num_workers=args.num_workers):
+            with amp.autocast():
+                feats.append(trunk(x.to(device)).float().cpu())
+        target = out / h.game / f"{h.half}_{args.teacher_name}.npy"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        np.save(target, torch.cat(feats).numpy())
+    dist.barrier()
+
+
+def teacher_root(root: Path, args: Args) -> Path:
+    """--teacher-dir; else <output-dir>/teacher for the stage-1 teacher ("stage1", written by
+    stage `features`), else the data root (SoccerNet's own feature files)."""
+    if args.teacher_dir:
+        return Path(args.teacher_dir)
+    return Path(args.output_dir) / "teacher" if args.teacher_name == "stage1" else root
+
+
+def stage_distill(root: Path, args: Args, device, amp, logger, init: str) -> int:
+    halves = read_halves(root, [g for s in args.train_splits for g in read_split(root, s)], args)
+    teacher = teacher_root(root, args)
+    pca_path = os.path.join(args.output_dir, "teacher_pca.pt")
+    if dist.is_main() and not os.path.isfile(pca_path):
+        paths = [teacher / h.game / f"{h.half}_{args.teacher_name}.npy" for h in halves]
+        for p in paths:
+            if not p.is_file():
+                raise FileNotFoundError(f"{p}: teacher features missing (--teacher-dir, "
+                                        f"--teacher-name, or run --stage features)")
+        checkpoint.save(pca_path, fit_pca(paths, args.pca_dim))
+    dist.barrier()
+    pca = checkpoint.load(pca_path)
+    bank = TeacherBank(teacher, args.teacher_name, args.teacher_fps, pca)
+    ds = data.SafeDataset(Windows(halves, args, "distill", args.distill_windows, args.seed,
+                                  bank), args.max_fail_fraction, "windows")
+    model = build_model(args, "distill", pca["components"].shape[1]).to(device)
+    sd, source = initial_trunk(init, "stage-1", args)
+    if sd is not None:
+        checkpoint.load_model(model.trunk, sd, strict=False, what="stage-1 weights")
+    return run_loop("distill", wrap(model, args), model, ds, args.distill_batch_size,
+                    args.distill_epochs, args.distill_base_lr, args.distill_warmup_epochs,
+                    args.final_lr_ratio, "distill.pt", args, device, amp, logger, source)
+
+
+def stage_finetune(root: Path, args: Args, device, amp, logger, init: str,
+                   out_dir: str) -> tuple:
+    """Phase A (head only, trunk frozen in eval mode) then phase B (everything), each with
+    its own schedule (spec §1 Stage 3). Returns (model, steps)."""
+    halves = read_halves(root, [g for s in args.train_splits for g in read_split(root, s)], args)
+    ds = data.SafeDataset(Windows(halves, args, "finetune", args.ft_windows, args.seed),
+                          args.max_fail_fraction, "windows")
+    model = build_model(args).to(device)
+    sd, source = initial_trunk(init, "stage-2", args)
+    if sd is not None:
+        checkpoint.load_model(model.trunk, sd, strict=False, what=f"{init} trunk")
+    run_args = dataclasses.replace(args, output_dir=out_dir)
+    for p in model.trunk.parameters():
+        p.requires_grad = False
+    head_opt = optimizer_for(model.head_class, args)
+    steps = run_loop("finetune", wrap(model, args), model, ds, args.ft_batch_size,
+                     args.head_epochs, args.ft_base_lr, 0, args.final_lr_ratio, "head.pt",
+                     run_args, device, amp, logger, source, head_opt,
+                     before_step=model.trunk.eval)  # phase A: no masking, no drop-path
+    for p in model.trunk.parameters():
+        p.requires_grad = True
+    steps += run_loop("finetune", wrap(model, args), model, ds, args.ft_batch_size,
+                      args.ft_epochs, args.ft_base_lr, 0, args.final_lr_ratio, "finetune.pt",
+                      run_args, device, amp, logger, source)
+    return model, steps
+
+
+def main(args: Args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = dist.init(args.device)
+    amp = optim.Amp(args.amp, device)
+    args.output_dir = args.output_dir or time.strftime("runs/comedian-%Y%m%d-%H%M%S")
+    if not args.data:
+        dist.print0("no --data: running the demo preset on the embedded synthetic SoccerNet set")
+    dist.seed_all(args.seed, per_rank=False)
+    if dist.is_main():
+        cli.save_args(args, args.output_dir)
+    logger = log.Logger(args.output_dir)
+    if args.bench:
+        out = bench(args, device, amp)
+        dist.cleanup()
+        return out
+    root, out = data_root(args), Path(args.output_dir)
+    t0, steps, results = time.time(), 0, {}
+    stages = ["spatial", "features", "distill", "finetune", "spot"] if args.stage == "all" \
+        else [args.stage]
+    if args.stage == "all" and args.teacher_name != "stage1":
+        stages.remove("features")  # the teacher bank comes with the data
+    if "spatial" in stages:
+        steps += stage_spatial(root, args, device, amp, logger)
+    if "features" in stages:
+        stage_features(root, args, device, amp, teacher_root(root, args))
+    if "distill" in stages:
+        steps += stage_distill(root, args, device, amp, logger,
+                               start_file("distill", "spatial.pt", args))
+    model = None
+    if "finetune" in stages:
+        model, n = stage_finetune(root, args, device, amp, logger,
+                                  start_file("finetune", "distill.pt", args), args.output_dir)
+        steps += n
+    buffers = {}
+    if "spot" in stages:
+        if model is None:
+            model = build_model(args).to(device)
+            path = start_file("spot", "finetune.pt", args)
+            ckpt = checkpoint.load(path)
+            sd = checkpoint.clean_state_dict(ckpt.get("model", ckpt.get("state_dict", ckpt)))
+            sd = {k.replace("trunk.transformer.", "trunk."): v for k, v in sd.items()}
+            checkpoint.load_model(model, sd, what=path)
+        results["pretrained"], buffers["pretrained"] = spot(model, root, args, device, amp,
+                                                            out / "predictions")
+        if args.eval_random_init:  # the same fine-tuning from a random trunk
+            torch.manual_seed(args.seed)
+            rnd, n = stage_finetune(root, args, device, amp, logger, "random",
+                                    str(out / "random_init"))
+            steps += n
+            results["random_init"], buffers["random_init"] = spot(
+                rnd, root, args, device, amp, out / "random_init" / "predictions")
+    summary = {"method": "comedian", "data": args.data or "synthetic-soccernet",
+               "preset": args.preset, "steps": steps, "seconds": round(time.time() - t0, 1),
+               "metrics": {}}
+    if results and dist.is_main():
+        cols = [c for c in ("random_init", "pretrained") if c in results]
+        for name in results["pretrained"]:
+            summary["metrics"][name] = {c: round(results[c][name], 2) for c in cols}
+        dist.print0(f"{'metric (%)':<34}" + "".join(f"{c:>14}" for c in cols))
+        for name, vals in summary["metrics"].items():
+            dist.print0(f"{name:<34}" + "".join(f"{vals[c]:>14.2f}" for c in cols))
+        key = next(iter(buffers["pretrained"]), None)
+        if key is not None:
+            h = [x for x in read_halves(root, [key[0]], args) if x.half == key[1]][0]
+            save_timeline(str(out / "timeline.png"), h,
+                          {c.replace('_', ' '): buffers[c][key] for c in cols},
+                          args)
+        with open(out / "summary.json", "w") as fh:
+            json.dump(summary, fh, indent=2)
+    dist.cleanup()
+    return summary
+
+
+def bench(args: Args, device, amp: optim.Amp) -> dict:
+    """--bench: each stage's training step on random tensors at the configured shapes (one
+    JSON line each), with its data pipeline's rate on the synthetic set."""
+    S, T, out = args.img_size, int(args.window), {}
+    root = synthetic.soccernet()
+    halves = read_halves(root, read_split(root, "train"), args)
+    for stage, b in (("spatial", args.spatial_batch_size), ("distill", args.distill_batch_size),
+                     ("finetune", args.ft_batch_size)):
+        if args.stage not in ("all", stage):
+            continue
+        model = build_model(args, stage, args.pca_dim).to(device)
+        net, opt = wrap(model, args), optimizer_for(model, args)
+        if stage == "spatial":
+            batch = [torch.randn(b, 3, 2, S, S, device=device) for _ in range(2)]
+            ds = SpatialClips(halves, args, args.seed)
+        else:
+            x = torch.randn(b, 3, 2 * T, S, S, device=device)
+            y = torch.randn(b, T, args.pca_dim, device=device) if stage == "distill" else \
+                (torch.rand(b, T, NUM_CLASSES, device=device) < 0.05).float()
+            batch = [x, y]
+            ds = Windows(halves, args, "finetune", 4, args.seed)  # (stage 2 decodes the same)
+        net.train()
+        loader = make_loader(ds, b, args, train=True) if len(ds) >= b else None
+        out[stage] = log.bench(lambda: train_step(stage, net, batch, opt, amp, args, 0.99), b,
+                               device, loader=loader, stage=stage, amp=amp.mode,
+                               clip=f"{2 if stage == 'spatial' else 2 * T}x{S}")
+    return out
+
+
+if __name__ == "__main__":
+    cli.run(main, Args, PRESETS)

@@ -57,7 +57,6 @@ Deviations, with reasons:
 """
 import copy
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -70,7 +69,8 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from common import checkpoint, cli, data, dist, evaluate, log, optim, synthetic, training
+from common import (augment, checkpoint, cli, data, dist, evaluate, log, optim, synthetic,
+                    training)
 
 
 # ---- 2. Arguments ----
@@ -259,20 +259,13 @@ def pretrain_transform(kind: str, size: int, scale: tuple) -> v2.Compose:
     if gray_p:
         ops.append(v2.RandomGrayscale(p=gray_p))
     if blur_p:  # sigma ~ U[0.1, 2.0] (Tab. 4.1, spec §2)
-        ops.append(v2.RandomApply([v2.GaussianBlur(blur_kernel(size), sigma=(0.1, 2.0))],
+        ops.append(v2.RandomApply([v2.GaussianBlur(augment.blur_kernel(size), sigma=(0.1, 2.0))],
                                   p=blur_p))
     if solarize_p:
         ops.append(v2.RandomSolarize(threshold=0.5, p=solarize_p))
     ops += [v2.RandomHorizontalFlip(0.5), v2.Normalize(MEAN, STD)]
     return v2.Compose(ops)
 
-
-def blur_kernel(size: int, sigma_max: float = 2.0) -> int:
-    """Odd Gaussian-blur kernel for `size`-px crops: the odd number nearest 10 % of the size (23
-    at 224 px, the code's; spec §2), or 2 ceil(3 sigma_max) + 1 (13) where that is longer, so
-    that +-3 sigma fits (see the deviations); never more than the crop (largest odd <= size)."""
-    k = max(2 * round(0.05 * size) + 1, 2 * math.ceil(3 * sigma_max) + 1)
-    return min(k, size - 1 + size % 2)
 
 
 def eval_transform(size: int, train: bool = False) -> v2.Compose:

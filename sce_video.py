@@ -61,7 +61,6 @@ Deviations, with reasons:
 """
 import copy
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -73,8 +72,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from common import (checkpoint, cli, data, dist, evaluate, log, multiview, optim, synthetic,
-                    training, video)
+from common import (augment, checkpoint, cli, data, dist, evaluate, log, multiview, optim,
+                    synthetic, training, video)
 
 
 # ---- 2. Arguments ----
@@ -302,12 +301,6 @@ def rgb_difference(frames: torch.Tensor, successors: torch.Tensor) -> torch.Tens
     return ((d + 255) / 2).round().clamp(0, 255).to(torch.uint8)
 
 
-def blur_kernel(size: int, sigma_max: float = 2.0) -> int:
-    """Odd kernel: nearest 10 % of the crop (23 at 224, the code's), at least 2 ceil(3 sigma) + 1
-    so +-3 sigma fits, at most the crop."""
-    k = max(2 * round(0.05 * size) + 1, 2 * math.ceil(3 * sigma_max) + 1)
-    return min(k, size - 1 + size % 2)
-
 
 def pretrain_transform(kind: str, args: Args) -> v2.Compose:
     """One clip's spatial augmentation (spec §4), uint8 (T, 3, H, W) -> normalised float
@@ -321,7 +314,7 @@ def pretrain_transform(kind: str, args: Args) -> v2.Compose:
            v2.ToDtype(torch.float32, scale=True),
            v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.4 * s, 0.2 * s)], p=0.8),
            v2.RandomGrayscale(p=0.2),
-           v2.RandomApply([v2.GaussianBlur(blur_kernel(args.crop_size), (0.1, 2.0))], p=blur_p)]
+           v2.RandomApply([v2.GaussianBlur(augment.blur_kernel(args.crop_size), (0.1, 2.0))], p=blur_p)]
     if solarize_p:
         ops.append(v2.RandomSolarize(threshold=0.5, p=solarize_p))
     return v2.Compose(ops + [v2.RandomHorizontalFlip(0.5), v2.Normalize(MEAN, STD)])

@@ -149,3 +149,12 @@ def random_resized_crop(frames: torch.Tensor, size: int, scale: tuple,
         top, left = (H - h) // 2, (W - w) // 2
     crop = frames[..., top:top + h, left:left + w]
     return F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def blur_kernel(size: int, sigma_max: float = 2.0) -> int:
+    """Odd Gaussian-blur kernel for `size`-px images (the BYOL-style blur of SCE and COMEDIAN):
+    the odd number nearest 10 % of the size (23 at 224 px, the eztorch configs'), or
+    2 ceil(3 sigma_max) + 1 (13) where that is longer, so that +-3 sigma fits; never more than
+    the image (the largest odd number <= size)."""
+    k = max(2 * round(0.05 * size) + 1, 2 * math.ceil(3 * sigma_max) + 1)
+    return min(k, size - 1 + size % 2)

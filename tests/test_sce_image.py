@@ -16,7 +16,7 @@ import torchvision
 from torchvision.transforms import v2
 
 import sce_image as S
-from common import checkpoint, log, optim, synthetic
+from common import augment, checkpoint, log, optim, synthetic
 from tests import checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -267,7 +267,7 @@ def test_blur_holds_sigma_at_32px():
     (_, blur), = find(S.pretrain_transform("strong-alpha", 32, (0.2, 1.0)), v2.GaussianBlur)
     k = blur.kernel_size[0]
     assert k == 13 == 2 * math.ceil(3 * 2.0) + 1
-    assert (S.blur_kernel(224), S.blur_kernel(96), S.blur_kernel(64), S.blur_kernel(8)) == (
+    assert (augment.blur_kernel(224), augment.blur_kernel(96), augment.blur_kernel(64), augment.blur_kernel(8)) == (
         23, 13, 13, 7)  # the official 23 kept; capped by a crop smaller than the kernel
     impulse = torch.zeros(1, 32, 32)
     impulse[0, 16, 16] = 1.0
