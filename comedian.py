@@ -110,7 +110,8 @@ class Args:
     ckpt_every: int = 1000
     """steps between checkpoints (and at the end of each loop)"""
     resume: str = ""
-    """resume the (single) stage from this checkpoint; automatic from <output-dir> anyway"""
+    """resume the --stage asked for from this file (spatial.pt, distill.pt, head.pt: phase A,
+    finetune.pt: phase B); resuming from <output-dir> is automatic anyway"""
     init_from: str = ""
     """weights the first stage run starts from: distill: a stage-1 file (our spatial.pt or
     eztorch's `trunk.*`), or "random" (T's "none" row); finetune: distill.pt or an eztorch
@@ -220,7 +221,11 @@ class Args:
     ft_mask_ratio: float = 0.25
     """alpha_2: frames dropped in phase B"""
     mixup_alpha: float = 0.1
-    """mixup lambda ~ Beta(a, a) per window"""
+    """mixup lambda ~ Beta(a, a) per window (0: no mixup)"""
+    head_prior: float = 0.0
+    """0: the classifier's bias starts at 0 (official); p > 0: at log(p / (1 - p)), the
+    prior-probability init of RetinaNet (the demo: its few hundred steps cannot learn the
+    bias of rare events from 0 at its lr, and the trunk collapses meanwhile)"""
     final_lr_ratio: float = 0.01
     """stages 2 and 3: the cosine ends at this x peak"""
     weight_decay: float = 0.05
@@ -269,12 +274,12 @@ PRESETS = {
                  patch_size=8, img_size=32, window=16.0, drop_path=0.0,
                  spatial_epochs=6, spatial_batch_size=32, spatial_warmup_epochs=1,
                  spatial_base_lr=4e-3, queue_size=256, proj_hidden=256, proj_dim=64,
-                 distill_epochs=10, distill_batch_size=8, distill_warmup_epochs=1,
+                 distill_epochs=20, distill_batch_size=8, distill_warmup_epochs=1,
                  distill_windows=8, distill_queue_size=1024, distill_base_lr=4e-2,
-                 head_epochs=10, ft_epochs=10, ft_batch_size=8, ft_windows=6,
-                 ft_base_lr=2e-2, remove_s=3.0, nms_window=8, teacher_name="stage1",
-                 num_workers=1, log_every=20, ckpt_every=500, amp="none",
-                 eval_random_init=True),
+                 head_epochs=5, ft_epochs=60, ft_batch_size=8, ft_windows=6,
+                 ft_base_lr=5e-2, ft_mask_ratio=0.0, head_prior=0.01, remove_s=3.0,
+                 nms_window=8, teacher_name="synthetic_teacher", num_workers=1,
+                 log_every=50, ckpt_every=500, amp="none", eval_random_init=True),
 }
 
 
@@ -831,6 +836,9 @@ class Spotter(nn.Module):
         super().__init__()
         self.trunk = ViViT(args, args.ft_mask_ratio)
         self.head_class = LinearHead(args.embed_dim)
+        if args.head_prior > 0:  # deviation, off by default (see --head-prior)
+            nn.init.constant_(self.head_class.layers[0].bias,
+                              math.log(args.head_prior / (1 - args.head_prior)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head_class(self.trunk(x))
@@ -998,7 +1006,8 @@ def train_step(stage: str, model: nn.Module, batch: tuple, optimizer, amp: optim
         net.memory.enqueue(p.flatten(0, 1), "--distill-queue-size")
     elif stage == "finetune":
         x, y = batch
-        x, y, y_perm, lam = mixup(x, y, args.mixup_alpha)
+        x, y, y_perm, lam = mixup(x, y, args.mixup_alpha) if args.mixup_alpha > 0 else \
+            (x, y, y, torch.ones(len(x), device=x.device))
         with amp.autocast():
             logits = model(x)
         loss = mixup_bce(logits, y, y_perm, lam)
@@ -1358,6 +1367,46 @@ def spot(model: nn.Module, root: Path, args: Args, device, amp: optim.Amp,
     return metrics, buffers
 
 
+@torch.no_grad()
+def pretext_losses(root: Path, args: Args, device, amp: optim.Amp, spatial: nn.Module,
+                   distiller: nn.Module | None, bank: TeacherBank | None) -> dict:
+    """Level 1 (the stages' own objectives on held-out data, the --eval-split halves; fixed
+    draws). Stage 1: InfoNCE (lambda = 1) of each held-out 1-s clip's online prediction of
+    view 2 against the EMA keys of view 1 of every held-out clip, its own the positive
+    (log N for a trunk that tells no clip apart). Stage 2: `sce_token_loss` of the held-out
+    windows (eval mode, no masking) with the teacher features of the other windows as the
+    queue. Returns {"spatial_heldout_loss", "distill_heldout_loss", "heldout_clips"}."""
+    halves = read_halves(root, read_split(root, args.eval_split), args)
+    spatial.eval()
+    qs, ks = [], []
+    loader = DataLoader(SpatialClips(halves, args, args.seed), args.spatial_batch_size,
+                        num_workers=args.num_workers)
+    for v1, v2, _ in loader:
+        with amp.autocast():
+            qs.append(F.normalize(spatial.predictor(spatial.projector(spatial.trunk(
+                v2.to(device)))).float(), dim=1))
+            ks.append(F.normalize(spatial.projector_m(spatial.trunk_m(v1.to(device))).float(),
+                                  dim=1))
+    q, k = torch.cat(qs), torch.cat(ks)
+    out = {"spatial_heldout_loss": F.cross_entropy(q @ k.T / args.tau, torch.arange(
+        len(q), device=q.device)).item(), "heldout_clips": len(q)}
+    if distiller is not None:
+        distiller.eval()
+        ds = Windows(halves, args, "distill", args.distill_windows, args.seed, bank)
+        xs, ps = zip(*[ds[i][:2] for i in range(len(ds))])
+        p = F.normalize(torch.stack(ps).to(device).float(), dim=-1)  # (N, T, P)
+        losses = []
+        for b, x in enumerate(xs):
+            with amp.autocast():
+                z = distiller.trunk(x[None].to(device))
+            qb = F.normalize(distiller.projector(z).float(), dim=-1)
+            others = torch.cat([p[:b], p[b + 1:]]).flatten(0, 1)
+            losses.append(sce_token_loss(qb, p[b:b + 1], others, args.lam, args.tau,
+                                         args.tau_m))
+        out["distill_heldout_loss"] = torch.stack(losses).mean().item()
+    return out
+
+
 def save_timeline(path: str, h: Half, curves: dict, args: Args) -> None:
     """A labelled PNG of one half: for each class with events, a ground-truth row (filled
     tick: visible, hollow: not shown) and one row per model of `curves` ({name: (N, 17)
@@ -1411,9 +1460,15 @@ def optimizer_for(model: nn.Module, args: Args) -> torch.optim.Optimizer:
 
 
 def wrap(model: nn.Module, args: Args) -> nn.Module:
+    """torch.compile (--compile) and DDP; without masking the mask token takes no gradient,
+    which DDP must be told."""
     if args.compile:
         model.compile()
-    return nn.parallel.DistributedDataParallel(model) if dist.is_dist() else model
+    if not dist.is_dist():
+        return model
+    unused = any(isinstance(m, ViViT) and m.mask_ratio == 0 and m.temporal_mask_token.requires_grad
+                 for m in model.modules())
+    return nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused)
 
 
 def run_loop(stage: str, net, model: nn.Module, ds: Dataset, batch: int, epochs: int,
@@ -1434,7 +1489,11 @@ def run_loop(stage: str, net, model: nn.Module, ds: Dataset, batch: int, epochs:
     dist.print0(f"{stage} ({ckpt}): {len(ds)} samples, {loop.steps_per_epoch} steps/epoch, "
                 f"{loop.total_steps} steps, global batch {batch * dist.world()}, peak lr "
                 f"{peak:.3g}, amp {amp.mode}")
-    loop.resume(args.resume if args.stage == stage else "")
+    explicit = args.resume if args.stage == stage else ""
+    if explicit and stage == "finetune" and (os.path.basename(explicit) == "head.pt") != \
+            (ckpt == "head.pt"):
+        explicit = ""  # the other phase's file: this phase resumes from <output-dir> itself
+    loop.resume(explicit)
     for *xs, _ in loop:
         lr = optim.cosine_schedule(loop.step, loop.total_steps, peak, warmup,
                                    final_ratio * peak, final_ratio * peak)
@@ -1614,14 +1673,17 @@ def main(args: Args) -> dict:
             steps += n
             results["random_init"], buffers["random_init"] = spot(
                 rnd, root, args, device, amp, out / "random_init" / "predictions")
+    if args.eval_random_init and args.stage == "all" and dist.is_main():
+        for name, res in level1(root, args, device, amp).items():
+            results[name] = {**res, **results.get(name, {})}
     summary = {"method": "comedian", "data": args.data or "synthetic-soccernet",
                "preset": args.preset, "steps": steps, "seconds": round(time.time() - t0, 1),
                "metrics": {}}
     if results and dist.is_main():
         cols = [c for c in ("random_init", "pretrained") if c in results]
         for name in results["pretrained"]:
-            summary["metrics"][name] = {c: round(results[c][name], 2) for c in cols}
-        dist.print0(f"{'metric (%)':<34}" + "".join(f"{c:>14}" for c in cols))
+            summary["metrics"][name] = {c: round(results[c][name], 3) for c in cols}
+        dist.print0(f"{'metric (a-mAPs in %)':<34}" + "".join(f"{c:>14}" for c in cols))
         for name, vals in summary["metrics"].items():
             dist.print0(f"{name:<34}" + "".join(f"{vals[c]:>14.2f}" for c in cols))
         key = next(iter(buffers["pretrained"]), None)
@@ -1634,6 +1696,24 @@ def main(args: Args) -> dict:
             json.dump(summary, fh, indent=2)
     dist.cleanup()
     return summary
+
+
+def level1(root: Path, args: Args, device, amp: optim.Amp) -> dict:
+    """`pretext_losses` of the trained stage-1 and stage-2 models of <output-dir> and of the
+    same models at their random initialisation (seeded)."""
+    pca = checkpoint.load(os.path.join(args.output_dir, "teacher_pca.pt"))
+    bank = TeacherBank(teacher_root(root, args), args.teacher_name, args.teacher_fps, pca)
+    dim, out = pca["components"].shape[1], {}
+    for name in ("random_init", "pretrained"):
+        torch.manual_seed(args.seed)
+        spatial, distiller = build_model(args, "spatial"), build_model(args, "distill", dim)
+        if name == "pretrained":
+            for model, file in ((spatial, "spatial.pt"), (distiller, "distill.pt")):
+                path = os.path.join(args.output_dir, file)
+                checkpoint.load_model(model, checkpoint.load(path)["model"], what=path)
+        out[name] = pretext_losses(root, args, device, amp, spatial.to(device),
+                                   distiller.to(device), bank)
+    return out
 
 
 def bench(args: Args, device, amp: optim.Amp) -> dict:

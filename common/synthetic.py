@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import colorsys
 import functools
+import math
 import os
 import shutil
 import tempfile
@@ -363,7 +364,8 @@ def davis(root: Optional[os.PathLike] = None, seed: int = 0, size: tuple = (96, 
 
 # ---- SoccerNet-v2 ------------------------------------------------------------------------
 
-SOCCERNET_VERSION = 1
+SOCCERNET_VERSION = 3
+TEACHER_DIM = 32  # width of the synthetic per-second teacher features
 # The 8 most frequent SoccerNet-v2 classes, one silhouette each (SHAPES order).
 SOCCERNET_EVENTS = ("Ball out of play", "Throw-in", "Foul", "Indirect free-kick", "Clearance",
                     "Shots on target", "Shots off target", "Corner")
@@ -406,6 +408,18 @@ def _soccernet_half(rng: np.random.Generator, frames: int, fps: float, h: int, w
     return out
 
 
+def _teacher_features(rng: np.random.Generator, prototypes: np.ndarray, duration: float,
+                      events: list) -> np.ndarray:
+    """(ceil(D), TEACHER_DIM) float32 features at 1 fps, standing in for the Baidu bank (a
+    video model fine-tuned on the labels): noise N(0, 0.1^2), plus the unit prototype
+    of its class on each second [s, s + 1) that a visible event's +-0.5 s overlaps."""
+    out = 0.1 * rng.standard_normal((math.ceil(duration), prototypes.shape[1]))
+    for ms, c in events:
+        lo, hi = int((ms - 500) // 1000), int((ms + 500) // 1000)
+        out[max(lo, 0):hi + 1] += prototypes[c]
+    return out.astype(np.float32)
+
+
 def soccernet(root: Optional[os.PathLike] = None, seed: int = 0, games: tuple = (6, 2, 2),
               seconds: tuple = (40, 48), fps: float = 4, size: tuple = (64, 112),
               events_per_minute: float = 8.0, unshown: float = 0.15,
@@ -419,7 +433,10 @@ def soccernet(root: Optional[os.PathLike] = None, seed: int = 0, games: tuple = 
     the 8 `SOCCERNET_EVENTS` (class c is silhouette SHAPES[c]) fall at random ms positions at
     least `gap` s apart and 1.5 s from the ends; a fraction `unshown` are "not shown" (labelled,
     nothing drawn, as events during a replay). A visible event is on screen exactly on the
-    frames within 0.5 s of its position, the training-label radius. Labels-v2.json holds
+    frames within 0.5 s of its position, the training-label radius. Each half also has a
+    teacher bank `{half}_synthetic_teacher.npy` (`_teacher_features`: 1 fps, like SoccerNet's
+    `{half}_baidu_soccer_embeddings.npy`; it knows the visible events, as Baidu's features,
+    trained on the labels, do). Labels-v2.json holds
     UrlLocal, UrlYoutube, gameHomeTeam, gameAwayTeam, gameDate, gameScore and annotations
     {gameTime "H - MM:SS", label, position (ms string), team, visibility}.
     """
@@ -431,6 +448,9 @@ def soccernet(root: Optional[os.PathLike] = None, seed: int = 0, games: tuple = 
 
     def build(tmp: Path) -> None:
         n = 0
+        prototypes = np.random.default_rng([seed, 99]).standard_normal(
+            (len(SOCCERNET_EVENTS), TEACHER_DIM))
+        prototypes /= np.linalg.norm(prototypes, axis=1, keepdims=True)
         for split, count in zip(("train", "valid", "test"), games):
             lines = []
             for _ in range(count):
@@ -463,6 +483,9 @@ def soccernet(root: Optional[os.PathLike] = None, seed: int = 0, games: tuple = 
                     clip = _soccernet_half(rng, frames, fps, h, w, events)
                     write_video(tmp / game / f"{half}_224p.mkv", clip, fps=fps,
                                 codec="libx264", gop=8)
+                    np.save(tmp / game / f"{half}_synthetic_teacher.npy",
+                            _teacher_features(np.random.default_rng([seed, n, half, 7]),
+                                              prototypes, dur, events))
                 labels = {"UrlLocal": game + "/", "UrlYoutube": "", "gameHomeTeam": home,
                           "gameAwayTeam": away, "gameDate": f"{date} - 15:00",
                           "gameScore": score, "annotations": annotations}
