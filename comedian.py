@@ -49,10 +49,16 @@ Deviations, with reasons:
   to each component's sign (the dot products the loss uses do not see signs).
 - Fine-tuning does not validate every 10 epochs; `--stage spot` scores the final weights.
   Raw buffers of several seeds (the thesis' ensembles) are not written.
+- `--head-prior p` (off by default) starts the classifier's bias at log(p / (1 - p)); the
+  demo uses 0.01: from bias 0 its few hundred steps at its lr cannot learn the bias of rare
+  events, and the trunk collapses to a constant meanwhile (measured: a-mAP at chance).
 - `demo` is a CPU smoke setting, not a thesis one: a 64-wide ViViT (4 + 2 blocks, 8-px
-  patches at 32 px), 16-s windows, small queues and batches, short stages, and the stage-1
-  trunk as its own teacher bank (`--teacher-name stage1`, the thesis' self-supervised SCE
-  teacher in spirit), since the synthetic set has no Baidu features.
+  patches at 32 px), 16-s windows, small queues and batches, 96 / 360 / 20 + 400 steps for
+  stages 1 / 2 / 3, and alpha_2 = 0 (with phase-B masking a random trunk stays at chance in
+  240 steps: 1.99 vs 7.29 a-mAP, which would make the comparison about masking). Its teacher
+  bank is the synthetic set's `{half}_synthetic_teacher.npy`, which knows the visible events
+  as Baidu's label-trained features do; `--teacher-name stage1` uses our stage-1 trunk
+  instead (stage `features` writes it). See the README for what the demo does not show.
 """
 import copy
 import dataclasses
@@ -142,6 +148,9 @@ class Args:
     """DataLoader worker processes per GPU"""
     max_fail_fraction: float = 0.05
     """abort when more than this fraction of windows cannot be decoded"""
+    cache_frames: bool = False
+    """keep each decoded half in memory at 2 fps, per worker (small sets only: a 45-min
+    224p half is 1.4 GB)"""
     # model
     embed_dim: int = 192
     """ViViT width D (ViViT-T 192, ViViT-S 384; spec §2)"""
@@ -274,12 +283,13 @@ PRESETS = {
                  patch_size=8, img_size=32, window=16.0, drop_path=0.0,
                  spatial_epochs=6, spatial_batch_size=32, spatial_warmup_epochs=1,
                  spatial_base_lr=4e-3, queue_size=256, proj_hidden=256, proj_dim=64,
-                 distill_epochs=20, distill_batch_size=8, distill_warmup_epochs=1,
+                 distill_epochs=60, distill_batch_size=8, distill_warmup_epochs=1,
                  distill_windows=8, distill_queue_size=1024, distill_base_lr=4e-2,
-                 head_epochs=5, ft_epochs=60, ft_batch_size=8, ft_windows=6,
+                 head_epochs=5, ft_epochs=100, ft_batch_size=8, ft_windows=6,
                  ft_base_lr=5e-2, ft_mask_ratio=0.0, head_prior=0.01, remove_s=3.0,
                  nms_window=8, teacher_name="synthetic_teacher", num_workers=1,
-                 log_every=50, ckpt_every=500, amp="none", eval_random_init=True),
+                 log_every=50, ckpt_every=500, amp="none", eval_random_init=True,
+                 cache_frames=True),
 }
 
 
@@ -421,9 +431,20 @@ def read_halves(root: PathLike, games: Sequence[str], args: Args) -> list:
     return out
 
 
-def read_frames_2fps(h: Half, start: float, n: int) -> torch.Tensor:
+_DECODED: dict = {}  # --cache-frames: path -> every 2-fps frame of the half, (N, 3, H, W)
+
+
+def read_frames_2fps(h: Half, start: float, n: int, cache: bool = False) -> torch.Tensor:
     """Frames start + i / 2 s, i < n, of a half as uint8 (n, 3, H, W): from a file the frame
-    on screen at that time (PyAV, seeking once), from a folder file round(2t) (clamped)."""
+    on screen at that time (PyAV, seeking once), from a folder file round(2t) (clamped).
+    `cache`: decode the whole half once per process and index it (start on the 0.5-s grid;
+    for small sets such as the demo's, where decoding would bound the step time)."""
+    if cache:
+        if h.path not in _DECODED:
+            _DECODED[h.path] = read_frames_2fps(h, 0.0, max(math.floor(h.duration * FPS), 1))
+        frames = _DECODED[h.path]
+        first = round(start * FPS)
+        return frames[[min(first + i, len(frames) - 1) for i in range(n)]]
     times = [start + i * STEP for i in range(n)]
     if os.path.isdir(h.path):
         x = video.read_frame_folder(h.path, [round(t * FPS) for t in times])
@@ -476,7 +497,7 @@ class SpatialClips(Dataset):
     the teacher bank of stage `features`."""
 
     def __init__(self, halves: list, args: Args, seed: int, eval: bool = False):
-        self.halves, self.seed, self.eval = halves, seed, eval
+        self.halves, self.seed, self.eval, self.cache = halves, seed, eval, args.cache_frames
         self.items = [(i, s) for i, h in enumerate(halves) for s in range(int(h.duration))]
         self.views = [transform("eval", args)] if eval else \
             [transform("spatial-a", args), transform("spatial-b", args)]
@@ -487,7 +508,7 @@ class SpatialClips(Dataset):
     def __getitem__(self, key):
         epoch, index = data.split_key(key)
         i, second = self.items[index]
-        x = read_frames_2fps(self.halves[i], float(second), FRAMES_PER_TOKEN)
+        x = read_frames_2fps(self.halves[i], float(second), FRAMES_PER_TOKEN, self.cache)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(data.sample_rng(self.seed, epoch, index).initial_seed())
             views = [t(x).transpose(0, 1) for t in self.views]  # each (3, 2, S, S)
@@ -601,7 +622,7 @@ class Windows(Dataset):
         epoch, index = data.split_key(key)
         h, start = self.halves[index // self.per_half], self.start(epoch, index)
         tokens = int(self.args.window)
-        x = read_frames_2fps(h, start, tokens * FRAMES_PER_TOKEN)
+        x = read_frames_2fps(h, start, tokens * FRAMES_PER_TOKEN, self.args.cache_frames)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(data.sample_rng(self.seed, epoch, index).initial_seed())
             x = self.transform(x).transpose(0, 1)  # (3, 2W, S, S)
@@ -1324,7 +1345,8 @@ def predict_half(model: nn.Module, h: Half, args: Args, device, amp: optim.Amp) 
     starts = window_starts(h.duration, args.window, args.window / 2)
     for i in range(0, len(starts), args.ft_batch_size):
         chunk = starts[i:i + args.ft_batch_size]
-        x = torch.stack([tf(read_frames_2fps(h, s, T * FRAMES_PER_TOKEN)).transpose(0, 1)
+        x = torch.stack([tf(read_frames_2fps(h, s, T * FRAMES_PER_TOKEN, args.cache_frames))
+                         .transpose(0, 1)
                          for s in chunk]).to(device)
         with amp.autocast():
             probs = model(x).float().sigmoid().cpu()  # (b, T, 17)
@@ -1381,12 +1403,12 @@ def pretext_losses(root: Path, args: Args, device, amp: optim.Amp, spatial: nn.M
     qs, ks = [], []
     loader = DataLoader(SpatialClips(halves, args, args.seed), args.spatial_batch_size,
                         num_workers=args.num_workers)
-    for v1, v2, _ in loader:
+    for view1, view2, _ in loader:
         with amp.autocast():
             qs.append(F.normalize(spatial.predictor(spatial.projector(spatial.trunk(
-                v2.to(device)))).float(), dim=1))
-            ks.append(F.normalize(spatial.projector_m(spatial.trunk_m(v1.to(device))).float(),
-                                  dim=1))
+                view2.to(device)))).float(), dim=1))
+            ks.append(F.normalize(spatial.projector_m(spatial.trunk_m(
+                view1.to(device))).float(), dim=1))
     q, k = torch.cat(qs), torch.cat(ks)
     out = {"spatial_heldout_loss": F.cross_entropy(q @ k.T / args.tau, torch.arange(
         len(q), device=q.device)).item(), "heldout_clips": len(q)}
@@ -1411,7 +1433,7 @@ def save_timeline(path: str, h: Half, curves: dict, args: Args) -> None:
     """A labelled PNG of one half: for each class with events, a ground-truth row (filled
     tick: visible, hollow: not shown) and one row per model of `curves` ({name: (N, 17)
     merged buffer}) with its per-second score (0-1, the max of the second's two 0.5-s
-    indices) as bars; time in seconds along the bottom. Rank 0 only."""
+    indices) as bars scaled to the row's max (printed); time in seconds. Rank 0 only."""
     if not dist.is_main():
         return
     classes = sorted({a.label for a in h.annotations if a.half == h.half})
@@ -1422,7 +1444,7 @@ def save_timeline(path: str, h: Half, curves: dict, args: Args) -> None:
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
     d.text((4, 4), "COMEDIAN spotting: ground truth (green; hollow = not shown) and merged "
-                   "scores (bars, 0-1)", "black", font=font)
+                   "scores (bars, each row scaled to its max)", "black", font=font)
     d.text((4, 20), f"{h.game}, half {h.half} ({args.eval_split} split)", "black", font=font)
     y = top
     for c in classes:
@@ -1434,10 +1456,11 @@ def save_timeline(path: str, h: Half, curves: dict, args: Args) -> None:
                             fill="green" if a.visible else None)
         for name, buf in curves.items():
             y += row
-            d.text((4, y + 5), f"  {name}", "black", font=font)
+            per_s = F.pad(buf[:, c], (0, buf.shape[0] % 2)).view(-1, 2).amax(1)
+            top = max(per_s.max().item(), 1e-6)  # each row scaled to its own max, printed
+            d.text((4, y + 5), f"  {name} (max {top:.2f})", "black", font=font)
             d.line([left, y + row - 2, width - 10, y + row - 2], fill="lightgray")
-            per_s = torch.nn.functional.pad(buf[:, c], (0, buf.shape[0] % 2)).view(-1, 2)
-            for t, v in enumerate(per_s.amax(1).tolist()):
+            for t, v in enumerate((per_s / top).tolist()):
                 x = left + px * (t + 0.5)
                 d.rectangle([x - px / 2 + 1, y + row - 2 - (row - 4) * v, x + px / 2 - 1,
                              y + row - 2], fill="blue")
