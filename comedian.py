@@ -309,11 +309,14 @@ def parse_labels(path: PathLike) -> list:
     Each annotation holds `gameTime` "H - MM:SS", `label`, `position` (a string of ms from the
     half's start), `team` and `visibility` ("visible" / "not shown") (spec §3). The position is
     used when present; without it the time falls back to MM:SS, as the evaluator does. Labels
-    outside the 17 classes are skipped (as the evaluator does); a malformed entry raises a
-    ValueError naming the file and the entry.
+    outside the 17 classes are skipped (as the evaluator does); a malformed file or entry raises
+    cli.InputError (a ValueError) naming the file and the entry.
     """
-    with open(path) as f:
-        data = json.load(f)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise cli.InputError(f"{path}: not valid JSON ({e})") from None
     out = []
     for k, a in enumerate(data.get("annotations", [])):
         try:
@@ -327,9 +330,9 @@ def parse_labels(path: PathLike) -> list:
             label = a["label"]
             visible = a.get("visibility", "visible") != "not shown"
         except (KeyError, ValueError, IndexError, AttributeError) as e:
-            raise ValueError(f"{path}: malformed annotation #{k} {a!r}: {e!r}") from None
+            raise cli.InputError(f"{path}: malformed annotation #{k} {a!r}: {e!r}") from None
         if half not in (1, 2):
-            raise ValueError(f"{path}: annotation #{k} has half {half}, expected 1 or 2")
+            raise cli.InputError(f"{path}: annotation #{k} has half {half}, expected 1 or 2")
         if label in CLASS_INDEX:
             out.append(Annotation(half, position_ms, CLASS_INDEX[label], visible))
     return out
@@ -573,8 +576,9 @@ def fit_pca(paths: Sequence[PathLike], dim: int) -> dict:
     n, s1, s2 = 0, None, None
     for p in paths:
         x = torch.from_numpy(np.load(p).astype(np.float64))
-        if x.ndim != 2:
-            raise cli.InputError(f"{p}: teacher features must be (T, F), got {tuple(x.shape)}")
+        if x.ndim != 2 or (s1 is not None and x.shape[1] != len(s1)):
+            raise cli.InputError(f"{p}: teacher features must be (T, F) with one F for all "
+                                 f"files, got {tuple(x.shape)}")
         s1 = x.sum(0) if s1 is None else s1 + x.sum(0)
         s2 = x.T @ x if s2 is None else s2 + x.T @ x
         n += len(x)
@@ -1533,20 +1537,29 @@ def run_loop(stage: str, net, model: nn.Module, ds: Dataset, batch: int, epochs:
     return loop.step
 
 
-def initial_trunk(path: str, what: str, args: Args) -> tuple:
-    """(ViViT state dict, or None for "random"; its fingerprint) a stage starts from."""
+def initial_trunk(path: str, what: str, args: Args, trunk: nn.Module) -> str:
+    """Load the ViViT weights a stage starts from into `trunk` (nothing for "random") and
+    return their fingerprint. Only `time_embed` and `temporal_mask_token` may be missing (a
+    stage-1 file has neither); any other missing or unexpected key is a CheckpointError."""
     if path == "random":
-        return None, "random"
+        return "random"
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no {what} weights (run that stage into this "
                                 f"--output-dir, or give --init-from)")
     sd = load_trunk(path, args)
-    return sd, checkpoint.fingerprint(sd)
+    missing, unexpected = checkpoint.load_model(trunk, sd, strict=False, what=path)
+    missing = [k for k in missing if k not in ("time_embed", "temporal_mask_token")]
+    if missing or unexpected:
+        raise checkpoint.CheckpointError(
+            f"{path}: not {what} ViViT weights: missing {missing[:4]}, unexpected "
+            f"{unexpected[:4]} ({len(missing)} / {len(unexpected)} keys)")
+    return checkpoint.fingerprint(sd)
 
 
 def start_file(stage: str, previous: str, args: Args) -> str:
-    """--init-from when `stage` is the one asked for, else <output-dir>/<previous>."""
-    if args.stage == stage and args.init_from:
+    """--init-from when `stage` is the one asked for (or, under --stage all, for distill:
+    stage 1 is then skipped), else <output-dir>/<previous>."""
+    if args.init_from and (args.stage == stage or args.stage == "all" and stage == "distill"):
         return args.init_from
     return os.path.join(args.output_dir, previous)
 
@@ -1596,22 +1609,22 @@ def stage_distill(root: Path, args: Args, device, amp, logger, init: str) -> int
     halves = read_halves(root, [g for s in args.train_splits for g in read_split(root, s)], args)
     teacher = teacher_root(root, args)
     pca_path = os.path.join(args.output_dir, "teacher_pca.pt")
-    if dist.is_main() and not os.path.isfile(pca_path):
-        paths = [teacher / h.game / f"{h.half}_{args.teacher_name}.npy" for h in halves]
+    paths = [teacher / h.game / f"{h.half}_{args.teacher_name}.npy" for h in halves]
+    files = [str(p) for p in paths] + [f"pca_dim={args.pca_dim}"]  # what the PCA is of
+    if dist.is_main() and (not os.path.isfile(pca_path) or
+                           checkpoint.load(pca_path).get("files") != files):
         for p in paths:
             if not p.is_file():
                 raise FileNotFoundError(f"{p}: teacher features missing (--teacher-dir, "
                                         f"--teacher-name, or run --stage features)")
-        checkpoint.save(pca_path, fit_pca(paths, args.pca_dim))
+        checkpoint.save(pca_path, {**fit_pca(paths, args.pca_dim), "files": files})
     dist.barrier()
     pca = checkpoint.load(pca_path)
     bank = TeacherBank(teacher, args.teacher_name, args.teacher_fps, pca)
     ds = data.SafeDataset(Windows(halves, args, "distill", args.distill_windows, args.seed,
                                   bank), args.max_fail_fraction, "windows")
     model = build_model(args, "distill", pca["components"].shape[1]).to(device)
-    sd, source = initial_trunk(init, "stage-1", args)
-    if sd is not None:
-        checkpoint.load_model(model.trunk, sd, strict=False, what="stage-1 weights")
+    source = initial_trunk(init, "stage-1", args, model.trunk)
     return run_loop("distill", wrap(model, args), model, ds, args.distill_batch_size,
                     args.distill_epochs, args.distill_base_lr, args.distill_warmup_epochs,
                     args.final_lr_ratio, "distill.pt", args, device, amp, logger, source)
@@ -1625,9 +1638,7 @@ def stage_finetune(root: Path, args: Args, device, amp, logger, init: str,
     ds = data.SafeDataset(Windows(halves, args, "finetune", args.ft_windows, args.seed),
                           args.max_fail_fraction, "windows")
     model = build_model(args).to(device)
-    sd, source = initial_trunk(init, "stage-2", args)
-    if sd is not None:
-        checkpoint.load_model(model.trunk, sd, strict=False, what=f"{init} trunk")
+    source = initial_trunk(init, "stage-2", args, model.trunk)
     run_args = dataclasses.replace(args, output_dir=out_dir)
     for p in model.trunk.parameters():
         p.requires_grad = False
@@ -1642,6 +1653,50 @@ def stage_finetune(root: Path, args: Args, device, amp, logger, init: str,
                       args.ft_epochs, args.ft_base_lr, 0, args.final_lr_ratio, "finetune.pt",
                       run_args, device, amp, logger, source)
     return model, steps
+
+
+def check_inputs(root: Path, args: Args, stages: list) -> None:
+    """Refuse, before any training, what a later stage would refuse hours later: the split
+    lists, games, labels and videos, the window counts per half, the queue sizes, and the
+    teacher bank (every training half's file, (T, F) with one F, at least floor(D x fps) - 1
+    rows). Raises cli.InputError / FileNotFoundError naming the file or the flag."""
+    train = read_halves(root, [g for s in args.train_splits for g in read_split(root, s)], args)
+    if "spot" in stages:
+        read_halves(root, read_split(root, args.eval_split), args)
+    rng, T, world = np.random.default_rng(0), int(args.window), dist.world()
+    for h in train:
+        for stage, n, draw in (("distill", args.distill_windows, distill_starts),
+                               ("finetune", args.ft_windows, finetune_starts)):
+            if stage in stages:
+                if n % 2:
+                    raise cli.InputError(f"--{stage.replace('finetune', 'ft')}-windows {n}: "
+                                         f"must be even (half per half)")
+                try:
+                    draw(h.duration, args.window, n // 2, rng)
+                except cli.InputError as e:
+                    raise cli.InputError(f"{h.path} ({h.duration:.1f} s; a truncated video "
+                                         f"reads short): {e}") from None
+    for stage, size, keys, flag in (
+            ("spatial", args.queue_size, 2 * args.spatial_batch_size * world, "--queue-size"),
+            ("distill", args.distill_queue_size, args.distill_batch_size * world * T,
+             "--distill-queue-size")):
+        if stage in stages and size % keys:
+            raise cli.InputError(f"{flag} {size} must be a multiple of the keys enqueued per "
+                                 f"step ({keys})")
+    if "distill" in stages and args.teacher_name != "stage1":
+        bank, dims = teacher_root(root, args), set()
+        for h in train:
+            p = bank / h.game / f"{h.half}_{args.teacher_name}.npy"
+            if not p.is_file():
+                raise FileNotFoundError(f"{p}: teacher features missing (--teacher-dir, "
+                                        f"--teacher-name)")
+            shape = np.load(p, mmap_mode="r").shape
+            if len(shape) != 2 or shape[0] < math.floor(h.duration * args.teacher_fps) - 1:
+                raise cli.InputError(f"{p}: teacher features {shape} do not cover the "
+                                     f"{h.duration:.1f}-s half at {args.teacher_fps:g} rows/s")
+            dims.add(shape[1])
+        if len(dims) > 1:
+            raise cli.InputError(f"teacher features under {bank} differ in width: {sorted(dims)}")
 
 
 def main(args: Args) -> dict:
@@ -1666,6 +1721,9 @@ def main(args: Args) -> dict:
         else [args.stage]
     if args.stage == "all" and args.teacher_name != "stage1":
         stages.remove("features")  # the teacher bank comes with the data
+    if args.stage == "all" and args.init_from:
+        stages.remove("spatial")  # stage 2 starts from --init-from (or "random")
+    check_inputs(root, args, stages)
     if "spatial" in stages:
         steps += stage_spatial(root, args, device, amp, logger)
     if "features" in stages:
@@ -1690,6 +1748,8 @@ def main(args: Args) -> dict:
         results["pretrained"], buffers["pretrained"] = spot(model, root, args, device, amp,
                                                             out / "predictions")
         if args.eval_random_init:  # the same fine-tuning from a random trunk
+            dist.print0(f"baseline: the same fine-tuning from a random trunk, into "
+                        f"{out / 'random_init'}")
             torch.manual_seed(args.seed)
             rnd, n = stage_finetune(root, args, device, amp, logger, "random",
                                     str(out / "random_init"))
@@ -1704,11 +1764,23 @@ def main(args: Args) -> dict:
                "metrics": {}}
     if results and dist.is_main():
         cols = [c for c in ("random_init", "pretrained") if c in results]
+        n_clips = results["pretrained"].pop("heldout_clips", None)
+        results.get("random_init", {}).pop("heldout_clips", None)
         for name in results["pretrained"]:
             summary["metrics"][name] = {c: round(results[c][name], 3) for c in cols}
-        dist.print0(f"{'metric (a-mAPs in %)':<34}" + "".join(f"{c:>14}" for c in cols))
-        for name, vals in summary["metrics"].items():
-            dist.print0(f"{name:<34}" + "".join(f"{vals[c]:>14.2f}" for c in cols))
+        if n_clips:
+            summary["chance"] = {"spatial_heldout_loss": round(math.log(n_clips), 3)}
+        for title, names in (
+                ("held-out pretext losses (level 1; stage 1 at chance: log "
+                 f"{n_clips} = {math.log(n_clips or 1):.2f})", [n for n in summary["metrics"]
+                                                                 if "loss" in n]),
+                (f"spotting on {args.eval_split!r} (level 2; a-mAP in %, 17 classes unless "
+                 "said)", [n for n in summary["metrics"] if "loss" not in n])):
+            if names:
+                dist.print0(f"\n{title}\n{'':<34}" + "".join(f"{c:>14}" for c in cols))
+                for n in names:
+                    dist.print0(f"{n:<34}" + "".join(f"{summary['metrics'][n][c]:>14.2f}"
+                                                     for c in cols))
         key = next(iter(buffers["pretrained"]), None)
         if key is not None:
             h = [x for x in read_halves(root, [key[0]], args) if x.half == key[1]][0]
@@ -1717,6 +1789,8 @@ def main(args: Args) -> dict:
                           args)
         with open(out / "summary.json", "w") as fh:
             json.dump(summary, fh, indent=2)
+        dist.print0(f"wrote {out / 'summary.json'}" + (f" and {out / 'timeline.png'}"
+                                                        if key is not None else ""))
     dist.cleanup()
     return summary
 

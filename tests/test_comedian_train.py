@@ -776,3 +776,49 @@ def test_non_finite_loss_stops_before_its_update(sn_root, tmp_path, monkeypatch)
     checks.assert_stopped_before_update(
         seen, lambda: run(sn_root, tmp_path / "f", stage="finetune", init_from="random"),
         tmp_path / "f" / "head.pt", step=3, kept=2)
+
+
+def test_bad_inputs_are_refused_before_any_training(sn_root, tmp_path, capsys):
+    """The teacher bank (widths, coverage), the splits and a checkpoint of the wrong kind are
+    checked before stage 1 trains: one `error:` line, exit 2, no checkpoint written."""
+    root = Path(sn_root)
+    halves = C.read_halves(root, C.read_split(root, "train"), C.Args())
+
+    def bank(name: str, width=lambda k: 8, rows=lambda h: math.ceil(h.duration)) -> Path:
+        for k, h in enumerate(halves):
+            p = tmp_path / name / h.game / f"{h.half}_feats.npy"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            np.save(p, np.zeros((rows(h), width(k)), np.float32))
+        return tmp_path / name
+
+    cases = [(dict(teacher_dir=str(bank("w", width=lambda k: 6 if k == 3 else 8))),
+              "differ in width: [6, 8]"),
+             (dict(teacher_dir=str(bank("r", rows=lambda h: 3))), "do not cover"),
+             (dict(teacher_dir=str(tmp_path / "none")), "teacher features missing"),
+             (dict(eval_split="test"), "test.txt: no game list")]
+    for kw, msg in cases:
+        out = tmp_path / "o"
+        with pytest.raises(SystemExit) as exit_:
+            cli.run(C.main, C.Args, C.PRESETS,
+                    argv(sn_root, out, stage="all", teacher_name="feats", **kw))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(err) == 1 and msg in err[0], (kw, err)
+        assert not (out / "spatial.pt").exists()
+    # a file that holds no ViViT (here a stage-2 PCA file) is not a trunk to start from
+    pca = tmp_path / "pca.pt"
+    checkpoint.save(pca, {"mean": torch.zeros(3), "std": torch.ones(3)})
+    with pytest.raises(SystemExit):
+        cli.run(C.main, C.Args, C.PRESETS,
+                argv(sn_root, tmp_path / "o2", stage="finetune", init_from=str(pca)))
+    assert "not stage-2 ViViT weights" in capsys.readouterr().err
+
+
+def test_malformed_labels_name_the_file(tmp_path):
+    bad = tmp_path / "Labels-v2.json"
+    bad.write_text('{"annotations": [{"gameTime": "1 - 00:10", "label": "Goal"')
+    with pytest.raises(cli.InputError, match="Labels-v2.json: not valid JSON"):
+        C.parse_labels(bad)
+    bad.write_text(json.dumps({"annotations": [{"gameTime": "3 - 00:10", "label": "Goal",
+                                                "position": "10000"}]}))
+    with pytest.raises(cli.InputError, match="annotation #0 has half 3"):
+        C.parse_labels(bad)
