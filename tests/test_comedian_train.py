@@ -746,6 +746,9 @@ def test_presets():
     assert t.queue_size % (2 * 2 * t.spatial_batch_size) == 0
     s = cli.parse(C.Args, C.PRESETS, ["--data", "x", "--preset", "vivit-t-32s"])
     assert (s.window, s.temporal_depth, s.mask_ratio, s.ft_mask_ratio) == (32.0, 4, 0.0, 0.0)
+    v = cli.parse(C.Args, C.PRESETS, ["--data", "x", "--preset", "vivit-s"])  # Tab. 6.2 row
+    assert (v.embed_dim, v.num_heads, v.temporal_heads, v.window, v.temporal_depth) == (
+        384, 6, 6, 32.0, 4)
 
 
 def nan_batch_at_step(monkeypatch, step: int) -> dict:
