@@ -25,6 +25,11 @@ Launch (batch sizes are per GPU; the official runs use 2 A100s, spec §4):
     torchrun --nproc_per_node=8 comedian.py --data ~/soccernet --spatial-batch-size 128 \
         --distill-batch-size 4 --ft-batch-size 8               # 8 GPUs, the official global
                                                                 # batches, all stages in turn
+    python comedian.py --data ~/soccernet --amp fp16     # 1 GPU: the official per-GPU batches,
+                                                          # half the global ones (lr x B / 256)
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
+        comedian.py --data ~/soccernet --spatial-batch-size 64 --distill-batch-size 2 \
+        --ft-batch-size 4                                       # 2 nodes x 8 GPUs
 Presets: vivit-t (the default, the final model), vivit-t-32s (the ablation setting: 32-s
 clips, depth 4, no masking), vivit-s (ViViT-S in that setting), demo.
 
