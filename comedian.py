@@ -43,7 +43,8 @@ Deviations, with reasons:
   would start it at floor(D) - W < 0); real halves are ~45 min, so this never differs there.
 - Augmentations run per window on the CPU with torchvision v2 (one draw for all frames of a
   clip), not batched on the GPU with torchaug; draws come from (seed, epoch, index). The blur
-  kernel is 10 % of the image (23 at 224, the configs').
+  kernel is 10 % of the image (23 at 224, the configs'), but at least 13 so that +-3 sigma
+  fits (`augment.blur_kernel`, as the SCE scripts).
 - Frames at 2 fps are the frames on screen at t = i / 2 s (PyAV, seeking), in place of
   ffmpeg's `fps=2` JPEG extraction; 2-fps frame folders (the official layout) are read as is.
 - Stage 2 window starts: one per equal segment of [0, D - W], uniform inside it, floored to
@@ -387,8 +388,8 @@ MEAN, STD = (0.45, 0.45, 0.45), (0.225, 0.225, 0.225)  # spec §1 (normalize)
 
 
 class Half(NamedTuple):
-    """One half of a game: its video (file or 2-fps frame folder), its duration D in s,
-    its frame count on the 2-fps grid (floor(2D)) and its annotations."""
+    """One half of a game: its video (file or 2-fps frame folder), its duration D in s and
+    the game's annotations (both halves)."""
     game: str
     half: int
     path: str
@@ -502,13 +503,13 @@ def transform(kind: str, args: Args) -> v2.Compose:
 class SpatialClips(Dataset):
     """Stage 1 (`SlidingWindowSoccerNetClipSampler(1, 0)`): every non-overlapping 1-s clip
     (2 frames) of the halves, decoded once, two views (3, 2, S, S) with their own crop and
-    augmentation; every draw from (seed, epoch, index). `eval=True`: one squashed view, for
-    the teacher bank of stage `features`."""
+    augmentation; every draw from (seed, epoch, index). `single=True`: one squashed view,
+    for the teacher bank of stage `features`."""
 
-    def __init__(self, halves: list, args: Args, seed: int, eval: bool = False):
-        self.halves, self.seed, self.eval, self.cache = halves, seed, eval, args.cache_frames
+    def __init__(self, halves: list, args: Args, seed: int, single: bool = False):
+        self.halves, self.seed, self.cache = halves, seed, args.cache_frames
         self.items = [(i, s) for i, h in enumerate(halves) for s in range(int(h.duration))]
-        self.views = [transform("eval", args)] if eval else \
+        self.views = [transform("eval", args)] if single else \
             [transform("spatial-a", args), transform("spatial-b", args)]
 
     def __len__(self) -> int:
@@ -616,8 +617,12 @@ class Windows(Dataset):
         self.frame_y = [frame_labels(h.annotations, h.half, math.floor(h.duration * FPS))
                         for h in halves] if kind == "finetune" else None
         for h in halves:  # a sampling that cannot work is the user's error, said now
-            (distill_starts if kind == "distill" else finetune_starts)(
-                h.duration, args.window, self.per_half, np.random.default_rng(0))
+            try:
+                (distill_starts if kind == "distill" else finetune_starts)(
+                    h.duration, args.window, self.per_half, np.random.default_rng(0))
+            except cli.InputError as e:
+                raise cli.InputError(f"{h.path} ({h.duration:.1f} s; a truncated video reads "
+                                     f"short): {e}") from None
 
     def __len__(self) -> int:
         return len(self.halves) * self.per_half
@@ -1592,7 +1597,7 @@ def stage_features(root: Path, args: Args, device, amp, out: Path) -> None:
     games = [g for s in (*args.train_splits, args.eval_split) for g in read_split(root, s)]
     halves = read_halves(root, list(dict.fromkeys(games)), args)[dist.rank()::dist.world()]
     for h in halves:
-        ds = SpatialClips([h], args, args.seed, eval=True)
+        ds = SpatialClips([h], args, args.seed, single=True)
         feats = []
         for x, _ in DataLoader(ds, args.spatial_batch_size, num_workers=args.num_workers):
             with amp.autocast():
@@ -1669,19 +1674,10 @@ def check_inputs(root: Path, args: Args, stages: list) -> None:
     train = read_halves(root, [g for s in args.train_splits for g in read_split(root, s)], args)
     if "spot" in stages:
         read_halves(root, read_split(root, args.eval_split), args)
-    rng, T, world = np.random.default_rng(0), int(args.window), dist.world()
-    for h in train:
-        for stage, n, draw in (("distill", args.distill_windows, distill_starts),
-                               ("finetune", args.ft_windows, finetune_starts)):
-            if stage in stages:
-                if n % 2:
-                    raise cli.InputError(f"--{stage.replace('finetune', 'ft')}-windows {n}: "
-                                         f"must be even (half per half)")
-                try:
-                    draw(h.duration, args.window, n // 2, rng)
-                except cli.InputError as e:
-                    raise cli.InputError(f"{h.path} ({h.duration:.1f} s; a truncated video "
-                                         f"reads short): {e}") from None
+    T, world = int(args.window), dist.world()
+    for stage, n in (("distill", args.distill_windows), ("finetune", args.ft_windows)):
+        if stage in stages:  # the datasets check their window counts when built
+            Windows(train, args, stage, n, args.seed)
     for stage, size, keys, flag in (
             ("spatial", args.queue_size, 2 * args.spatial_batch_size * world, "--queue-size"),
             ("distill", args.distill_queue_size, args.distill_batch_size * world * T,
