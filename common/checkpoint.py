@@ -126,6 +126,24 @@ def _listing(title: str, items: list, limit: int = 5) -> str:
     return f"\n  {title} ({len(items)}): " + ", ".join(items[:limit]) + more
 
 
+def key_prefixes(state_dict: dict, depth: int = 2) -> list:
+    """The distinct leading `depth` dotted components of the keys (`trunk.model.`, `head.`),
+    sorted: what a user needs to see when a file matches no known layout."""
+    return sorted({".".join(k.split(".")[:depth]) + "." for k in state_dict})
+
+
+def strip_prefix(state_dict: dict, prefixes: tuple, ignore: tuple = ()) -> tuple:
+    """Select the keys under the first of `prefixes` that any key starts with, prefix removed;
+    keys starting with one of `ignore` (e.g. an EMA copy, `momentum_trunk.`) are dropped first.
+    Returns `(state_dict, prefix)`; with no prefix matching, the state dict (less `ignore`) and
+    "" (a bare backbone file). List longer prefixes first (`trunk.model.` before `trunk.`)."""
+    sd = {k: v for k, v in state_dict.items() if not (ignore and k.startswith(tuple(ignore)))}
+    for prefix in prefixes:
+        if any(k.startswith(prefix) for k in sd):
+            return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, prefix
+    return sd, ""
+
+
 def load_model(model: nn.Module, state_dict: dict, strict: bool = True, what: str = "checkpoint"):
     """Load `state_dict` (wrapper prefixes stripped) into `unwrap(model)`.
 
@@ -141,7 +159,9 @@ def load_model(model: nn.Module, state_dict: dict, strict: bool = True, what: st
     if shapes or (strict and (missing or unexpected)):
         raise CheckpointError(f"{what}: state dict does not match {type(target).__name__}"
                            + _listing("missing", missing) + _listing("unexpected", unexpected)
-                           + _listing("shape mismatch", shapes))
+                           + _listing("shape mismatch", shapes)
+                           + (_listing("key prefixes in the file", key_prefixes(sd), 12)
+                              if missing else ""))
     target.load_state_dict(sd, strict=False)
     return missing, unexpected
 

@@ -1,5 +1,7 @@
 """Checks shared by the method tests: whole-checkpoint equality (bitwise resume), a loss made
-non-finite at a chosen step through the real forward pass, and a run killed with SIGKILL."""
+non-finite at a chosen step through the real forward pass, a run killed with SIGKILL, and a
+count of the host syncs a training step would make on a GPU."""
+import collections
 import os
 import random
 import signal
@@ -9,6 +11,8 @@ import time
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from common import checkpoint, optim, training
 
@@ -128,3 +132,57 @@ def stop_after_step(monkeypatch, step: int, ckpt_name: str = "last.pt") -> None:
             monkeypatch.setattr(training.Loop, "end_step", real)
             raise Stop(f"stopped after step {step}")
     monkeypatch.setattr(training.Loop, "end_step", end_step)
+
+
+# Operations that make the host wait for the GPU: a value read back (`item`, `bool(t)`,
+# `float(t)`), an output whose size depends on the data (`nonzero`, boolean-mask indexing,
+# `masked_select`, `unique`, `repeat_interleave` without `output_size`), and a tensor built
+# from Python data inside the step (`torch.tensor(...)`: a host-to-device copy every step).
+_SYNC_OPS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique_dim",
+             "aten._unique2", "aten.unique_consecutive", "aten.lift_fresh"}
+_SYNC_METHODS = {"tolist", "numpy", "cpu"}
+
+
+class _HostSyncs(TorchDispatchMode):
+    def __init__(self, counts):
+        super().__init__()
+        self.counts = counts
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func.overloadpacket) if hasattr(func, "overloadpacket") else str(func)
+        name = name if name.startswith("aten.") else "aten." + name
+        if name in _SYNC_OPS:
+            self.counts[name.split(".", 1)[1]] += 1
+        elif name in ("aten.index", "aten.index_put", "aten.index_put_") and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                for i in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else [])):
+            self.counts["boolean-mask index"] += 1
+        elif name == "aten.repeat_interleave" and kwargs.get("output_size") is None:
+            self.counts["repeat_interleave"] += 1
+        return func(*args, **kwargs)
+
+
+class _HostReads(TorchFunctionMode):
+    def __init__(self, counts):
+        super().__init__()
+        self.counts = counts
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in _SYNC_METHODS:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_host_syncs(fn, *args, **kwargs) -> collections.Counter:
+    """Run `fn(*args, **kwargs)` on the CPU and count what would stall the host on a GPU:
+    reads of a value (`_local_scalar_dense`: `.item()`, `bool(t)`), data-dependent shapes
+    (`nonzero`, a boolean-mask index, `masked_select`, `unique`, `repeat_interleave` without
+    `output_size`), tensors built from Python data (`lift_fresh`: `torch.tensor(...)`) and
+    copies to the host (`tolist`, `numpy`, `cpu`). A training step is allowed exactly one:
+    the non-finite check's `_local_scalar_dense`."""
+    counts = collections.Counter()
+    with _HostReads(counts), _HostSyncs(counts):
+        fn(*args, **kwargs)
+    return counts

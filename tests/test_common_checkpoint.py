@@ -205,3 +205,22 @@ def test_real_ddp_wrapper_is_stripped(tmp_path):
         assert_same_tensors(teacher.state_dict(), model.state_dict())
     finally:
         tdist.destroy_process_group()
+
+
+def test_strip_prefix_picks_the_first_layout_present_and_drops_ignored_keys():
+    w = torch.ones(2)
+    sd = {"trunk.model.a.weight": w, "trunk.model.b": w, "momentum_trunk.model.a.weight": 2 * w,
+          "head.weight": w}
+    out, prefix = checkpoint.strip_prefix(sd, ("encoder.", "trunk.model.", "trunk."),
+                                          ignore=("momentum_trunk.",))
+    assert prefix == "trunk.model." and sorted(out) == ["a.weight", "b"]
+    out, prefix = checkpoint.strip_prefix({"a.weight": w}, ("trunk.",))
+    assert prefix == "" and list(out) == ["a.weight"]  # a bare backbone file
+    assert checkpoint.key_prefixes(sd) == ["head.weight.", "momentum_trunk.model.",
+                                           "trunk.model."]
+
+
+def test_a_file_that_fits_no_layout_names_the_prefixes_it_holds():
+    model = nn.Linear(2, 2)
+    with pytest.raises(checkpoint.CheckpointError, match=r"key prefixes in the file.*net\.fc\."):
+        checkpoint.load_model(model, {"net.fc.weight": torch.ones(2, 2)}, what="x.pt")
