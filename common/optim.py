@@ -191,11 +191,12 @@ class Amp:
     checkpoint ...".
     """
 
-    def __init__(self, mode: str, device: torch.device):
+    def __init__(self, mode: str, device: torch.device, init_scale: float = 2.0 ** 16):
         self.device = torch.device(device)
         self.mode = resolve_amp(mode, self.device)
         self.dtype = AMP_DTYPES[self.mode]
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.mode == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=init_scale,
+                                           enabled=self.mode == "fp16")
         self.context, self.accum, self.stepped = "", (0, 1), False
 
     def check_finite(self, loss: torch.Tensor) -> None:

@@ -2,6 +2,7 @@
 non-finite at a chosen step through the real forward pass, a run killed with SIGKILL, and a
 count of the host syncs a training step would make on a GPU."""
 import collections
+import copy
 import os
 import random
 import signal
@@ -186,3 +187,57 @@ def count_host_syncs(fn, *args, **kwargs) -> collections.Counter:
     with _HostReads(counts), _HostSyncs(counts):
         fn(*args, **kwargs)
     return counts
+
+
+# ---- GPU acceptance (tests marked `gpu`): one CUDA training step against the fp32 CPU step ----
+# Mixed precision against fp32: relative loss error, and the cosine and norm ratio of the
+# whole gradient vector (bf16 keeps 8 mantissa bits, fp16 11).
+GPU_TOLERANCE = {"bf16": dict(loss=3e-2, cos=0.98, norm=0.05),
+                 "fp16": dict(loss=5e-3, cos=0.995, norm=0.02),
+                 "none": dict(loss=1e-4, cos=0.9999, norm=1e-3)}
+
+
+def to_device(x, device):
+    """Move every tensor of a nested tuple / list / dict to `device`."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_device(v, device) for v in x)
+    return x
+
+
+def one_step(model, batch, step, device: str, amp_mode: str) -> tuple:
+    """A copy of `model` and `batch` on `device`, one `step(model, batch, opt, amp)` with
+    SGD at lr 1 (so that each trained parameter moves by minus its gradient). Returns the loss
+    and the gradient as one float64 CPU vector."""
+    model = copy.deepcopy(model).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.SGD(params, lr=1.0)
+    amp = optim.Amp(amp_mode, torch.device(device), init_scale=2.0 ** 10)
+    out = step(model, to_device(batch, device), opt, amp)
+    grad = torch.cat([(b - p.detach()).double().flatten().cpu() for b, p in zip(before, params)])
+    return float(out["loss"]), grad
+
+
+def assert_gpu_step_agrees(model, batch, step, modes=("bf16", "fp16")) -> dict:
+    """The CUDA step in each AMP mode gives the fp32 CPU step's loss and gradient within
+    `GPU_TOLERANCE`. `step(model, batch, opt, amp) -> {"loss": ...}` must draw no random
+    numbers of its own (randomness lives in `batch`), so that both devices see the same
+    computation. Returns {mode: (loss error, cosine, norm ratio)} for the report."""
+    loss0, grad0 = one_step(model, batch, step, "cpu", "none")
+    assert grad0.norm() > 0, "the CPU step produced no gradient"
+    report = {}
+    for mode in modes:
+        loss, grad = one_step(model, batch, step, "cuda", mode)
+        tol = GPU_TOLERANCE[mode]
+        err = abs(loss - loss0) / max(abs(loss0), 1e-6)
+        cos = float(torch.nn.functional.cosine_similarity(grad, grad0, dim=0))
+        ratio = float(grad.norm() / grad0.norm())
+        report[mode] = (err, cos, ratio)
+        assert err < tol["loss"], f"{mode}: loss {loss} vs fp32 CPU {loss0}"
+        assert cos > tol["cos"] and abs(ratio - 1) < tol["norm"], \
+            f"{mode}: gradient cosine {cos:.5f}, norm ratio {ratio:.4f} against the CPU step"
+    return report
