@@ -1,8 +1,15 @@
 """torch.distributed helpers: torchrun-aware init, rank helpers, collectives, seeding.
 
 A plain `python script.py` is a world of one and every helper is a no-op there; under
-`torchrun` the process group is nccl on CUDA and gloo on CPU.
+`torchrun` the process group is nccl on CUDA and gloo on CPU. `torchrun --nproc_per_node=1`
+creates no group either, unless `FORCE_PROCESS_GROUP=1` is set: then DDP, SyncBatchNorm and
+the collectives run on one GPU as they would on eight (the GPU suite does this).
+
+Collectives wait at most `DIST_TIMEOUT_MIN` minutes (default 60; NCCL's own default is 10):
+long single-rank work (a picture, a summary) stays well inside it, and the evaluations that
+take minutes are shared between the ranks.
 """
+import datetime
 import os
 import random
 
@@ -31,10 +38,19 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init(device: str = "auto") -> torch.device:
+def timeout() -> datetime.timedelta:
+    """How long a collective may wait for the slowest rank: `DIST_TIMEOUT_MIN` minutes (60)."""
+    return datetime.timedelta(minutes=float(os.environ.get("DIST_TIMEOUT_MIN", 60)))
+
+
+def init(device: str = "auto", cudnn_benchmark: bool = False) -> torch.device:
     """Join the torchrun world if there is one; return this process's device.
 
-    `device`: "auto" (CUDA if available, else CPU), "cpu", "cuda" or "cuda:N".
+    `device`: "auto" (CUDA if available, else CPU), "cpu", "cuda" or "cuda:N". A group is
+    created when `WORLD_SIZE` > 1, or = 1 with `FORCE_PROCESS_GROUP=1`. On CUDA, fp32 matrix
+    products and convolutions use TF32 (the practice of the official codes on A100/H100; bf16
+    autocast is the default anyway), and `cudnn_benchmark` lets cuDNN autotune its
+    convolution algorithms (for the fixed-shape 3-D CNNs).
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -43,10 +59,15 @@ def init(device: str = "auto") -> torch.device:
         dev = torch.device("cuda", local_rank())
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not is_dist():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+    size = int(os.environ.get("WORLD_SIZE", 0))
+    forced = size == 1 and os.environ.get("FORCE_PROCESS_GROUP") == "1"
+    if (size > 1 or forced) and not is_dist():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kw = {"device_id": dev} if dev.type == "cuda" else {}
-        tdist.init_process_group(backend=backend, **kw)
+        tdist.init_process_group(backend=backend, timeout=timeout(), **kw)
     return dev
 
 
