@@ -40,11 +40,17 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import av
-from av.video.reformatter import VideoReformatter
 import numpy as np
 import torch
 from PIL import Image
+
+from common import cli
+
+try:  # PyAV is needed only to read or write video files: image-only runs go without it
+    import av
+    from av.video.reformatter import VideoReformatter
+except ImportError:
+    av = VideoReformatter = None
 
 PathLike = Union[str, os.PathLike]
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
@@ -54,6 +60,17 @@ TIME_EPS = 1e-6  # seconds: a frame shown at t + TIME_EPS counts as shown at t
 
 class VideoReadError(RuntimeError):
     """A video (or frame folder) is missing, empty, corrupt or has no video stream."""
+
+
+class PyAVMissing(cli.UserError, ImportError):
+    """PyAV is not installed and a video file must be read or written."""
+
+
+def require_av() -> None:
+    """Raise `PyAVMissing` (one line: what to install) when PyAV cannot be imported."""
+    if av is None:
+        raise PyAVMissing("reading or writing video files needs PyAV: pip install av (offline: "
+                          "pip install --no-deps av-<version>-<platform>.whl)")
 
 
 @dataclass(frozen=True)
@@ -85,6 +102,7 @@ def _open(path: PathLike) -> "av.container.InputContainer":
         raise VideoReadError(f"{path}: no such video file")
     if os.path.getsize(path) == 0:
         raise VideoReadError(f"{path}: empty video file")
+    require_av()
     try:
         container = av.open(str(path))
     except av.FFmpegError as e:
@@ -336,6 +354,7 @@ def write_video(path: PathLike, frames, fps: float = 25, codec: str = "libx264",
         raise ValueError(f"{path}: yuv420p needs an even frame size, got {h}x{w}: crop or pad")
     if pts is not None and (len(pts) != t or any(b <= a for a, b in zip(pts, pts[1:]))):
         raise ValueError(f"{path}: pts must be {t} increasing integers, got {list(pts)}")
+    require_av()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     rate = Fraction(fps).limit_denominator(10**5)
     with av.open(str(path), "w") as c:

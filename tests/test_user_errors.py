@@ -50,3 +50,36 @@ def test_user_mistakes_are_one_line(lists, tmp_path, argv, message):
     last = proc.stderr.rstrip("\n").split("\n")[-1]  # after any progress bar
     assert last.startswith(message.format(tmp=lists)), proc.stderr[-2000:]
     assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr
+
+
+NO_PYAV = "import sys, runpy; sys.modules['av'] = None; sys.argv = {argv!r}; " \
+          "runpy.run_path({script!r}, run_name='__main__')"
+
+
+def test_every_script_imports_without_pyav_and_video_reads_say_what_to_install(tmp_path):
+    """A GPU image without PyAV still runs the image methods (no module imports PyAV at start);
+    a video method stops at its first video read with one line naming the package."""
+    code = ("import sys; sys.modules['av'] = None\n"
+            "import sce_image, sce_video, comedian, sigma, tcore, cropmae\n"
+            "from common import video\n"
+            "assert video.av is None\n"
+            "try:\n"
+            "    video.read_frames('x.mp4', [0])\n"
+            "except video.VideoReadError:\n"  # a missing file is still that error
+            "    pass\n"
+            f"open({str(tmp_path / 'a.mp4')!r}, 'wb').write(b'x')\n"
+            "try:\n"
+            f"    video.read_frames({str(tmp_path / 'a.mp4')!r}, [0])\n"
+            "except video.PyAVMissing as e:\n"
+            "    print('MISSING', e)\n")
+    proc = run("-c", code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "MISSING reading or writing video files needs PyAV: pip install av" in proc.stdout
+    # the image method's CLI works; the video demo (which writes its synthetic videos) stops
+    help_ = run("-c", NO_PYAV.format(argv=["sce_image.py", "--help"], script="sce_image.py"))
+    assert help_.returncode == 0 and "--queue-size" in help_.stdout, help_.stderr[-2000:]
+    demo = run("-c", NO_PYAV.format(argv=["sigma.py", "--output-dir", str(tmp_path / "s"),
+                                          "--max-steps", "1"], script="sigma.py"))
+    assert demo.returncode == 2, demo.stderr[-2000:]
+    last = demo.stderr.rstrip("\n").split("\n")[-1]
+    assert last.startswith("error: reading or writing video files needs PyAV"), last
