@@ -1,4 +1,5 @@
 """Tests for common/optim.py: schedules, groups, LARS, EMA, layer decay, AMP."""
+import copy
 import math
 
 import pytest
@@ -198,3 +199,54 @@ def test_amp_step_updates_clips_and_zeroes(mode):
         other = optim.Amp("fp16", "cpu")
         other.load_state_dict(state)
         assert other.scaler.get_scale() == amp.scaler.get_scale()
+
+
+def lars_loop_reference(params, lr, momentum, wd, eta, bufs):
+    """The per-parameter LARS loop of the class docstring (the form checked against eztorch)."""
+    for p in params:
+        g = p.grad
+        if p.ndim > 1:
+            g = g.add(p, alpha=wd)
+            p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+            g = g * torch.where((p_norm > 0) & (g_norm > 0), eta * p_norm / g_norm, 1.0)
+        mu = bufs.setdefault(id(p), torch.zeros_like(p)).mul_(momentum).add_(g)
+        p.add_(mu, alpha=-lr)
+
+
+def test_lars_foreach_is_bitwise_the_per_parameter_loop():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 36, 5))
+    ref = copy.deepcopy(net)
+    with torch.no_grad():
+        net[0].weight.zero_()  # |p| = 0: trust 1
+        ref[0].weight.zero_()
+    opt = optim.LARS(net.parameters(), lr=0.3, momentum=0.9, weight_decay=1e-4)
+    bufs = {}
+    for step in range(3):
+        x = torch.randn(4, 3, 8, 8)
+        for m in (net, ref):
+            m.zero_grad()
+            m(x).square().mean().backward()
+        net[3].bias.grad = None if step == 1 else net[3].bias.grad  # a param without grad
+        if step == 1:
+            ref[3].bias.grad = None
+        opt.step()
+        with torch.no_grad():
+            lars_loop_reference([p for p in ref.parameters() if p.grad is not None], 0.3, 0.9,
+                                1e-4, 1e-3, bufs)
+        for a, b in zip(net.parameters(), ref.parameters()):
+            assert torch.equal(a, b)
+
+
+def test_amp_resume_across_modes():
+    """A bf16 / fp32 checkpoint holds no loss scale: fp16 resumes it with a fresh scaler; an
+    fp16 checkpoint's scale is ignored by a bf16 run."""
+    bf16, fp16 = optim.Amp("bf16", "cpu"), optim.Amp("fp16", "cpu", init_scale=64.0)
+    assert bf16.state_dict() == {}
+    fp16.load_state_dict(bf16.state_dict())
+    assert fp16.scaler.get_scale() == 64.0
+    other = optim.Amp("fp16", "cpu", init_scale=8.0)
+    other.load_state_dict(fp16.state_dict())
+    assert other.scaler.get_scale() == 64.0
+    bf16.load_state_dict(fp16.state_dict())
+    assert not bf16.scaler.is_enabled()
