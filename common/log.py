@@ -100,16 +100,51 @@ class Throughput:
                 "ms_per_step": 1000 * dt / max(self.steps, 1)}
 
 
+# Dense (no sparsity) peak tensor-core TFLOP/s per GPU for 16-bit inputs, from the vendors'
+# data sheets; fp32 matmuls run as TF32 at half of it. A device not listed gets no MFU.
+PEAK_TFLOPS_16BIT = {"H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 NVL": 835.0,
+                     "H100 PCIe": 756.0, "H200": 989.4, "GH200": 989.4, "A100": 312.0,
+                     "L40S": 362.0, "A10G": 70.0, "L4": 121.0, "RTX 4090": 165.2}
+
+
+def peak_tflops(device: torch.device, amp_dtype: Optional[torch.dtype]) -> Optional[float]:
+    """The device's peak TFLOP/s for the AMP dtype (bf16/fp16; fp32 as TF32: half), or None
+    on the CPU and on GPUs not in `PEAK_TFLOPS_16BIT`."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in sorted(PEAK_TFLOPS_16BIT.items(), key=lambda kv: -len(kv[0]))
+                 if k in name), None)
+    if peak is None:
+        return None
+    return peak if amp_dtype in (torch.bfloat16, torch.float16) else peak / 2
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of `fn` (forward and backward), counted by
+    `torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions, attention; 2 per
+    multiply-add), on any device."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def bench(step_fn: Callable[[], object], batch_size: int, device: torch.device,
           steps: int = 20, warmup: int = 5, loader: Optional[Iterable] = None,
-          loader_batches: int = 20, **extra) -> dict:
-    """Time `step_fn()` (one training step on fixed random tensors) and optionally the data
-    pipeline alone (`loader`); print one JSON line on rank 0 and return it as a dict.
+          loader_batches: int = 20, amp_dtype: Optional[torch.dtype] = None, **extra) -> dict:
+    """Time `step_fn()` (one training step on fixed random tensors, as training runs it) and
+    optionally the data pipeline alone (`loader`); print one JSON line on rank 0 and return it
+    as a dict: samples/s, ms/step, FLOPs per sample (one step counted with `count_flops`),
+    achieved TFLOP/s, MFU where the GPU's peak is known (`peak_tflops` for `amp_dtype`), peak
+    memory, and the loader's samples/s.
 
-    Throughput is per process times the world size (a global figure under torchrun).
+    Throughput and TFLOP/s are per process times the world size (global under torchrun).
     """
     for _ in range(warmup):
         step_fn()
+    flops = count_flops(step_fn)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     meter = Throughput(device)
@@ -122,7 +157,12 @@ def bench(step_fn: Callable[[], object], batch_size: int, device: torch.device,
            "world": dist.world(), "batch_per_process": batch_size,
            "samples_per_s": rates["samples_per_s"] * dist.world(),
            "ms_per_step": rates["ms_per_step"],
-           "peak_mem_mb": peak_memory_mb(device), **extra}
+           "peak_mem_mb": peak_memory_mb(device),
+           "gflop_per_sample": flops / batch_size / 1e9,
+           "tflop_per_s": flops / (rates["ms_per_step"] / 1000) / 1e12 * dist.world(), **extra}
+    peak = peak_tflops(device, amp_dtype)
+    if peak is not None:
+        out["mfu"] = out["tflop_per_s"] / dist.world() / peak
     if loader is not None:
         it, n, t0 = iter(loader), 0, None
         for i in range(loader_batches + 1):

@@ -39,11 +39,28 @@ def test_bench_counts_steps_and_times_the_loader(capsys):
     loader = [(torch.zeros(4, 3), torch.zeros(4))] * 30
     out = log.bench(step, batch_size=4, device=torch.device("cpu"), steps=6, warmup=2,
                     loader=loader, loader_batches=5, note="x")
-    assert len(calls) == 8
+    assert len(calls) == 9  # 2 warm-up, 1 counted for FLOPs, 6 timed
+    assert out["gflop_per_sample"] == 0 and "mfu" not in out  # no tensor work, no GPU
     assert out["ms_per_step"] >= 10 and out["samples_per_s"] <= 4 / 0.01
     assert out["data_samples_per_s"] > 0 and out["note"] == "x" and out["peak_mem_mb"] > 10
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["bench"] == "train_step" and printed["batch_per_process"] == 4
+
+
+def test_bench_counts_the_flops_of_a_training_step(capsys):
+    """Linear 64 -> 32 on a batch of 8, forward and backward: forward 2*8*64*32, backward
+    the same twice (input and weight gradients), so 6 * 8 * 64 * 32 FLOPs a step."""
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(8, 64, requires_grad=True)
+
+    def step():
+        lin(x).sum().backward()
+
+    assert log.count_flops(step) == 6 * 8 * 64 * 32
+    out = log.bench(step, batch_size=8, device=torch.device("cpu"), steps=3, warmup=1)
+    assert out["gflop_per_sample"] == pytest.approx(6 * 64 * 32 / 1e9)
+    assert out["tflop_per_s"] == pytest.approx(6 * 8 * 64 * 32 / out["ms_per_step"] / 1e9)
+    assert log.peak_tflops(torch.device("cpu"), torch.bfloat16) is None
 
 
 def test_progress_is_a_plain_iterator():
