@@ -174,7 +174,8 @@ class Args:
     device: str = "auto"
     """cpu, cuda, cuda:N or auto"""
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
-    """autocast dtype (auto: bf16 on CUDA, none on CPU); the loss always runs in fp32"""
+    """autocast dtype (auto: bf16 on CUDA, none on CPU); the loss always runs in fp32. On
+    CUDA, fp32 matmuls and convolutions use TF32 and cuDNN autotunes the convolutions"""
     compile: bool = False
     """torch.compile the encoders"""
     # evaluation
@@ -641,18 +642,18 @@ def load_encoder(encoder: nn.Module, path: str) -> None:
     sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict):
         raise checkpoint.CheckpointError(f"{path}: no state dict in it")
-    sd = checkpoint.clean_state_dict(sd)
-    for prefix in ("encoder.", "trunk."):  # ours (online encoder); eztorch's online trunk
-        if any(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-            break
+    # ours (online encoder); eztorch's online trunk, bare or inside a model wrapper; never
+    # the momentum (target) trunk
+    sd, _ = checkpoint.strip_prefix(checkpoint.clean_state_dict(sd),
+                                    ("encoder.", "trunk.model.", "trunk."),
+                                    ignore=("momentum_trunk.", "target_encoder."))
     sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}  # torchvision's classifier
     checkpoint.load_model(encoder, sd, strict=True, what=path)
 
 
 # ---- 8. Main ----
 def main(args: Args) -> dict:
-    device = dist.init(args.device)
+    device = dist.init(args.device, cudnn_benchmark=True)  # fixed crop sizes in pretraining
     amp = optim.Amp(args.amp, device)
     args.output_dir = args.output_dir or time.strftime("runs/sce_image-%Y%m%d-%H%M%S")
     if not args.data:
@@ -713,6 +714,23 @@ def main(args: Args) -> dict:
     return summary
 
 
+def make_optimizer(sce: SCE, args: Args, lr: float) -> torch.optim.Optimizer:
+    """LARS (momentum 0.9, biases and BN excluded from its adaptation and weight decay) or SGD
+    with momentum 0.9, over the trainable parameters (App. A.5)."""
+    params = [p for p in sce.parameters() if p.requires_grad]
+    if args.optimizer == "lars":
+        return optim.LARS(params, lr=lr, momentum=0.9, weight_decay=args.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=args.weight_decay)
+
+
+def to_device(views: list, device) -> list:
+    """Each (B, 3, H, W) view copied without blocking, channels_last on CUDA."""
+    views = [v.to(device, non_blocking=True) for v in views]
+    if device.type == "cuda":
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+    return views
+
+
 def pretrain(model, sce: SCE, args: Args, device, amp: optim.Amp, logger: log.Logger) -> int:
     """The training loop, keyed by the global step; returns the number of steps done."""
     ds = data.SafeDataset(Views(base_dataset(args, "pretrain"), pretrain_views(args), args.seed),
@@ -720,10 +738,7 @@ def pretrain(model, sce: SCE, args: Args, device, amp: optim.Amp, logger: log.Lo
     loader = make_loader(ds, args.batch_size, args, train=True)
     global_batch = args.batch_size * dist.world() * args.accum_iter
     peak_lr = args.base_lr * global_batch / 256  # linear scaling rule (App. A.5)
-    params = [p for p in sce.parameters() if p.requires_grad]
-    opt = (optim.LARS(params, lr=peak_lr, momentum=0.9, weight_decay=args.weight_decay)
-           if args.optimizer == "lars" else
-           torch.optim.SGD(params, lr=peak_lr, momentum=0.9, weight_decay=args.weight_decay))
+    opt = make_optimizer(sce, args, peak_lr)
     loop = training.Loop(loader, args.epochs, {"model": sce, "optimizer": opt}, args, logger,
                          amp, max_steps=args.max_steps, accum_iter=args.accum_iter)
     warmup = min(args.warmup_epochs * loop.steps_per_epoch, loop.total_steps)
@@ -736,10 +751,7 @@ def pretrain(model, sce: SCE, args: Args, device, amp: optim.Amp, logger: log.Lo
         optim.set_lr_wd(opt, lr)
         # EMA momentum: m = 1 - (1 - m0)(cos(pi k / (S - 1)) + 1) / 2 (App. A.5, spec §7.5)
         m = optim.cosine_schedule(loop.step, max(loop.total_steps - 1, 1), args.ema_m0, final=1.0)
-        views = [v.to(device, non_blocking=True) for v in views]
-        if device.type == "cuda":
-            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        out = train_step(model, views, opt, amp, m)
+        out = train_step(model, to_device(views, device), opt, amp, m)
         loop.end_step(out, {"train/lr": lr, "train/ema_m": m})
         if args.eval_every and loop.epoch_end and (loop.epoch + 1) % args.eval_every == 0:
             dist.broadcast_buffers(sce.encoder)  # BN statistics differ by rank
@@ -752,18 +764,17 @@ def pretrain(model, sce: SCE, args: Args, device, amp: optim.Amp, logger: log.Lo
 
 
 def bench(model, sce: SCE, args: Args, device, amp: optim.Amp) -> dict:
-    """--bench: training steps on random tensors at the configured shapes, and the loader."""
+    """--bench: the training step (its optimiser, channels_last on CUDA) on random views at
+    the configured shapes, and the loader."""
     b = args.batch_size
     sizes = [args.img_size] * 2 + list(args.local_sizes)
-    views = [torch.randn(b, 3, s, s, device=device) for s in sizes]
-    params = [p for p in sce.parameters() if p.requires_grad]
-    opt = (optim.LARS(params, lr=0.1) if args.optimizer == "lars"
-           else torch.optim.SGD(params, lr=0.1, momentum=0.9))
+    views = to_device([torch.randn(b, 3, s, s) for s in sizes], device)
+    opt = make_optimizer(sce, args, args.base_lr * b * dist.world() / 256)
     model.train()
     ds = Views(base_dataset(args, "pretrain"), pretrain_views(args), args.seed)
     return log.bench(lambda: train_step(model, views, opt, amp, 0.99), b, device,
-                     loader=make_loader(ds, b, args, train=True), arch=args.arch,
-                     img_size=args.img_size, views=len(sizes), amp=amp.mode)
+                     loader=make_loader(ds, b, args, train=True), amp_dtype=amp.dtype,
+                     arch=args.arch, img_size=args.img_size, views=len(sizes), amp=amp.mode)
 
 
 if __name__ == "__main__":

@@ -190,11 +190,16 @@ def count_host_syncs(fn, *args, **kwargs) -> collections.Counter:
 
 
 # ---- GPU acceptance (tests marked `gpu`): one CUDA training step against the fp32 CPU step ----
-# Mixed precision against fp32: relative loss error, and the cosine and norm ratio of the
-# whole gradient vector (bf16 keeps 8 mantissa bits, fp16 11).
-GPU_TOLERANCE = {"bf16": dict(loss=3e-2, cos=0.98, norm=0.05),
-                 "fp16": dict(loss=5e-3, cos=0.995, norm=0.02),
-                 "none": dict(loss=1e-4, cos=0.9999, norm=1e-3)}
+# A contrastive or self-distillation loss at initialisation is a small difference of large
+# terms, so a 16-bit step's gradient can sit at cosine 0.9 from the fp32 one on any device
+# (measured on the CPU: SCE image, tiny ResNet, bf16 0.887, fp16 0.979). So the CUDA step in
+# fp32 (TF32 off) must equal the CPU step tightly, and a 16-bit CUDA step may be at most
+# `SLACK` times as far from fp32 as the same autocast dtype is on the CPU, or within the floor,
+# and never beyond the cap (which catches a precision bug shared by both devices' autocast).
+FP32_TOLERANCE = dict(loss=1e-4, cos=0.9999, norm=1e-3)
+FLOOR = {"bf16": dict(loss=3e-2, cos=0.98, norm=0.05), "fp16": dict(loss=5e-3, cos=0.995, norm=0.02)}
+CAP = {"bf16": dict(loss=6e-2, cos=0.8, norm=0.2), "fp16": dict(loss=1.5e-2, cos=0.95, norm=0.05)}
+SLACK = 4.0
 
 
 def to_device(x, device):
@@ -211,33 +216,52 @@ def to_device(x, device):
 def one_step(model, batch, step, device: str, amp_mode: str) -> tuple:
     """A copy of `model` and `batch` on `device`, one `step(model, batch, opt, amp)` with
     SGD at lr 1 (so that each trained parameter moves by minus its gradient). Returns the loss
-    and the gradient as one float64 CPU vector."""
+    and the gradient as one float64 CPU vector. fp32 on CUDA runs with TF32 off."""
     model = copy.deepcopy(model).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     opt = torch.optim.SGD(params, lr=1.0)
     amp = optim.Amp(amp_mode, torch.device(device), init_scale=2.0 ** 10)
-    out = step(model, to_device(batch, device), opt, amp)
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = amp_mode != "none"
+    try:
+        out = step(model, to_device(batch, device), opt, amp)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
     grad = torch.cat([(b - p.detach()).double().flatten().cpu() for b, p in zip(before, params)])
     return float(out["loss"]), grad
 
 
-def assert_gpu_step_agrees(model, batch, step, modes=("bf16", "fp16")) -> dict:
-    """The CUDA step in each AMP mode gives the fp32 CPU step's loss and gradient within
-    `GPU_TOLERANCE`. `step(model, batch, opt, amp) -> {"loss": ...}` must draw no random
-    numbers of its own (randomness lives in `batch`), so that both devices see the same
-    computation. Returns {mode: (loss error, cosine, norm ratio)} for the report."""
-    loss0, grad0 = one_step(model, batch, step, "cpu", "none")
-    assert grad0.norm() > 0, "the CPU step produced no gradient"
+def _distance(run, ref) -> dict:
+    (loss, grad), (loss0, grad0) = run, ref
+    return dict(loss=abs(loss - loss0) / max(abs(loss0), 1e-6),
+                cos=float(torch.nn.functional.cosine_similarity(grad, grad0, dim=0)),
+                norm=abs(float(grad.norm() / grad0.norm()) - 1))
+
+
+def assert_gpu_step_agrees(model, batch, step, modes=("none", "bf16", "fp16"),
+                           device="cuda") -> dict:
+    """One step of `step(model, batch, opt, amp) -> {"loss": ...}` on `device` in each AMP
+    mode against the fp32 CPU step on the same weights and batch: fp32 within
+    `FP32_TOLERANCE`; bf16 / fp16 within `SLACK` times the CPU autocast's own distance from
+    fp32, or within `FLOOR`, never beyond `CAP`. `step` must draw no random numbers of its own (randomness lives
+    in `batch`), so that both devices compute the same thing. Returns {mode: distances}. (With
+    `device="cpu"` the check runs against itself: how its own test runs.)"""
+    ref = one_step(model, batch, step, "cpu", "none")
+    assert ref[1].norm() > 0, "the CPU step produced no gradient"
     report = {}
     for mode in modes:
-        loss, grad = one_step(model, batch, step, "cuda", mode)
-        tol = GPU_TOLERANCE[mode]
-        err = abs(loss - loss0) / max(abs(loss0), 1e-6)
-        cos = float(torch.nn.functional.cosine_similarity(grad, grad0, dim=0))
-        ratio = float(grad.norm() / grad0.norm())
-        report[mode] = (err, cos, ratio)
-        assert err < tol["loss"], f"{mode}: loss {loss} vs fp32 CPU {loss0}"
-        assert cos > tol["cos"] and abs(ratio - 1) < tol["norm"], \
-            f"{mode}: gradient cosine {cos:.5f}, norm ratio {ratio:.4f} against the CPU step"
+        d = report[mode] = _distance(one_step(model, batch, step, device, mode), ref)
+        if mode == "none":
+            tol = FP32_TOLERANCE
+        else:
+            cpu = _distance(one_step(model, batch, step, "cpu", mode), ref)
+            gap = {k: cpu[k] if k != "cos" else 1 - cpu[k] for k in cpu}  # 0 is exact
+            floor, cap = ({k: v if k != "cos" else 1 - v for k, v in t[mode].items()}
+                          for t in (FLOOR, CAP))
+            tol = {k: min(cap[k], max(floor[k], SLACK * gap[k])) for k in gap}
+            tol["cos"] = 1 - tol["cos"]
+        assert d["loss"] < tol["loss"], f"{mode}: loss off by {d['loss']:.2e} (relative)"
+        assert d["cos"] > tol["cos"] and d["norm"] < tol["norm"], \
+            f"{mode}: gradient cosine {d['cos']:.5f}, norm off by {d['norm']:.4f}: {tol}"
     return report

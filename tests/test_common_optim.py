@@ -250,3 +250,27 @@ def test_amp_resume_across_modes():
     assert other.scaler.get_scale() == 64.0
     bf16.load_state_dict(fp16.state_dict())
     assert not bf16.scaler.is_enabled()
+
+
+def test_the_gpu_step_check_passes_a_faithful_step_and_catches_a_wrong_one():
+    """`checks.assert_gpu_step_agrees`, run against CPU autocast (what the GPU tests run
+    against CUDA): an honest step passes; a step whose 16-bit path drops a term fails."""
+    from tests import checks
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+    batch = (torch.randn(64, 16), torch.randint(0, 8, (64,)))
+
+    def step(m, b, opt, amp, wrong=False):
+        x, y = b
+        with amp.autocast():
+            logits = m(x)
+            if wrong and amp.mode != "none":
+                logits = logits[:, :4].repeat(1, 2)  # a bug only the mixed-precision path has
+        loss = torch.nn.functional.cross_entropy(logits.float(), y)
+        amp.step(loss, opt)
+        return {"loss": loss.detach()}
+
+    report = checks.assert_gpu_step_agrees(model, batch, step, device="cpu")
+    assert report["none"]["cos"] > 0.9999 and 0.9 < report["bf16"]["cos"] < 1
+    with pytest.raises(AssertionError, match="bf16"):
+        checks.assert_gpu_step_agrees(model, batch, lambda *a: step(*a, wrong=True), device="cpu")

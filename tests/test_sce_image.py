@@ -166,6 +166,34 @@ def test_train_step_grad_ema_and_queue(symmetric):
     assert torch.equal(m.queue[rest], queue_before[rest])
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "lars"])
+def test_train_step_makes_one_host_sync(optimizer):
+    """Only the non-finite check reads a value back: no item(), no data-dependent shape, no
+    tensor built from Python data, with LARS's trust ratios too."""
+    torch.manual_seed(0)
+    a = tiny_args(optimizer=optimizer, symmetric=True, local_sizes=(16,))
+    m = S.build_model(a)
+    opt = S.make_optimizer(m, a, 0.1)
+    amp = optim.Amp("none", torch.device("cpu"))
+    x = views() + [torch.randn(8, 3, 16, 16)]
+    S.train_step(m, x, opt, amp, 0.9)  # the first step creates the optimiser's state
+    assert checks.count_host_syncs(S.train_step, m, x, opt, amp, 0.9) == {"_local_scalar_dense": 1}
+
+
+@pytest.mark.gpu
+def test_gpu_step_matches_the_cpu_step():
+    """bf16 and fp16 (scaled) CUDA steps, channels_last as training feeds them, against fp32."""
+    torch.manual_seed(0)
+    a = tiny_args(symmetric=True)
+    model, x = S.build_model(a), views()
+
+    def step(m, batch, opt, amp):
+        m = m.to(memory_format=torch.channels_last) if batch[0].is_cuda else m
+        return S.train_step(m, S.to_device(batch, batch[0].device), opt, amp, 0.9)
+
+    checks.assert_gpu_step_agrees(model, x, step)
+
+
 def test_accumulation_buffers_the_keys_and_steps_the_ema_once():
     """--accum-iter 2: both micro-batches see the old queue; after the second, the optimiser
     and the EMA step once and the keys of both are enqueued together (eztorch, spec §7.3)."""
@@ -461,6 +489,9 @@ def test_load_encoder_reads_the_authors_checkpoints(tmp_path, tiny_data, capsys)
     sd = torch.load(tmp_path / "plain.ckpt", weights_only=True)["state_dict"]
     torch.save(sd, tmp_path / "sd.pt")
     assert same(loaded(tmp_path / "sd.pt"), online)
+    wrapped = {k.replace("trunk.", "trunk.model.", 1): v for k, v in sd.items()}
+    torch.save({"state_dict": wrapped}, tmp_path / "wrapped.ckpt")  # a trunk inside a wrapper
+    assert same(loaded(tmp_path / "wrapped.ckpt"), online)
     tv = torchvision.models.resnet18().state_dict()  # with fc.weight, fc.bias
     torch.save(tv, tmp_path / "tv.pt")
     std = tiny_args()  # the standard stem, as torchvision's
