@@ -547,7 +547,8 @@ def view_retrieval(encoder: nn.Module, args: Args, device, amp,
     module.train(was_training)
     d = (f.shape[1] - (2 * args.proj_dim if sce is not None else 0)) // 2
     f1, f2 = F.normalize(f[:, :d], dim=1), F.normalize(f[:, d:2 * d], dim=1)
-    hit = ((f2 @ f1.T).argmax(1) == torch.arange(len(f))).double().mean().item()
+    same = torch.arange(len(f), device=f.device)
+    hit = ((f2 @ f1.T).argmax(1) == same).double().mean().item()
     out = {"view_top1": 100 * hit, "view_top1_se": 100 * (hit * (1 - hit) / len(f)) ** 0.5}
     if sce is not None:
         p = args.proj_dim

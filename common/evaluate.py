@@ -21,7 +21,8 @@ def extract_features(fn: Callable[[Tensor], Tensor], loader: Iterable, device: t
     dataset index as third element: the shares are gathered, padding duplicates dropped, and
     every rank gets all features in dataset (index) order; a rank's share may be empty.
     Batches that are None (every sample unreadable, `data.SafeDataset(replace=False)`) are
-    skipped. Returns float32 feats (N, D) and long labels (N,), on CPU.
+    skipped. Returns float32 feats (N, D) and long labels (N,), on `device` (on a GPU the kNN
+    and the probe then run there).
     """
     feats, labels, idxs = [], [], []
     for batch in loader:
@@ -33,7 +34,7 @@ def extract_features(fn: Callable[[Tensor], Tensor], loader: Iterable, device: t
         if len(batch) > 2:
             idxs.append(torch.as_tensor(batch[2]).long().to(device))
     if not dist.is_dist():
-        return torch.cat(feats).cpu(), torch.cat(labels).cpu()
+        return torch.cat(feats), torch.cat(labels)
     if len(idxs) != len(feats):
         raise ValueError("extract_features under DDP needs batches (x, y, index): "
                          "the dataset must return each sample's index")
@@ -57,32 +58,53 @@ def extract_features(fn: Callable[[Tensor], Tensor], loader: Iterable, device: t
     first = torch.ones(len(idx), dtype=torch.bool, device=idx.device)
     first[1:] = sorted_idx[1:] != sorted_idx[:-1]  # keep one copy of each index
     keep = order[first]
-    return f[keep].cpu(), y[keep].cpu()
+    return f[keep], y[keep]
+
+
+def _my_queries(n: int, share: bool) -> range:
+    """This rank's contiguous slice of n queries (all of them alone or without `share`)."""
+    if not (share and dist.is_dist()):
+        return range(n)
+    per = math.ceil(n / dist.world())
+    return range(min(n, dist.rank() * per), min(n, (dist.rank() + 1) * per))
+
+
+def _summed(counts: Tensor, share: bool) -> list:
+    """Per-rank counts summed over the ranks (when the queries were shared), as floats: the
+    evaluation's one host sync."""
+    if share and dist.is_dist():
+        dist.all_reduce(counts, "sum")
+    return counts.tolist()
 
 
 @torch.no_grad()
 def knn_classify(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor,
                  num_classes: int, k: Iterable[int] = (20, 200), T: float = 0.07,
-                 chunk: int = 1024) -> dict[str, float]:
+                 chunk: int = 1024, share: bool = True) -> dict[str, float]:
     """Weighted kNN (InstDisc/DINO): cosine similarity on L2-normalised features, the top-k
     neighbours vote with weight exp(sim/T) for their class; top-1 accuracy per k (k clipped to
-    the bank size). Queries are processed `chunk` at a time."""
+    the bank size). Runs on the bank's device, `chunk` queries at a time; with `share` under
+    DDP each rank takes a slice of the queries and the counts are summed (every rank holds the
+    whole bank, as `extract_features` returns it), so the work is done once."""
     k = tuple(k)
     bank = F.normalize(train_f.float(), dim=1)
     test_f = F.normalize(test_f.float().to(bank.device), dim=1)
     train_y, test_y = train_y.to(bank.device), test_y.to(bank.device)
     kmax = min(max(k), len(bank))
-    correct = dict.fromkeys(k, 0)
-    for s in range(0, len(test_f), chunk):
-        sim, nbr = (test_f[s:s + chunk] @ bank.T).topk(kmax, dim=1)  # (q, kmax), descending
+    correct = torch.zeros(len(k), device=bank.device)
+    mine = _my_queries(len(test_f), share)
+    for s in range(mine.start, mine.stop, chunk):
+        e = min(s + chunk, mine.stop)
+        sim, nbr = (test_f[s:e] @ bank.T).topk(kmax, dim=1)  # (q, kmax), descending
         w = ((sim - sim[:, :1]) / T).exp()  # exp(sim/T) up to a per-query factor (no overflow)
         nbr_y = train_y[nbr]
-        for kk in k:
+        for i, kk in enumerate(k):
             kc = min(kk, kmax)
             votes = torch.zeros(len(sim), num_classes, device=bank.device)
             votes.scatter_add_(1, nbr_y[:, :kc], w[:, :kc])
-            correct[kk] += (votes.argmax(1) == test_y[s:s + chunk]).sum().item()
-    return {f"knn_top1@{kk}": 100.0 * correct[kk] / len(test_f) for kk in k}
+            correct[i] += (votes.argmax(1) == test_y[s:e]).sum()
+    counts = _summed(correct, share)
+    return {f"knn_top1@{kk}": 100.0 * c / len(test_f) for kk, c in zip(k, counts)}
 
 
 def linear_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor, num_classes: int,
@@ -128,9 +150,10 @@ def linear_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tenso
 @torch.no_grad()
 def retrieval_recall(query_f: Tensor, query_y: Tensor, bank_f: Tensor, bank_y: Tensor,
                      ks: Iterable[int] = (1, 5, 10, 20), center: bool = True,
-                     chunk: int = 1024) -> dict[str, float]:
+                     chunk: int = 1024, share: bool = True) -> dict[str, float]:
     """R@k (percent): fraction of queries whose k most cosine-similar bank items include one of
-    the same label. With `center`, each set is first centred with its own mean (SCE protocol)."""
+    the same label. With `center`, each set is first centred with its own mean (SCE protocol).
+    Queries are shared between ranks as in `knn_classify`."""
     ks = tuple(ks)
     q, b = query_f.float(), bank_f.float().to(query_f.device)
     if center:
@@ -138,10 +161,13 @@ def retrieval_recall(query_f: Tensor, query_y: Tensor, bank_f: Tensor, bank_y: T
     q, b = F.normalize(q, dim=1), F.normalize(b, dim=1)
     query_y, bank_y = query_y.to(q.device), bank_y.to(q.device)
     kmax = min(max(ks), len(b))
-    hits = dict.fromkeys(ks, 0)
-    for s in range(0, len(q), chunk):
-        top = (q[s:s + chunk] @ b.T).topk(kmax, dim=1).indices
-        match = bank_y[top] == query_y[s:s + chunk, None]  # (q, kmax)
-        for k in ks:
-            hits[k] += match[:, :k].any(1).sum().item()
-    return {f"R@{k}": 100.0 * hits[k] / len(q) for k in ks}
+    hits = torch.zeros(len(ks), device=q.device)
+    mine = _my_queries(len(q), share)
+    for s in range(mine.start, mine.stop, chunk):
+        e = min(s + chunk, mine.stop)
+        top = (q[s:e] @ b.T).topk(kmax, dim=1).indices
+        match = bank_y[top] == query_y[s:e, None]  # (q, kmax)
+        for i, k in enumerate(ks):
+            hits[i] += match[:, :k].any(1).sum()
+    counts = _summed(hits, share)
+    return {f"R@{k}": 100.0 * c / len(q) for k, c in zip(ks, counts)}

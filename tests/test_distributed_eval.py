@@ -56,6 +56,13 @@ out["features"] = {"labels": y.tolist(), "n": len(f)}
 one = sigma.make_loader(sigma.ClipViews(recs[:1], s, "single"), 2, s, train=False)
 f, y = evaluate.extract_features(lambda x: x.flatten(1)[:, :8], one, dev)  # rank 1 has none
 out["one_sample"] = {"labels": y.tolist(), "shape": list(f.shape)}
+g = torch.Generator().manual_seed(0)  # the same features on both ranks; 7 queries split 4 + 3
+bank, qf = torch.randn(12, 5, generator=g), torch.randn(7, 5, generator=g)
+by, qy = torch.randint(0, 3, (12,), generator=g), torch.randint(0, 3, (7,), generator=g)
+out["knn"] = [evaluate.knn_classify(bank, by, qf, qy, 3, (1, 3), chunk=2, share=s)
+              for s in (True, False)]
+out["recall"] = [evaluate.retrieval_recall(qf, qy, bank, by, (1, 2), chunk=2, share=s)
+                 for s in (True, False)]
 if dist.is_main():
     json.dump(out, open(sys.argv[3], "w"))
 dist.cleanup()
@@ -108,3 +115,7 @@ def test_two_processes_count_each_sample_once(setup):
     assert two == one
     assert two["features"] == {"labels": [0, 1, 1], "n": 3}
     assert two["one_sample"] == {"labels": [0], "shape": [1, 8]}
+    # kNN and retrieval: each rank scores its slice of the queries, the counts are summed
+    assert two["knn"][0] == two["knn"][1] == one["knn"][1]
+    assert two["recall"][0] == two["recall"][1] == one["recall"][1]
+    assert len({v for v in one["knn"][1].values()}) > 1  # k = 1 and 3 differ: a real check
