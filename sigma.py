@@ -60,6 +60,10 @@ Deviations, with reasons:
   checkpoint-best) is skipped; the multi-view test runs once at the end, on the last weights,
   as the official final test.
 - --amp auto is bf16 on CUDA (official: fp16 with a GradScaler, available as --amp fp16).
+- The frozen DINO teacher runs in fp32 outside autocast (official), but with TF32 matrix
+  products on CUDA (common/dist.init; official PyTorch 2.1 defaults: TF32 convolutions only):
+  its forward costs 1.5x the student's whole step (ViT-B: 270 vs 184 GFLOP per clip), and
+  TF32's ~1e-3 relative error falls on features then standardised and compared by cosine.
 - The DINO teacher is loaded from a local file (--teacher-weights; torch.hub is not reachable).
 - HMDB51 lists are read (the official VideoClsDataset has no HMDB branch and crashes).
 - Fine-tuning and linear-probe checkpoints (`finetune.pt`, `linear.pt`) are written every
@@ -169,7 +173,8 @@ class Args:
     """phi: MLP on normalised pixel tubes (SIGMA-MLP), a frozen DINO ViT (SIGMA-DINO) (Sec. 4),
     or pixel: the VideoMAE baseline, MSE on the normalised pixel tubes (Tabs. 6-7)"""
     teacher_weights: str = ""
-    """local DINO ViT-S/16 or B/16 weights (timm-style keys) for --target teacher"""
+    """local DINO ViT-S/16 or B/16 weights (timm-style keys) for --target teacher; the frozen
+    teacher runs in fp32 outside autocast, whatever --amp (official code)"""
     teacher_model: Literal["small", "base"] = "base"
     """DINO teacher size (release scripts: dino_b even for the ViT-S student, spec §1.4)"""
     teacher_kind: Literal["dino", "dinov2"] = "dino"
@@ -212,7 +217,10 @@ class Args:
     device: str = "auto"
     """cpu, cuda, cuda:N or auto"""
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
-    """autocast dtype (official: fp16); Sinkhorn and the losses always run in fp32"""
+    """autocast dtype of the encoder, decoder and MLP phi (official: fp16; auto: bf16 on CUDA,
+    none on CPU); phi's pixel-tube input and the frozen DINO teacher run in fp32 outside
+    autocast, as in the official code, and Sinkhorn and the losses always in fp32; on CUDA fp32
+    matrix products and convolutions use TF32"""
     compile: bool = False
     """torch.compile the encoder and decoder"""
     threads: int = 0

@@ -2,6 +2,7 @@
 targets against direct computations, the stop-gradients of Eq. 7, the official key names, the
 data sampling, and whole runs (learning, resume, 2-process DDP with Sinkhorn's all-reduce,
 evaluation, CLI)."""
+import copy
 import dataclasses
 import json
 import math
@@ -843,3 +844,25 @@ def test_presets_follow_the_release_scripts():
     assert pre.base_lr * 3 * pre.batch_size / 256 == pytest.approx(1.6875e-4)
     assert (pre.num_prototypes, pre.sampling_rate) == (1024, 2)
     assert preset("mini-ssv2-vits-videomae").target == "pixel"
+
+
+# ---- GPU (tests marked gpu: skipped with "no CUDA device" without one) ----
+@pytest.mark.gpu
+@pytest.mark.parametrize("setting", ["mlp", "dino"])
+def test_gpu_step_agrees_with_the_fp32_cpu_step(setting):
+    """One training step on CUDA in bf16 and in fp16 (GradScaler) gives the fp32 CPU step's
+    loss and gradient within the precision's tolerance (`checks.GPU_TOLERANCE`): SIGMA-MLP and
+    the frozen-teacher target (the teacher in fp32 outside autocast, as the official code).
+    Masks in the batch, drop path 0: the step draws no random numbers."""
+    a, model, teacher, video, mask = step_setting(setting)
+    assert a.drop_path == 0.0
+    teachers = {}
+
+    def step(m, batch, opt, amp):
+        t = None
+        if teacher is not None:  # the frozen teacher on the step's device (a copy per device)
+            dev = str(batch[0].device)
+            t = teachers.setdefault(dev, copy.deepcopy(teacher).to(dev))
+        return S.train_step(m, batch[0], batch[1], opt, amp, t)
+    report = checks.assert_gpu_step_agrees(model, (video, mask), step)
+    print(setting, report)
