@@ -60,6 +60,10 @@ Deviations, with reasons:
   checkpoint-best) is skipped; the multi-view test runs once at the end, on the last weights,
   as the official final test.
 - --amp auto is bf16 on CUDA (official: fp16 with a GradScaler, available as --amp fp16).
+- The frozen DINO teacher runs in fp32 outside autocast (official), but with TF32 matrix
+  products on CUDA (common/dist.init; official PyTorch 2.1 defaults: TF32 convolutions only):
+  its forward costs 1.5x the student's whole step (ViT-B: 270 vs 184 GFLOP per clip), and
+  TF32's ~1e-3 relative error falls on features then standardised and compared by cosine.
 - The DINO teacher is loaded from a local file (--teacher-weights; torch.hub is not reachable).
 - HMDB51 lists are read (the official VideoClsDataset has no HMDB branch and crashes).
 - Fine-tuning and linear-probe checkpoints (`finetune.pt`, `linear.pt`) are written every
@@ -169,7 +173,8 @@ class Args:
     """phi: MLP on normalised pixel tubes (SIGMA-MLP), a frozen DINO ViT (SIGMA-DINO) (Sec. 4),
     or pixel: the VideoMAE baseline, MSE on the normalised pixel tubes (Tabs. 6-7)"""
     teacher_weights: str = ""
-    """local DINO ViT-S/16 or B/16 weights (timm-style keys) for --target teacher"""
+    """local DINO ViT-S/16 or B/16 weights (timm-style keys) for --target teacher; the frozen
+    teacher runs in fp32 outside autocast, whatever --amp (official code)"""
     teacher_model: Literal["small", "base"] = "base"
     """DINO teacher size (release scripts: dino_b even for the ViT-S student, spec §1.4)"""
     teacher_kind: Literal["dino", "dinov2"] = "dino"
@@ -212,7 +217,10 @@ class Args:
     device: str = "auto"
     """cpu, cuda, cuda:N or auto"""
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
-    """autocast dtype (official: fp16); Sinkhorn and the losses always run in fp32"""
+    """autocast dtype of the encoder, decoder and MLP phi (official: fp16; auto: bf16 on CUDA,
+    none on CPU); phi's pixel-tube input and the frozen DINO teacher run in fp32 outside
+    autocast, as in the official code, and Sinkhorn and the losses always in fp32; on CUDA fp32
+    matrix products and convolutions use TF32"""
     compile: bool = False
     """torch.compile the encoder and decoder"""
     threads: int = 0
@@ -384,7 +392,8 @@ def to_input(frames: torch.Tensor) -> torch.Tensor:
 
 def tube_mask(args: Args, rng: np.random.Generator) -> torch.Tensor:
     """TubeMaskingGenerator: int(ratio * h * w) masked patches per frame, the same in every
-    temporal slot; bool (N,), True = masked, t-major token order (spec §1.1)."""
+    temporal slot; bool (N,), True = masked, t-major token order (spec §1.1). Every mask
+    holds exactly `num_masked(args)` True, which the step relies on (`split_ids`)."""
     hw = (args.input_size // args.patch_size) ** 2
     nt = args.num_frames // args.tubelet
     frame = np.zeros(hw, bool)
@@ -530,6 +539,35 @@ def num_tokens(a: Args) -> int:
     return (a.num_frames // a.tubelet) * (a.input_size // a.patch_size) ** 2
 
 
+def num_masked(a: Args) -> int:
+    """Masked tokens per clip, the same for every clip: int(ratio * h * w) per temporal slot
+    (`tube_mask`; 1408 of 1568 at the paper's shapes, spec §1.1)."""
+    return (a.num_frames // a.tubelet) * int(a.mask_ratio * (a.input_size // a.patch_size) ** 2)
+
+
+def split_ids(mask: torch.Tensor, n_masked: int) -> tuple:
+    """Bool (B, N) masks (True = masked, exactly `n_masked` per row, see `check_mask`) ->
+    token indices (visible (B, N - n_masked), masked (B, n_masked)), each ascending as in
+    boolean-mask selection; a stable argsort: fixed shapes, no host sync on a GPU."""
+    ids = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)  # visible first, then masked
+    n_vis = mask.shape[1] - n_masked
+    return ids[:, :n_vis], ids[:, n_vis:]
+
+
+def select(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` (B, n) of tokens x (B, N, C) -> (B, n, C): `x[mask].reshape(B, n, C)`
+    without the host sync (equal values; each selected row gets its own gradient)."""
+    return x.gather(1, ids[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def check_mask(mask: torch.Tensor, n_masked: int) -> None:
+    """Fail (asynchronously on a GPU: no host sync) unless each row of the bool (B, N) mask
+    holds exactly `n_masked` True, as `split_ids` assumes."""
+    torch._assert_async((mask.sum(1) == n_masked).all(),
+                        f"every mask must hold exactly {n_masked} masked tokens (tube masking "
+                        f"at --mask-ratio)")
+
+
 def xavier_init(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.Linear):
@@ -550,12 +588,12 @@ class VideoViT(nn.Module):
         dpr = torch.linspace(0, drop_path, depth).tolist()
         self.blocks = nn.ModuleList(vit.Block(dim, heads, 4.0, qkv_bias=True, qv_bias=True,
                                               drop_path=dp) for dp in dpr)
-        self.dim, self.depth = dim, depth
+        self.dim, self.depth, self.num_masked = dim, depth, num_masked(a)
 
     def tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.patch_embed(x) + self.pos_embed  # (B, N, E); table added before dropping
         if mask is not None:  # exact counts per clip: visible tokens in ascending order
-            x = x[~mask].reshape(x.shape[0], -1, x.shape[-1])  # (B, N_v, E)
+            x = select(x, split_ids(mask, self.num_masked)[0])  # (B, N_v, E)
         for blk in self.blocks:
             x = blk(x)
         return x
@@ -568,7 +606,8 @@ class Encoder(VideoViT):
         xavier_init(self)
 
     def forward(self, video: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, 3, T, H, W), bool (B, N) True = masked -> visible tokens (B, N_v, E), normed."""
+        """(B, 3, T, H, W), bool (B, N) True = masked (`num_masked` per row) -> visible tokens
+        (B, N_v, E), normed."""
         return self.norm(self.tokens(video, mask))
 
     def features(self, video: torch.Tensor) -> torch.Tensor:
@@ -655,10 +694,9 @@ class SIGMA(nn.Module):
         """(x_phi, x_psi), each (B, N_m, D): phi's embedding of the masked tubes and the
         decoder's (video model Psi) prediction for them, in ascending token order."""
         z = self.encoder(video, mask)  # (B, N_v, E)
-        B = z.shape[0]
-        pos = self.decoder_pos.expand(B, -1, -1).to(z.dtype)
-        dd = pos.shape[-1]
-        pos_vis, pos_msk = pos[~mask].reshape(B, -1, dd), pos[mask].reshape(B, -1, dd)
+        pos = self.decoder_pos.expand(z.shape[0], -1, -1).to(z.dtype)
+        vis, msk = split_ids(mask, self.encoder.num_masked)
+        pos_vis, pos_msk = select(pos, vis), select(pos, msk)  # (B, N_v | N_m, Dd)
         x = torch.cat([self.encoder_to_decoder(z) + pos_vis,
                        self.mask_token.to(z.dtype) + pos_msk], 1)  # spec §1.3
         x_psi = self.decoder(x, pos_msk.shape[1])  # (B, N_m, D): video model Psi
@@ -689,9 +727,17 @@ def build_model(args: Args) -> SIGMA:
     return SIGMA(args)
 
 
+# device -> ImageNet (mean, std) as fp32 (1, 3, 1, 1, 1), built once, copied once per device
+_NORM = {torch.device("cpu"): tuple(torch.tensor(v).view(1, 3, 1, 1, 1) for v in (MEAN, STD))}
+
+
 def unnormalise(video: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(MEAN, device=video.device).view(1, 3, 1, 1, 1)
-    return video * torch.tensor(STD, device=video.device).view(1, 3, 1, 1, 1) + mean
+    """ImageNet-normalised (B, 3, T, H, W) -> pixels in [0, 1]: x * std + mean with fp32
+    constants that reach a device once (no host-to-device copy per step)."""
+    if video.device not in _NORM:
+        _NORM[video.device] = tuple(t.to(video.device) for t in _NORM[torch.device("cpu")])
+    mean, std = _NORM[video.device]
+    return video * std + mean
 
 
 @torch.no_grad()
@@ -724,10 +770,11 @@ def teacher_tokens(teacher: nn.Module, video: torch.Tensor,
 
 def target_input(video, mask, a: Args, teacher=None) -> torch.Tensor:
     """The masked tubes' phi input, ascending token order = the decoder's order ('inverse
-    masking', Sec. 3.2): (B, N_m, Din)."""
+    masking', Sec. 3.2): (B, N_m, Din). In fp32 whatever --amp: the pixel tubes, or the frozen
+    teacher outside autocast as the official code runs it."""
     full = pixel_tubes(video, a.tubelet, a.patch_size) if teacher is None else \
         teacher_tokens(teacher, video, a.input_size // a.patch_size)
-    return full[mask].reshape(video.shape[0], -1, full.shape[-1])
+    return select(full, split_ids(mask, num_masked(a))[1])
 
 
 # ---- 5. Loss ----
@@ -793,8 +840,11 @@ def sigma_loss(x_phi: torch.Tensor, x_psi: torch.Tensor, prototypes: torch.Tenso
 # ---- 6. Training step ----
 def train_step(model, video, mask, optimizer, amp: optim.Amp, teacher=None,
                clip_grad: float = 0.0) -> dict:
-    """phi's input (no grad), autocast forward, fp32 loss, backward, (clip,) step."""
+    """phi's input (no grad, fp32; the teacher outside autocast), autocast forward, fp32 loss,
+    backward, (clip,) step. video (B, 3, T, H, W), mask bool (B, N) with `num_masked` True
+    per row, both on the model's device; one host sync (the non-finite check)."""
     a = checkpoint.unwrap(model).args
+    check_mask(mask, num_masked(a))
     tgt = target_input(video, mask, a, teacher)
     with amp.autocast():
         loss, stats = model(video, mask, tgt)
@@ -971,7 +1021,7 @@ def pretext_eval(model: SIGMA, args: Args, device, amp, teacher=None) -> dict:
         for batch in make_loader(ds, args.batch_size, held, train=False):
             if batch is None:
                 continue
-            clip, mask = batch[0].to(device, non_blocking=True), batch[1].to(device)
+            clip, mask = (t.to(device, non_blocking=True) for t in batch)
             tgt = target_input(clip, mask, args, teacher)
             with amp.autocast():
                 x_phi, x_psi = model.branches(clip, mask, tgt)
@@ -1177,10 +1227,7 @@ def pretrain(model: SIGMA, teacher, args: Args, device, amp: optim.Amp, logger: 
     """The pretraining loop, keyed by the global step; returns the number of steps done."""
     ds = data.SafeDataset(PretrainClips(read_split(args, True), args), args.max_fail_fraction,
                           "pretrain videos")
-    global_batch = args.batch_size * dist.world() * args.accum_iter
-    peak, final = args.base_lr * global_batch / 256, args.min_lr * global_batch / 256  # spec §3
-    opt = torch.optim.AdamW(optim.param_groups(model, args.weight_decay), lr=peak,
-                            betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+    net, opt, (peak, final, global_batch) = training_setup(model, args, device)
     loop = training.Loop(make_loader(ds, args.batch_size, args, train=True), args.epochs,
                          {"model": model, "optimizer": opt}, args, logger, amp,
                          max_steps=args.max_steps, accum_iter=args.accum_iter)
@@ -1188,37 +1235,50 @@ def pretrain(model: SIGMA, teacher, args: Args, device, amp: optim.Amp, logger: 
     dist.print0(f"{len(ds)} videos, {loop.steps_per_epoch} steps/epoch, global batch "
                 f"{global_batch}, peak lr {peak:.3g}, {num_tokens(args)} tokens, amp {amp.mode}, "
                 f"output {args.output_dir}")
+    loop.resume(args.resume)
+    net.train()
+    for clip, mask in loop:
+        lr = optim.cosine_schedule(loop.step, loop.total_steps, peak, warmup, final=final)
+        optim.set_lr_wd(opt, lr)  # weight decay stays constant (spec §3)
+        out = train_step(net, clip.to(device, non_blocking=True),
+                         mask.to(device, non_blocking=True), opt, amp, teacher, args.clip_grad)
+        loop.end_step(out, {"train/lr": lr})
+    loop.check_replicas(model)
+    return loop.step
+
+
+def training_setup(model: SIGMA, args: Args, device) -> tuple:
+    """(net, optimiser, (peak lr, final lr, global batch)) for `pretrain` and `--bench`: AdamW
+    (0.9, 0.95), fused on CUDA, over `optim.param_groups` (spec §3), lr scaled by batch / 256;
+    `--compile` compiles the encoder and decoder; DDP under torchrun."""
+    global_batch = args.batch_size * dist.world() * args.accum_iter
+    peak, final = args.base_lr * global_batch / 256, args.min_lr * global_batch / 256  # spec §3
+    opt = torch.optim.AdamW(optim.param_groups(model, args.weight_decay), lr=peak,
+                            betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
     net = model
     if args.compile:
         model.encoder.compile()
         model.decoder.compile()
     if dist.is_dist():  # the L2 ablation leaves the prototypes unused
         net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=args.loss == "l2")
-    loop.resume(args.resume)
-    net.train()
-    for clip, mask in loop:
-        lr = optim.cosine_schedule(loop.step, loop.total_steps, peak, warmup, final=final)
-        optim.set_lr_wd(opt, lr)  # weight decay stays constant (spec §3)
-        out = train_step(net, clip.to(device, non_blocking=True), mask.to(device), opt, amp,
-                         teacher, args.clip_grad)
-        loop.end_step(out, {"train/lr": lr})
-    loop.check_replicas(model)
-    return loop.step
+    return net, opt, (peak, final, global_batch)
 
 
 def bench(model: SIGMA, teacher, args: Args, device, amp: optim.Amp) -> dict:
-    """--bench: training steps on random clips at the configured shapes, and the loader."""
-    b, rng = args.batch_size, np.random.default_rng(0)
-    clip = torch.randn(b, 3, args.num_frames, args.input_size, args.input_size, device=device)
-    mask = torch.stack([tube_mask(args, rng) for _ in range(b)]).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
-    if args.compile:
-        model.encoder.compile()
-        model.decoder.compile()
-    model.train()
+    """--bench: `train_step` as pretraining runs it (`training_setup`, the teacher) on a random
+    clip at the configured shapes with tube masks drawn as the loader draws them, pinned and
+    copied as the loop copies them (the weights change); then the loader alone."""
+    b = args.batch_size
+    net, opt, _ = training_setup(model, args, device)
+    clip = torch.randn(b, 3, args.num_frames, args.input_size, args.input_size)
+    mask = torch.stack([tube_mask(args, data.sample_np_rng(args.seed, 0, i)) for i in range(b)])
+    if device.type == "cuda":  # pinned, as the loader's batches
+        clip, mask = clip.pin_memory(), mask.pin_memory()
+    clip, mask = clip.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+    net.train()
     ds = PretrainClips(read_split(args, True), args)
-    return log.bench(lambda: train_step(model, clip, mask, opt, amp, teacher), b, device,
-                     loader=make_loader(ds, b, args, train=True), model=args.model,
+    return log.bench(lambda: train_step(net, clip, mask, opt, amp, teacher, args.clip_grad), b,
+                     device, loader=make_loader(ds, b, args, train=True), model=args.model,
                      tokens=num_tokens(args), amp=amp.mode, target=args.target)
 
 

@@ -2,6 +2,7 @@
 targets against direct computations, the stop-gradients of Eq. 7, the official key names, the
 data sampling, and whole runs (learning, resume, 2-process DDP with Sinkhorn's all-reduce,
 evaluation, CLI)."""
+import copy
 import dataclasses
 import json
 import math
@@ -245,6 +246,109 @@ def test_train_step_grads_prototypes_renormalised_teacher_untouched(tmp_path):
     feats = S.teacher_tokens(t, video[:2])  # (B, 4 * 2 * 2, 384), per clip/channel standardised
     assert feats.shape == (2, 16, 384)
     assert torch.allclose(feats.mean(1), torch.zeros(2, 384), atol=1e-4)
+
+
+def test_index_selection_equals_boolean_mask_selection():
+    """`split_ids` + `select` (fixed-size gathers, no host sync) give the boolean-mask
+    selection `x[~mask]` / `x[mask]` bit for bit, values and gradients, on tube masks and on
+    random masks with a fixed count per row; a mask with another count is refused."""
+    g = torch.Generator().manual_seed(0)
+    a = tiny_args()
+    n = S.num_masked(a)
+    assert n == 4 * int(0.9 * 16) == 56 and S.num_masked(S.Args()) == 1408
+    tube = torch.stack([S.tube_mask(a, np.random.default_rng(i)) for i in range(5)])
+    scattered = torch.stack([torch.randperm(64, generator=g) < n for _ in range(5)])
+    for mask in (tube, scattered):
+        assert (mask.sum(1) == n).all()
+        x = torch.randn(5, 64, 7, generator=g, requires_grad=True)
+        vis, msk = S.split_ids(mask, n)
+        assert vis.shape == (5, 8) and msk.shape == (5, 56)
+        assert (vis.diff(dim=1) > 0).all() and (msk.diff(dim=1) > 0).all()  # ascending order
+        got = [S.select(x, vis), S.select(x, msk)]
+        want = [x[~mask].reshape(5, 8, 7), x[mask].reshape(5, 56, 7)]
+        for u, v in zip(got, want):
+            assert torch.equal(u, v)
+        w = torch.randn(5, 64, 7, generator=g)
+        grads = [torch.autograd.grad((sel[0] * S.select(w, vis)).sum()
+                                     + (sel[1] * S.select(w, msk)).sum(), x)[0]
+                 for sel in (got, want)]
+        assert torch.equal(*grads) and torch.equal(grads[0], w)  # each row's own gradient
+    S.check_mask(tube, n)
+    bad = tube.clone()
+    bad[2, int((~bad[2]).nonzero()[0])] = True  # one clip with 57 masked tokens
+    with pytest.raises(RuntimeError, match="exactly 56 masked"):
+        S.check_mask(bad, n)
+
+
+def tiny_teacher(a: S.Args) -> torch.nn.Module:
+    """A 1-block frozen ViT-S/16 standing in for the DINO teacher (random weights)."""
+    torch.manual_seed(1)
+    net = S.vit.VisionTransformer(a.input_size, 16, 3, S.TEACHER_DIMS[a.teacher_model], 1, 6,
+                                  pos_embed="learned")
+    for p in net.parameters():
+        p.requires_grad = False
+    return net.eval()
+
+
+def step_setting(name: str) -> tuple:
+    """(args, model, teacher or None, video, mask) at tiny shapes: the default SIGMA-MLP, or a
+    *-dino preset's frozen-teacher target (a tiny teacher); masks as the loader draws them."""
+    if name == "mlp":
+        a = tiny_args()
+    else:  # the *-dino presets: target teacher (patch 16 so the teacher's grid is the student's)
+        a = tiny_args(**{**S._DINO, "teacher_model": "small", "patch_size": 16})
+    torch.manual_seed(0)
+    model = S.build_model(a)
+    teacher = tiny_teacher(a) if a.target == "teacher" else None
+    mask = torch.stack([S.tube_mask(a, S.data.sample_np_rng(0, 0, i)) for i in range(4)])
+    video = torch.randn(4, 3, 8, 32, 32, generator=torch.Generator().manual_seed(2))
+    return a, model, teacher, video, mask
+
+
+@pytest.mark.parametrize("setting", ["mlp", "dino"])
+def test_train_step_makes_one_host_sync(setting):
+    """One training step with the optimiser pretraining builds on a GPU (`training_setup`:
+    fused AdamW over the param groups) stalls the host once: the non-finite check. No
+    boolean-mask indexing, no nonzero, no constant built from Python data."""
+    a, model, teacher, video, mask = step_setting(setting)
+    _, opt, _ = S.training_setup(model, a, torch.device("cuda"))  # fused: also runs on the CPU
+    assert opt.defaults["fused"] and len(opt.param_groups) == 2
+    amp = optim.Amp("none", "cpu")
+    for _ in range(2):  # the first step and a later one (optimiser state already built)
+        counts = checks.count_host_syncs(S.train_step, model, video, mask, opt, amp, teacher)
+        assert counts == {"_local_scalar_dense": 1}, counts
+
+
+def test_bench_times_the_training_step_with_its_optimiser(tiny_data, tmp_path, monkeypatch):
+    """--bench hands `log.bench` the real step: `train_step` with pretraining's AdamW and param
+    groups (no decay on biases, norms and the mask token) at the scaled lr, on tube masks with
+    the training count per row, the teacher passed along."""
+    seen = {}
+
+    def fake_bench(step_fn, batch_size, device, **kw):
+        step_fn()
+        return {"batch": batch_size}
+
+    def spy(model, video, mask, opt, amp, teacher=None, clip_grad=0.0):
+        seen.update(model=model, video=video, mask=mask, opt=opt, teacher=teacher)
+        return real(model, video, mask, opt, amp, teacher, clip_grad)
+    real = S.train_step
+    monkeypatch.setattr(S.log, "bench", fake_bench)
+    monkeypatch.setattr(S, "train_step", spy)
+    a = run_args(tiny_data, tmp_path, bench=True)
+    assert S.main(a) == {"batch": 4}
+    model, opt, mask = seen["model"], seen["opt"], seen["mask"]
+    groups = optim.param_groups(model, a.weight_decay)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    assert [[id(p) for p in g["params"]] for g in opt.param_groups] == \
+        [[id(p) for p in g["params"]] for g in groups]
+    assert id(model.mask_token) in map(id, opt.param_groups[1]["params"])  # not decayed
+    assert id(model.prototypes) in map(id, opt.param_groups[0]["params"])  # decayed (spec §3)
+    assert opt.param_groups[0]["lr"] == pytest.approx(a.base_lr * 4 / 256)
+    assert opt.defaults["betas"] == (0.9, 0.95)
+    assert mask.dtype == torch.bool and mask.shape == (4, 64)
+    assert (mask.sum(1) == S.num_masked(a)).all() and not (mask == mask[0]).all()
+    assert seen["video"].shape == (4, 3, 8, 32, 32) and seen["teacher"] is None
 
 
 def test_dinov2_teacher_with_registers_loads_timm_weights_and_resizes_tokens(tmp_path):
@@ -740,3 +844,25 @@ def test_presets_follow_the_release_scripts():
     assert pre.base_lr * 3 * pre.batch_size / 256 == pytest.approx(1.6875e-4)
     assert (pre.num_prototypes, pre.sampling_rate) == (1024, 2)
     assert preset("mini-ssv2-vits-videomae").target == "pixel"
+
+
+# ---- GPU (tests marked gpu: skipped with "no CUDA device" without one) ----
+@pytest.mark.gpu
+@pytest.mark.parametrize("setting", ["mlp", "dino"])
+def test_gpu_step_agrees_with_the_fp32_cpu_step(setting):
+    """One training step on CUDA in bf16 and in fp16 (GradScaler) gives the fp32 CPU step's
+    loss and gradient within the precision's tolerance (`checks.GPU_TOLERANCE`): SIGMA-MLP and
+    the frozen-teacher target (the teacher in fp32 outside autocast, as the official code).
+    Masks in the batch, drop path 0: the step draws no random numbers."""
+    a, model, teacher, video, mask = step_setting(setting)
+    assert a.drop_path == 0.0
+    teachers = {}
+
+    def step(m, batch, opt, amp):
+        t = None
+        if teacher is not None:  # the frozen teacher on the step's device (a copy per device)
+            dev = str(batch[0].device)
+            t = teachers.setdefault(dev, copy.deepcopy(teacher).to(dev))
+        return S.train_step(m, batch[0], batch[1], opt, amp, t)
+    report = checks.assert_gpu_step_agrees(model, (video, mask), step)
+    print(setting, report)
