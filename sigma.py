@@ -1278,8 +1278,8 @@ def bench(model: SIGMA, teacher, args: Args, device, amp: optim.Amp) -> dict:
     net.train()
     ds = PretrainClips(read_split(args, True), args)
     return log.bench(lambda: train_step(net, clip, mask, opt, amp, teacher, args.clip_grad), b,
-                     device, loader=make_loader(ds, b, args, train=True), model=args.model,
-                     tokens=num_tokens(args), amp=amp.mode, target=args.target)
+                     device, loader=make_loader(ds, b, args, train=True), amp_dtype=amp.dtype,
+                     model=args.model, tokens=num_tokens(args), amp=amp.mode, target=args.target)
 
 
 if __name__ == "__main__":
