@@ -30,6 +30,9 @@ the --davis/--jhmdb/--vip flags evaluate Tab. 1's columns at the end):
         --accum-iter 8 --davis ~/data/DAVIS --jhmdb ~/data/jhmdb/jhmdb_vallist.txt \
         --vip ~/data/VIP/vip_vallist.txt                       # 1 GPU: 256 x 8 accumulated
 (--preset siammae-k400 runs like k400-vits; 8 GPUs x 256 and 16 x 128 are interchangeable.)
+Under torchrun the DAVIS / JHMDB / VIP evaluations are shared: every process propagates its
+share of the videos (video i on process i % processes) and all get the full scores; rank 0
+prints them and writes summary.json and the pictures.
 One GPU rarely holds batch 2048 (about 100 MB of saved activations per ViT-S sample, measured
 on CPU in bf16; CUDA's fused attention saves less): --accum-iter 8 accumulates 8 micro-batches
 of 256 per step, the same global batch and lr (the masks and views are drawn per sample, so
@@ -399,7 +402,10 @@ def random_masking(B: int, L: int, ratio: float, device,
                    noise: torch.Tensor | None = None) -> tuple:
     """MAE masking (spec §1): noise U(0,1)^L per sample, keep the int(L(1-r)) smallest.
     Returns keep indices (B, K) (in noise order), ids_restore (B, L), mask (B, L) 1 = removed.
-    `noise` (B, L): given instead of drawn from the global RNG (fixed masks, `pretext_eval`)."""
+    `noise` (B, L): given instead of drawn from the global RNG (fixed masks, `pretext_eval`).
+    K is fixed by the ratio, so the visible tokens are a `gather` of the keep indices (never a
+    boolean-mask index, whose size the host would have to read back), and the mask is built on
+    the device from ids_restore, without a constant from the host."""
     keep = int(L * (1 - ratio))
     if not 0 < keep <= L:
         raise cli.InputError(f"--mask-ratio {ratio} keeps {keep} of {L} patches; it must keep "
@@ -408,9 +414,9 @@ def random_masking(B: int, L: int, ratio: float, device,
         noise = torch.rand(B, L, device=device)
     ids_shuffle = noise.argsort(1)
     ids_restore = ids_shuffle.argsort(1)
-    mask = torch.ones(B, L, device=device)
-    mask[:, :keep] = 0
-    return ids_shuffle[:, :keep], ids_restore, torch.gather(mask, 1, ids_restore)
+    # MAE: ones with the first `keep` zeroed, unshuffled by ids_restore = [ids_restore >= keep]
+    mask = (ids_restore >= keep).float()
+    return ids_shuffle[:, :keep], ids_restore, mask
 
 
 class CropMAE(vit.VisionTransformer):
@@ -484,9 +490,14 @@ def mae_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_s
 
 
 # ---- 6. Training step ----
-def train_step(model, imgs: torch.Tensor, optimizer, amp: optim.Amp, mask_ratio: float) -> dict:
+def train_step(model, imgs: torch.Tensor, optimizer, amp: optim.Amp, mask_ratio: float,
+               noise: torch.Tensor | None = None) -> dict:
+    """One (micro-)batch: forward of `imgs` (B, 2, 3, H, W) under autocast, then `amp.step`
+    (non-finite check, backward, the optimiser step). `noise` (B, L) fixes the masks (default:
+    drawn on the device, as the official code). Host syncs: the non-finite check only.
+    Returns {"loss": the detached loss tensor}."""
     with amp.autocast():
-        loss, _, _ = model(imgs, mask_ratio)
+        loss, _, _ = model(imgs, mask_ratio, noise)
     amp.step(loss, optimizer)
     return {"loss": loss.detach()}
 
@@ -580,7 +591,10 @@ def pretext_eval(model: CropMAE, args: Args, device) -> dict:
 
 
 def evaluate(model: CropMAE, args: Args, device, out_dir: str | None = None) -> tuple:
-    """Label propagation on the benchmarks given (spec §4). Returns (metrics, DAVIS preds)."""
+    """Label propagation on the benchmarks given (spec §4). Returns (metrics, DAVIS preds).
+    Under torchrun, call it on every rank: the ranks share the videos (`propagation.eval_*`),
+    every rank gets the same metrics, and the DAVIS preds are this rank's sequences (rank 0
+    holds the first one; each rank writes its own sequences' PNGs to `out_dir`)."""
     was = model.training
     model.eval()
     feat = lambda x: patch_features(model, x)  # noqa: E731
@@ -697,7 +711,8 @@ def main(args: Args) -> dict:
 
     results, davis_preds = {}, {}
     propagate = bool(args.davis or args.jhmdb or args.vip)
-    if dist.is_main() and (propagate or heldout_files(args)):  # evaluation on rank 0
+    heldout = dist.is_main() and bool(heldout_files(args))  # pretext_eval: rank 0 alone
+    if propagate or heldout:  # propagation on every rank (the ranks share the videos)
         pred_dir = os.path.join(args.output_dir, "davis_pred")
         models = {"trained": mae}
         if args.eval_random_init:
@@ -707,11 +722,12 @@ def main(args: Args) -> dict:
                 torch.manual_seed(args.seed + i)
                 models[f"random_init_{i + 1}"] = build_model(args).to(device)
         for name, m in models.items():
-            results[name] = pretext_eval(m, args, device)
+            results[name] = pretext_eval(m, args, device) if heldout else {}
             if propagate:
                 scores, davis_preds[name] = evaluate(m, args, device,
                                                      pred_dir if name == "trained" else None)
                 results[name].update(scores)
+    if dist.is_main() and results:  # the summary, the table and the picture: rank 0
         for name in results["trained"]:
             summary["metrics"][name] = {k: round(v[name], 4) for k, v in results.items()}
         randoms = [v["davis_jf"] for k, v in results.items()
@@ -731,7 +747,7 @@ def main(args: Args) -> dict:
             print(f"{name:<{width}}" + "".join(
                 f"{vals[k]:>14}" if isinstance(vals[k], int) else f"{vals[k]:>14.4f}"
                 for k in reversed(results)))
-        if davis_preds.get("trained"):
+        if davis_preds.get("trained"):  # rank 0's preds start with the first sequence
             save_propagation(args.davis, {k: davis_preds[k] for k in ("random_init", "trained")
                                           if k in davis_preds},
                              os.path.join(args.output_dir, "propagation.png"))
@@ -748,20 +764,32 @@ def warmup_epochs(args: Args) -> int:
     return args.warmup_epochs if args.warmup_epochs >= 0 else int(0.05 * args.epochs)
 
 
+def peak_lr(args: Args) -> float:
+    """lr = blr x global batch / 256, the global batch being --batch-size x processes x
+    --accum-iter (spec §3)."""
+    return args.blr * (args.batch_size * dist.world() * args.accum_iter) / 256
+
+
+def make_optimizer(mae: CropMAE, args: Args, fused: bool) -> torch.optim.AdamW:
+    """The pretraining AdamW (spec §3): betas --betas, weight decay on every parameter but the
+    1-D ones and biases (cls/mask tokens decayed, frozen position tables left out), lr
+    `peak_lr`; `fused` on CUDA (one kernel per step, no host reads)."""
+    groups = optim.param_groups(mae, args.weight_decay,  # spec §3: cls/mask tokens decayed
+                                no_decay=lambda n, p: p.ndim <= 1 or n.endswith(".bias"))
+    return torch.optim.AdamW(groups, lr=peak_lr(args), betas=args.betas, fused=fused)
+
+
 def pretrain(model, mae: CropMAE, args: Args, device, amp: optim.Amp, logger: log.Logger) -> int:
     """The training loop, keyed by the global step; returns the number of steps done."""
     ds = data.SafeDataset(pretrain_dataset(args), args.max_fail_fraction, "pretrain data")
     global_batch = args.batch_size * dist.world() * args.accum_iter
-    peak_lr = args.blr * global_batch / 256  # spec §3: lr = blr x batch / 256
-    groups = optim.param_groups(mae, args.weight_decay,  # spec §3: cls/mask tokens decayed
-                                no_decay=lambda n, p: p.ndim <= 1 or n.endswith(".bias"))
-    opt = torch.optim.AdamW(groups, lr=peak_lr, betas=args.betas,
-                            fused=device.type == "cuda")
+    peak = peak_lr(args)  # spec §3: lr = blr x batch / 256
+    opt = make_optimizer(mae, args, fused=device.type == "cuda")
     loop = training.Loop(make_loader(ds, args), args.epochs, {"model": mae, "optimizer": opt},
                          args, logger, amp, max_steps=args.max_steps, accum_iter=args.accum_iter)
     warmup = min(warmup_epochs(args) * loop.steps_per_epoch, loop.total_steps)
     dist.print0(f"{len(ds)} samples, {loop.steps_per_epoch} steps/epoch, global batch "
-                f"{global_batch}, peak lr {peak_lr:.4g}, warmup {warmup} steps, visible patches "
+                f"{global_batch}, peak lr {peak:.4g}, warmup {warmup} steps, visible patches "
                 f"{int(mae.num_patches * (1 - args.mask_ratio))}/{mae.num_patches}, "
                 f"amp {amp.mode}, output {args.output_dir}")
     loop.resume(args.resume)
@@ -769,7 +797,7 @@ def pretrain(model, mae: CropMAE, args: Args, device, amp: optim.Amp, logger: lo
     imgs = None
     for imgs in loop:
         # per-step warmup + half-cosine (spec §3)
-        lr = optim.cosine_schedule(loop.step, loop.total_steps, peak_lr, warmup, final=args.min_lr)
+        lr = optim.cosine_schedule(loop.step, loop.total_steps, peak, warmup, final=args.min_lr)
         optim.set_lr_wd(opt, lr)
         imgs = imgs.to(device, non_blocking=True)
         out = train_step(model, imgs, opt, amp, args.mask_ratio)
@@ -782,14 +810,26 @@ def pretrain(model, mae: CropMAE, args: Args, device, amp: optim.Amp, logger: lo
 
 
 def bench(model, mae: CropMAE, args: Args, device, amp: optim.Amp) -> dict:
-    """--bench: training steps on random tensors at the configured shapes, and the loader."""
-    b, s = args.batch_size, args.img_size
+    """--bench: the optimiser step exactly as `pretrain` runs it (its `make_optimizer`, the lr
+    set per step, --accum-iter micro-batches of --batch-size through `train_step`, the masks
+    drawn on the device, the model as main built it: DDP, --compile) on random tensors at the
+    configured shapes, and the loader alone. Samples per step: batch x accum-iter."""
+    b, s, n = args.batch_size, args.img_size, args.accum_iter
     imgs = torch.randn(b, 2, 3, s, s, device=device)
-    opt = torch.optim.AdamW(mae.parameters(), lr=1e-4, fused=device.type == "cuda")
+    opt, lr = make_optimizer(mae, args, fused=device.type == "cuda"), peak_lr(args)
     model.train()
-    return log.bench(lambda: train_step(model, imgs, opt, amp, args.mask_ratio), b, device,
+
+    def step() -> None:
+        optim.set_lr_wd(opt, lr)
+        try:
+            for i in range(n):  # as training.Loop: micro-batch i of n, the n-th steps
+                amp.accum = (i, n)
+                train_step(model, imgs, opt, amp, args.mask_ratio)
+        finally:
+            amp.accum = (0, 1)
+    return log.bench(step, b * n, device,
                      loader=make_loader(pretrain_dataset(args), args), model=args.model,
-                     img_size=s, mask_ratio=args.mask_ratio, amp=amp.mode)
+                     img_size=s, mask_ratio=args.mask_ratio, amp=amp.mode, accum_iter=n)
 
 
 if __name__ == "__main__":

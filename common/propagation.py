@@ -7,7 +7,15 @@ affinities, soft labels carried forward. The metrics reproduce the official scri
 included: davis2017 (`db_eval_iou`, `db_eval_boundary`, `db_statistics`, semi-supervised mode),
 videowalk `eval_pck`, and VIP `fast_hist`. J&F and mIoU are fractions in [0, 1]; PCK is in
 percent, as the official scripts report them.
+
+The drivers `eval_davis`, `eval_jhmdb` and `eval_vip` share the videos between the ranks when
+they are called on every rank of an initialised process group (under torchrun): video i goes
+to rank i % world, each rank keeps only small per-video statistics (DAVIS: J and F per object
+and frame; JHMDB: the predicted and true points per frame; VIP: a confusion matrix), these are
+gathered to every rank, and every rank returns the scores a single process computes, bit for
+bit (same statistics, combined in video order).
 """
+import pickle
 import struct
 import warnings
 import zlib
@@ -20,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from . import cli
+from . import cli, dist
 from .synthetic import davis_palette
 
 
@@ -206,6 +214,47 @@ def db_statistics(per_frame) -> tuple[float, float, float]:
                 float(np.nanmean(bins[0]) - np.nanmean(bins[3])))
 
 
+def davis_sequence(gt, pred, index: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Per-object, per-frame J and F of one sequence (davis2017 semi-supervised mode): `gt`,
+    `pred` int label maps (T, H, W), T >= 3. GT 255 (void) counts as background; the objects
+    are 1..max id of GT frame 0; the first and last frames are not scored. Returns float64
+    (J, F), each (K, T - 2), row k for object k + 1 (a missing object scores as an empty mask).
+    Raises ValueError for unequal shapes, T < 3, or a predicted id above K (the toolkit
+    aborts); `index` numbers the sequence in those messages."""
+    gt, pred = np.array(gt), np.asarray(pred)
+    if gt.shape != pred.shape or gt.ndim != 3 or len(gt) < 3:
+        raise ValueError(f"davis_jf: sequence {index}: GT {gt.shape} and prediction {pred.shape} "
+                         "must be equal (T, H, W) with T >= 3")
+    gt[gt == 255] = 0
+    num_objects = int(gt[0].max())
+    gt, pred = gt[1:-1], pred[1:-1]
+    if (k_res := int(pred.max())) > num_objects:
+        raise ValueError(f"davis_jf: sequence {index}: prediction has id {k_res} but GT frame 0 "
+                         f"has only {num_objects} objects")
+    j = np.zeros((num_objects, len(gt)))
+    f = np.zeros((num_objects, len(gt)))
+    for obj in range(1, num_objects + 1):
+        j[obj - 1] = j_measure(gt == obj, pred == obj)
+        f[obj - 1] = f_measure(gt == obj, pred == obj)
+    return j, f
+
+
+def davis_scores(per_sequence: Sequence) -> dict[str, float]:
+    """`davis_jf`'s dict from the `davis_sequence` (J, F) pairs of every sequence, in order:
+    `db_statistics` per object, then means over all objects of all sequences."""
+    stats: dict[str, list] = {"J": [], "F": []}
+    for j, f in per_sequence:
+        for obj in range(len(j)):
+            stats["J"].append(db_statistics(j[obj]))
+            stats["F"].append(db_statistics(f[obj]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # no object at all gives nan
+        j, f = (np.array(stats[m], dtype=np.float64).reshape(-1, 3).mean(0) for m in "JF")
+    return {"J&F-Mean": float((j[0] + f[0]) / 2), "J-Mean": float(j[0]), "J-Recall": float(j[1]),
+            "J-Decay": float(j[2]), "F-Mean": float(f[0]), "F-Recall": float(f[1]),
+            "F-Decay": float(f[2])}
+
+
 def davis_jf(gt_seqs: Sequence, pred_seqs: Sequence) -> dict[str, float]:
     """DAVIS-2017 semi-supervised scores of int label maps (T, H, W), one array per sequence.
 
@@ -216,27 +265,8 @@ def davis_jf(gt_seqs: Sequence, pred_seqs: Sequence) -> dict[str, float]:
     """
     if len(gt_seqs) != len(pred_seqs):
         raise ValueError(f"davis_jf: {len(gt_seqs)} GT sequences but {len(pred_seqs)} predictions")
-    stats: dict[str, list] = {"J": [], "F": []}
-    for i, (gt, pred) in enumerate(zip(gt_seqs, pred_seqs)):
-        gt, pred = np.array(gt), np.asarray(pred)
-        if gt.shape != pred.shape or gt.ndim != 3 or len(gt) < 3:
-            raise ValueError(f"davis_jf: sequence {i}: GT {gt.shape} and prediction {pred.shape} "
-                             "must be equal (T, H, W) with T >= 3")
-        gt[gt == 255] = 0
-        num_objects = int(gt[0].max())
-        gt, pred = gt[1:-1], pred[1:-1]
-        if (k_res := int(pred.max())) > num_objects:
-            raise ValueError(f"davis_jf: sequence {i}: prediction has id {k_res} but GT frame 0 "
-                             f"has only {num_objects} objects")
-        for obj in range(1, num_objects + 1):
-            stats["J"].append(db_statistics(j_measure(gt == obj, pred == obj)))
-            stats["F"].append(db_statistics(f_measure(gt == obj, pred == obj)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # no object at all gives nan
-        j, f = (np.array(stats[m], dtype=np.float64).reshape(-1, 3).mean(0) for m in "JF")
-    return {"J&F-Mean": float((j[0] + f[0]) / 2), "J-Mean": float(j[0]), "J-Recall": float(j[1]),
-            "J-Decay": float(j[2]), "F-Mean": float(f[0]), "F-Recall": float(f[1]),
-            "F-Decay": float(f[2])}
+    return davis_scores([davis_sequence(gt, pred, i)
+                         for i, (gt, pred) in enumerate(zip(gt_seqs, pred_seqs))])
 
 
 # ---- JHMDB ----
@@ -405,6 +435,49 @@ def miou(hist: np.ndarray) -> float:
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+def _picklable(err: BaseException) -> BaseException:
+    """`err` if it survives pickling (to travel to the other ranks), else a RuntimeError with
+    its type and message."""
+    try:
+        return pickle.loads(pickle.dumps(err))
+    except Exception:  # noqa: BLE001  (any exception class may refuse to pickle)
+        return RuntimeError(f"{type(err).__name__}: {err}")
+
+
+def per_video(fn, n: int) -> list:
+    """[fn(0), ..., fn(n - 1)] on every rank, the calls shared between the ranks.
+
+    In one process (no initialised group) a plain loop. Called on EVERY rank of an initialised
+    process group, rank r computes fn(i) for i = r, r + world, ... only, and the results (small
+    picklable objects: statistics, not label maps) are gathered with `all_gather_object` (gloo
+    on CPU; nccl on the current CUDA device, which `dist.init` sets); every rank returns the full
+    list in video order. An exception on any rank is raised on every rank after the gather (the
+    one of the lowest video index; the rank that raised it keeps its traceback), so no rank is
+    left waiting in a collective."""
+    if not dist.is_dist():
+        return [fn(i) for i in range(n)]
+    rank, world = dist.rank(), dist.world()
+    mine, failed = {}, None
+    for i in range(rank, n, world):
+        try:
+            mine[i] = fn(i)
+        except Exception as err:  # noqa: BLE001  (re-raised on every rank below)
+            failed = (i, err)
+            break
+    shared = [None] * world
+    torch.distributed.all_gather_object(
+        shared, (mine, None if failed is None else (failed[0], _picklable(failed[1]))))
+    errors = sorted((e for _, e in shared if e is not None), key=lambda e: e[0])
+    if errors:
+        if failed is not None and failed[0] == errors[0][0]:
+            raise failed[1]
+        raise errors[0][1]
+    out = {}
+    for part, _ in shared:
+        out.update(part)
+    return [out[i] for i in range(n)]
+
+
 def read_pair_list(path, what: str) -> list:
     """[(Path, Path)] of a videowalk file list, lines `<a> <b>` relative to the list's folder
     (JHMDB: `<joint_positions.mat> <frames dir>`; VIP: `<Images/videosN> <Category_ids/videosN>`)."""
@@ -493,15 +566,22 @@ def eval_davis(feat_fn, root, size: tuple[int, int] = (480, 880), topk: int = 7,
     `gt_at_eval_size`: every annotation PIL-NEAREST-resized to `size` first, as CropMAE's
     DAVIS_480_880 copy, and scored there (9 px F tolerance at 480x880). Else (T-CoRe) scored
     at the native GT size: the loader cv2-nearest-resizes the first annotation to `size`, and
-    `convert_davis` the predictions back to the GT size. Writes indexed PNGs
-    `out_dir/<seq>/<t:05d>.png` at the scored size when `out_dir` is set. Returns the
-    `davis_jf` dict and [(name, frame paths, pred (T, H, W) uint8 at the scored size)].
+    `convert_davis` the predictions back to the GT size. Returns (the `davis_jf` dict, preds),
+    preds = [(name, frame paths, pred (T, H, W) uint8 at the scored size)].
+
+    Under an initialised process group, call it on every rank (it gathers): sequence i is
+    computed on rank i % world, every rank returns the same scores (those of one process), but
+    preds holds this rank's sequences only, in order (rank 0's starts with the first sequence),
+    and each rank writes its own sequences' PNGs when `out_dir` is set (indexed
+    `out_dir/<seq>/<t:05d>.png` at the scored size). In one process preds holds them all.
     """
-    gts, preds, out = [], [], []
-    for name, frames, masks in read_davis(root):
+    seqs, out = read_davis(root), []
+
+    def sequence(i: int) -> tuple:
+        name, frames, masks = seqs[i]
         if len(frames) != len(masks):
             raise cli.InputError(f"{root}: sequence {name!r} has {len(frames)} frames but "
-                             f"{len(masks)} annotations (semi-supervised val annotates all)")
+                                 f"{len(masks)} annotations (semi-supervised val annotates all)")
         gt = torch.from_numpy(np.stack([read_label_png(m) for m in masks]))
         gt[gt == 255] = 0  # the toolkit's semi-supervised mode: void counts as background
         if gt_at_eval_size:
@@ -514,13 +594,13 @@ def eval_davis(feat_fn, root, size: tuple[int, int] = (480, 880), topk: int = 7,
         if not gt_at_eval_size:
             pred = resize_nearest(pred, gt.shape[-2:], "cv2")
         pred = pred.to(torch.uint8)
-        gts.append(gt.numpy())
-        preds.append(pred.numpy())
         out.append((name, frames, pred))
         if out_dir is not None:
             for t, p in enumerate(pred):
                 write_label_png(Path(out_dir) / name / f"{t:05d}.png", p.numpy())
-    return davis_jf(gts, preds), out
+        return davis_sequence(gt.numpy(), pred.numpy(), i)  # (J, F) per object and frame
+
+    return davis_scores(per_video(sequence, len(seqs))), out
 
 
 def eval_jhmdb(feat_fn, file_list, size: tuple[int, int] = (320, 320), topk: int = 7,
@@ -528,9 +608,14 @@ def eval_jhmdb(feat_fn, file_list, size: tuple[int, int] = (320, 320), topk: int
                device="cpu") -> dict:
     """JHMDB PCK of `feat_fn`: frames at `size`, the 15 joints of frame 0 (`pos_img` - 1,
     scaled to the grid) as Gaussian heatmaps plus background, `propagate`, top-5 soft-argmax,
-    coordinates mapped back to the original frame size, `pck` (frame 0 skipped)."""
-    preds, gts = [], []
-    for mat, folder in read_pair_list(file_list, "JHMDB"):
+    coordinates mapped back to the original frame size, `pck` (frame 0 skipped). Returns
+    `pck`'s dict. Under an initialised process group, call it on every rank: video i is
+    computed on rank i % world, the per-frame points are gathered, and every rank returns the
+    scores of one process."""
+    videos = read_pair_list(file_list, "JHMDB")
+
+    def points(i: int) -> tuple:
+        mat, folder = videos[i]
         frames = _frame_files(folder)
         pos = read_mat_v5(mat, ["pos_img"])["pos_img"].astype(np.float64) - 1  # (2, J, T)
         T = min(len(frames), pos.shape[2])
@@ -543,9 +628,10 @@ def eval_jhmdb(feat_fn, file_list, size: tuple[int, int] = (320, 320), topk: int
         first = joint_heatmaps((gt[0] * scale).numpy(), (h, w)).to(feats.device)
         soft = propagate(feats, first, topk, temperature, context, radius).cpu()
         pts = torch.stack([heatmaps_to_points(s[1:]) for s in soft])  # (T, J, 2) grid units
-        preds.append((pts / scale).numpy())  # invisible joints (-1) stay negative
-        gts.append(gt.numpy())
-    return pck(preds, gts)
+        return (pts / scale).numpy(), gt.numpy()  # invisible joints (-1) stay negative
+
+    preds, gts = zip(*per_video(points, len(videos)))
+    return pck(list(preds), list(gts))
 
 
 def vip_size(height: int, width: int, long_side: int = 880) -> tuple[int, int]:
@@ -562,9 +648,14 @@ def eval_vip(feat_fn, file_list, long_side: int = 880, topk: int = 10, temperatu
     """VIP mIoU of `feat_fn`: frames at `vip_size`; frame 0's class ids cv2-nearest-resized to
     that size, one-hot, bilinearly reduced to the grid (the official loader's order);
     `propagate`, argmax at eval size, PIL-NEAREST-resized to the GT size (`eval_vip`); one
-    confusion matrix over every annotated frame, frame 0 included."""
-    hist = np.zeros((num_classes, num_classes), np.int64)
-    for img_dir, ann_dir in read_pair_list(file_list, "VIP"):
+    confusion matrix over every annotated frame, frame 0 included. Returns {"mIoU": ...}.
+    Under an initialised process group, call it on every rank: video i is computed on rank
+    i % world, the per-video confusion matrices are gathered and summed, and every rank
+    returns the score of one process."""
+    videos = read_pair_list(file_list, "VIP")
+
+    def video_hist(i: int) -> np.ndarray:
+        img_dir, ann_dir = videos[i]
         frames = _frame_files(img_dir)
         anns = [ann_dir / f"{f.stem}.png" for f in frames]
         if not anns[0].is_file():
@@ -576,11 +667,17 @@ def eval_vip(feat_fn, file_list, long_side: int = 880, topk: int = 10, temperatu
         first = label_to_onehot(resize_nearest(gt0, size, "cv2"), num_classes,
                                 tuple(feats.shape[-2:]))
         soft = propagate(feats, first.to(feats.device), topk, temperature, context, radius).cpu()
+        hist = np.zeros((num_classes, num_classes), np.int64)
         for s, ann in zip(soft, anns):
             if ann.is_file():
                 gt = read_label_png(ann)
                 pred = resize_nearest(soft_to_label(s, size), gt.shape)
                 hist += confusion(gt, pred.numpy(), num_classes)
+        return hist
+
+    hist = np.zeros((num_classes, num_classes), np.int64)
+    for h in per_video(video_hist, len(videos)):
+        hist += h
     return {"mIoU": miou(hist)}
 
 

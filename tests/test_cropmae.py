@@ -47,6 +47,60 @@ def test_visible_token_counts(ratio, keep):
         C.random_masking(1, 64, 0.985, "cpu")
 
 
+def boolean_mask_masking(noise: torch.Tensor, ratio: float) -> tuple:
+    """The official MAE `random_masking` written with a host-made mask: ones, the first
+    `keep` zeroed, unshuffled by ids_restore (the former implementation here)."""
+    B, L = noise.shape
+    keep = int(L * (1 - ratio))
+    ids_shuffle = noise.argsort(1)
+    ids_restore = ids_shuffle.argsort(1)
+    mask = torch.ones(B, L)
+    mask[:, :keep] = 0
+    return ids_shuffle[:, :keep], ids_restore, torch.gather(mask, 1, ids_restore)
+
+
+@pytest.mark.parametrize("ratio", [0.75, 0.985])
+def test_visible_tokens_gathered_equal_the_boolean_mask_selection(ratio, monkeypatch):
+    """The gathered visible tokens are exactly those of a boolean-mask index x[~mask] (in noise
+    order, as the official code, which is the position order once sorted); the mask equals the
+    one built from a host constant; the model's loss and prediction are bit-identical to a
+    forward that masks the former way."""
+    g = torch.Generator().manual_seed(0)
+    noise, x = torch.rand(5, 196, generator=g), torch.randn(5, 196, 8, generator=g)
+    keep, ids_restore, mask = C.random_masking(5, 196, ratio, "cpu", noise)
+    ref_keep, ref_restore, ref_mask = boolean_mask_masking(noise, ratio)
+    checks.assert_same((keep, ids_restore, mask), (ref_keep, ref_restore, ref_mask))
+    by_bool = x[mask == 0].view(5, keep.shape[1], 8)  # position order
+    assert torch.equal(vit.gather_tokens(x, keep.sort(1).values), by_bool)
+    assert torch.equal(vit.gather_tokens(x, keep).sort(1).values, by_bool.sort(1).values)
+    torch.manual_seed(0)
+    model = C.build_model(tiny_args()).train()  # 16 patches, 4 visible; decoder dropout on
+    imgs = torch.randn(3, 2, 3, 32, 32, generator=g)
+    torch.manual_seed(1)
+    now = model(imgs, 0.75)
+    monkeypatch.setattr(C, "random_masking", lambda B, L, r, device, noise=None:
+                        boolean_mask_masking(torch.rand(B, L) if noise is None else noise, r))
+    torch.manual_seed(1)
+    checks.assert_same(now, model(imgs, 0.75))
+
+
+def test_train_step_makes_one_host_sync():
+    """On a GPU the step may read back the non-finite check only: no boolean-mask index, no
+    tensor from Python data, no AdamW step counter read (fused, as pretraining on CUDA)."""
+    args = tiny_args(mask_ratio=0.75)
+    torch.manual_seed(0)
+    model = C.build_model(args)
+    opt = C.make_optimizer(model, args, fused=True)
+    amp = C.optim.Amp("none", torch.device("cpu"))
+    imgs = torch.randn(4, 2, 3, 32, 32)
+    C.train_step(model, imgs, opt, amp, 0.75)  # the optimiser state exists from here on
+    assert checks.count_host_syncs(C.train_step, model, imgs, opt, amp, 0.75) == \
+        {"_local_scalar_dense": 1}
+    noise = torch.rand(4, 16)
+    assert checks.count_host_syncs(C.train_step, model, imgs, opt, amp, 0.75, noise) == \
+        {"_local_scalar_dense": 1}
+
+
 def test_norm_pix_loss_by_hand():
     g = torch.Generator().manual_seed(0)
     imgs = torch.randn(2, 3, 32, 32, generator=g)
@@ -374,7 +428,9 @@ def test_eval_only_loads_an_official_style_checkpoint(tiny_davis, tmp_path):
         C.load_weights(C.build_model(tiny_args()), str(tmp_path / "broken.pth"))
 
 
-def test_ddp_two_processes_stay_identical(tiny_data, tmp_path):
+def test_ddp_two_processes_stay_identical(tiny_data, tiny_davis, tmp_path):
+    """2 processes stay identical, then both evaluate DAVIS, one sequence each: rank 0's
+    summary holds the scores of the final weights evaluated in one process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", os.path.join(ROOT, "cropmae.py"),
@@ -382,7 +438,8 @@ def test_ddp_two_processes_stay_identical(tiny_data, tmp_path):
            "--patch-size", "8", "--img-size", "32", "--mask-ratio", "0.75", "--decoder-dim", "32",
            "--decoder-depth", "1", "--decoder-heads", "4", "--decoder-ffn", "64",
            "--batch-size", "4", "--num-workers", "0", "--amp", "none", "--epochs", "1",
-           "--warmup-epochs", "0", "--log-every", "2"]
+           "--warmup-epochs", "0", "--log-every", "2", "--davis", tiny_davis,
+           "--davis-size", "48", "64"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = log.read_jsonl(str(tmp_path / "log.jsonl"))
@@ -390,6 +447,49 @@ def test_ddp_two_processes_stay_identical(tiny_data, tmp_path):
     assert steps[-1] == 48 // 8  # 48 images, global batch 2 x 4
     (diff,) = [r["ddp/max_replica_diff"] for r in recs if "ddp/max_replica_diff" in r]
     assert diff == 0.0
+    summary = json.load(open(tmp_path / "summary.json"))
+    args = C.cli.parse(C.Args, C.PRESETS, cmd[cmd.index(os.path.join(ROOT, "cropmae.py")) + 1:])
+    model = C.build_model(args)
+    C.load_weights(model, str(tmp_path / "last.pt"))
+    one, preds = C.evaluate(model, args, "cpu")
+    for k in ("davis_jf", "davis_j", "davis_f"):
+        assert summary["metrics"][k]["trained"] == pytest.approx(one[k], abs=1e-4), k
+    assert 0 < one["davis_jf"] < 1
+    assert proc.stdout.count("davis_jf") == 1  # the table, printed by rank 0 only
+    assert (tmp_path / "propagation.png").is_file()
+    for name, _, pred in preds:  # each rank wrote its own sequence's label maps
+        for t in range(len(pred)):
+            png = C.propagation.read_label_png(tmp_path / "davis_pred" / name / f"{t:05d}.png")
+            assert np.array_equal(png, pred[t].numpy()), (name, t)
+
+
+def test_bench_runs_the_training_step_as_pretraining_does(tiny_data, tmp_path, monkeypatch):
+    """--bench calls `train_step` on the model main built, with pretraining's optimiser (the
+    same AdamW groups, weight decays, betas), micro-batches as --accum-iter makes them, and
+    the peak lr; it reports samples per optimiser step."""
+    real, seen = C.train_step, []
+
+    def recording(model, imgs, opt, amp, ratio, noise=None):
+        trainable = {id(p) for p in checkpoint.unwrap(model).parameters() if p.requires_grad}
+        groups = [(len(g["params"]), g["weight_decay"], g["betas"], g["fused"])
+                  for g in opt.param_groups]
+        assert {id(p) for g in opt.param_groups for p in g["params"]} == trainable
+        seen.append((tuple(imgs.shape), ratio, amp.accum, groups,
+                     [g["lr"] for g in opt.param_groups]))
+        return real(model, imgs, opt, amp, ratio, noise)
+    monkeypatch.setattr(C, "train_step", recording)
+    bench = log.bench  # 1 warm-up and 2 timed steps instead of 5 and 20
+    monkeypatch.setattr(C.log, "bench", lambda *a, **k: bench(*a, **k, steps=2, warmup=1))
+    kw = dict(accum_iter=2, batch_size=4, blr=0.0256)
+    C.main(run_args(tiny_data, tmp_path / "train", max_steps=2, warmup_epochs=0, **kw))
+    trained, seen[:] = list(seen), []
+    out = C.main(run_args(tiny_data, tmp_path / "bench", bench=True, **kw))
+    assert [s[2] for s in trained] == [(0, 2), (1, 2)] * 2
+    assert [s[2] for s in seen] == [(0, 2), (1, 2)] * 3  # 3 steps of 2 micro-batches
+    assert {s[:2] + (repr(s[3]),) for s in seen} == {s[:2] + (repr(s[3]),) for s in trained}
+    assert trained[0][3][0][1] == 0.05 and trained[0][3][1][1] == 0.0  # decayed, not decayed
+    assert {lr for s in seen for lr in s[4]} == {0.0256 * (4 * 2) / 256}  # the peak lr
+    assert out["batch_per_process"] == 8 and out["accum_iter"] == 2
 
 
 def test_cli_help_presets_and_unknown_flag():
@@ -478,3 +578,21 @@ def test_non_finite_loss_stops_before_its_update(tiny_data, tmp_path, monkeypatc
     checks.assert_stopped_before_update(
         seen, lambda: C.main(run_args(tiny_data, tmp_path, ckpt_every=2, log_every=5)),
         tmp_path / "last.pt", step=4, kept=2)
+
+
+# ---- GPU acceptance (run with -m gpu) ----
+@pytest.mark.gpu
+def test_gpu_step_agrees_with_the_cpu_step():
+    """A tiny CropMAE step on CUDA in bf16 and in fp16 (GradScaler) gives the fp32 CPU step's
+    loss and gradient; the masks come with the batch and the decoder dropout is off, so both
+    devices compute the same thing."""
+    args = tiny_args(decoder_dropout=0.0)
+    torch.manual_seed(0)
+    model = C.build_model(args)
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(8, 2, 3, 32, 32, generator=g), torch.rand(8, 16, generator=g))
+
+    def step(m, b, opt, amp):
+        return C.train_step(m, b[0], opt, amp, args.mask_ratio, noise=b[1])
+    report = checks.assert_gpu_step_agrees(model, batch, step)
+    print("cropmae GPU step vs fp32 CPU (loss rel. error, grad cosine, grad norm ratio):", report)
