@@ -827,7 +827,7 @@ def bench(model, mae: CropMAE, args: Args, device, amp: optim.Amp) -> dict:
                 train_step(model, imgs, opt, amp, args.mask_ratio)
         finally:
             amp.accum = (0, 1)
-    return log.bench(step, b * n, device,
+    return log.bench(step, b * n, device, amp_dtype=amp.dtype,
                      loader=make_loader(pretrain_dataset(args), args), model=args.model,
                      img_size=s, mask_ratio=args.mask_ratio, amp=amp.mode, accum_iter=n)
 
