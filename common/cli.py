@@ -147,8 +147,19 @@ def run(main, cls, presets: Optional[dict] = None, argv: Optional[list] = None):
     try:
         return main(args)
     except (UserError, FileNotFoundError, NotADirectoryError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {_message(e)}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+def _message(e: BaseException) -> str:
+    """The user's one line. An error raised in a DataLoader worker comes back with the
+    worker's traceback as its message ("Caught X in DataLoader worker ... Original
+    Traceback ..."): keep only the original message, its last line less the class name."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
 
 
 def save_args(args, output_dir: str) -> str:

@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import pytest
+import torch
 
 from common import cli
 
@@ -131,3 +132,23 @@ def test_run_turns_user_errors_into_one_line_and_status_2(capsys):
     with pytest.raises(KeyError):
         cli.run(bug, Args, PRESETS, ["--data", "/x"])
     assert cli.run(lambda a: a.epochs, Args, PRESETS, ["--data", "/x"]) == 200
+
+
+class _BadLine(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        raise cli.InputError(f"train.csv:{i + 1}: expected 'path label', got 'a b c'")
+
+
+def test_an_error_in_a_loader_worker_is_still_one_line(capsys):
+    """A DataLoader worker sends its error back with its traceback as the message: the user
+    still sees only the original line."""
+    def main(args):
+        for _ in torch.utils.data.DataLoader(_BadLine(), num_workers=1):
+            pass
+    with pytest.raises(SystemExit) as e:
+        cli.run(main, Args, PRESETS, ["--data", "/x"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == "error: train.csv:1: expected 'path label', got 'a b c'\n"
