@@ -31,8 +31,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A few steps of each method's demo (its embedded synthetic data, written on first use), with
 # the evaluation cut to what still runs every evaluation code path once.
 TINY = {
-    "sce_image": ["--lin-epochs", "1", "--no-eval-random-init", "--batch-size", "32"],
-    "sce_video": ["--no-eval-random-init", "--no-monitor-eval", "--batch-size", "8"],
+    "sce_image": ["--lin-epochs", "1", "--no-eval-random-init", "--batch-size", "32",
+                  "--sync-bn"],
+    "sce_video": ["--no-eval-random-init", "--no-monitor-eval", "--batch-size", "8", "--sync-bn"],
     "sigma": ["--no-eval-random-init", "--batch-size", "8"],
     "tcore": ["--no-eval-random-init", "--batch-size", "8"],
     "cropmae": ["--no-eval-random-init", "--batch-size", "16"],
