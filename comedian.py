@@ -50,9 +50,13 @@ Deviations, with reasons:
 - Stage 2 window starts: one per equal segment of [0, D - W], uniform inside it, floored to
   0.5 s; stage 3's free windows are drawn uniformly among non-overlapping sets. Both are my
   reading of eztorch's samplers' documented behaviour (spec §1), not a transcription.
-- The PCA of the teacher bank is computed in float64 from streamed sums (z-score, then the
-  eigenvectors of the correlation matrix), equal to sklearn's `PCA(512)` on z-scored data up
-  to each component's sign (the dot products the loss uses do not see signs).
+- The PCA of the teacher bank is exact: computed in float64 from streamed sums (z-score,
+  then the eigenvectors of the correlation matrix), equal to an exact `PCA(512)` of the
+  z-scored data up to each component's sign (the dot products the loss uses do not see
+  signs). The official `sklearn.decomposition.PCA(512)` call leaves `svd_solver="auto"`,
+  which at Baidu scale (8,576 dimensions, ~1.6M rows, 512 components < 80 % of them) picks
+  the randomised solver, an approximation of the same subspace; the exact one costs no more
+  here (one pass of streamed sums, shared between the ranks, and one eigendecomposition).
 - Fine-tuning does not validate every 10 epochs; `--stage spot` scores the final weights.
   Raw buffers of several seeds (the thesis' ensembles) are not written.
 - `--head-prior p` (off by default) starts the classifier's bias at log(p / (1 - p)); the
@@ -671,6 +675,13 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def _init_patch_embed(patch_embed: vit.TubeletEmbed) -> None:
+    """eztorch `PatchEmbed.init_weights` (which timm's ViT init calls): Kaiming-normal fan-in
+    weight (ReLU gain), bias 0 (not PyTorch's default uniform bias)."""
+    nn.init.kaiming_normal_(patch_embed.proj.weight, mode="fan_in")
+    nn.init.zeros_(patch_embed.proj.bias)  # draws nothing: every other initial value is kept
+
+
 class Transformer(nn.Module):
     """`blocks` (pre-LN timm blocks, qkv bias, MLP x4, drop-path linear 0 -> drop_path) and
     a final `norm` (eps 1e-6): (N, L, D) -> (N, L, D)."""
@@ -708,7 +719,7 @@ class SpatialViT(nn.Module):
         tr = Transformer(D, args.depth, args.num_heads, args.drop_path)
         self.blocks, self.norm = tr.blocks, tr.norm
         _init_weights(self)
-        nn.init.kaiming_normal_(self.patch_embed.proj.weight, mode="fan_in")
+        _init_patch_embed(self.patch_embed)
         for p in (self.cls_token, self.pos_embed):
             nn.init.trunc_normal_(p, std=0.02)
 
@@ -742,7 +753,7 @@ class ViViT(nn.Module):
         self.temporal_transformer = Transformer(D, args.temporal_depth, args.temporal_heads,
                                                 args.drop_path)
         _init_weights(self)
-        nn.init.kaiming_normal_(self.patch_embed.proj.weight, mode="fan_in")
+        _init_patch_embed(self.patch_embed)
         for p in (self.spatial_cls_token, self.pos_embed, self.time_embed):
             nn.init.trunc_normal_(p, std=0.02)
 

@@ -161,6 +161,10 @@ def test_official_parameter_names():
     assert sd["pos_embed"].shape == (1, 5, 32) and sd["time_embed"].shape == (1, 4, 32)
     assert sd["temporal_mask_token"].shape == (1, 1, 32) and (sd["temporal_mask_token"] == 0).all()
     assert sd["patch_embed.proj.weight"].shape == (32, 3, 2, 8, 8)
+    # eztorch's PatchEmbed.init_weights: Kaiming fan-in weight, bias 0 (ViViT and stage 1)
+    assert (sd["patch_embed.proj.bias"] == 0).all()
+    assert sd["patch_embed.proj.weight"].std().item() == pytest.approx(
+        math.sqrt(2 / (3 * 2 * 8 * 8)), rel=0.1)
     spotter = C.Spotter(tiny()).state_dict()
     assert spotter["head_class.layers.0.weight"].shape == (17, 32)
     assert (spotter["head_class.layers.0.bias"] == 0).all()
@@ -170,6 +174,7 @@ def test_official_parameter_names():
               "trunk.patch_embed.proj.weight", "trunk_m.blocks.1.mlp.fc2.bias"]:
         assert k in moco, k
     assert "predictor.2.bias" not in moco and "predictor.2.weight" in moco  # no last bias
+    assert (moco["trunk.patch_embed.proj.bias"] == 0).all()
     assert "projector.4.bias" in moco
 
 
