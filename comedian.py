@@ -129,10 +129,12 @@ class Args:
     """resume the --stage asked for from this file (spatial.pt, distill.pt, head.pt: phase A,
     finetune.pt: phase B); resuming from <output-dir> is automatic anyway"""
     init_from: str = ""
-    """weights the first stage run starts from: distill: a stage-1 file (our spatial.pt or
-    eztorch's `trunk.*`), or "random" (T's "none" row); finetune: distill.pt or an eztorch
-    stage-2 file (`trunk.transformer.*`), or "random"; spot: finetune.pt or a released
-    COMEDIAN checkpoint. Default: the previous stage's file in --output-dir"""
+    """weights the first stage run starts from, ours or eztorch's in any layout (Lightning
+    files; trunk under trunk.transformer., trunk.model., trunk., or extracted; momentum_trunk.
+    ignored): distill: a stage-1 file (our spatial.pt, eztorch's SCE file), or "random" (T's
+    "none" row); finetune: distill.pt or an eztorch stage-2 file (a stage-1 file also
+    works), or "random"; spot: finetune.pt or a released COMEDIAN checkpoint. Default: the
+    previous stage's file in --output-dir"""
     bench: bool = False
     """time the training step of each stage on random tensors at the configured shapes"""
     # data
@@ -925,23 +927,70 @@ def vivit_from_spatial(sd: dict, temporal_depth: int) -> dict:
     return out
 
 
-def load_trunk(path: str, args: Args) -> dict:
-    """The ViViT state dict a stage starts from (read with weights_only): from a stage-1 file
-    (our spatial.pt `model` -> `trunk.*`, or eztorch's `state_dict` -> `trunk.*`) mapped by
-    `vivit_from_spatial` when the next stage is distill; else from a stage-2/3 file (ours:
-    `trunk.*`; eztorch Lightning: `trunk.transformer.*`). Raises CheckpointError."""
+# Where eztorch's files hold a trunk (spec §8), longer prefixes first: stages 2 and 3 wrap the
+# ViViT in a `TransformerTokenHandlerModel` (`trunk.transformer.*`); a trunk inside a head
+# model is `trunk.model.*`; stage 1's SCE model holds the bare ViT (`trunk.*`) next to its EMA
+# copy (`momentum_trunk.*`, never a starting point); `run/extract_trunk_from_checkpoint.py`
+# (pattern "trunk.") leaves `transformer.*` of a stage-2/3 file and bare keys of a stage-1 one.
+# Our own files hold `trunk.*` (their EMA copy is `trunk_m.*`).
+TRUNK_PREFIXES = ("trunk.transformer.", "trunk.model.", "trunk.", "transformer.")
+IGNORED_PREFIXES = ("momentum_trunk.",)
+
+
+def _state_dict(path: str) -> dict:
+    """The tensors of a checkpoint file (read with weights_only): our `model`, a Lightning
+    `state_dict`, or a bare state dict; DDP / compile prefixes removed."""
     ckpt = checkpoint.load(path)
     sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict):
         raise checkpoint.CheckpointError(f"{path}: no state dict in it")
-    sd = checkpoint.clean_state_dict(sd)
-    for prefix in ("trunk.transformer.", "trunk."):
-        if any(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-            break
+    return checkpoint.clean_state_dict({k: v for k, v in sd.items()
+                                        if isinstance(v, torch.Tensor)})
+
+
+def _layout_error(path: str, what: str, layouts: str, sd: dict) -> checkpoint.CheckpointError:
+    """One line: what was looked for, in which layouts, and the key prefixes the file holds."""
+    found = checkpoint.key_prefixes(sd)
+    more = f" and {len(found) - 12} more" if len(found) > 12 else ""
+    return checkpoint.CheckpointError(
+        f"{path}: no {what} weights in a known layout ({layouts}; {IGNORED_PREFIXES[0]}* "
+        f"ignored); key prefixes in the file: {', '.join(found[:12]) or 'none'}{more}")
+
+
+def load_trunk(path: str, args: Args, what: str = "ViViT") -> dict:
+    """The ViViT state dict a stage starts from, from a file in any layout of
+    `TRUNK_PREFIXES` (a Lightning `{"state_dict": ...}` or ours `{"model": ...}`): a stage-1
+    ViT (our spatial.pt, eztorch's SCE `trunk.*`) is mapped by `vivit_from_spatial`; a ViViT
+    (stage 2 or 3: ours `trunk.*`, eztorch `trunk.transformer.*`, `trunk.model.*`, an
+    extracted `transformer.*`) is taken as it is. Raises CheckpointError (one line, naming
+    the key prefixes of the file) when no layout holds a ViT or ViViT."""
+    full = _state_dict(path)
+    sd, _ = checkpoint.strip_prefix(full, TRUNK_PREFIXES, IGNORED_PREFIXES)
     if "blocks.0.attn.qkv.weight" in sd:  # a stage-1 ViT
-        sd = vivit_from_spatial(sd, args.temporal_depth)
+        return vivit_from_spatial(sd, args.temporal_depth)
+    if not any(k.startswith(("spatial_transformer.", "temporal_transformer.")) for k in sd):
+        raise _layout_error(path, what, f"keys under {', '.join(TRUNK_PREFIXES)} or bare "
+                            "ViViT / ViT keys", full)
     return sd
+
+
+def load_spotter(model: nn.Module, path: str) -> str:
+    """Load a fine-tuned spotter (trunk and `head_class.*`) into `model` (a `Spotter`) from
+    ours (finetune.pt) or a released eztorch file (Lightning `state_dict`, trunk under
+    `trunk.transformer.`, `trunk.model.` or `trunk.`), strictly. Returns its fingerprint.
+    Raises CheckpointError (one line) when the file holds no such weights."""
+    full = _state_dict(path)
+    trunk, prefix = checkpoint.strip_prefix(full, TRUNK_PREFIXES[:3], IGNORED_PREFIXES)
+    head = {k: v for k, v in full.items() if k.startswith("head_class.")}
+    if not prefix or not head:
+        raise _layout_error(path, "fine-tuned spotter", f"a trunk under "
+                            f"{', '.join(TRUNK_PREFIXES[:3])} and head_class.*", full)
+    sd = {**{"trunk." + k: v for k, v in trunk.items()}, **head}
+    try:
+        checkpoint.load_model(model, sd, what=path)
+    except checkpoint.CheckpointError as e:
+        raise checkpoint.CheckpointError(" ".join(str(e).split())) from None  # one line
+    return checkpoint.fingerprint(sd)
 
 
 # ---- 5. Losses and masking ----
@@ -1562,14 +1611,18 @@ def run_loop(stage: str, net, model: nn.Module, ds: Dataset, batch: int, epochs:
 def initial_trunk(path: str, what: str, args: Args, trunk: nn.Module) -> str:
     """Load the ViViT weights a stage starts from into `trunk` (nothing for "random") and
     return their fingerprint. Only `time_embed` and `temporal_mask_token` may be missing (a
-    stage-1 file has neither); any other missing or unexpected key is a CheckpointError."""
+    stage-1 file has neither); any other missing or unexpected key, or a file in no known
+    layout (`load_trunk`), is a one-line CheckpointError."""
     if path == "random":
         return "random"
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no {what} weights (run that stage into this "
                                 f"--output-dir, or give --init-from)")
-    sd = load_trunk(path, args)
-    missing, unexpected = checkpoint.load_model(trunk, sd, strict=False, what=path)
+    sd = load_trunk(path, args, f"{what} ViViT")
+    try:
+        missing, unexpected = checkpoint.load_model(trunk, sd, strict=False, what=path)
+    except checkpoint.CheckpointError as e:  # shapes that do not fit: one line
+        raise checkpoint.CheckpointError(" ".join(str(e).split())) from None
     missing = [k for k in missing if k not in ("time_embed", "temporal_mask_token")]
     if missing or unexpected:
         raise checkpoint.CheckpointError(
@@ -1753,11 +1806,7 @@ def main(args: Args) -> dict:
     if "spot" in stages:
         if model is None:
             model = build_model(args).to(device)
-            path = start_file("spot", "finetune.pt", args)
-            ckpt = checkpoint.load(path)
-            sd = checkpoint.clean_state_dict(ckpt.get("model", ckpt.get("state_dict", ckpt)))
-            sd = {k.replace("trunk.transformer.", "trunk."): v for k, v in sd.items()}
-            checkpoint.load_model(model, sd, what=path)
+            load_spotter(model, start_file("spot", "finetune.pt", args))
         results["pretrained"], buffers["pretrained"] = spot(model, root, args, device, amp,
                                                             out / "predictions")
         if args.eval_random_init:  # the same fine-tuning from a random trunk

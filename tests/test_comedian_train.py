@@ -358,6 +358,80 @@ def test_a_2d_patch_kernel_is_repeated_over_the_tubelet_and_halved():
     assert torch.allclose(got, want, atol=1e-5)
 
 
+# ---- released checkpoints: every eztorch layout ----
+def lightning(path, sd: dict) -> str:
+    """Save `sd` as a Lightning checkpoint (what eztorch's runs write)."""
+    torch.save({"state_dict": sd, "epoch": 99, "global_step": 1234,
+                "pytorch-lightning_version": "2.0.0"}, path)
+    return str(path)
+
+
+def under(prefix: str, sd: dict) -> dict:
+    return {prefix + k: v for k, v in sd.items()}
+
+
+def test_every_eztorch_layout_loads_unchanged_with_init_from(tmp_path):
+    """Stage-1 files (eztorch's SCE `trunk.*` next to `momentum_trunk.*`, `trunk.model.*`,
+    an extracted bare ViT) start stage 2 as the mapped ViT; stage-2 files
+    (`trunk.transformer.*`, `trunk.model.*`, `trunk.*`, an extracted `transformer.*`) start
+    stage 3 with every ViViT weight; fine-tuned files (each trunk layout with `head_class.*`)
+    spot with every weight. Each is a Lightning file written here."""
+    a = tiny(temporal_depth=1)
+    torch.manual_seed(0)
+    vit, vivit, spotter = C.SpatialViT(a), C.ViViT(a), C.Spotter(a)
+    with torch.no_grad():  # visible values where the init is 0
+        for m in (vit, vivit, spotter):
+            for p in m.parameters():
+                p.add_(torch.randn_like(p))
+    vit, vivit, spotter = vit.state_dict(), vivit.state_dict(), spotter.state_dict()
+    ema = {k: v + 1.0 for k, v in vit.items()}  # the EMA copy must not be what loads
+    extra = {"projector.layers.0.weight": torch.randn(4, 32), "queue": torch.randn(8, 16)}
+    stage1 = {"eztorch SCE": {**under("trunk.", vit), **under("momentum_trunk.", ema), **extra},
+              "trunk.model": {**under("trunk.model.", vit),
+                              **under("momentum_trunk.model.", ema)},
+              "extracted": dict(vit)}
+    want = C.vivit_from_spatial(vit, a.temporal_depth)
+    for name, sd in stage1.items():
+        torch.manual_seed(1)
+        v = C.ViViT(a)
+        fresh = {k: t.clone() for k, t in v.state_dict().items()}
+        C.initial_trunk(lightning(tmp_path / f"s1-{name}.ckpt", sd), "stage-1", a, v)
+        got = v.state_dict()
+        for k, t in got.items():  # the mapped ViT; the time embedding and mask token fresh
+            assert torch.equal(t, want[k] if k in want else fresh[k]), (name, k)
+        assert sorted(set(got) - set(want)) == ["temporal_mask_token", "time_embed"]
+    stage2 = {"eztorch stage 2": {**under("trunk.transformer.", vivit), **extra},
+              "trunk.model": under("trunk.model.", vivit), "trunk": under("trunk.", vivit),
+              "extracted": under("transformer.", vivit)}
+    for name, sd in stage2.items():
+        v = C.ViViT(a)
+        C.initial_trunk(lightning(tmp_path / f"s2-{name}.ckpt", sd), "stage-2", a, v)
+        checks.assert_same(v.state_dict(), vivit, name)
+    head = {k: t for k, t in spotter.items() if k.startswith("head_class.")}
+    trunk = {k[len("trunk."):]: t for k, t in spotter.items() if k.startswith("trunk.")}
+    for prefix in ("trunk.transformer.", "trunk.model.", "trunk."):
+        s = C.Spotter(a)
+        C.load_spotter(s, lightning(tmp_path / f"s3-{prefix}ckpt", {**under(prefix, trunk),
+                                                                  **head}))
+        checks.assert_same(s.state_dict(), spotter, prefix)
+    # a file in none of them: one line naming what it holds
+    other = lightning(tmp_path / "other.ckpt", {"encoder.blocks.0.weight": torch.zeros(2),
+                                                "head.fc.bias": torch.zeros(2)})
+    for load in (lambda: C.initial_trunk(other, "stage-2", a, C.ViViT(a)),
+                 lambda: C.load_spotter(C.Spotter(a), other)):
+        with pytest.raises(checkpoint.CheckpointError) as e:
+            load()
+        assert "\n" not in str(e.value)
+        assert str(e.value).endswith("key prefixes in the file: encoder.blocks., head.fc."), e
+    with pytest.raises(checkpoint.CheckpointError, match="key prefixes in the file: "
+                       "projector.layers., queue., trunk.transformer."):  # stage 2: no head
+        C.load_spotter(C.Spotter(a), tmp_path / "s2-eztorch stage 2.ckpt")
+    with pytest.raises(checkpoint.CheckpointError, match="shape") as e:  # another width
+        C.initial_trunk(tmp_path / "s2-trunk.ckpt", "stage-2", tiny(embed_dim=16), C.ViViT(
+            tiny(embed_dim=16)))
+    assert "\n" not in str(e.value)
+
+
 # ---- samplers ----
 def test_finetune_starts():
     D, W = 45.25, 8.0
@@ -818,7 +892,9 @@ def test_bad_inputs_are_refused_before_any_training(sn_root, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.run(C.main, C.Args, C.PRESETS,
                 argv(sn_root, tmp_path / "o2", stage="finetune", init_from=str(pca)))
-    assert "not stage-2 ViViT weights" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no stage-2 ViViT weights in a known layout" in err[0], err
+    assert err[0].endswith("key prefixes in the file: mean., std."), err
 
 
 def test_malformed_labels_name_the_file(tmp_path):
