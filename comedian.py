@@ -607,11 +607,25 @@ def fit_pca(paths: Sequence[PathLike], dim: int) -> dict:
     return {"mean": mean, "std": std, "components": vectors[:, order].contiguous()}
 
 
+def sample_draws(tokens: int, ratio: float, alpha: float = 0.0) -> tuple:
+    """The random draws of a training step that belong to one window, from torch's global
+    RNG (a data-loader worker's, seeded from (seed, epoch, index)), so that the step on the
+    GPU draws nothing and makes no host-to-device copy of its own: the kept tokens of the
+    temporal mask (`temporal_mask`, (K,) int64), the mixup weight lambda ~ Beta(alpha,
+    alpha) (1 when alpha = 0) and a uniform key u; the batch's mixup permutation is the
+    argsort of its keys (a uniform random permutation, as torch.randperm draws)."""
+    keep = temporal_mask(1, tokens, ratio)[0]
+    lam = torch.distributions.Beta(alpha, alpha).sample() if alpha > 0 else torch.ones(())
+    return keep, lam, torch.rand(())
+
+
 class Windows(Dataset):
     """Stages 2 and 3: `per_game` windows of `window` s per game and epoch (half from each
     half), re-drawn every epoch from (seed, epoch, half); item = (frames (3, 2W, S, S),
-    target, index) with target the teacher features (W, P) (stage 2, `bank`) or the token
-    labels (W, 17) (stage 3)."""
+    target, *draws, index) with target the teacher features (W, P) (stage 2, `bank`) or the
+    token labels (W, 17) (stage 3), and the window's draws of the step (`sample_draws`, after
+    the augmentation's, from the same (seed, epoch, index)): stage 2 the kept tokens (K,) of
+    alpha_1, stage 3 those of alpha_2, lambda () and the permutation key u ()."""
 
     def __init__(self, halves: list, args: Args, kind: str, per_game: int, seed: int,
                  bank: TeacherBank | None = None):
@@ -644,17 +658,21 @@ class Windows(Dataset):
         h, start = self.halves[index // self.per_half], self.start(epoch, index)
         tokens = int(self.args.window)
         x = read_frames_2fps(h, start, tokens * FRAMES_PER_TOKEN, self.args.cache_frames)
+        distill = self.kind == "distill"
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(data.sample_rng(self.seed, epoch, index).initial_seed())
             x = self.transform(x).transpose(0, 1)  # (3, 2W, S, S)
-        if self.kind == "distill":
-            return x, self.bank.window(h, start, tokens), index
+            keep, lam, u = sample_draws(tokens, self.args.mask_ratio if distill else
+                                        self.args.ft_mask_ratio,
+                                        0.0 if distill else self.args.mixup_alpha)
+        if distill:
+            return x, self.bank.window(h, start, tokens), keep, index
         y = self.frame_y[index // self.per_half]
         first = round(start * FPS)
         fy = torch.zeros(tokens * FRAMES_PER_TOKEN, NUM_CLASSES)
         part = y[first:first + len(fy)]
         fy[:len(part)] = part
-        return x, token_labels(fy), index
+        return x, token_labels(fy), keep, lam, u, index
 
 
 def make_loader(ds: Dataset, batch_size: int, args: Args, train: bool):
@@ -770,8 +788,9 @@ class ViViT(nn.Module):
         B, T = x.shape[0], self.num_tokens
         if x.shape[2] != T * FRAMES_PER_TOKEN:
             raise ValueError(f"ViViT: expected {T * FRAMES_PER_TOKEN} frames, got {x.shape[2]}")
-        if keep is None and self.training and self.mask_ratio > 0:
-            keep = temporal_mask(B, T, self.mask_ratio).to(x.device)  # spec §7.3: train only
+        if keep is None and self.training and self.mask_ratio > 0:  # spec §7.3: train only
+            keep = temporal_mask(B, T, self.mask_ratio, device=x.device)  # (training draws
+            # it in the loader: `sample_draws`)
         if keep is None:
             h = self.spatial(x)  # (B, T, D)
         else:  # masked tubelets skip the spatial encoder (pitfall 3)
@@ -849,7 +868,8 @@ class SpatialMoCo(nn.Module):
 class Distiller(nn.Module):
     """Stage 2 (spec §1): ViViT (temporal masking alpha_1 in train mode) + projector
     (D -> h -> h -> P, GELU, no BN) on every token; a queue of teacher features.
-    `forward(x, p) -> loss`: Eqs. 6.3-6.6 (`sce_token_loss`) on (B, T, P)."""
+    `forward(x, p, keep=None) -> loss`: Eqs. 6.3-6.6 (`sce_token_loss`) on (B, T, P); `keep`
+    (B, K): the kept tokens (else the ViViT draws them in train mode)."""
 
     def __init__(self, args: Args, teacher_dim: int):
         super().__init__()
@@ -858,8 +878,9 @@ class Distiller(nn.Module):
         self.projector = mlp(args.embed_dim, args.proj_hidden, 2, teacher_dim)
         self.memory = Queue(args.distill_queue_size, teacher_dim, args.seed)
 
-    def forward(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        q = F.normalize(self.projector(self.trunk(x)), dim=-1)  # (B, T, P)
+    def forward(self, x: torch.Tensor, p: torch.Tensor,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        q = F.normalize(self.projector(self.trunk(x, keep)), dim=-1)  # (B, T, P)
         return sce_token_loss(q, p, self.memory.queue.clone(), self.args.lam, self.args.tau,
                               self.args.tau_m)
 
@@ -879,7 +900,7 @@ class LinearHead(nn.Module):
 
 class Spotter(nn.Module):
     """Stage 3 (spec §1): ViViT (alpha_2 masking in train mode) + one linear classifier per
-    token: (B, 3, 2T, S, S) -> logits (B, T, 17)."""
+    token: (B, 3, 2T, S, S) (and optionally the kept tokens (B, K)) -> logits (B, T, 17)."""
 
     def __init__(self, args: Args):
         super().__init__()
@@ -889,8 +910,8 @@ class Spotter(nn.Module):
             nn.init.constant_(self.head_class.layers[0].bias,
                               math.log(args.head_prior / (1 - args.head_prior)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head_class(self.trunk(x))
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head_class(self.trunk(x, keep))
 
 
 def build_model(args: Args, stage: str = "finetune", teacher_dim: int = 512) -> nn.Module:
@@ -1025,16 +1046,17 @@ def sce_token_loss(q: torch.Tensor, p: torch.Tensor, queue: torch.Tensor, lam: f
 
 
 def temporal_mask(batch: int, tokens: int, ratio: float,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """Stage 2's temporal masking (spec §1 Stage 2): whole tubelets (2 frames = 1 token) are
     dropped before the spatial encoder, floor(ratio x 2 tokens) frames, i.e. the same number
     n = floor(ratio x 2 tokens) // 2 of tokens for every clip, chosen at random (not
     contiguous) per clip. Returns the sorted indices of the kept tokens, (batch, tokens - n)
-    int64, in temporal order (the mask token fills the others before the time embedding)."""
+    int64 on `device`, in temporal order (the mask token fills the others before the time
+    embedding). Fixed sizes: no host sync on a GPU."""
     if not 0 <= ratio < 1:
         raise ValueError(f"temporal_mask: ratio must be in [0, 1), got {ratio}")
     n_drop = math.floor(ratio * tokens * FRAMES_PER_TOKEN) // FRAMES_PER_TOKEN
-    order = torch.rand(batch, tokens, generator=generator).argsort(1)
+    order = torch.rand(batch, tokens, generator=generator, device=device).argsort(1)
     return order[:, n_drop:].sort(1).values
 
 
@@ -1052,15 +1074,13 @@ def sce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, lam: float =
         return -(w * logits_q.log_softmax(1)).sum(1).mean()
 
 
-def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple:
-    """Stage 3's mixup (spec §1, pitfall 10): lambda_b ~ Beta(alpha, alpha) per window and one
-    random permutation per batch (torch's global RNG); x (B, ...) -> lambda x + (1 - lambda)
-    x[perm]. Returns (mixed x, y, y[perm], lambda (B,))."""
-    B = x.shape[0]
-    lam = torch.distributions.Beta(alpha, alpha).sample((B,)).to(x.device)
-    perm = torch.randperm(B).to(x.device)
-    shape = (B,) + (1,) * (x.dim() - 1)
-    return lam.view(shape) * x + (1 - lam.view(shape)) * x[perm], y, y[perm], lam
+def mixup(x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor) -> tuple:
+    """Stage 3's mixup (spec §1, pitfall 10) with its draws given: lambda_b ~ Beta(alpha,
+    alpha) per window (B,) and one permutation of the batch (B,) int64 (`sample_draws`);
+    x (B, ...) -> lambda x + (1 - lambda) x[perm]. Returns (mixed x, y[perm])."""
+    shape = (len(x),) + (1,) * (x.dim() - 1)
+    lam = lam.to(x.dtype).view(shape)
+    return lam * x + (1 - lam) * x.index_select(0, perm), y.index_select(0, perm)
 
 
 def mixup_bce(logits: torch.Tensor, y: torch.Tensor, y_perm: torch.Tensor,
@@ -1083,9 +1103,14 @@ def train_step(stage: str, model: nn.Module, batch: tuple, optimizer, amp: optim
     """One optimiser step of a stage (spec §1 pseudo-code), AMP forward, loss, backward,
     clipping at args.clip_grad, step; a non-finite loss raises before the update.
     spatial: batch (v1, v2), then the EMA (momentum) and the queue (both views' keys);
-    distill: (x, p) with p the (B, T, P) teacher features, L2-normalised here, then the queue
-    (all of p); finetune: (x, y) token labels, mixup, BCE."""
+    distill: (x, p, keep) with p the (B, T, P) teacher features, L2-normalised here, then the
+    queue (all of p); finetune: (x, y, keep, lam, u) token labels, mixup (lambda (B,), the
+    permutation argsort(u)), BCE. `keep` (B, K), the kept tokens, masks the ViViT when it is
+    in train mode with a mask ratio (phase A's trunk is in eval mode: no mask). Every random
+    draw but drop-path's comes with the batch (`sample_draws`): the step makes one host sync,
+    the non-finite check."""
     net = checkpoint.unwrap(model)
+    masked = stage != "spatial" and net.trunk.training and net.trunk.mask_ratio > 0
     if stage == "spatial":
         with amp.autocast():
             loss, keys = model(*batch)
@@ -1094,18 +1119,17 @@ def train_step(stage: str, model: nn.Module, batch: tuple, optimizer, amp: optim
         optim.ema_update(net.projector_m, net.projector, momentum, copy_buffers=False)
         net.memory.enqueue(keys, "--queue-size")
     elif stage == "distill":
-        x, p = batch
+        x, p, keep = batch
         p = F.normalize(p.float(), dim=-1)
         with amp.autocast():
-            loss = model(x, p)
+            loss = model(x, p, keep if masked else None)
         amp.step(loss, optimizer, args.clip_grad)
         net.memory.enqueue(p.flatten(0, 1), "--distill-queue-size")
     elif stage == "finetune":
-        x, y = batch
-        x, y, y_perm, lam = mixup(x, y, args.mixup_alpha) if args.mixup_alpha > 0 else \
-            (x, y, y, torch.ones(len(x), device=x.device))
+        x, y, keep, lam, u = batch
+        x, y_perm = mixup(x, y, lam, u.argsort()) if args.mixup_alpha > 0 else (x, y)
         with amp.autocast():
-            logits = model(x)
+            logits = model(x, keep if masked else None)
         loss = mixup_bce(logits, y, y_perm, lam)
         amp.step(loss, optimizer, args.clip_grad)
     else:
@@ -1550,10 +1574,11 @@ def save_timeline(path: str, h: Half, curves: dict, args: Args) -> None:
 
 
 # ---- 8. Main ----
-def optimizer_for(model: nn.Module, args: Args) -> torch.optim.Optimizer:
-    """AdamW (0.9, 0.999), wd on weights only (spec §4, pitfall 7); fused on CUDA."""
+def optimizer_for(model: nn.Module, args: Args, fused: bool | None = None):
+    """AdamW (0.9, 0.999), wd on weights only (spec §4, pitfall 7); fused on CUDA (None),
+    or as `fused` says (a test counts the host syncs of the CUDA optimiser on the CPU)."""
     groups = optim.param_groups(model, args.weight_decay)
-    fused = next(model.parameters()).is_cuda
+    fused = next(model.parameters()).is_cuda if fused is None else fused
     return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), eps=1e-8, fused=fused)
 
 
@@ -1598,14 +1623,21 @@ def run_loop(stage: str, net, model: nn.Module, ds: Dataset, batch: int, epochs:
         optim.set_lr_wd(opt, lr)
         m = optim.cosine_schedule(loop.step, max(loop.total_steps - 1, 1), args.ema_m0,
                                   final=1.0)  # stage 1's EMA momentum 0.99 -> 1
-        net.train()
-        if before_step:
-            before_step()
-        out = train_step(stage, net, [x.to(device, non_blocking=True) for x in xs], opt, amp,
-                         args, m)
+        out = loop_step(stage, net, [x.to(device, non_blocking=True) for x in xs], opt, amp,
+                        args, m, before_step)
         loop.end_step(out, {f"{loop.prefix}/lr": lr})
     loop.check_replicas(model)
     return loop.step
+
+
+def loop_step(stage: str, net: nn.Module, batch: list, opt, amp: optim.Amp, args: Args,
+              momentum: float, before_step=None) -> dict:
+    """A step as the loops run it (and --bench times it): train mode, then `before_step`
+    (phase A: the trunk back in eval mode), then `train_step`."""
+    net.train()
+    if before_step:
+        before_step()
+    return train_step(stage, net, batch, opt, amp, args, momentum)
 
 
 def initial_trunk(path: str, what: str, args: Args, trunk: nn.Module) -> str:
@@ -1715,19 +1747,28 @@ def stage_finetune(root: Path, args: Args, device, amp, logger, init: str,
     model = build_model(args).to(device)
     source = initial_trunk(init, "stage-2", args, model.trunk)
     run_args = dataclasses.replace(args, output_dir=out_dir)
-    for p in model.trunk.parameters():
-        p.requires_grad = False
-    head_opt = optimizer_for(model.head_class, args)
+    opt, before_step = finetune_phase(model, "A", args)
     steps = run_loop("finetune", wrap(model, args), model, ds, args.ft_batch_size,
                      args.head_epochs, args.ft_base_lr, 0, args.final_lr_ratio, "head.pt",
-                     run_args, device, amp, logger, source, head_opt,
-                     before_step=model.trunk.eval)  # phase A: no masking, no drop-path
-    for p in model.trunk.parameters():
-        p.requires_grad = True
+                     run_args, device, amp, logger, source, opt, before_step)
+    opt, before_step = finetune_phase(model, "B", args)
     steps += run_loop("finetune", wrap(model, args), model, ds, args.ft_batch_size,
                       args.ft_epochs, args.ft_base_lr, 0, args.final_lr_ratio, "finetune.pt",
-                      run_args, device, amp, logger, source)
+                      run_args, device, amp, logger, source, opt, before_step)
     return model, steps
+
+
+def finetune_phase(model: nn.Module, phase: str, args: Args, fused: bool | None = None):
+    """Set up a phase of stage 3 (spec §1) on a `Spotter`: "A" freezes the trunk (no
+    gradient; `before_step`, the trunk's `eval`, runs before every step: no masking, no
+    drop-path) and trains the head alone; "B" trains everything. Returns (the AdamW of the
+    phase, before_step or None)."""
+    head_only = phase == "A"
+    for p in model.trunk.parameters():
+        p.requires_grad = not head_only
+    if head_only:
+        return optimizer_for(model.head_class, args, fused), model.trunk.eval
+    return optimizer_for(model, args, fused), None
 
 
 def check_inputs(root: Path, args: Args, stages: list) -> None:
@@ -1876,31 +1917,46 @@ def level1(root: Path, args: Args, device, amp: optim.Amp) -> dict:
 
 
 def bench(args: Args, device, amp: optim.Amp) -> dict:
-    """--bench: each stage's training step on random tensors at the configured shapes (one
-    JSON line each), with its data pipeline's rate on the synthetic set."""
+    """--bench: the training step of each stage and phase (spatial, distill, finetune phase A
+    "head" and phase B), exactly as its loop runs it (`loop_step`: the model wrapped as in
+    training, the AdamW of the stage or phase with its parameter groups at its peak lr, phase
+    A's frozen trunk in eval mode), on random tensors at the configured shapes with the
+    loader's draws (masks, mixup); one JSON line each, with its data pipeline's rate on the
+    synthetic set. Returns {name: that line as a dict}."""
     S, T, out = args.img_size, int(args.window), {}
     root = synthetic.soccernet()
     halves = read_halves(root, read_split(root, "train"), args)
-    for stage, b in (("spatial", args.spatial_batch_size), ("distill", args.distill_batch_size),
-                     ("finetune", args.ft_batch_size)):
+    world = dist.world()
+    for name, stage, b, base_lr in (
+            ("spatial", "spatial", args.spatial_batch_size, args.spatial_base_lr),
+            ("distill", "distill", args.distill_batch_size, args.distill_base_lr),
+            ("head", "finetune", args.ft_batch_size, args.ft_base_lr),
+            ("finetune", "finetune", args.ft_batch_size, args.ft_base_lr)):
         if args.stage not in ("all", stage):
             continue
         model = build_model(args, stage, args.pca_dim).to(device)
-        net, opt = wrap(model, args), optimizer_for(model, args)
+        opt, before_step = finetune_phase(model, "A" if name == "head" else "B", args) \
+            if stage == "finetune" else (optimizer_for(model, args), None)
+        optim.set_lr_wd(opt, base_lr * b * world / 256)
+        net = wrap(model, args)
         if stage == "spatial":
             batch = [torch.randn(b, 3, 2, S, S, device=device) for _ in range(2)]
             ds = SpatialClips(halves, args, args.seed)
         else:
+            distill = stage == "distill"
+            keep, lam, u = (torch.stack(d) for d in zip(*[sample_draws(
+                T, args.mask_ratio if distill else args.ft_mask_ratio,
+                0.0 if distill else args.mixup_alpha) for _ in range(b)]))
             x = torch.randn(b, 3, 2 * T, S, S, device=device)
-            y = torch.randn(b, T, args.pca_dim, device=device) if stage == "distill" else \
-                (torch.rand(b, T, NUM_CLASSES, device=device) < 0.05).float()
-            batch = [x, y]
+            batch = [x, torch.randn(b, T, args.pca_dim, device=device), keep.to(device)] \
+                if distill else [x, (torch.rand(b, T, NUM_CLASSES, device=device) < 0.05)
+                                 .float(), keep.to(device), lam.to(device), u.to(device)]
             ds = Windows(halves, args, "finetune", 4, args.seed)  # (stage 2 decodes the same)
-        net.train()
         loader = make_loader(ds, b, args, train=True) if len(ds) >= b else None
-        out[stage] = log.bench(lambda: train_step(stage, net, batch, opt, amp, args, 0.99), b,
-                               device, loader=loader, stage=stage, amp=amp.mode,
-                               clip=f"{2 if stage == 'spatial' else 2 * T}x{S}")
+        out[name] = log.bench(lambda: loop_step(stage, net, batch, opt, amp, args, 0.99,
+                                                before_step), b, device, loader=loader,
+                              stage=name, amp=amp.mode,
+                              clip=f"{2 if stage == 'spatial' else 2 * T}x{S}")
     return out
 
 

@@ -74,18 +74,32 @@ def test_mixup_bce_is_bce_against_mixed_labels_and_a_hand_loop():
 
 def test_mixup_mixes_inputs_with_its_lambda_and_permutation():
     torch.manual_seed(0)
-    B = 6
+    B = 4
     x = torch.randn(B, 3, 4, 2, 2)
     y = torch.arange(B, dtype=torch.float32)[:, None, None].expand(B, 2, 1)  # row b says b
-    xm, y_same, y_perm, lam = C.mixup(x, y, alpha=0.1)
-    assert y_same is y and lam.shape == (B,) and ((lam >= 0) & (lam <= 1)).all()
-    perm = y_perm[:, 0, 0].long()
-    assert sorted(perm.tolist()) == list(range(B))  # a permutation
-    want = lam[:, None, None, None, None] * x + (1 - lam[:, None, None, None, None]) * x[perm]
-    assert torch.allclose(xm, want, atol=1e-6)
-    # Beta(0.1, 0.1) is U-shaped: most lambdas sit near 0 or 1
-    lams = torch.cat([C.mixup(x, y, 0.1)[3] for _ in range(100)])
+    lam, perm = torch.tensor([0.9, 0.0, 1.0, 0.25]), torch.tensor([2, 0, 3, 1])
+    xm, y_perm = C.mixup(x, y, lam, perm)
+    assert y_perm[:, 0, 0].tolist() == [2, 0, 3, 1]
+    for b in range(B):  # by hand
+        assert torch.allclose(xm[b], lam[b] * x[b] + (1 - lam[b]) * x[perm[b]], atol=1e-6)
+    assert torch.equal(xm[2], x[2]) and torch.equal(xm[1], x[0])
+
+
+def test_the_loader_draws_masks_lambdas_and_a_uniform_permutation():
+    """`sample_draws`, the per-window draws of a step: the mask keeps the stated count, in
+    order; Beta(0.1, 0.1) is U-shaped (mean 1/2); the argsort of the batch's keys is a uniform
+    permutation (each of the 6 of 3 windows about 1/6 of 3,000 batches)."""
+    torch.manual_seed(0)
+    draws = [C.sample_draws(8, 0.25, 0.1) for _ in range(3000)]
+    keep = torch.stack([d[0] for d in draws])
+    assert keep.shape == (3000, 6) and (keep.diff(dim=1) > 0).all()
+    lams = torch.stack([d[1] for d in draws])
     assert ((lams < 0.1) | (lams > 0.9)).float().mean() > 0.6
+    assert abs(lams.mean().item() - 0.5) < 0.03
+    keys = torch.stack([d[2] for d in draws]).view(1000, 3)
+    counts = torch.unique(keys.argsort(1), dim=0, return_counts=True)[1]
+    assert len(counts) == 6 and counts.min() > 120 and counts.max() < 215, counts
+    assert C.sample_draws(8, 0.25, 0.0)[1].item() == 1.0  # no mixup: lambda 1
 
 
 # ---- stage 1: MoCo loss ----
@@ -285,25 +299,59 @@ def test_distill_step_masked_frames_get_no_gradient_and_the_queue_takes_the_teac
     assert d.trunk.temporal_mask_token.grad.abs().sum() > 0  # it learns (loss on all tokens)
     d.zero_grad(set_to_none=True)
     opt, amp = C.optimizer_for(d, a), optim.Amp("none", "cpu")
-    C.train_step("distill", d, [x.detach(), p], opt, amp, a)
+    C.train_step("distill", d, [x.detach(), p, keep], opt, amp, a)
     assert int(d.memory.queue_ptr) == 8
     assert torch.allclose(d.memory.queue[:8], F.normalize(p, dim=-1).flatten(0, 1), atol=1e-6)
 
 
 def test_finetune_step_is_mixup_then_its_bce():
+    """The step mixes with the batch's lambdas and argsort(u), masks with its kept tokens
+    (train mode) and takes `mixup_bce`; it draws nothing itself (drop-path 0)."""
     a = tiny(ft_mask_ratio=0.25)
     torch.manual_seed(0)
     s = C.Spotter(a).train()
     x = torch.randn(4, 3, 8, 16, 16)
     y = (torch.rand(4, 4, 17) < 0.2).float()
-    torch.manual_seed(9)
+    keep = torch.tensor([[0, 1, 3], [1, 2, 3], [0, 2, 3], [0, 1, 2]])
+    lam, u = torch.tensor([0.9, 0.02, 0.5, 1.0]), torch.tensor([0.3, 0.1, 0.9, 0.5])
     with torch.no_grad():
-        xm, _, y_perm, lam = C.mixup(x, y, a.mixup_alpha)
-        want = C.mixup_bce(s(xm), y, y_perm, lam)  # the mask drawn after the mixup
-    torch.manual_seed(9)
-    out = C.train_step("finetune", s, [x, y], C.optimizer_for(s, a), optim.Amp("none", "cpu"),
-                       a)
+        xm = torch.stack([lam[b] * x[b] + (1 - lam[b]) * x[[1, 0, 3, 2][b]] for b in range(4)])
+        want = C.mixup_bce(s(xm, keep), y, y[[1, 0, 3, 2]], lam)
+    out = C.train_step("finetune", s, [x, y, keep, lam, u], C.optimizer_for(s, a),
+                       optim.Amp("none", "cpu"), a)
     assert out["loss"].item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_a_training_step_makes_one_host_sync():
+    """Each stage's step (and both fine-tuning phases), with drop-path, masks and mixup on and
+    the optimiser as on CUDA (fused AdamW): the non-finite check is its only host sync."""
+    a = tiny(drop_path=0.1, queue_size=16, distill_queue_size=16, mask_ratio=0.25,
+             ft_mask_ratio=0.25)
+    amp = optim.Amp("none", "cpu")
+    torch.manual_seed(0)
+    draws = [C.sample_draws(4, 0.25, 0.1) for _ in range(2)]
+    keep, lam, u = (torch.stack(d) for d in zip(*draws))
+    x, views = torch.randn(2, 3, 8, 16, 16), [torch.randn(2, 3, 2, 16, 16) for _ in range(2)]
+    y = (torch.rand(2, 4, 17) < 0.2).float()
+    steps = {}
+    m = C.SpatialMoCo(a)
+    steps["spatial"] = (m, C.optimizer_for(m, a, fused=True), None, views)
+    m = C.Distiller(a, 8)
+    steps["distill"] = (m, C.optimizer_for(m, a, fused=True), None,
+                        [x, torch.randn(2, 4, 8), keep])
+    for phase in "AB":
+        m = C.Spotter(a)
+        steps[f"finetune {phase}"] = (m, *C.finetune_phase(m, phase, a, fused=True),
+                                      [x, y, keep, lam, u])
+    for name, (model, opt, before_step, batch) in steps.items():
+        def step():  # as run_loop runs it
+            model.train()
+            if before_step:
+                before_step()
+            return C.train_step(name.split()[0], model, batch, opt, amp, a, 0.99)
+        step()  # the optimiser's state is created at the first step
+        assert checks.count_host_syncs(step) == {"_local_scalar_dense": 1}, name
+    assert not steps["finetune A"][0].trunk.training
 
 
 # ---- stage 1 -> stage 2 ----
@@ -531,8 +579,13 @@ def test_finetune_window_labels_are_the_token_labels_of_its_frames():
     events = 0
     for i in range(len(ds)):
         h, start = halves[i // 3], ds.start(1, i)
-        x, y, index = ds[(1, i)]
+        x, y, keep, lam, u, index = ds[(1, i)]
         assert index == i and x.shape == (3, 16, 16, 16) and y.shape == (8, 17)
+        assert keep.shape == (6,) and lam.shape == u.shape == ()  # alpha_2 0.25: 2 of 8 out
+        again = ds[(1, i)]  # the draws are the sample's: (seed, epoch, index)
+        assert torch.equal(again[0], x) and all(torch.equal(a_, b_) for a_, b_ in
+                                                zip(again[2:5], (keep, lam, u)))
+        assert not torch.equal(ds[(2, i)][4], u)
         first = round(2 * start)
         fy = C.frame_labels(h.annotations, h.half, math.floor(2 * h.duration))
         assert torch.equal(y, C.token_labels(fy[first:first + 16]))
@@ -787,6 +840,50 @@ def test_ddp_trains_without_masking(sn_root, tmp_path):
     assert diffs == [0.0, 0.0]
 
 
+# ---- --bench ----
+def test_bench_times_each_stage_and_phase_as_its_loop_runs_it(monkeypatch):
+    """--bench calls the loops' own step (`loop_step`) with each stage's and phase's AdamW,
+    its parameter groups and peak lr, phase A's trunk frozen and in eval mode, and batches
+    holding the loader's draws at the configured shapes; the steps move the weights."""
+    a = cli.parse(C.Args, C.PRESETS, argv(str(synthetic.soccernet()), "unused"))
+    seen, real = {}, C.loop_step
+
+    def spy(stage, net, batch, opt, amp, args, momentum, before_step=None):
+        model = checkpoint.unwrap(net)
+        if id(opt) not in seen:
+            seen[id(opt)] = dict(stage=stage, model=model, opt=opt, batch=batch,
+                                 start={k: v.clone() for k, v in model.state_dict().items()})
+        out = real(stage, net, batch, opt, amp, args, momentum, before_step)
+        seen[id(opt)]["trunk_training"] = model.trunk.training
+        return out
+    monkeypatch.setattr(C, "loop_step", spy)
+    out = C.bench(a, torch.device("cpu"), optim.Amp("none", "cpu"))
+    assert list(out) == ["spatial", "distill", "head", "finetune"]
+    runs = dict(zip(out, seen.values()))
+    assert [r["stage"] for r in runs.values()] == ["spatial", "distill", "finetune", "finetune"]
+
+    def groups(opt):
+        return [(sorted(g["param_names"]), g["weight_decay"], g["lr"]) for g in opt.param_groups]
+    for name, r in runs.items():
+        model, b = r["model"], r["batch"][0].shape[0]
+        lr = {"spatial": a.spatial_base_lr, "distill": a.distill_base_lr}.get(
+            name, a.ft_base_lr) * b / 256
+        want = C.optimizer_for(model.head_class if name == "head" else model, a)
+        optim.set_lr_wd(want, lr)
+        assert groups(r["opt"]) == groups(want), name  # the training AdamW and its groups
+        moved = {k for k, v in model.state_dict().items() if not torch.equal(v, r["start"][k])}
+        if name == "head":
+            assert not r["trunk_training"] and moved == {"head_class.layers.0.weight",
+                                                         "head_class.layers.0.bias"}
+        else:
+            assert r["trunk_training"] and "trunk.patch_embed.proj.weight" in moved, name
+    T = int(a.window)  # 8 tokens; alpha 0.25 of 16 frames: 2 tokens dropped
+    assert [tuple(t.shape) for t in runs["distill"]["batch"]] == [
+        (2, 3, 16, 16, 16), (2, T, a.pca_dim), (2, 6)]
+    assert [tuple(t.shape) for t in runs["finetune"]["batch"]] == [
+        (2, 3, 16, 16, 16), (2, T, 17), (2, 6), (2,), (2,)]
+
+
 # ---- CLI and failures ----
 def test_cli_help_unknown_flag_and_user_errors(sn_root, tmp_path, capsys):
     out = subprocess.run([sys.executable, "comedian.py", "--help"], cwd=ROOT,
@@ -832,7 +929,7 @@ def test_presets():
 
 def nan_batch_at_step(monkeypatch, step: int) -> dict:
     """`checks.nan_input_at_step` for comedian's `train_step(stage, model, batch, ...)`:
-    at call `step` every tensor of the batch is multiplied by NaN (the real forward then
+    at call `step` the frames of the batch are multiplied by NaN (the real forward then
     gives a NaN loss); records the unwrapped model and its state just before."""
     real, seen = C.train_step, {"calls": 0}
 
@@ -841,7 +938,7 @@ def nan_batch_at_step(monkeypatch, step: int) -> dict:
         if seen["calls"] == step:
             seen["model"] = checkpoint.unwrap(model)
             seen["before"] = {k: v.clone() for k, v in seen["model"].state_dict().items()}
-            batch = [x * float("nan") for x in batch]
+            batch = [batch[0] * float("nan"), *batch[1:]]  # the frames
         return real(stage, model, batch, *a, **kw)
     monkeypatch.setattr(C, "train_step", wrapped)
     return seen
