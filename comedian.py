@@ -581,21 +581,37 @@ class TeacherBank:
         return (z @ self.pca["components"]).float()
 
 
-def fit_pca(paths: Sequence[PathLike], dim: int) -> dict:
-    """Z-score each dimension over all rows of the `paths` (.npy, (T, F)), then PCA without
-    whitening (sklearn `PCA(dim)` of `pca_features`), streamed: the sums and the F x F Gram
-    matrix are accumulated in float64, one file at a time. Returns mean (F,), std (F,) and
-    components (F, min(dim, F)) ordered by decreasing variance."""
-    n, s1, s2 = 0, None, None
+def pca_sums(paths: Sequence[PathLike], device="cpu", width: int | None = None) -> tuple:
+    """Streamed float64 sums of the teacher features of `paths` (.npy, (T, F) each), one file
+    at a time on `device`: the row count n (a 0-d tensor), the column sums s1 (F,) and the
+    Gram matrix s2 = X^T X (F, F). The sums of disjoint sets of files add up to those of
+    their union, so ranks can share the files (`fit_pca`); `width` F gives zeros for an
+    empty share. Raises cli.InputError on a file that is not (T, F) with one F."""
+    n = torch.zeros((), dtype=torch.float64, device=device)
+    s1 = s2 = None
+    if width is not None:
+        s1 = torch.zeros(width, dtype=torch.float64, device=device)
+        s2 = torch.zeros(width, width, dtype=torch.float64, device=device)
     for p in paths:
-        x = torch.from_numpy(np.load(p).astype(np.float64))
+        x = torch.from_numpy(np.load(p).astype(np.float64)).to(device)
         if x.ndim != 2 or (s1 is not None and x.shape[1] != len(s1)):
             raise cli.InputError(f"{p}: teacher features must be (T, F) with one F for all "
                                  f"files, got {tuple(x.shape)}")
-        s1 = x.sum(0) if s1 is None else s1 + x.sum(0)
-        s2 = x.T @ x if s2 is None else s2 + x.T @ x
+        if s1 is None:
+            s1 = torch.zeros(x.shape[1], dtype=torch.float64, device=device)
+            s2 = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=device)
+        s1 += x.sum(0)
+        s2 += x.T @ x
         n += len(x)
-    if not n:
+    return n, s1, s2
+
+
+def pca_from_sums(n: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, dim: int) -> dict:
+    """Z-score each dimension, then PCA without whitening (sklearn `PCA(dim)` of
+    `pca_features`, solved exactly), from the sums of `pca_sums`: the eigenvectors of the
+    correlation matrix. Returns mean (F,), std (F,) and components (F, min(dim, F)),
+    ordered by decreasing variance, float64 on the CPU."""
+    if s1 is None or not n:
         raise cli.InputError("fit_pca: no teacher features to fit")
     mean = s1 / n
     cov = s2 / n - torch.outer(mean, mean)
@@ -604,7 +620,28 @@ def fit_pca(paths: Sequence[PathLike], dim: int) -> dict:
     corr = cov / torch.outer(std, std)  # covariance of the z-scored features
     values, vectors = torch.linalg.eigh(corr)
     order = values.argsort(descending=True)[:min(dim, len(mean))]
-    return {"mean": mean, "std": std, "components": vectors[:, order].contiguous()}
+    return {"mean": mean.cpu(), "std": std.cpu(), "components": vectors[:, order].cpu()
+            .contiguous()}
+
+
+def fit_pca(paths: Sequence[PathLike], dim: int, device="cpu") -> dict:
+    """The teacher bank's PCA (`pca_from_sums`) of all rows of the `paths` (.npy, (T, F)),
+    streamed in float64 on `device`. Under torchrun a collective: rank r sums the files
+    paths[r::world], the sums are all-reduced (`dist.all_reduce`, float64), and every rank
+    solves the same summed system (on full SoccerNet ~2.4e14 FLOP and 55 GB of reads, shared
+    instead of done by rank 0 alone). Every rank checks the files' shapes first, so a bad
+    file stops all of them with the same cli.InputError."""
+    shapes = [np.load(p, mmap_mode="r").shape for p in paths]
+    for p, shape in zip(paths, shapes):
+        if len(shape) != 2 or shape[1] != shapes[0][-1]:
+            raise cli.InputError(f"{p}: teacher features must be (T, F) with one F for all "
+                                 f"files, got {tuple(shape)}")
+    n, s1, s2 = pca_sums(paths[dist.rank()::dist.world()], device,
+                         shapes[0][1] if shapes else None)
+    if s1 is not None:
+        for t in (n, s1, s2):
+            dist.all_reduce(t, "sum")
+    return pca_from_sums(n, s1, s2, dim)
 
 
 def sample_draws(tokens: int, ratio: float, alpha: float = 0.0) -> tuple:
@@ -1718,14 +1755,17 @@ def stage_distill(root: Path, args: Args, device, amp, logger, init: str) -> int
     pca_path = os.path.join(args.output_dir, "teacher_pca.pt")
     paths = [teacher / h.game / f"{h.half}_{args.teacher_name}.npy" for h in halves]
     files = [str(p) for p in paths] + [f"pca_dim={args.pca_dim}"]  # what the PCA is of
-    if dist.is_main() and (not os.path.isfile(pca_path) or
-                           checkpoint.load(pca_path).get("files") != files):
-        for p in paths:
+    stale = dist.is_main() and (not os.path.isfile(pca_path) or
+                                checkpoint.load(pca_path).get("files") != files)
+    if dist.all_reduce(torch.tensor(float(stale), device=device), "sum").item():  # rank 0's
+        for p in paths:  # every rank: all stop, or all enter the collectives of fit_pca
             if not p.is_file():
                 raise FileNotFoundError(f"{p}: teacher features missing (--teacher-dir, "
                                         f"--teacher-name, or run --stage features)")
-        checkpoint.save(pca_path, {**fit_pca(paths, args.pca_dim), "files": files})
-    dist.barrier()
+        dist.print0(f"teacher-bank PCA of {len(paths)} files, shared by {dist.world()} "
+                    f"process(es)")
+        checkpoint.save(pca_path, {**fit_pca(paths, args.pca_dim, device), "files": files})
+    dist.barrier()  # every rank then reads rank 0's file: the same PCA everywhere
     pca = checkpoint.load(pca_path)
     bank = TeacherBank(teacher, args.teacher_name, args.teacher_fps, pca)
     ds = data.SafeDataset(Windows(halves, args, "distill", args.distill_windows, args.seed,

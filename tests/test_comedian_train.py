@@ -547,6 +547,32 @@ def test_fit_pca_matches_an_svd_of_zscored_data(tmp_path):
         C.fit_pca([tmp_path / "bad.npy"], 2)
 
 
+def test_pca_sums_of_two_shards_add_up_to_the_one_pass_sums(tmp_path):
+    """How ranks share the PCA: the float64 sums of two shards of the files (one of them
+    empty-capable through `width`), added, equal the one-pass sums, and give fit_pca's PCA."""
+    rng = np.random.default_rng(1)
+    mix = rng.normal(size=(5, 5)) * np.array([4.0, 2.0, 1.0, 0.5, 0.1])[:, None]
+    paths = []
+    for i, n in enumerate((40, 7, 55, 23, 1)):
+        np.save(tmp_path / f"{i}.npy", (rng.normal(size=(n, 5)) @ mix + 3.0).astype(np.float32))
+        paths.append(tmp_path / f"{i}.npy")
+    one = C.pca_sums(paths)
+    shards = [C.pca_sums(paths[0::2]), C.pca_sums(paths[1::2], width=5)]
+    summed = [a + b for a, b in zip(*shards)]
+    assert summed[0].item() == one[0].item() == 126
+    assert torch.allclose(summed[1], one[1], rtol=1e-13, atol=0)
+    assert torch.allclose(summed[2], one[2], rtol=1e-13, atol=0)
+    empty = C.pca_sums([], width=5)  # a rank with no file of its own
+    assert empty[0].item() == 0 and not empty[1].any() and empty[2].shape == (5, 5)
+    got, want = C.pca_from_sums(*summed, 3), C.fit_pca(paths, 3)
+    assert torch.allclose(got["mean"], want["mean"], rtol=1e-12)
+    assert torch.allclose(got["std"], want["std"], rtol=1e-12)
+    sign = torch.sign((got["components"] * want["components"]).sum(0))
+    assert torch.allclose(got["components"] * sign, want["components"], atol=1e-10)
+    with pytest.raises(cli.InputError, match="no teacher features"):
+        C.fit_pca([], 3)
+
+
 def test_teacher_bank_rows_follow_the_first_frame_and_clamp(tmp_path):
     feats = np.stack([np.arange(20.0), np.arange(20.0) * 2 + 1, -np.arange(20.0)], 1)
     (tmp_path / "g").mkdir()
@@ -823,6 +849,15 @@ def test_ddp_two_processes_stay_identical_and_spot_as_one_process(sn_root, tmp_p
         assert [r["step"] for r in recs if f"{prefix}/loss" in r] == [1, 2, 3], prefix
     diffs = [r["ddp/max_replica_diff"] for r in recs if "ddp/max_replica_diff" in r]
     assert diffs == [0.0] * 4
+    # the teacher-bank PCA, shared by the 2 ranks (3 of the 6 halves each, float64 sums
+    # all-reduced over gloo), is the one-process PCA of the same files
+    shared = checkpoint.load(two / "teacher_pca.pt")
+    alone = C.fit_pca(shared["files"][:-1], 16)
+    assert len(shared["files"]) == 7 and "PCA of 6 files, shared by 2" in proc.stdout
+    for k in ("mean", "std"):
+        assert torch.allclose(shared[k], alone[k], rtol=1e-10), k
+    sign = torch.sign((shared["components"] * alone["components"]).sum(0))
+    assert torch.allclose(shared["components"] * sign, alone["components"], atol=1e-8)
     one = run(sn_root, tmp_path / "one", stage="spot", init_from=str(two / "finetune.pt"),
               max_steps=3)
     assert predictions(two) == predictions(tmp_path / "one") and len(predictions(two)) == 3
