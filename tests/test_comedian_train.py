@@ -919,6 +919,47 @@ def test_bench_times_each_stage_and_phase_as_its_loop_runs_it(monkeypatch):
         (2, 3, 16, 16, 16), (2, T, 17), (2, 6), (2,), (2,)]
 
 
+# ---- GPU acceptance (run with -m gpu on a CUDA machine; skipped here) ----
+def gpu_case(phase: str) -> tuple:
+    """A tiny ViViT step of `phase` with its randomness in the batch (masks, mixup; drop-path
+    0), and `step(model, batch, opt, amp)` as the loops run it, without clipping (so that the
+    gradient norms compare)."""
+    a = tiny(window=8.0, distill_queue_size=64, mask_ratio=0.25, ft_mask_ratio=0.25,
+             clip_grad=1e6)
+    stage, T = phase.split()[0], 8
+    torch.manual_seed(0)
+    keep, lam, u = (torch.stack(d) for d in zip(*[C.sample_draws(T, 0.25, 0.1)
+                                                  for _ in range(4)]))
+    x = torch.randn(4, 3, 2 * T, 16, 16)
+    if stage == "distill":
+        model, batch = C.Distiller(a, 16), [x, torch.randn(4, T, 16), keep]
+        with torch.no_grad():  # 32 wide at its .02 init, the projector shrinks the tokens to
+            for layer in model.projector:  # norm 1e-3 and the first step's fp16 gradients
+                if isinstance(layer, torch.nn.Linear):  # (~1e3) overflow a 2^10 loss scale:
+                    layer.weight.normal_(0, layer.in_features ** -0.5)  # unit-norm outputs
+    else:
+        model, batch = C.Spotter(a), [x, (torch.rand(4, T, 17) < 0.1).float(), keep, lam, u]
+        C.finetune_phase(model, phase.split()[1], a)  # A: the trunk frozen
+
+    def step(m, b, opt, amp):
+        m.train()
+        if phase == "finetune A":
+            m.trunk.eval()
+        return C.train_step(stage, m, b, opt, amp, a)
+    return model, batch, step
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("phase", ["distill", "finetune A", "finetune B"])
+def test_gpu_step_agrees_with_the_fp32_cpu_step(phase):
+    """The CUDA step in bf16 and in fp16 (GradScaler) gives the fp32 CPU step's loss and
+    gradient within the precision's tolerance: stage 2 (masked, token SCE loss, queue) and
+    both fine-tuning phases (mixup, phase B masked)."""
+    model, batch, step = gpu_case(phase)
+    report = checks.assert_gpu_step_agrees(model, batch, step)
+    print(phase, report)
+
+
 # ---- CLI and failures ----
 def test_cli_help_unknown_flag_and_user_errors(sn_root, tmp_path, capsys):
     out = subprocess.run([sys.executable, "comedian.py", "--help"], cwd=ROOT,
