@@ -924,19 +924,26 @@ def gpu_case(phase: str) -> tuple:
     """A tiny ViViT step of `phase` with its randomness in the batch (masks, mixup; drop-path
     0), and `step(model, batch, opt, amp)` as the loops run it, without clipping (so that the
     gradient norms compare)."""
-    a = tiny(window=8.0, distill_queue_size=64, mask_ratio=0.25, ft_mask_ratio=0.25,
-             clip_grad=1e6)
+    a = tiny(window=8.0, queue_size=16, distill_queue_size=64, mask_ratio=0.25,
+             ft_mask_ratio=0.25, clip_grad=1e6)
     stage, T = phase.split()[0], 8
     torch.manual_seed(0)
     keep, lam, u = (torch.stack(d) for d in zip(*[C.sample_draws(T, 0.25, 0.1)
                                                   for _ in range(4)]))
     x = torch.randn(4, 3, 2 * T, 16, 16)
-    if stage == "distill":
+
+    def unit_heads(*heads):  # 32 wide at their .02 init, the heads shrink the features to
+        with torch.no_grad():  # norm ~1e-3 and the first step's fp16 gradients (~1e3-1e4)
+            for layer in (m for h in heads for m in h):  # overflow the 2^10 loss scale:
+                if isinstance(layer, torch.nn.Linear):  # unit-norm outputs instead
+                    layer.weight.normal_(0, layer.in_features ** -0.5)
+    if stage == "spatial":
+        model, batch = C.SpatialMoCo(a), [torch.randn(4, 3, 2, 16, 16) for _ in range(2)]
+        unit_heads(model.projector, model.predictor)
+        model.projector_m.load_state_dict(model.projector.state_dict())
+    elif stage == "distill":
         model, batch = C.Distiller(a, 16), [x, torch.randn(4, T, 16), keep]
-        with torch.no_grad():  # 32 wide at its .02 init, the projector shrinks the tokens to
-            for layer in model.projector:  # norm 1e-3 and the first step's fp16 gradients
-                if isinstance(layer, torch.nn.Linear):  # (~1e3) overflow a 2^10 loss scale:
-                    layer.weight.normal_(0, layer.in_features ** -0.5)  # unit-norm outputs
+        unit_heads(model.projector)
     else:
         model, batch = C.Spotter(a), [x, (torch.rand(4, T, 17) < 0.1).float(), keep, lam, u]
         C.finetune_phase(model, phase.split()[1], a)  # A: the trunk frozen
@@ -945,16 +952,16 @@ def gpu_case(phase: str) -> tuple:
         m.train()
         if phase == "finetune A":
             m.trunk.eval()
-        return C.train_step(stage, m, b, opt, amp, a)
+        return C.train_step(stage, m, b, opt, amp, a, 0.99)
     return model, batch, step
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("phase", ["distill", "finetune A", "finetune B"])
+@pytest.mark.parametrize("phase", ["spatial", "distill", "finetune A", "finetune B"])
 def test_gpu_step_agrees_with_the_fp32_cpu_step(phase):
     """The CUDA step in bf16 and in fp16 (GradScaler) gives the fp32 CPU step's loss and
-    gradient within the precision's tolerance: stage 2 (masked, token SCE loss, queue) and
-    both fine-tuning phases (mixup, phase B masked)."""
+    gradient within the precision's tolerance: stage 1 (MoCo, EMA, queue), stage 2 (masked,
+    token SCE loss, queue) and both fine-tuning phases (mixup, phase B masked)."""
     model, batch, step = gpu_case(phase)
     report = checks.assert_gpu_step_agrees(model, batch, step)
     print(phase, report)
