@@ -42,9 +42,12 @@ Deviations, with reasons:
 - A half shorter than one window gets a single window starting at 0 (the official sampler
   would start it at floor(D) - W < 0); real halves are ~45 min, so this never differs there.
 - Augmentations run per window on the CPU with torchvision v2 (one draw for all frames of a
-  clip), not batched on the GPU with torchaug; draws come from (seed, epoch, index). The blur
-  kernel is 10 % of the image (23 at 224, the configs'), but at least 13 so that +-3 sigma
-  fits (`augment.blur_kernel`, as the SCE scripts).
+  clip), not batched on the GPU with torchaug; draws come from (seed, epoch, index), as do
+  the temporal masks and mixup weights (`sample_draws`, drawn in the loader so that the GPU
+  step draws nothing and waits for nothing); a batch's mixup permutation is the argsort of
+  its windows' uniform keys, uniform as the official `torch.randperm`. The blur kernel is
+  10 % of the image (23 at 224, the configs'), but at least 13 so that +-3 sigma fits
+  (`augment.blur_kernel`, as the SCE scripts).
 - Frames at 2 fps are the frames on screen at t = i / 2 s (PyAV, seeking), in place of
   ffmpeg's `fps=2` JPEG extraction; 2-fps frame folders (the official layout) are read as is.
 - Stage 2 window starts: one per equal segment of [0, D - W], uniform inside it, floored to
