@@ -139,7 +139,8 @@ class Args:
     works), or "random"; spot: finetune.pt or a released COMEDIAN checkpoint. Default: the
     previous stage's file in --output-dir"""
     bench: bool = False
-    """time the training step of each stage on random tensors at the configured shapes"""
+    """time the training step of each stage and fine-tuning phase, as its loop runs it, on
+    random tensors at the configured shapes"""
     # data
     data: str = ""
     """SoccerNet-v2 root: <game>/{1,2}_224p.mkv (or 2-fps frame folders {1,2}_224p/),
