@@ -42,17 +42,24 @@ Deviations, with reasons:
 - A half shorter than one window gets a single window starting at 0 (the official sampler
   would start it at floor(D) - W < 0); real halves are ~45 min, so this never differs there.
 - Augmentations run per window on the CPU with torchvision v2 (one draw for all frames of a
-  clip), not batched on the GPU with torchaug; draws come from (seed, epoch, index). The blur
-  kernel is 10 % of the image (23 at 224, the configs'), but at least 13 so that +-3 sigma
-  fits (`augment.blur_kernel`, as the SCE scripts).
+  clip), not batched on the GPU with torchaug; draws come from (seed, epoch, index), as do
+  the temporal masks and mixup weights (`sample_draws`, drawn in the loader so that the GPU
+  step draws nothing and waits for nothing); a batch's mixup permutation is the argsort of
+  its windows' uniform keys, uniform as the official `torch.randperm`. The blur kernel is
+  10 % of the image (23 at 224, the configs'), but at least 13 so that +-3 sigma fits
+  (`augment.blur_kernel`, as the SCE scripts).
 - Frames at 2 fps are the frames on screen at t = i / 2 s (PyAV, seeking), in place of
   ffmpeg's `fps=2` JPEG extraction; 2-fps frame folders (the official layout) are read as is.
 - Stage 2 window starts: one per equal segment of [0, D - W], uniform inside it, floored to
   0.5 s; stage 3's free windows are drawn uniformly among non-overlapping sets. Both are my
   reading of eztorch's samplers' documented behaviour (spec §1), not a transcription.
-- The PCA of the teacher bank is computed in float64 from streamed sums (z-score, then the
-  eigenvectors of the correlation matrix), equal to sklearn's `PCA(512)` on z-scored data up
-  to each component's sign (the dot products the loss uses do not see signs).
+- The PCA of the teacher bank is exact: computed in float64 from streamed sums (z-score,
+  then the eigenvectors of the correlation matrix), equal to an exact `PCA(512)` of the
+  z-scored data up to each component's sign (the dot products the loss uses do not see
+  signs). The official `sklearn.decomposition.PCA(512)` call leaves `svd_solver="auto"`,
+  which at Baidu scale (8,576 dimensions, ~1.6M rows, 512 components < 80 % of them) picks
+  the randomised solver, an approximation of the same subspace; the exact one costs no more
+  here (one pass of streamed sums, shared between the ranks, and one eigendecomposition).
 - Fine-tuning does not validate every 10 epochs; `--stage spot` scores the final weights.
   Raw buffers of several seeds (the thesis' ensembles) are not written.
 - `--head-prior p` (off by default) starts the classifier's bias at log(p / (1 - p)); the
@@ -125,12 +132,15 @@ class Args:
     """resume the --stage asked for from this file (spatial.pt, distill.pt, head.pt: phase A,
     finetune.pt: phase B); resuming from <output-dir> is automatic anyway"""
     init_from: str = ""
-    """weights the first stage run starts from: distill: a stage-1 file (our spatial.pt or
-    eztorch's `trunk.*`), or "random" (T's "none" row); finetune: distill.pt or an eztorch
-    stage-2 file (`trunk.transformer.*`), or "random"; spot: finetune.pt or a released
-    COMEDIAN checkpoint. Default: the previous stage's file in --output-dir"""
+    """weights the first stage run starts from, ours or eztorch's in any layout (Lightning
+    files; trunk under trunk.transformer., trunk.model., trunk., or extracted; momentum_trunk.
+    ignored): distill: a stage-1 file (our spatial.pt, eztorch's SCE file), or "random" (T's
+    "none" row); finetune: distill.pt or an eztorch stage-2 file (a stage-1 file also
+    works), or "random"; spot: finetune.pt or a released COMEDIAN checkpoint. Default: the
+    previous stage's file in --output-dir"""
     bench: bool = False
-    """time the training step of each stage on random tensors at the configured shapes"""
+    """time the training step of each stage and fine-tuning phase, as its loop runs it, on
+    random tensors at the configured shapes"""
     # data
     data: str = ""
     """SoccerNet-v2 root: <game>/{1,2}_224p.mkv (or 2-fps frame folders {1,2}_224p/),
@@ -575,21 +585,37 @@ class TeacherBank:
         return (z @ self.pca["components"]).float()
 
 
-def fit_pca(paths: Sequence[PathLike], dim: int) -> dict:
-    """Z-score each dimension over all rows of the `paths` (.npy, (T, F)), then PCA without
-    whitening (sklearn `PCA(dim)` of `pca_features`), streamed: the sums and the F x F Gram
-    matrix are accumulated in float64, one file at a time. Returns mean (F,), std (F,) and
-    components (F, min(dim, F)) ordered by decreasing variance."""
-    n, s1, s2 = 0, None, None
+def pca_sums(paths: Sequence[PathLike], device="cpu", width: int | None = None) -> tuple:
+    """Streamed float64 sums of the teacher features of `paths` (.npy, (T, F) each), one file
+    at a time on `device`: the row count n (a 0-d tensor), the column sums s1 (F,) and the
+    Gram matrix s2 = X^T X (F, F). The sums of disjoint sets of files add up to those of
+    their union, so ranks can share the files (`fit_pca`); `width` F gives zeros for an
+    empty share. Raises cli.InputError on a file that is not (T, F) with one F."""
+    n = torch.zeros((), dtype=torch.float64, device=device)
+    s1 = s2 = None
+    if width is not None:
+        s1 = torch.zeros(width, dtype=torch.float64, device=device)
+        s2 = torch.zeros(width, width, dtype=torch.float64, device=device)
     for p in paths:
-        x = torch.from_numpy(np.load(p).astype(np.float64))
+        x = torch.from_numpy(np.load(p).astype(np.float64)).to(device)
         if x.ndim != 2 or (s1 is not None and x.shape[1] != len(s1)):
             raise cli.InputError(f"{p}: teacher features must be (T, F) with one F for all "
                                  f"files, got {tuple(x.shape)}")
-        s1 = x.sum(0) if s1 is None else s1 + x.sum(0)
-        s2 = x.T @ x if s2 is None else s2 + x.T @ x
+        if s1 is None:
+            s1 = torch.zeros(x.shape[1], dtype=torch.float64, device=device)
+            s2 = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=device)
+        s1 += x.sum(0)
+        s2 += x.T @ x
         n += len(x)
-    if not n:
+    return n, s1, s2
+
+
+def pca_from_sums(n: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, dim: int) -> dict:
+    """Z-score each dimension, then PCA without whitening (sklearn `PCA(dim)` of
+    `pca_features`, solved exactly), from the sums of `pca_sums`: the eigenvectors of the
+    correlation matrix. Returns mean (F,), std (F,) and components (F, min(dim, F)),
+    ordered by decreasing variance, float64 on the CPU."""
+    if s1 is None or not n:
         raise cli.InputError("fit_pca: no teacher features to fit")
     mean = s1 / n
     cov = s2 / n - torch.outer(mean, mean)
@@ -598,14 +624,49 @@ def fit_pca(paths: Sequence[PathLike], dim: int) -> dict:
     corr = cov / torch.outer(std, std)  # covariance of the z-scored features
     values, vectors = torch.linalg.eigh(corr)
     order = values.argsort(descending=True)[:min(dim, len(mean))]
-    return {"mean": mean, "std": std, "components": vectors[:, order].contiguous()}
+    return {"mean": mean.cpu(), "std": std.cpu(), "components": vectors[:, order].cpu()
+            .contiguous()}
+
+
+def fit_pca(paths: Sequence[PathLike], dim: int, device="cpu") -> dict:
+    """The teacher bank's PCA (`pca_from_sums`) of all rows of the `paths` (.npy, (T, F)),
+    streamed in float64 on `device`. Under torchrun a collective: rank r sums the files
+    paths[r::world], the sums are all-reduced (`dist.all_reduce`, float64), and every rank
+    solves the same summed system (on full SoccerNet ~2.4e14 FLOP and 55 GB of reads, shared
+    instead of done by rank 0 alone). Every rank checks the files' shapes first, so a bad
+    file stops all of them with the same cli.InputError."""
+    shapes = [np.load(p, mmap_mode="r").shape for p in paths]
+    for p, shape in zip(paths, shapes):
+        if len(shape) != 2 or shape[1] != shapes[0][-1]:
+            raise cli.InputError(f"{p}: teacher features must be (T, F) with one F for all "
+                                 f"files, got {tuple(shape)}")
+    n, s1, s2 = pca_sums(paths[dist.rank()::dist.world()], device,
+                         shapes[0][1] if shapes else None)
+    if s1 is not None:
+        for t in (n, s1, s2):
+            dist.all_reduce(t, "sum")
+    return pca_from_sums(n, s1, s2, dim)
+
+
+def sample_draws(tokens: int, ratio: float, alpha: float = 0.0) -> tuple:
+    """The random draws of a training step that belong to one window, from torch's global
+    RNG (a data-loader worker's, seeded from (seed, epoch, index)), so that the step on the
+    GPU draws nothing and makes no host-to-device copy of its own: the kept tokens of the
+    temporal mask (`temporal_mask`, (K,) int64), the mixup weight lambda ~ Beta(alpha,
+    alpha) (1 when alpha = 0) and a uniform key u; the batch's mixup permutation is the
+    argsort of its keys (a uniform random permutation, as torch.randperm draws)."""
+    keep = temporal_mask(1, tokens, ratio)[0]
+    lam = torch.distributions.Beta(alpha, alpha).sample() if alpha > 0 else torch.ones(())
+    return keep, lam, torch.rand(())
 
 
 class Windows(Dataset):
     """Stages 2 and 3: `per_game` windows of `window` s per game and epoch (half from each
     half), re-drawn every epoch from (seed, epoch, half); item = (frames (3, 2W, S, S),
-    target, index) with target the teacher features (W, P) (stage 2, `bank`) or the token
-    labels (W, 17) (stage 3)."""
+    target, *draws, index) with target the teacher features (W, P) (stage 2, `bank`) or the
+    token labels (W, 17) (stage 3), and the window's draws of the step (`sample_draws`, after
+    the augmentation's, from the same (seed, epoch, index)): stage 2 the kept tokens (K,) of
+    alpha_1, stage 3 those of alpha_2, lambda () and the permutation key u ()."""
 
     def __init__(self, halves: list, args: Args, kind: str, per_game: int, seed: int,
                  bank: TeacherBank | None = None):
@@ -638,17 +699,21 @@ class Windows(Dataset):
         h, start = self.halves[index // self.per_half], self.start(epoch, index)
         tokens = int(self.args.window)
         x = read_frames_2fps(h, start, tokens * FRAMES_PER_TOKEN, self.args.cache_frames)
+        distill = self.kind == "distill"
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(data.sample_rng(self.seed, epoch, index).initial_seed())
             x = self.transform(x).transpose(0, 1)  # (3, 2W, S, S)
-        if self.kind == "distill":
-            return x, self.bank.window(h, start, tokens), index
+            keep, lam, u = sample_draws(tokens, self.args.mask_ratio if distill else
+                                        self.args.ft_mask_ratio,
+                                        0.0 if distill else self.args.mixup_alpha)
+        if distill:
+            return x, self.bank.window(h, start, tokens), keep, index
         y = self.frame_y[index // self.per_half]
         first = round(start * FPS)
         fy = torch.zeros(tokens * FRAMES_PER_TOKEN, NUM_CLASSES)
         part = y[first:first + len(fy)]
         fy[:len(part)] = part
-        return x, token_labels(fy), index
+        return x, token_labels(fy), keep, lam, u, index
 
 
 def make_loader(ds: Dataset, batch_size: int, args: Args, train: bool):
@@ -669,6 +734,13 @@ def _init_weights(module: nn.Module) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def _init_patch_embed(patch_embed: vit.TubeletEmbed) -> None:
+    """eztorch `PatchEmbed.init_weights` (which timm's ViT init calls): Kaiming-normal fan-in
+    weight (ReLU gain), bias 0 (not PyTorch's default uniform bias)."""
+    nn.init.kaiming_normal_(patch_embed.proj.weight, mode="fan_in")
+    nn.init.zeros_(patch_embed.proj.bias)  # draws nothing: every other initial value is kept
 
 
 class Transformer(nn.Module):
@@ -708,7 +780,7 @@ class SpatialViT(nn.Module):
         tr = Transformer(D, args.depth, args.num_heads, args.drop_path)
         self.blocks, self.norm = tr.blocks, tr.norm
         _init_weights(self)
-        nn.init.kaiming_normal_(self.patch_embed.proj.weight, mode="fan_in")
+        _init_patch_embed(self.patch_embed)
         for p in (self.cls_token, self.pos_embed):
             nn.init.trunc_normal_(p, std=0.02)
 
@@ -742,7 +814,7 @@ class ViViT(nn.Module):
         self.temporal_transformer = Transformer(D, args.temporal_depth, args.temporal_heads,
                                                 args.drop_path)
         _init_weights(self)
-        nn.init.kaiming_normal_(self.patch_embed.proj.weight, mode="fan_in")
+        _init_patch_embed(self.patch_embed)
         for p in (self.spatial_cls_token, self.pos_embed, self.time_embed):
             nn.init.trunc_normal_(p, std=0.02)
 
@@ -757,8 +829,9 @@ class ViViT(nn.Module):
         B, T = x.shape[0], self.num_tokens
         if x.shape[2] != T * FRAMES_PER_TOKEN:
             raise ValueError(f"ViViT: expected {T * FRAMES_PER_TOKEN} frames, got {x.shape[2]}")
-        if keep is None and self.training and self.mask_ratio > 0:
-            keep = temporal_mask(B, T, self.mask_ratio).to(x.device)  # spec §7.3: train only
+        if keep is None and self.training and self.mask_ratio > 0:  # spec §7.3: train only
+            keep = temporal_mask(B, T, self.mask_ratio, device=x.device)  # (training draws
+            # it in the loader: `sample_draws`)
         if keep is None:
             h = self.spatial(x)  # (B, T, D)
         else:  # masked tubelets skip the spatial encoder (pitfall 3)
@@ -836,7 +909,8 @@ class SpatialMoCo(nn.Module):
 class Distiller(nn.Module):
     """Stage 2 (spec §1): ViViT (temporal masking alpha_1 in train mode) + projector
     (D -> h -> h -> P, GELU, no BN) on every token; a queue of teacher features.
-    `forward(x, p) -> loss`: Eqs. 6.3-6.6 (`sce_token_loss`) on (B, T, P)."""
+    `forward(x, p, keep=None) -> loss`: Eqs. 6.3-6.6 (`sce_token_loss`) on (B, T, P); `keep`
+    (B, K): the kept tokens (else the ViViT draws them in train mode)."""
 
     def __init__(self, args: Args, teacher_dim: int):
         super().__init__()
@@ -845,8 +919,9 @@ class Distiller(nn.Module):
         self.projector = mlp(args.embed_dim, args.proj_hidden, 2, teacher_dim)
         self.memory = Queue(args.distill_queue_size, teacher_dim, args.seed)
 
-    def forward(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        q = F.normalize(self.projector(self.trunk(x)), dim=-1)  # (B, T, P)
+    def forward(self, x: torch.Tensor, p: torch.Tensor,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        q = F.normalize(self.projector(self.trunk(x, keep)), dim=-1)  # (B, T, P)
         return sce_token_loss(q, p, self.memory.queue.clone(), self.args.lam, self.args.tau,
                               self.args.tau_m)
 
@@ -866,7 +941,7 @@ class LinearHead(nn.Module):
 
 class Spotter(nn.Module):
     """Stage 3 (spec §1): ViViT (alpha_2 masking in train mode) + one linear classifier per
-    token: (B, 3, 2T, S, S) -> logits (B, T, 17)."""
+    token: (B, 3, 2T, S, S) (and optionally the kept tokens (B, K)) -> logits (B, T, 17)."""
 
     def __init__(self, args: Args):
         super().__init__()
@@ -876,8 +951,8 @@ class Spotter(nn.Module):
             nn.init.constant_(self.head_class.layers[0].bias,
                               math.log(args.head_prior / (1 - args.head_prior)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head_class(self.trunk(x))
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head_class(self.trunk(x, keep))
 
 
 def build_model(args: Args, stage: str = "finetune", teacher_dim: int = 512) -> nn.Module:
@@ -914,23 +989,70 @@ def vivit_from_spatial(sd: dict, temporal_depth: int) -> dict:
     return out
 
 
-def load_trunk(path: str, args: Args) -> dict:
-    """The ViViT state dict a stage starts from (read with weights_only): from a stage-1 file
-    (our spatial.pt `model` -> `trunk.*`, or eztorch's `state_dict` -> `trunk.*`) mapped by
-    `vivit_from_spatial` when the next stage is distill; else from a stage-2/3 file (ours:
-    `trunk.*`; eztorch Lightning: `trunk.transformer.*`). Raises CheckpointError."""
+# Where eztorch's files hold a trunk (spec §8), longer prefixes first: stages 2 and 3 wrap the
+# ViViT in a `TransformerTokenHandlerModel` (`trunk.transformer.*`); a trunk inside a head
+# model is `trunk.model.*`; stage 1's SCE model holds the bare ViT (`trunk.*`) next to its EMA
+# copy (`momentum_trunk.*`, never a starting point); `run/extract_trunk_from_checkpoint.py`
+# (pattern "trunk.") leaves `transformer.*` of a stage-2/3 file and bare keys of a stage-1 one.
+# Our own files hold `trunk.*` (their EMA copy is `trunk_m.*`).
+TRUNK_PREFIXES = ("trunk.transformer.", "trunk.model.", "trunk.", "transformer.")
+IGNORED_PREFIXES = ("momentum_trunk.",)
+
+
+def _state_dict(path: str) -> dict:
+    """The tensors of a checkpoint file (read with weights_only): our `model`, a Lightning
+    `state_dict`, or a bare state dict; DDP / compile prefixes removed."""
     ckpt = checkpoint.load(path)
     sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict):
         raise checkpoint.CheckpointError(f"{path}: no state dict in it")
-    sd = checkpoint.clean_state_dict(sd)
-    for prefix in ("trunk.transformer.", "trunk."):
-        if any(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-            break
+    return checkpoint.clean_state_dict({k: v for k, v in sd.items()
+                                        if isinstance(v, torch.Tensor)})
+
+
+def _layout_error(path: str, what: str, layouts: str, sd: dict) -> checkpoint.CheckpointError:
+    """One line: what was looked for, in which layouts, and the key prefixes the file holds."""
+    found = checkpoint.key_prefixes(sd)
+    more = f" and {len(found) - 12} more" if len(found) > 12 else ""
+    return checkpoint.CheckpointError(
+        f"{path}: no {what} weights in a known layout ({layouts}; {IGNORED_PREFIXES[0]}* "
+        f"ignored); key prefixes in the file: {', '.join(found[:12]) or 'none'}{more}")
+
+
+def load_trunk(path: str, args: Args, what: str = "ViViT") -> dict:
+    """The ViViT state dict a stage starts from, from a file in any layout of
+    `TRUNK_PREFIXES` (a Lightning `{"state_dict": ...}` or ours `{"model": ...}`): a stage-1
+    ViT (our spatial.pt, eztorch's SCE `trunk.*`) is mapped by `vivit_from_spatial`; a ViViT
+    (stage 2 or 3: ours `trunk.*`, eztorch `trunk.transformer.*`, `trunk.model.*`, an
+    extracted `transformer.*`) is taken as it is. Raises CheckpointError (one line, naming
+    the key prefixes of the file) when no layout holds a ViT or ViViT."""
+    full = _state_dict(path)
+    sd, _ = checkpoint.strip_prefix(full, TRUNK_PREFIXES, IGNORED_PREFIXES)
     if "blocks.0.attn.qkv.weight" in sd:  # a stage-1 ViT
-        sd = vivit_from_spatial(sd, args.temporal_depth)
+        return vivit_from_spatial(sd, args.temporal_depth)
+    if not any(k.startswith(("spatial_transformer.", "temporal_transformer.")) for k in sd):
+        raise _layout_error(path, what, f"keys under {', '.join(TRUNK_PREFIXES)} or bare "
+                            "ViViT / ViT keys", full)
     return sd
+
+
+def load_spotter(model: nn.Module, path: str) -> str:
+    """Load a fine-tuned spotter (trunk and `head_class.*`) into `model` (a `Spotter`) from
+    ours (finetune.pt) or a released eztorch file (Lightning `state_dict`, trunk under
+    `trunk.transformer.`, `trunk.model.` or `trunk.`), strictly. Returns its fingerprint.
+    Raises CheckpointError (one line) when the file holds no such weights."""
+    full = _state_dict(path)
+    trunk, prefix = checkpoint.strip_prefix(full, TRUNK_PREFIXES[:3], IGNORED_PREFIXES)
+    head = {k: v for k, v in full.items() if k.startswith("head_class.")}
+    if not prefix or not head:
+        raise _layout_error(path, "fine-tuned spotter", f"a trunk under "
+                            f"{', '.join(TRUNK_PREFIXES[:3])} and head_class.*", full)
+    sd = {**{"trunk." + k: v for k, v in trunk.items()}, **head}
+    try:
+        checkpoint.load_model(model, sd, what=path)
+    except checkpoint.CheckpointError as e:
+        raise checkpoint.CheckpointError(" ".join(str(e).split())) from None  # one line
+    return checkpoint.fingerprint(sd)
 
 
 # ---- 5. Losses and masking ----
@@ -965,16 +1087,17 @@ def sce_token_loss(q: torch.Tensor, p: torch.Tensor, queue: torch.Tensor, lam: f
 
 
 def temporal_mask(batch: int, tokens: int, ratio: float,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """Stage 2's temporal masking (spec §1 Stage 2): whole tubelets (2 frames = 1 token) are
     dropped before the spatial encoder, floor(ratio x 2 tokens) frames, i.e. the same number
     n = floor(ratio x 2 tokens) // 2 of tokens for every clip, chosen at random (not
     contiguous) per clip. Returns the sorted indices of the kept tokens, (batch, tokens - n)
-    int64, in temporal order (the mask token fills the others before the time embedding)."""
+    int64 on `device`, in temporal order (the mask token fills the others before the time
+    embedding). Fixed sizes: no host sync on a GPU."""
     if not 0 <= ratio < 1:
         raise ValueError(f"temporal_mask: ratio must be in [0, 1), got {ratio}")
     n_drop = math.floor(ratio * tokens * FRAMES_PER_TOKEN) // FRAMES_PER_TOKEN
-    order = torch.rand(batch, tokens, generator=generator).argsort(1)
+    order = torch.rand(batch, tokens, generator=generator, device=device).argsort(1)
     return order[:, n_drop:].sort(1).values
 
 
@@ -992,15 +1115,13 @@ def sce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, lam: float =
         return -(w * logits_q.log_softmax(1)).sum(1).mean()
 
 
-def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple:
-    """Stage 3's mixup (spec §1, pitfall 10): lambda_b ~ Beta(alpha, alpha) per window and one
-    random permutation per batch (torch's global RNG); x (B, ...) -> lambda x + (1 - lambda)
-    x[perm]. Returns (mixed x, y, y[perm], lambda (B,))."""
-    B = x.shape[0]
-    lam = torch.distributions.Beta(alpha, alpha).sample((B,)).to(x.device)
-    perm = torch.randperm(B).to(x.device)
-    shape = (B,) + (1,) * (x.dim() - 1)
-    return lam.view(shape) * x + (1 - lam.view(shape)) * x[perm], y, y[perm], lam
+def mixup(x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor) -> tuple:
+    """Stage 3's mixup (spec §1, pitfall 10) with its draws given: lambda_b ~ Beta(alpha,
+    alpha) per window (B,) and one permutation of the batch (B,) int64 (`sample_draws`);
+    x (B, ...) -> lambda x + (1 - lambda) x[perm]. Returns (mixed x, y[perm])."""
+    shape = (len(x),) + (1,) * (x.dim() - 1)
+    lam = lam.to(x.dtype).view(shape)
+    return lam * x + (1 - lam) * x.index_select(0, perm), y.index_select(0, perm)
 
 
 def mixup_bce(logits: torch.Tensor, y: torch.Tensor, y_perm: torch.Tensor,
@@ -1023,9 +1144,14 @@ def train_step(stage: str, model: nn.Module, batch: tuple, optimizer, amp: optim
     """One optimiser step of a stage (spec §1 pseudo-code), AMP forward, loss, backward,
     clipping at args.clip_grad, step; a non-finite loss raises before the update.
     spatial: batch (v1, v2), then the EMA (momentum) and the queue (both views' keys);
-    distill: (x, p) with p the (B, T, P) teacher features, L2-normalised here, then the queue
-    (all of p); finetune: (x, y) token labels, mixup, BCE."""
+    distill: (x, p, keep) with p the (B, T, P) teacher features, L2-normalised here, then the
+    queue (all of p); finetune: (x, y, keep, lam, u) token labels, mixup (lambda (B,), the
+    permutation argsort(u)), BCE. `keep` (B, K), the kept tokens, masks the ViViT when it is
+    in train mode with a mask ratio (phase A's trunk is in eval mode: no mask). Every random
+    draw but drop-path's comes with the batch (`sample_draws`): the step makes one host sync,
+    the non-finite check."""
     net = checkpoint.unwrap(model)
+    masked = stage != "spatial" and net.trunk.training and net.trunk.mask_ratio > 0
     if stage == "spatial":
         with amp.autocast():
             loss, keys = model(*batch)
@@ -1034,18 +1160,17 @@ def train_step(stage: str, model: nn.Module, batch: tuple, optimizer, amp: optim
         optim.ema_update(net.projector_m, net.projector, momentum, copy_buffers=False)
         net.memory.enqueue(keys, "--queue-size")
     elif stage == "distill":
-        x, p = batch
+        x, p, keep = batch
         p = F.normalize(p.float(), dim=-1)
         with amp.autocast():
-            loss = model(x, p)
+            loss = model(x, p, keep if masked else None)
         amp.step(loss, optimizer, args.clip_grad)
         net.memory.enqueue(p.flatten(0, 1), "--distill-queue-size")
     elif stage == "finetune":
-        x, y = batch
-        x, y, y_perm, lam = mixup(x, y, args.mixup_alpha) if args.mixup_alpha > 0 else \
-            (x, y, y, torch.ones(len(x), device=x.device))
+        x, y, keep, lam, u = batch
+        x, y_perm = mixup(x, y, lam, u.argsort()) if args.mixup_alpha > 0 else (x, y)
         with amp.autocast():
-            logits = model(x)
+            logits = model(x, keep if masked else None)
         loss = mixup_bce(logits, y, y_perm, lam)
         amp.step(loss, optimizer, args.clip_grad)
     else:
@@ -1490,10 +1615,11 @@ def save_timeline(path: str, h: Half, curves: dict, args: Args) -> None:
 
 
 # ---- 8. Main ----
-def optimizer_for(model: nn.Module, args: Args) -> torch.optim.Optimizer:
-    """AdamW (0.9, 0.999), wd on weights only (spec §4, pitfall 7); fused on CUDA."""
+def optimizer_for(model: nn.Module, args: Args, fused: bool | None = None):
+    """AdamW (0.9, 0.999), wd on weights only (spec §4, pitfall 7); fused on CUDA (None),
+    or as `fused` says (a test counts the host syncs of the CUDA optimiser on the CPU)."""
     groups = optim.param_groups(model, args.weight_decay)
-    fused = next(model.parameters()).is_cuda
+    fused = next(model.parameters()).is_cuda if fused is None else fused
     return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), eps=1e-8, fused=fused)
 
 
@@ -1538,27 +1664,38 @@ def run_loop(stage: str, net, model: nn.Module, ds: Dataset, batch: int, epochs:
         optim.set_lr_wd(opt, lr)
         m = optim.cosine_schedule(loop.step, max(loop.total_steps - 1, 1), args.ema_m0,
                                   final=1.0)  # stage 1's EMA momentum 0.99 -> 1
-        net.train()
-        if before_step:
-            before_step()
-        out = train_step(stage, net, [x.to(device, non_blocking=True) for x in xs], opt, amp,
-                         args, m)
+        out = loop_step(stage, net, [x.to(device, non_blocking=True) for x in xs], opt, amp,
+                        args, m, before_step)
         loop.end_step(out, {f"{loop.prefix}/lr": lr})
     loop.check_replicas(model)
     return loop.step
 
 
+def loop_step(stage: str, net: nn.Module, batch: list, opt, amp: optim.Amp, args: Args,
+              momentum: float, before_step=None) -> dict:
+    """A step as the loops run it (and --bench times it): train mode, then `before_step`
+    (phase A: the trunk back in eval mode), then `train_step`."""
+    net.train()
+    if before_step:
+        before_step()
+    return train_step(stage, net, batch, opt, amp, args, momentum)
+
+
 def initial_trunk(path: str, what: str, args: Args, trunk: nn.Module) -> str:
     """Load the ViViT weights a stage starts from into `trunk` (nothing for "random") and
     return their fingerprint. Only `time_embed` and `temporal_mask_token` may be missing (a
-    stage-1 file has neither); any other missing or unexpected key is a CheckpointError."""
+    stage-1 file has neither); any other missing or unexpected key, or a file in no known
+    layout (`load_trunk`), is a one-line CheckpointError."""
     if path == "random":
         return "random"
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no {what} weights (run that stage into this "
                                 f"--output-dir, or give --init-from)")
-    sd = load_trunk(path, args)
-    missing, unexpected = checkpoint.load_model(trunk, sd, strict=False, what=path)
+    sd = load_trunk(path, args, f"{what} ViViT")
+    try:
+        missing, unexpected = checkpoint.load_model(trunk, sd, strict=False, what=path)
+    except checkpoint.CheckpointError as e:  # shapes that do not fit: one line
+        raise checkpoint.CheckpointError(" ".join(str(e).split())) from None
     missing = [k for k in missing if k not in ("time_embed", "temporal_mask_token")]
     if missing or unexpected:
         raise checkpoint.CheckpointError(
@@ -1622,14 +1759,17 @@ def stage_distill(root: Path, args: Args, device, amp, logger, init: str) -> int
     pca_path = os.path.join(args.output_dir, "teacher_pca.pt")
     paths = [teacher / h.game / f"{h.half}_{args.teacher_name}.npy" for h in halves]
     files = [str(p) for p in paths] + [f"pca_dim={args.pca_dim}"]  # what the PCA is of
-    if dist.is_main() and (not os.path.isfile(pca_path) or
-                           checkpoint.load(pca_path).get("files") != files):
-        for p in paths:
+    stale = dist.is_main() and (not os.path.isfile(pca_path) or
+                                checkpoint.load(pca_path).get("files") != files)
+    if dist.all_reduce(torch.tensor(float(stale), device=device), "sum").item():  # rank 0's
+        for p in paths:  # every rank: all stop, or all enter the collectives of fit_pca
             if not p.is_file():
                 raise FileNotFoundError(f"{p}: teacher features missing (--teacher-dir, "
                                         f"--teacher-name, or run --stage features)")
-        checkpoint.save(pca_path, {**fit_pca(paths, args.pca_dim), "files": files})
-    dist.barrier()
+        dist.print0(f"teacher-bank PCA of {len(paths)} files, shared by {dist.world()} "
+                    f"process(es)")
+        checkpoint.save(pca_path, {**fit_pca(paths, args.pca_dim, device), "files": files})
+    dist.barrier()  # every rank then reads rank 0's file: the same PCA everywhere
     pca = checkpoint.load(pca_path)
     bank = TeacherBank(teacher, args.teacher_name, args.teacher_fps, pca)
     ds = data.SafeDataset(Windows(halves, args, "distill", args.distill_windows, args.seed,
@@ -1651,19 +1791,28 @@ def stage_finetune(root: Path, args: Args, device, amp, logger, init: str,
     model = build_model(args).to(device)
     source = initial_trunk(init, "stage-2", args, model.trunk)
     run_args = dataclasses.replace(args, output_dir=out_dir)
-    for p in model.trunk.parameters():
-        p.requires_grad = False
-    head_opt = optimizer_for(model.head_class, args)
+    opt, before_step = finetune_phase(model, "A", args)
     steps = run_loop("finetune", wrap(model, args), model, ds, args.ft_batch_size,
                      args.head_epochs, args.ft_base_lr, 0, args.final_lr_ratio, "head.pt",
-                     run_args, device, amp, logger, source, head_opt,
-                     before_step=model.trunk.eval)  # phase A: no masking, no drop-path
-    for p in model.trunk.parameters():
-        p.requires_grad = True
+                     run_args, device, amp, logger, source, opt, before_step)
+    opt, before_step = finetune_phase(model, "B", args)
     steps += run_loop("finetune", wrap(model, args), model, ds, args.ft_batch_size,
                       args.ft_epochs, args.ft_base_lr, 0, args.final_lr_ratio, "finetune.pt",
-                      run_args, device, amp, logger, source)
+                      run_args, device, amp, logger, source, opt, before_step)
     return model, steps
+
+
+def finetune_phase(model: nn.Module, phase: str, args: Args, fused: bool | None = None):
+    """Set up a phase of stage 3 (spec §1) on a `Spotter`: "A" freezes the trunk (no
+    gradient; `before_step`, the trunk's `eval`, runs before every step: no masking, no
+    drop-path) and trains the head alone; "B" trains everything. Returns (the AdamW of the
+    phase, before_step or None)."""
+    head_only = phase == "A"
+    for p in model.trunk.parameters():
+        p.requires_grad = not head_only
+    if head_only:
+        return optimizer_for(model.head_class, args, fused), model.trunk.eval
+    return optimizer_for(model, args, fused), None
 
 
 def check_inputs(root: Path, args: Args, stages: list) -> None:
@@ -1742,11 +1891,7 @@ def main(args: Args) -> dict:
     if "spot" in stages:
         if model is None:
             model = build_model(args).to(device)
-            path = start_file("spot", "finetune.pt", args)
-            ckpt = checkpoint.load(path)
-            sd = checkpoint.clean_state_dict(ckpt.get("model", ckpt.get("state_dict", ckpt)))
-            sd = {k.replace("trunk.transformer.", "trunk."): v for k, v in sd.items()}
-            checkpoint.load_model(model, sd, what=path)
+            load_spotter(model, start_file("spot", "finetune.pt", args))
         results["pretrained"], buffers["pretrained"] = spot(model, root, args, device, amp,
                                                             out / "predictions")
         if args.eval_random_init:  # the same fine-tuning from a random trunk
@@ -1816,31 +1961,46 @@ def level1(root: Path, args: Args, device, amp: optim.Amp) -> dict:
 
 
 def bench(args: Args, device, amp: optim.Amp) -> dict:
-    """--bench: each stage's training step on random tensors at the configured shapes (one
-    JSON line each), with its data pipeline's rate on the synthetic set."""
+    """--bench: the training step of each stage and phase (spatial, distill, finetune phase A
+    "head" and phase B), exactly as its loop runs it (`loop_step`: the model wrapped as in
+    training, the AdamW of the stage or phase with its parameter groups at its peak lr, phase
+    A's frozen trunk in eval mode), on random tensors at the configured shapes with the
+    loader's draws (masks, mixup); one JSON line each, with its data pipeline's rate on the
+    synthetic set. Returns {name: that line as a dict}."""
     S, T, out = args.img_size, int(args.window), {}
     root = synthetic.soccernet()
     halves = read_halves(root, read_split(root, "train"), args)
-    for stage, b in (("spatial", args.spatial_batch_size), ("distill", args.distill_batch_size),
-                     ("finetune", args.ft_batch_size)):
+    world = dist.world()
+    for name, stage, b, base_lr in (
+            ("spatial", "spatial", args.spatial_batch_size, args.spatial_base_lr),
+            ("distill", "distill", args.distill_batch_size, args.distill_base_lr),
+            ("head", "finetune", args.ft_batch_size, args.ft_base_lr),
+            ("finetune", "finetune", args.ft_batch_size, args.ft_base_lr)):
         if args.stage not in ("all", stage):
             continue
         model = build_model(args, stage, args.pca_dim).to(device)
-        net, opt = wrap(model, args), optimizer_for(model, args)
+        opt, before_step = finetune_phase(model, "A" if name == "head" else "B", args) \
+            if stage == "finetune" else (optimizer_for(model, args), None)
+        optim.set_lr_wd(opt, base_lr * b * world / 256)
+        net = wrap(model, args)
         if stage == "spatial":
             batch = [torch.randn(b, 3, 2, S, S, device=device) for _ in range(2)]
             ds = SpatialClips(halves, args, args.seed)
         else:
+            distill = stage == "distill"
+            keep, lam, u = (torch.stack(d) for d in zip(*[sample_draws(
+                T, args.mask_ratio if distill else args.ft_mask_ratio,
+                0.0 if distill else args.mixup_alpha) for _ in range(b)]))
             x = torch.randn(b, 3, 2 * T, S, S, device=device)
-            y = torch.randn(b, T, args.pca_dim, device=device) if stage == "distill" else \
-                (torch.rand(b, T, NUM_CLASSES, device=device) < 0.05).float()
-            batch = [x, y]
+            batch = [x, torch.randn(b, T, args.pca_dim, device=device), keep.to(device)] \
+                if distill else [x, (torch.rand(b, T, NUM_CLASSES, device=device) < 0.05)
+                                 .float(), keep.to(device), lam.to(device), u.to(device)]
             ds = Windows(halves, args, "finetune", 4, args.seed)  # (stage 2 decodes the same)
-        net.train()
         loader = make_loader(ds, b, args, train=True) if len(ds) >= b else None
-        out[stage] = log.bench(lambda: train_step(stage, net, batch, opt, amp, args, 0.99), b,
-                               device, loader=loader, stage=stage, amp=amp.mode,
-                               clip=f"{2 if stage == 'spatial' else 2 * T}x{S}")
+        out[name] = log.bench(lambda: loop_step(stage, net, batch, opt, amp, args, 0.99,
+                                                before_step), b, device, loader=loader,
+                              stage=name, amp=amp.mode,
+                              clip=f"{2 if stage == 'spatial' else 2 * T}x{S}")
     return out
 
 
