@@ -45,7 +45,8 @@ Deviations, with reasons:
 - The projector's output BN is affine-free and the predictor's last Linear has no bias
   (eztorch heads); SyncBN under DDP on CUDA only (CPU refuses it); no shuffle-BN.
 - Module names follow pytorchvideo (blocks.0 stem, blocks.1-4 res_blocks.*.branch2.conv_a ...),
-  so eztorch `trunk.*` weights should load; no released checkpoint was tried.
+  so eztorch weights load unchanged with --init-from: pretraining checkpoints (trunk.model.*),
+  trunks without their head (trunk.*) and the released bare trunks (blocks.*).
 - --amp applies to every loop (auto: bf16 on CUDA); the code fine-tunes and probes in fp32:
   pass --amp none for that. The loss, softmaxes and the multi-view merge are fp32 always.
 - Under DDP without SyncBN (CPU) each rank's BN running statistics follow its own batches;
@@ -95,7 +96,8 @@ class Args:
     resume: str = ""
     """checkpoint to resume from (default: <output_dir>/last.pt, linear.pt, finetune-split<s>.pt)"""
     init_from: str = ""
-    """weights to evaluate: a last.pt (encoder.*), an exported backbone.pt, or eztorch trunk.*"""
+    """weights to evaluate: a last.pt (encoder.*), a backbone.pt, or eztorch weights (trunk.model.*,
+    trunk.*, a bare trunk; a Lightning .ckpt's state_dict)"""
     eval: Literal["none", "linear", "finetune", "retrieval"] = "none"
     """none: pretrain (then the monitor, if on); linear: K400 probe; finetune: UCF101/HMDB51;
     retrieval: R@k, all of --init-from (spec §5)"""
@@ -640,19 +642,42 @@ def train_step(model, clips: list, optimizer, amp: optim.Amp, momentum: float) -
 
 
 # ---- 7. Evaluation ----
+# Where the trunk sits in the files --init-from takes, longest prefix first (eztorch wraps the
+# pretraining trunk in a VideoHeadModel: trunk.model.blocks.*; its linear-evaluation config
+# strips ^(trunk\.model\.); its fine-tuning models hold trunk.blocks.*). The EMA copy is dropped.
+TRUNK_PREFIXES = ("trunk.model.", "trunk.", "encoder.")
+IGNORED_PREFIXES = ("momentum_trunk.",)
+
+
 def load_encoder(encoder: nn.Module, path: str) -> None:
-    """Backbone weights of `path` into `encoder` (strict): our last.pt (`encoder.*`), a
-    backbone.pt, or an eztorch state dict (`trunk.*`; read with weights_only)."""
-    ckpt = checkpoint.load(path)
+    """Backbone weights of `path` into `encoder` (strict), read with weights_only.
+
+    The file holds a state dict, bare or under "model" (our last.pt) or "state_dict"
+    (a Lightning checkpoint), in one of these layouts: eztorch pretraining (`trunk.model.*`,
+    with `momentum_trunk.*`, heads and queue beside it), an eztorch trunk without its head
+    (`trunk.*`), our last.pt (`encoder.*`), or a bare backbone (`blocks.*`: our backbone.pt,
+    the authors' released trunks). Raises `checkpoint.CheckpointError` (one line) naming the
+    key prefixes found when the file fits none of them, and on missing, unexpected or
+    mis-shaped keys (`checkpoint.load_model`)."""
+    try:
+        ckpt = checkpoint.load(path)
+    except checkpoint.CheckpointError as e:
+        raise checkpoint.CheckpointError(
+            f"{e}; an eztorch (Lightning) .ckpt also stores its Hydra config, which weights_only "
+            f"refuses: extract the weights once from a file you trust with python -c \"import "
+            f"torch; torch.save(torch.load('{path}', weights_only=False)['state_dict'], "
+            f"'weights.pt')\" and pass weights.pt") from None
     sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict):
         raise checkpoint.CheckpointError(f"{path}: no state dict in it")
-    sd = checkpoint.clean_state_dict(sd)
-    for prefix in ("encoder.", "trunk."):
-        if any(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-            break
-    checkpoint.load_model(encoder, sd, strict=True, what=path)
+    full = checkpoint.clean_state_dict(sd)
+    sd, prefix = checkpoint.strip_prefix(full, TRUNK_PREFIXES, IGNORED_PREFIXES)
+    if not prefix and not (sd and all(k.startswith("blocks.") for k in sd)):
+        raise checkpoint.CheckpointError(
+            f"{path}: no SCE video trunk in it (expected keys under "
+            f"{', '.join(TRUNK_PREFIXES)} or a bare backbone's blocks.*); key prefixes found: "
+            f"{', '.join(checkpoint.key_prefixes(full)) or 'none'}")
+    checkpoint.load_model(encoder, sd, strict=True, what=f"{path} ({prefix or 'bare'} weights)")
 
 
 def channels_last(x: torch.Tensor, device) -> torch.Tensor:

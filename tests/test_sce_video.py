@@ -1,19 +1,23 @@
 """sce_video.py: the SCE loss by hand and at lambda = 1, the Slow-path ResNet3D against the
 layer table (Tab. B.1) by parameter count, kernels and shapes, the symmetric loss and the
-training step's EMA/queue, clip sampling, RGB difference on a hand-made clip, per-clip
-augmentation draws, the 30-view test, retrieval, and whole runs (learning, resume, DDP, CLI)."""
+training step's EMA/queue, the heads' init, the step's one host sync, clip sampling, RGB
+difference on hand-made clips, per-clip augmentation draws, the 30-view test, retrieval,
+--init-from in every eztorch layout, whole runs (learning, resume, DDP, CLI), --bench against
+the training step, and on CUDA (marked gpu) channels_last_3d and the step against the CPU's."""
 import dataclasses
 import json
 import math
 import os
 import subprocess
 import sys
+from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.transforms import v2
 
 import sce_video as S
 from common import checkpoint, cli, data, evaluate, log, optim, synthetic
@@ -254,6 +258,71 @@ def test_retrieval_centres_each_set_on_hand_made_features():
     assert out == {"R@1": 100.0, "R@2": 100.0}
     raw = evaluate.retrieval_recall(query, yq, bank, yb, (1,), center=False)
     assert raw["R@1"] < 100.0
+
+
+# ---- checkpoints (--init-from) ----
+def trunk_weights(seed: int) -> dict:
+    """A tiny R3D-18's state dict with every tensor drawn at random (BN statistics too)."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: (torch.randn(v.shape, generator=g) if v.is_floating_point() else v + seed)
+            for k, v in S.build_backbone(18, width=4).state_dict().items()}
+
+
+def layouts(w: dict, other: dict) -> dict:
+    """Files in every layout the trunk comes in: `w` is the trunk, `other` an EMA copy."""
+    def under(prefix, sd):
+        return {prefix + k: v for k, v in sd.items()}
+    head = {"projector.layers.0.weight": torch.ones(8, 32), "queue": torch.ones(8, 64)}
+    return {
+        "eztorch-pretrain.ckpt": {  # Lightning: VideoHeadModel trunk and its EMA copy
+            "state_dict": {**under("momentum_trunk.model.", other), **under("trunk.model.", w),
+                           **head}, "epoch": 199, "global_step": 1000},
+        "eztorch-trunk.ckpt": {"state_dict": {**under("trunk.", w),
+                                              "classifier.proj.weight": torch.ones(3, 32)}},
+        "eztorch-trunk-raw.pt": {**under("trunk.", w), **under("momentum_trunk.", other)},
+        "last.pt": {"model": {**under("encoder.", w), **under("target_encoder.", other),
+                              **head}, "step": 3},
+        "ddp.pt": {"model": under("module.encoder.", w)},
+        "backbone.pt": w,
+        "released-bare.pt": {"state_dict": w},
+    }
+
+
+def test_load_encoder_reads_every_layout(tmp_path):
+    w, other = trunk_weights(1), trunk_weights(2)
+    for name, content in layouts(w, other).items():
+        torch.save(content, tmp_path / name)
+        enc = S.build_backbone(18, width=4)
+        S.load_encoder(enc, str(tmp_path / name))
+        got = enc.state_dict()
+        assert set(got) == set(w), name
+        assert all(torch.equal(got[k], w[k]) for k in w), name  # the trunk, never its EMA
+
+
+def test_load_encoder_names_the_prefixes_of_a_file_of_no_layout(tmp_path, capsys):
+    w = trunk_weights(1)
+    files = {"other.pt": {"state_dict": {**{"backbone." + k: v for k, v in w.items()},
+                                         "head.fc.weight": torch.ones(2, 2)}},
+             "ema-only.ckpt": {"state_dict": {"momentum_trunk.model." + k: v
+                                              for k, v in w.items()}}}
+    for name, content in files.items():
+        torch.save(content, tmp_path / name)
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        S.load_encoder(S.build_backbone(18, width=4), str(tmp_path / "other.pt"))
+    msg = str(err.value)
+    assert "\n" not in msg and "backbone.blocks., head.fc." in msg and "trunk.model." in msg
+    with pytest.raises(SystemExit) as exit_:  # through the CLI: one line, status 2
+        cli.run(S.main, S.Args, S.PRESETS, ["--eval", "retrieval", "--init-from",
+                                            str(tmp_path / "ema-only.ckpt"), "--data",
+                                            str(tmp_path), "--output-dir", str(tmp_path / "o")])
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err_lines) == 1, err_lines
+    assert "no SCE video trunk" in err_lines[0] and "momentum_trunk.model." in err_lines[0]
+    # a Lightning file whose hyper-parameters weights_only refuses: how to extract the weights
+    torch.save({"state_dict": w, "hyper_parameters": {"lr": Fraction(1, 3)}}, tmp_path / "hp.ckpt")
+    with pytest.raises(checkpoint.CheckpointError, match="weights_only=False") as err:
+        S.load_encoder(S.build_backbone(18, width=4), str(tmp_path / "hp.ckpt"))
+    assert "\n" not in str(err.value)
 
 
 # ---- whole runs ----
