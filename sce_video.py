@@ -744,7 +744,7 @@ def supervised(args: Args, device, amp, logger, linear: bool, split: int = 1) ->
         optim.set_lr_wd(opt, lr)
         with amp.autocast():
             logits = net(channels_last(x, device))
-        loss = F.cross_entropy(logits.float(), y.to(device))
+        loss = F.cross_entropy(logits.float(), y.to(device, non_blocking=True))
         amp.step(loss, opt)
         loop.end_step({"loss": loss.detach()}, {f"{name}/lr": lr})
     dist.broadcast_buffers(model)
@@ -924,14 +924,22 @@ def print_table(metrics: dict, cols: list) -> None:
         dist.print0(f"{name:<14}" + "".join(f"{x:>20}" for x in cells))
 
 
+def build_optimizer(sce: SCE, args: Args) -> tuple:
+    """(LARS over the online branch's parameters, peak lr, global batch) of pretraining
+    (App. B.1): momentum 0.9, weight decay and trust ratio on parameters of 2+ dims, peak lr
+    base_lr x global batch / 256 (the linear scaling rule). `--bench` steps this one too."""
+    global_batch = args.batch_size * dist.world() * args.accum_iter
+    peak = args.base_lr * global_batch / 256
+    params = [p for p in sce.parameters() if p.requires_grad]
+    return optim.LARS(params, lr=peak, momentum=0.9, weight_decay=args.weight_decay), peak, \
+        global_batch
+
+
 def pretrain(net, sce: SCE, args: Args, device, amp: optim.Amp, logger: log.Logger) -> int:
     """The pretraining loop, keyed by the global step; returns the number of steps done."""
     ds = data.SafeDataset(PretrainClips(read_split(args, True), args, args.seed),
                           args.max_fail_fraction, "pretrain videos")
-    global_batch = args.batch_size * dist.world() * args.accum_iter
-    peak = args.base_lr * global_batch / 256  # linear scaling rule (App. B.1)
-    params = [p for p in sce.parameters() if p.requires_grad]
-    opt = optim.LARS(params, lr=peak, momentum=0.9, weight_decay=args.weight_decay)
+    opt, peak, global_batch = build_optimizer(sce, args)
     loop = training.Loop(make_loader(ds, args.batch_size, args, train=True), args.epochs,
                          {"model": sce, "optimizer": opt}, args, logger, amp,
                          max_steps=args.max_steps, accum_iter=args.accum_iter)
@@ -955,13 +963,22 @@ def pretrain(net, sce: SCE, args: Args, device, amp: optim.Amp, logger: log.Logg
 
 
 def bench(net, sce: SCE, args: Args, device, amp: optim.Amp) -> dict:
-    """--bench: training steps on random clips at the configured shapes, and the loader."""
+    """--bench: the training step as `pretrain` runs it (the model as `main` prepared it:
+    channels_last_3d, SyncBN and DDP on CUDA; the same LARS and its groups at the peak lr; clips
+    copied as the loop copies them) on random clips at the configured shapes, and the loader.
+    With --accum-iter n a call is one micro-batch and every n-th steps, as in training."""
     b, s = args.batch_size, args.crop_size
     clips = [channels_last(torch.randn(b, 3, args.num_frames, s, s), device) for _ in range(2)]
-    opt = optim.LARS([p for p in sce.parameters() if p.requires_grad], lr=0.1)
+    opt = build_optimizer(sce, args)[0]
     net.train()
     ds = PretrainClips(read_split(args, True), args, args.seed)
-    return log.bench(lambda: train_step(net, clips, opt, amp, 0.99), b, device,
+    calls = [0]
+
+    def step():
+        amp.accum = (calls[0] % args.accum_iter, args.accum_iter)  # as training.Loop sets it
+        calls[0] += 1
+        return train_step(net, clips, opt, amp, args.ema_m0)
+    return log.bench(step, b, device,
                      loader=make_loader(ds, b, args, train=True), depth=args.depth,
                      width=args.width, clip=f"{args.num_frames}x{s}", amp=amp.mode,
                      clips_per_sample=2)  # a sample is a video: two clips
