@@ -536,7 +536,9 @@ def build_backbone(depth: int = 18, width: int = 64) -> ResNet3D:
 
 def mlp(in_dim: int, hidden: tuple, out_dim: int, last_bn: bool) -> nn.Sequential:
     """Linear (no bias) + BN + ReLU per hidden width, then a bias-free Linear and, when
-    `last_bn` (BN "all", Tab. B.2), an affine-free BN (eztorch heads, spec §1)."""
+    `last_bn` (BN "all", Tab. B.2), an affine-free BN (eztorch heads, spec §1). Every layer
+    keeps PyTorch's default init, as eztorch's MLPHead (its `last_init_normal` is off in the
+    SCE projector and predictor configs)."""
     layers, d = [], in_dim
     for h in hidden:
         layers += [nn.Linear(d, h, bias=False), nn.BatchNorm1d(h), nn.ReLU(inplace=True)]
@@ -544,9 +546,6 @@ def mlp(in_dim: int, hidden: tuple, out_dim: int, last_bn: bool) -> nn.Sequentia
     layers.append(nn.Linear(d, out_dim, bias=False))
     if last_bn:
         layers.append(nn.BatchNorm1d(out_dim, affine=False))
-    for m in layers:
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.01)
     return nn.Sequential(*layers)
 
 
@@ -686,7 +685,8 @@ def channels_last(x: torch.Tensor, device) -> torch.Tensor:
 
 
 class Classifier(nn.Module):
-    """Trunk, dropout, Linear (N(0, 0.01), bias 0) (App. B.1; the probe: dropout 0)."""
+    """Trunk, dropout, Linear (N(0, 0.01), bias 0: eztorch's video heads init them so, with
+    pytorchvideo's init_net_weights) (App. B.1; the probe: dropout 0)."""
 
     def __init__(self, encoder: nn.Module, num_classes: int, dropout: float):
         super().__init__()

@@ -172,6 +172,38 @@ def test_projector_predictor_and_symmetric_step():
     assert torch.allclose(m.queue[ptr:ptr + 8], keys, atol=1e-5)
 
 
+def test_heads_start_from_pytorch_default_init():
+    """eztorch's MLPHead keeps PyTorch's Linear init (last_init_normal is off in the SCE
+    configs): under one seed the projector's Linears equal freshly built nn.Linear layers. The
+    classifier keeps eztorch's video-head init, N(0, 0.01) and bias 0."""
+    torch.manual_seed(5)
+    proj = S.mlp(32, (16, 16), 8, last_bn=True)
+    torch.manual_seed(5)
+    ref = [torch.nn.Linear(32, 16, bias=False), torch.nn.Linear(16, 16, bias=False),
+           torch.nn.Linear(16, 8, bias=False)]
+    lin = [m for m in proj if isinstance(m, torch.nn.Linear)]
+    assert len(lin) == 3 and all(torch.equal(a.weight, b.weight) for a, b in zip(lin, ref))
+    assert lin[0].weight.abs().max() > 0.1  # U(+-1/sqrt(32)): not N(0, 0.01)
+    head = S.Classifier(S.build_backbone(18, width=64), 400, 0.0).head
+    assert head.weight.std().item() == pytest.approx(0.01, rel=0.02)
+    assert torch.all(head.bias == 0)
+
+
+def test_train_step_makes_one_host_sync():
+    """The step with the training optimiser (LARS) reads one value back to the host: the
+    non-finite check."""
+    torch.manual_seed(0)
+    a = tiny_args()
+    m = S.build_model(a)
+    opt = S.build_optimizer(m, a)[0]
+    amp = optim.Amp("none", "cpu")
+    g = torch.Generator().manual_seed(1)
+    clips = [torch.randn(4, 3, 4, 16, 16, generator=g) for _ in range(2)]
+    S.train_step(m, clips, opt, amp, 0.99)  # the momentum buffers exist from here on
+    counts = checks.count_host_syncs(S.train_step, m, clips, opt, amp, 0.99)
+    assert counts == {"_local_scalar_dense": 1}, counts
+
+
 # ---- data ----
 def test_clip_sampling_by_hand():
     assert S.clip_frames(100, 64, 8, 10) == [10, 19, 28, 37, 46, 55, 64, 73]  # linspace(0, 63)
