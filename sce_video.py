@@ -36,8 +36,12 @@ Deviations, with reasons:
   frames), not batched on the GPU; draws come from (seed, epoch, index). The blur kernel is
   23 px at 224 (the code's) and 10 % of the crop, widened to hold +-3 sigma_max, below.
 - RGB difference is applied to the raw frames before the crop (the code applies it on the
-  CPU clip too); its grayscale is torchvision's rgb_to_grayscale on uint8 (truncated), as the
-  code's.
+  CPU clip too): kept frame j shows g(j) - g(j + 1), the clip's last frame repeats the
+  difference before it, as eztorch's transform on video files (K400). Its frame-folder decoder
+  (K200) gives the second-to-last frame a zero difference when the last two kept frames are
+  consecutive (clips of under 2T - 1 frames); not reproduced. The grayscale is torchvision's
+  rgb_to_grayscale on uint8 (truncated) and the result is rounded, as that frame decoder; on
+  video files the code works on float frames, unrounded (at most 1 grey level apart).
 - Linear probe warmup 8 epochs (the code; the thesis says 35). Short-side train scale
   [256, 320] (the code; the thesis says 256).
 - Test crops: pytorchvideo's uniform_crop offsets (left, ceil-centre, right) through
@@ -294,14 +298,23 @@ def test_clips(n: int, fps: float, args: Args) -> list:
             for i in range(k)]
 
 
-def rgb_difference(frames: torch.Tensor, successors: torch.Tensor) -> torch.Tensor:
-    """RGB difference (eztorch temporal_difference, spec §4): uint8 (T, 3, H, W) frames and
-    their raw successors (frame i + 1 of the video, before subsampling) -> uint8 (T, 3, H, W)
-    of round((g(f_t) - g(f_t+1) + 255) / 2) on 3-channel grayscale g (uint8, truncated)."""
-    g = v2.functional.rgb_to_grayscale(torch.cat([frames, successors]), num_output_channels=3)
-    d = g[:len(frames)].float() - g[len(frames):].float()
-    return ((d + 255) / 2).round().clamp(0, 255).to(torch.uint8)
+def difference_pairs(idx: list) -> tuple:
+    """The raw frames whose difference stands for each kept frame of a clip (eztorch's
+    RandomTemporalDifference: consecutive native frames, before the subsampling): frame j
+    gives (j, j + 1), and the clip's last frame e = idx[-1] repeats the difference before it,
+    (e - 1, e), as eztorch's temporal_difference does. Returns (firsts, seconds), T each."""
+    e = idx[-1]
+    return ([j if j < e else max(e - 1, 0) for j in idx],
+            [j + 1 if j < e else e for j in idx])
 
+
+def rgb_difference(firsts: torch.Tensor, seconds: torch.Tensor) -> torch.Tensor:
+    """RGB difference (eztorch temporal_difference, spec §4): uint8 (T, 3, H, W) frames and
+    the frames to subtract (`difference_pairs`) -> uint8 (T, 3, H, W) of
+    round((g(first) - g(second) + 255) / 2) on 3-channel grayscale g (uint8, truncated)."""
+    g = v2.functional.rgb_to_grayscale(torch.cat([firsts, seconds]), num_output_channels=3)
+    d = g[:len(firsts)].float() - g[len(firsts):].float()
+    return ((d + 255) / 2).round().clamp(0, 255).to(torch.uint8)
 
 
 def pretrain_transform(kind: str, args: Args) -> v2.Compose:
@@ -346,8 +359,8 @@ class PretrainClips(Dataset):
                 idx = random_clip(n, fps, a, a.duration_jitter)
                 draws.append((idx, torch.rand(()).item() < a.diff_p,
                               torch.rand(()).item() < a.reverse_p))
-            wanted = [i for idx, diff, _ in draws  # kept frames [+ their raw successors]
-                      for i in idx + ([min(j + 1, n - 1) for j in idx] if diff else [])]
+            wanted = [i for idx, diff, _ in draws  # kept frames, or the pairs to subtract
+                      for i in (sum(difference_pairs(idx), []) if diff else idx)]
             frames = video.read_clip(path, wanted).permute(0, 3, 1, 2)  # one decode, uint8
             clips, at = [], 0
             for view, (idx, diff, reverse) in enumerate(draws):

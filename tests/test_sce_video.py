@@ -237,6 +237,28 @@ def test_rgb_difference_on_a_hand_made_clip():
     assert torch.all(out[1] == 128)
 
 
+def test_rgb_difference_last_frame_repeats_the_previous_difference(tmp_path):
+    """A clip of the whole video (8 frames of grey 10 + 3 i^2, kept frames 0, 2, 4, 7): frame j
+    shows g(j) - g(j + 1), the last frame (7) repeats the difference before it, g(6) - g(7),
+    as eztorch's temporal_difference (not a frame past the clip)."""
+    greys = [10 + 3 * i * i for i in range(8)]  # 10 13 22 37 58 85 118 157
+    folder = frame_folder(tmp_path / "v", greys, size=(8, 8))
+    a = tiny_args(num_frames=4, clip_duration=0.32, frames_fps=25.0, diff_p=1.0)  # 8 frames
+    ds = S.PretrainClips([data.VideoRecord(folder, 0)], a, seed=0)
+    ds.transforms = [v2.ToDtype(torch.float32)] * 2  # the temporal part alone
+    g = [v - 1 for v in greys]  # rgb_to_grayscale on uint8: int(0.9999 v)
+    expected = [(g[0] - g[1] + 255) / 2, (g[2] - g[3] + 255) / 2, (g[4] - g[5] + 255) / 2,
+                (g[6] - g[7] + 255) / 2]
+    assert expected == [126, 120, 114, 108]
+    for clip in ds[(0, 0)][:2]:  # (3, T, 8, 8), both clips start at frame 0
+        assert clip.shape == (3, 4, 8, 8)
+        assert clip[:, :, 0, 0].tolist() == [expected] * 3
+        assert torch.all(clip == clip[:, :, :1, :1])
+    # a video shorter than the clip: kept frames 0, 0, 1, 2 (e = 2)
+    assert S.difference_pairs([0, 0, 1, 2]) == ([0, 0, 1, 1], [1, 1, 2, 2])
+    assert S.difference_pairs([3]) == ([2], [3])
+
+
 def frame_folder(root, values, size=(24, 32)) -> str:
     """A frame-folder video: frame i is a constant grey `values[i]` (lossless PNGs)."""
     os.makedirs(root, exist_ok=True)
