@@ -177,7 +177,9 @@ class Args:
     device: str = "auto"
     """cpu, cuda, cuda:N or auto"""
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
-    """autocast dtype (auto: bf16 on CUDA, none on CPU); the loss always runs in fp32"""
+    """autocast dtype (auto: bf16 on CUDA, none on CPU); the loss always runs in fp32. On CUDA,
+    fp32 matmuls and convolutions use TF32 and cuDNN autotunes its convolutions (the clip
+    shapes are fixed; the code's trainer sets benchmark too)"""
     compile: bool = False
     """torch.compile the encoders"""
     threads: int = 0
@@ -860,7 +862,7 @@ def monitor(sce, args: Args, device, amp) -> dict:
 def main(args: Args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = dist.init(args.device)
+    device = dist.init(args.device, cudnn_benchmark=True)  # fixed 3-D CNN shapes
     amp = optim.Amp(args.amp, device)
     args.output_dir = args.output_dir or time.strftime("runs/sce_video-%Y%m%d-%H%M%S")
     if not args.data:
