@@ -36,8 +36,12 @@ Deviations, with reasons:
   frames), not batched on the GPU; draws come from (seed, epoch, index). The blur kernel is
   23 px at 224 (the code's) and 10 % of the crop, widened to hold +-3 sigma_max, below.
 - RGB difference is applied to the raw frames before the crop (the code applies it on the
-  CPU clip too); its grayscale is torchvision's rgb_to_grayscale on uint8 (truncated), as the
-  code's.
+  CPU clip too): kept frame j shows g(j) - g(j + 1), the clip's last frame repeats the
+  difference before it, as eztorch's transform on video files (K400). Its frame-folder decoder
+  (K200) gives the second-to-last frame a zero difference when the last two kept frames are
+  consecutive (clips of under 2T - 1 frames); not reproduced. The grayscale is torchvision's
+  rgb_to_grayscale on uint8 (truncated) and the result is rounded, as that frame decoder; on
+  video files the code works on float frames, unrounded (at most 1 grey level apart).
 - Linear probe warmup 8 epochs (the code; the thesis says 35). Short-side train scale
   [256, 320] (the code; the thesis says 256).
 - Test crops: pytorchvideo's uniform_crop offsets (left, ceil-centre, right) through
@@ -45,7 +49,8 @@ Deviations, with reasons:
 - The projector's output BN is affine-free and the predictor's last Linear has no bias
   (eztorch heads); SyncBN under DDP on CUDA only (CPU refuses it); no shuffle-BN.
 - Module names follow pytorchvideo (blocks.0 stem, blocks.1-4 res_blocks.*.branch2.conv_a ...),
-  so eztorch `trunk.*` weights should load; no released checkpoint was tried.
+  so eztorch weights load unchanged with --init-from: pretraining checkpoints (trunk.model.*),
+  trunks without their head (trunk.*) and the released bare trunks (blocks.*).
 - --amp applies to every loop (auto: bf16 on CUDA); the code fine-tunes and probes in fp32:
   pass --amp none for that. The loss, softmaxes and the multi-view merge are fp32 always.
 - Under DDP without SyncBN (CPU) each rank's BN running statistics follow its own batches;
@@ -95,7 +100,8 @@ class Args:
     resume: str = ""
     """checkpoint to resume from (default: <output_dir>/last.pt, linear.pt, finetune-split<s>.pt)"""
     init_from: str = ""
-    """weights to evaluate: a last.pt (encoder.*), an exported backbone.pt, or eztorch trunk.*"""
+    """weights to evaluate: a last.pt (encoder.*), a backbone.pt, or eztorch weights (trunk.model.*,
+    trunk.*, a bare trunk; a Lightning .ckpt's state_dict)"""
     eval: Literal["none", "linear", "finetune", "retrieval"] = "none"
     """none: pretrain (then the monitor, if on); linear: K400 probe; finetune: UCF101/HMDB51;
     retrieval: R@k, all of --init-from (spec §5)"""
@@ -171,7 +177,9 @@ class Args:
     device: str = "auto"
     """cpu, cuda, cuda:N or auto"""
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
-    """autocast dtype (auto: bf16 on CUDA, none on CPU); the loss always runs in fp32"""
+    """autocast dtype (auto: bf16 on CUDA, none on CPU); the loss always runs in fp32. On CUDA,
+    fp32 matmuls and convolutions use TF32 and cuDNN autotunes its convolutions (the clip
+    shapes are fixed; the code's trainer sets benchmark too)"""
     compile: bool = False
     """torch.compile the encoders"""
     threads: int = 0
@@ -292,14 +300,23 @@ def test_clips(n: int, fps: float, args: Args) -> list:
             for i in range(k)]
 
 
-def rgb_difference(frames: torch.Tensor, successors: torch.Tensor) -> torch.Tensor:
-    """RGB difference (eztorch temporal_difference, spec §4): uint8 (T, 3, H, W) frames and
-    their raw successors (frame i + 1 of the video, before subsampling) -> uint8 (T, 3, H, W)
-    of round((g(f_t) - g(f_t+1) + 255) / 2) on 3-channel grayscale g (uint8, truncated)."""
-    g = v2.functional.rgb_to_grayscale(torch.cat([frames, successors]), num_output_channels=3)
-    d = g[:len(frames)].float() - g[len(frames):].float()
-    return ((d + 255) / 2).round().clamp(0, 255).to(torch.uint8)
+def difference_pairs(idx: list) -> tuple:
+    """The raw frames whose difference stands for each kept frame of a clip (eztorch's
+    RandomTemporalDifference: consecutive native frames, before the subsampling): frame j
+    gives (j, j + 1), and the clip's last frame e = idx[-1] repeats the difference before it,
+    (e - 1, e), as eztorch's temporal_difference does. Returns (firsts, seconds), T each."""
+    e = idx[-1]
+    return ([j if j < e else max(e - 1, 0) for j in idx],
+            [j + 1 if j < e else e for j in idx])
 
+
+def rgb_difference(firsts: torch.Tensor, seconds: torch.Tensor) -> torch.Tensor:
+    """RGB difference (eztorch temporal_difference, spec §4): uint8 (T, 3, H, W) frames and
+    the frames to subtract (`difference_pairs`) -> uint8 (T, 3, H, W) of
+    round((g(first) - g(second) + 255) / 2) on 3-channel grayscale g (uint8, truncated)."""
+    g = v2.functional.rgb_to_grayscale(torch.cat([firsts, seconds]), num_output_channels=3)
+    d = g[:len(firsts)].float() - g[len(firsts):].float()
+    return ((d + 255) / 2).round().clamp(0, 255).to(torch.uint8)
 
 
 def pretrain_transform(kind: str, args: Args) -> v2.Compose:
@@ -344,8 +361,8 @@ class PretrainClips(Dataset):
                 idx = random_clip(n, fps, a, a.duration_jitter)
                 draws.append((idx, torch.rand(()).item() < a.diff_p,
                               torch.rand(()).item() < a.reverse_p))
-            wanted = [i for idx, diff, _ in draws  # kept frames [+ their raw successors]
-                      for i in idx + ([min(j + 1, n - 1) for j in idx] if diff else [])]
+            wanted = [i for idx, diff, _ in draws  # kept frames, or the pairs to subtract
+                      for i in (sum(difference_pairs(idx), []) if diff else idx)]
             frames = video.read_clip(path, wanted).permute(0, 3, 1, 2)  # one decode, uint8
             clips, at = [], 0
             for view, (idx, diff, reverse) in enumerate(draws):
@@ -534,7 +551,9 @@ def build_backbone(depth: int = 18, width: int = 64) -> ResNet3D:
 
 def mlp(in_dim: int, hidden: tuple, out_dim: int, last_bn: bool) -> nn.Sequential:
     """Linear (no bias) + BN + ReLU per hidden width, then a bias-free Linear and, when
-    `last_bn` (BN "all", Tab. B.2), an affine-free BN (eztorch heads, spec §1)."""
+    `last_bn` (BN "all", Tab. B.2), an affine-free BN (eztorch heads, spec §1). Every layer
+    keeps PyTorch's default init, as eztorch's MLPHead (its `last_init_normal` is off in the
+    SCE projector and predictor configs)."""
     layers, d = [], in_dim
     for h in hidden:
         layers += [nn.Linear(d, h, bias=False), nn.BatchNorm1d(h), nn.ReLU(inplace=True)]
@@ -542,9 +561,6 @@ def mlp(in_dim: int, hidden: tuple, out_dim: int, last_bn: bool) -> nn.Sequentia
     layers.append(nn.Linear(d, out_dim, bias=False))
     if last_bn:
         layers.append(nn.BatchNorm1d(out_dim, affine=False))
-    for m in layers:
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.01)
     return nn.Sequential(*layers)
 
 
@@ -640,19 +656,42 @@ def train_step(model, clips: list, optimizer, amp: optim.Amp, momentum: float) -
 
 
 # ---- 7. Evaluation ----
+# Where the trunk sits in the files --init-from takes, longest prefix first (eztorch wraps the
+# pretraining trunk in a VideoHeadModel: trunk.model.blocks.*; its linear-evaluation config
+# strips ^(trunk\.model\.); its fine-tuning models hold trunk.blocks.*). The EMA copy is dropped.
+TRUNK_PREFIXES = ("trunk.model.", "trunk.", "encoder.")
+IGNORED_PREFIXES = ("momentum_trunk.",)
+
+
 def load_encoder(encoder: nn.Module, path: str) -> None:
-    """Backbone weights of `path` into `encoder` (strict): our last.pt (`encoder.*`), a
-    backbone.pt, or an eztorch state dict (`trunk.*`; read with weights_only)."""
-    ckpt = checkpoint.load(path)
+    """Backbone weights of `path` into `encoder` (strict), read with weights_only.
+
+    The file holds a state dict, bare or under "model" (our last.pt) or "state_dict"
+    (a Lightning checkpoint), in one of these layouts: eztorch pretraining (`trunk.model.*`,
+    with `momentum_trunk.*`, heads and queue beside it), an eztorch trunk without its head
+    (`trunk.*`), our last.pt (`encoder.*`), or a bare backbone (`blocks.*`: our backbone.pt,
+    the authors' released trunks). Raises `checkpoint.CheckpointError` (one line) naming the
+    key prefixes found when the file fits none of them, and on missing, unexpected or
+    mis-shaped keys (`checkpoint.load_model`)."""
+    try:
+        ckpt = checkpoint.load(path)
+    except checkpoint.CheckpointError as e:
+        raise checkpoint.CheckpointError(
+            f"{e}; an eztorch (Lightning) .ckpt also stores its Hydra config, which weights_only "
+            f"refuses: extract the weights once from a file you trust with python -c \"import "
+            f"torch; torch.save(torch.load('{path}', weights_only=False)['state_dict'], "
+            f"'weights.pt')\" and pass weights.pt") from None
     sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict):
         raise checkpoint.CheckpointError(f"{path}: no state dict in it")
-    sd = checkpoint.clean_state_dict(sd)
-    for prefix in ("encoder.", "trunk."):
-        if any(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-            break
-    checkpoint.load_model(encoder, sd, strict=True, what=path)
+    full = checkpoint.clean_state_dict(sd)
+    sd, prefix = checkpoint.strip_prefix(full, TRUNK_PREFIXES, IGNORED_PREFIXES)
+    if not prefix and not (sd and all(k.startswith("blocks.") for k in sd)):
+        raise checkpoint.CheckpointError(
+            f"{path}: no SCE video trunk in it (expected keys under "
+            f"{', '.join(TRUNK_PREFIXES)} or a bare backbone's blocks.*); key prefixes found: "
+            f"{', '.join(checkpoint.key_prefixes(full)) or 'none'}")
+    checkpoint.load_model(encoder, sd, strict=True, what=f"{path} ({prefix or 'bare'} weights)")
 
 
 def channels_last(x: torch.Tensor, device) -> torch.Tensor:
@@ -661,7 +700,8 @@ def channels_last(x: torch.Tensor, device) -> torch.Tensor:
 
 
 class Classifier(nn.Module):
-    """Trunk, dropout, Linear (N(0, 0.01), bias 0) (App. B.1; the probe: dropout 0)."""
+    """Trunk, dropout, Linear (N(0, 0.01), bias 0: eztorch's video heads init them so, with
+    pytorchvideo's init_net_weights) (App. B.1; the probe: dropout 0)."""
 
     def __init__(self, encoder: nn.Module, num_classes: int, dropout: float):
         super().__init__()
@@ -719,7 +759,7 @@ def supervised(args: Args, device, amp, logger, linear: bool, split: int = 1) ->
         optim.set_lr_wd(opt, lr)
         with amp.autocast():
             logits = net(channels_last(x, device))
-        loss = F.cross_entropy(logits.float(), y.to(device))
+        loss = F.cross_entropy(logits.float(), y.to(device, non_blocking=True))
         amp.step(loss, opt)
         loop.end_step({"loss": loss.detach()}, {f"{name}/lr": lr})
     dist.broadcast_buffers(model)
@@ -822,7 +862,7 @@ def monitor(sce, args: Args, device, amp) -> dict:
 def main(args: Args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = dist.init(args.device)
+    device = dist.init(args.device, cudnn_benchmark=True)  # fixed 3-D CNN shapes
     amp = optim.Amp(args.amp, device)
     args.output_dir = args.output_dir or time.strftime("runs/sce_video-%Y%m%d-%H%M%S")
     if not args.data:
@@ -899,14 +939,22 @@ def print_table(metrics: dict, cols: list) -> None:
         dist.print0(f"{name:<14}" + "".join(f"{x:>20}" for x in cells))
 
 
+def build_optimizer(sce: SCE, args: Args) -> tuple:
+    """(LARS over the online branch's parameters, peak lr, global batch) of pretraining
+    (App. B.1): momentum 0.9, weight decay and trust ratio on parameters of 2+ dims, peak lr
+    base_lr x global batch / 256 (the linear scaling rule). `--bench` steps this one too."""
+    global_batch = args.batch_size * dist.world() * args.accum_iter
+    peak = args.base_lr * global_batch / 256
+    params = [p for p in sce.parameters() if p.requires_grad]
+    return optim.LARS(params, lr=peak, momentum=0.9, weight_decay=args.weight_decay), peak, \
+        global_batch
+
+
 def pretrain(net, sce: SCE, args: Args, device, amp: optim.Amp, logger: log.Logger) -> int:
     """The pretraining loop, keyed by the global step; returns the number of steps done."""
     ds = data.SafeDataset(PretrainClips(read_split(args, True), args, args.seed),
                           args.max_fail_fraction, "pretrain videos")
-    global_batch = args.batch_size * dist.world() * args.accum_iter
-    peak = args.base_lr * global_batch / 256  # linear scaling rule (App. B.1)
-    params = [p for p in sce.parameters() if p.requires_grad]
-    opt = optim.LARS(params, lr=peak, momentum=0.9, weight_decay=args.weight_decay)
+    opt, peak, global_batch = build_optimizer(sce, args)
     loop = training.Loop(make_loader(ds, args.batch_size, args, train=True), args.epochs,
                          {"model": sce, "optimizer": opt}, args, logger, amp,
                          max_steps=args.max_steps, accum_iter=args.accum_iter)
@@ -930,13 +978,22 @@ def pretrain(net, sce: SCE, args: Args, device, amp: optim.Amp, logger: log.Logg
 
 
 def bench(net, sce: SCE, args: Args, device, amp: optim.Amp) -> dict:
-    """--bench: training steps on random clips at the configured shapes, and the loader."""
+    """--bench: the training step as `pretrain` runs it (the model as `main` prepared it:
+    channels_last_3d, SyncBN and DDP on CUDA; the same LARS and its groups at the peak lr; clips
+    copied as the loop copies them) on random clips at the configured shapes, and the loader.
+    With --accum-iter n a call is one micro-batch and every n-th steps, as in training."""
     b, s = args.batch_size, args.crop_size
     clips = [channels_last(torch.randn(b, 3, args.num_frames, s, s), device) for _ in range(2)]
-    opt = optim.LARS([p for p in sce.parameters() if p.requires_grad], lr=0.1)
+    opt = build_optimizer(sce, args)[0]
     net.train()
     ds = PretrainClips(read_split(args, True), args, args.seed)
-    return log.bench(lambda: train_step(net, clips, opt, amp, 0.99), b, device,
+    calls = [0]
+
+    def step():
+        amp.accum = (calls[0] % args.accum_iter, args.accum_iter)  # as training.Loop sets it
+        calls[0] += 1
+        return train_step(net, clips, opt, amp, args.ema_m0)
+    return log.bench(step, b, device,
                      loader=make_loader(ds, b, args, train=True), depth=args.depth,
                      width=args.width, clip=f"{args.num_frames}x{s}", amp=amp.mode,
                      clips_per_sample=2)  # a sample is a video: two clips

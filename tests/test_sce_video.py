@@ -1,19 +1,23 @@
 """sce_video.py: the SCE loss by hand and at lambda = 1, the Slow-path ResNet3D against the
 layer table (Tab. B.1) by parameter count, kernels and shapes, the symmetric loss and the
-training step's EMA/queue, clip sampling, RGB difference on a hand-made clip, per-clip
-augmentation draws, the 30-view test, retrieval, and whole runs (learning, resume, DDP, CLI)."""
+training step's EMA/queue, the heads' init, the step's one host sync, clip sampling, RGB
+difference on hand-made clips, per-clip augmentation draws, the 30-view test, retrieval,
+--init-from in every eztorch layout, whole runs (learning, resume, DDP, CLI), --bench against
+the training step, and on CUDA (marked gpu) channels_last_3d and the step against the CPU's."""
 import dataclasses
 import json
 import math
 import os
 import subprocess
 import sys
+from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.transforms import v2
 
 import sce_video as S
 from common import checkpoint, cli, data, evaluate, log, optim, synthetic
@@ -168,6 +172,38 @@ def test_projector_predictor_and_symmetric_step():
     assert torch.allclose(m.queue[ptr:ptr + 8], keys, atol=1e-5)
 
 
+def test_heads_start_from_pytorch_default_init():
+    """eztorch's MLPHead keeps PyTorch's Linear init (last_init_normal is off in the SCE
+    configs): under one seed the projector's Linears equal freshly built nn.Linear layers. The
+    classifier keeps eztorch's video-head init, N(0, 0.01) and bias 0."""
+    torch.manual_seed(5)
+    proj = S.mlp(32, (16, 16), 8, last_bn=True)
+    torch.manual_seed(5)
+    ref = [torch.nn.Linear(32, 16, bias=False), torch.nn.Linear(16, 16, bias=False),
+           torch.nn.Linear(16, 8, bias=False)]
+    lin = [m for m in proj if isinstance(m, torch.nn.Linear)]
+    assert len(lin) == 3 and all(torch.equal(a.weight, b.weight) for a, b in zip(lin, ref))
+    assert lin[0].weight.abs().max() > 0.1  # U(+-1/sqrt(32)): not N(0, 0.01)
+    head = S.Classifier(S.build_backbone(18, width=64), 400, 0.0).head
+    assert head.weight.std().item() == pytest.approx(0.01, rel=0.02)
+    assert torch.all(head.bias == 0)
+
+
+def test_train_step_makes_one_host_sync():
+    """The step with the training optimiser (LARS) reads one value back to the host: the
+    non-finite check."""
+    torch.manual_seed(0)
+    a = tiny_args()
+    m = S.build_model(a)
+    opt = S.build_optimizer(m, a)[0]
+    amp = optim.Amp("none", "cpu")
+    g = torch.Generator().manual_seed(1)
+    clips = [torch.randn(4, 3, 4, 16, 16, generator=g) for _ in range(2)]
+    S.train_step(m, clips, opt, amp, 0.99)  # the momentum buffers exist from here on
+    counts = checks.count_host_syncs(S.train_step, m, clips, opt, amp, 0.99)
+    assert counts == {"_local_scalar_dense": 1}, counts
+
+
 # ---- data ----
 def test_clip_sampling_by_hand():
     assert S.clip_frames(100, 64, 8, 10) == [10, 19, 28, 37, 46, 55, 64, 73]  # linspace(0, 63)
@@ -199,6 +235,28 @@ def test_rgb_difference_on_a_hand_made_clip():
     for c in range(3):  # 3-channel grayscale
         assert out[0, c, 0].tolist() == expected
     assert torch.all(out[1] == 128)
+
+
+def test_rgb_difference_last_frame_repeats_the_previous_difference(tmp_path):
+    """A clip of the whole video (8 frames of grey 10 + 3 i^2, kept frames 0, 2, 4, 7): frame j
+    shows g(j) - g(j + 1), the last frame (7) repeats the difference before it, g(6) - g(7),
+    as eztorch's temporal_difference (not a frame past the clip)."""
+    greys = [10 + 3 * i * i for i in range(8)]  # 10 13 22 37 58 85 118 157
+    folder = frame_folder(tmp_path / "v", greys, size=(8, 8))
+    a = tiny_args(num_frames=4, clip_duration=0.32, frames_fps=25.0, diff_p=1.0)  # 8 frames
+    ds = S.PretrainClips([data.VideoRecord(folder, 0)], a, seed=0)
+    ds.transforms = [v2.ToDtype(torch.float32)] * 2  # the temporal part alone
+    g = [v - 1 for v in greys]  # rgb_to_grayscale on uint8: int(0.9999 v)
+    expected = [(g[0] - g[1] + 255) / 2, (g[2] - g[3] + 255) / 2, (g[4] - g[5] + 255) / 2,
+                (g[6] - g[7] + 255) / 2]
+    assert expected == [126, 120, 114, 108]
+    for clip in ds[(0, 0)][:2]:  # (3, T, 8, 8), both clips start at frame 0
+        assert clip.shape == (3, 4, 8, 8)
+        assert clip[:, :, 0, 0].tolist() == [expected] * 3
+        assert torch.all(clip == clip[:, :, :1, :1])
+    # a video shorter than the clip: kept frames 0, 0, 1, 2 (e = 2)
+    assert S.difference_pairs([0, 0, 1, 2]) == ([0, 0, 1, 1], [1, 1, 2, 2])
+    assert S.difference_pairs([3]) == ([2], [3])
 
 
 def frame_folder(root, values, size=(24, 32)) -> str:
@@ -254,6 +312,71 @@ def test_retrieval_centres_each_set_on_hand_made_features():
     assert out == {"R@1": 100.0, "R@2": 100.0}
     raw = evaluate.retrieval_recall(query, yq, bank, yb, (1,), center=False)
     assert raw["R@1"] < 100.0
+
+
+# ---- checkpoints (--init-from) ----
+def trunk_weights(seed: int) -> dict:
+    """A tiny R3D-18's state dict with every tensor drawn at random (BN statistics too)."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: (torch.randn(v.shape, generator=g) if v.is_floating_point() else v + seed)
+            for k, v in S.build_backbone(18, width=4).state_dict().items()}
+
+
+def layouts(w: dict, other: dict) -> dict:
+    """Files in every layout the trunk comes in: `w` is the trunk, `other` an EMA copy."""
+    def under(prefix, sd):
+        return {prefix + k: v for k, v in sd.items()}
+    head = {"projector.layers.0.weight": torch.ones(8, 32), "queue": torch.ones(8, 64)}
+    return {
+        "eztorch-pretrain.ckpt": {  # Lightning: VideoHeadModel trunk and its EMA copy
+            "state_dict": {**under("momentum_trunk.model.", other), **under("trunk.model.", w),
+                           **head}, "epoch": 199, "global_step": 1000},
+        "eztorch-trunk.ckpt": {"state_dict": {**under("trunk.", w),
+                                              "classifier.proj.weight": torch.ones(3, 32)}},
+        "eztorch-trunk-raw.pt": {**under("trunk.", w), **under("momentum_trunk.", other)},
+        "last.pt": {"model": {**under("encoder.", w), **under("target_encoder.", other),
+                              **head}, "step": 3},
+        "ddp.pt": {"model": under("module.encoder.", w)},
+        "backbone.pt": w,
+        "released-bare.pt": {"state_dict": w},
+    }
+
+
+def test_load_encoder_reads_every_layout(tmp_path):
+    w, other = trunk_weights(1), trunk_weights(2)
+    for name, content in layouts(w, other).items():
+        torch.save(content, tmp_path / name)
+        enc = S.build_backbone(18, width=4)
+        S.load_encoder(enc, str(tmp_path / name))
+        got = enc.state_dict()
+        assert set(got) == set(w), name
+        assert all(torch.equal(got[k], w[k]) for k in w), name  # the trunk, never its EMA
+
+
+def test_load_encoder_names_the_prefixes_of_a_file_of_no_layout(tmp_path, capsys):
+    w = trunk_weights(1)
+    files = {"other.pt": {"state_dict": {**{"backbone." + k: v for k, v in w.items()},
+                                         "head.fc.weight": torch.ones(2, 2)}},
+             "ema-only.ckpt": {"state_dict": {"momentum_trunk.model." + k: v
+                                              for k, v in w.items()}}}
+    for name, content in files.items():
+        torch.save(content, tmp_path / name)
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        S.load_encoder(S.build_backbone(18, width=4), str(tmp_path / "other.pt"))
+    msg = str(err.value)
+    assert "\n" not in msg and "backbone.blocks., head.fc." in msg and "trunk.model." in msg
+    with pytest.raises(SystemExit) as exit_:  # through the CLI: one line, status 2
+        cli.run(S.main, S.Args, S.PRESETS, ["--eval", "retrieval", "--init-from",
+                                            str(tmp_path / "ema-only.ckpt"), "--data",
+                                            str(tmp_path), "--output-dir", str(tmp_path / "o")])
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err_lines) == 1, err_lines
+    assert "no SCE video trunk" in err_lines[0] and "momentum_trunk.model." in err_lines[0]
+    # a Lightning file whose hyper-parameters weights_only refuses: how to extract the weights
+    torch.save({"state_dict": w, "hyper_parameters": {"lr": Fraction(1, 3)}}, tmp_path / "hp.ckpt")
+    with pytest.raises(checkpoint.CheckpointError, match="weights_only=False") as err:
+        S.load_encoder(S.build_backbone(18, width=4), str(tmp_path / "hp.ckpt"))
+    assert "\n" not in str(err.value)
 
 
 # ---- whole runs ----
@@ -389,3 +512,113 @@ def test_presets_follow_the_thesis():
     assert (r50.depth, r50.proj_hidden, r50.pred_hidden, r50.num_frames, r50.clip_duration,
             r50.queue_size) == (50, (4096, 4096), 4096, 16, 2.56, 65536)
     assert S.build_model(tiny_args()).queue.shape == (64, 8)
+
+
+# ---- --bench and the GPU (tests marked gpu run on CUDA only) ----
+@pytest.fixture(scope="module")
+def frame_data(tmp_path_factory):
+    """8 train / 4 val frame-folder videos (12 random 24 px PNG frames, 2 classes) in CSVs:
+    real inputs that need no PyAV."""
+    root = tmp_path_factory.mktemp("frames")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for i in range(n):
+            os.makedirs(root / split / f"v{i}")
+            for t in range(12):
+                Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(
+                    root / split / f"v{i}" / f"{t + 1:05d}.png")
+        (root / f"{split}.csv").write_text("".join(f"{split}/v{i} {i % 2}\n" for i in range(n)))
+    return str(root)
+
+
+def record_steps(monkeypatch) -> list:
+    """Wrap `S.train_step`: each call appends (unwrapped model, clips, optimiser)."""
+    real, calls = S.train_step, []
+
+    def wrapped(model, clips, optimizer, amp, momentum):
+        calls.append((checkpoint.unwrap(model), clips, optimizer))
+        return real(model, clips, optimizer, amp, momentum)
+    monkeypatch.setattr(S, "train_step", wrapped)
+    return calls
+
+
+def train_then_bench(data_root, tmp_path, monkeypatch, **kw) -> tuple:
+    """One pretraining step and one --bench run of the same settings: the (model, clips,
+    optimiser) each stepped, and the bench's result."""
+    calls = record_steps(monkeypatch)
+    S.main(run_args(data_root, tmp_path / "train", max_steps=1, **kw))
+    (train,) = calls
+    calls.clear()
+    out = S.main(run_args(data_root, tmp_path / "bench", bench=True, **kw))
+    assert len(calls) == 25 and all(c[2] is calls[0][2] for c in calls)  # 5 warm-up + 20 timed
+    return train, calls[0], out
+
+
+def group_settings(model, opt) -> list:
+    """Each parameter group's options (but the scheduled lr) and parameter names."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [({k: v for k, v in g.items() if k not in ("params", "lr")},
+             [names[id(p)] for p in g["params"]]) for g in opt.param_groups]
+
+
+def assert_bench_is_the_training_step(train, bench, args, fmt) -> None:
+    (m_t, clips_t, opt_t), (m_b, clips_b, opt_b) = train, bench
+    assert type(opt_b) is type(opt_t) is optim.LARS
+    assert group_settings(m_b, opt_b) == group_settings(m_t, opt_t)
+    names = [n for n, p in m_t.named_parameters() if p.requires_grad]
+    assert sum((names for _, names in group_settings(m_t, opt_t)), []) == names
+    assert all(g["lr"] == args.base_lr * args.batch_size / 256 for g in opt_b.param_groups)
+    for model, clips in ((m_t, clips_t), (m_b, clips_b)):
+        assert all(c.device.type == args.device and c.is_contiguous(memory_format=fmt)
+                   for c in clips)
+        convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv3d)]
+        assert convs and all(w.is_contiguous(memory_format=fmt) for w in convs)
+
+
+def test_bench_times_the_training_step(frame_data, tmp_path, monkeypatch):
+    """--bench steps the optimiser training builds (LARS, its groups and options, the peak lr)
+    on clips laid out as training lays them out (CPU: contiguous)."""
+    train, bench, out = train_then_bench(frame_data, tmp_path, monkeypatch, device="cpu")
+    assert_bench_is_the_training_step(train, bench, run_args(frame_data, tmp_path, device="cpu"),
+                                      torch.contiguous_format)
+    assert out["samples_per_s"] > 0 and out["data_samples_per_s"] > 0
+
+
+@pytest.mark.gpu
+def test_training_and_bench_on_cuda_are_channels_last_3d(frame_data, tmp_path, monkeypatch):
+    """On CUDA the pretraining step and --bench take channels_last_3d clips into a
+    channels_last_3d model (every Conv3d weight), in bf16 by default, with the same LARS."""
+    kw = dict(device="cuda", amp="auto")
+    train, bench, out = train_then_bench(frame_data, tmp_path, monkeypatch, **kw)
+    assert_bench_is_the_training_step(train, bench, run_args(frame_data, tmp_path, **kw),
+                                      torch.channels_last_3d)
+    assert out["amp"] == "bf16" and torch.backends.cudnn.benchmark
+
+
+@pytest.mark.gpu
+def test_cuda_step_agrees_with_the_fp32_cpu_step():
+    """The real training step of a tiny R3D-18 (width 8, 8 clips of 8 x 64 x 64), channels_last_3d
+    as in training, on CUDA against fp32 on the CPU. fp16 (the code's precision) within the
+    shared tolerance. bf16 within a wider one: at this scale the fp32 step itself moves by
+    gradient cosine 0.968-0.992 and norm +-8 % when only its input is perturbed by 4e-3
+    relative (bf16's rounding), through max-pool ties and BN over 8 clips; a wrong kernel,
+    layout or cast is far outside either."""
+    torch.manual_seed(0)
+    model = S.build_model(tiny_args(width=8, batch_size=8, crop_size=64, num_frames=8))
+    g = torch.Generator().manual_seed(1)
+    batch = [torch.randn(8, 3, 8, 64, 64, generator=g) for _ in range(2)]
+
+    def step(model, clips, opt, amp):
+        dev = clips[0].device
+        if dev.type == "cuda":
+            model.to(memory_format=torch.channels_last_3d)
+        return S.train_step(model, [S.channels_last(c, dev) for c in clips], opt, amp, 0.99)
+    report = checks.assert_gpu_step_agrees(model, batch, step, modes=("fp16",))
+    loss0, grad0 = checks.one_step(model, batch, step, "cpu", "none")
+    loss, grad = checks.one_step(model, batch, step, "cuda", "bf16")
+    cos = float(F.cosine_similarity(grad, grad0, dim=0))
+    ratio = float(grad.norm() / grad0.norm())
+    report["bf16"] = (abs(loss - loss0) / loss0, cos, ratio)
+    print(report)
+    assert abs(loss - loss0) / loss0 < checks.GPU_TOLERANCE["bf16"]["loss"], report
+    assert cos > 0.9 and abs(ratio - 1) < 0.15, report
