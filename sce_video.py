@@ -837,7 +837,8 @@ def view_retrieval(sce: SCE, args: Args, device, amp) -> dict:
                                      device, amp)
     f0, f1 = F.normalize(f[:, :d], dim=1), F.normalize(f[:, d:2 * d], dim=1)
     q, k = f[:, 2 * d:2 * d + p], f[:, 2 * d + p:]
-    hit = ((f1 @ f0.T).argmax(1) == torch.arange(len(f))).double().mean().item()
+    hit = ((f1 @ f0.T).argmax(1) == torch.arange(len(f), device=f.device)).double().mean()
+    hit = hit.item()
     loss = torch.stack([sce_loss(q[i:i + 1], k[i:i + 1], torch.cat([k[:i], k[i + 1:]]),
                                  args.lam, args.tau, args.tau_m) for i in range(len(f))])
     return {"view_top1": 100 * hit, "view_top1_se": 100 * (hit * (1 - hit) / len(f)) ** 0.5,
@@ -993,7 +994,7 @@ def bench(net, sce: SCE, args: Args, device, amp: optim.Amp) -> dict:
         amp.accum = (calls[0] % args.accum_iter, args.accum_iter)  # as training.Loop sets it
         calls[0] += 1
         return train_step(net, clips, opt, amp, args.ema_m0)
-    return log.bench(step, b, device,
+    return log.bench(step, b, device, amp_dtype=amp.dtype,
                      loader=make_loader(ds, b, args, train=True), depth=args.depth,
                      width=args.width, clip=f"{args.num_frames}x{s}", amp=amp.mode,
                      clips_per_sample=2)  # a sample is a video: two clips

@@ -598,11 +598,10 @@ def test_training_and_bench_on_cuda_are_channels_last_3d(frame_data, tmp_path, m
 @pytest.mark.gpu
 def test_cuda_step_agrees_with_the_fp32_cpu_step():
     """The real training step of a tiny R3D-18 (width 8, 8 clips of 8 x 64 x 64), channels_last_3d
-    as in training, on CUDA against fp32 on the CPU. fp16 (the code's precision) within the
-    shared tolerance. bf16 within a wider one: at this scale the fp32 step itself moves by
-    gradient cosine 0.968-0.992 and norm +-8 % when only its input is perturbed by 4e-3
-    relative (bf16's rounding), through max-pool ties and BN over 8 clips; a wrong kernel,
-    layout or cast is far outside either."""
+    as in training, on CUDA against fp32 on the CPU: fp32 tightly, bf16 and fp16 within the
+    CPU autocast's own distance (at this scale the fp32 step itself moves by gradient cosine
+    0.968-0.992 when only its input is perturbed by bf16's rounding: max-pool ties, BN over 8
+    clips)."""
     torch.manual_seed(0)
     model = S.build_model(tiny_args(width=8, batch_size=8, crop_size=64, num_frames=8))
     g = torch.Generator().manual_seed(1)
@@ -613,12 +612,4 @@ def test_cuda_step_agrees_with_the_fp32_cpu_step():
         if dev.type == "cuda":
             model.to(memory_format=torch.channels_last_3d)
         return S.train_step(model, [S.channels_last(c, dev) for c in clips], opt, amp, 0.99)
-    report = checks.assert_gpu_step_agrees(model, batch, step, modes=("fp16",))
-    loss0, grad0 = checks.one_step(model, batch, step, "cpu", "none")
-    loss, grad = checks.one_step(model, batch, step, "cuda", "bf16")
-    cos = float(F.cosine_similarity(grad, grad0, dim=0))
-    ratio = float(grad.norm() / grad0.norm())
-    report["bf16"] = (abs(loss - loss0) / loss0, cos, ratio)
-    print(report)
-    assert abs(loss - loss0) / loss0 < checks.GPU_TOLERANCE["bf16"]["loss"], report
-    assert cos > 0.9 and abs(ratio - 1) < 0.15, report
+    checks.assert_gpu_step_agrees(model, batch, step)
