@@ -550,7 +550,7 @@ def train_then_bench(data_root, tmp_path, monkeypatch, **kw) -> tuple:
     (train,) = calls
     calls.clear()
     out = S.main(run_args(data_root, tmp_path / "bench", bench=True, **kw))
-    assert len(calls) == 25 and all(c[2] is calls[0][2] for c in calls)  # 5 warm-up + 20 timed
+    assert len(calls) == 26 and all(c[2] is calls[0][2] for c in calls)  # 5 + 1 FLOPs + 20
     return train, calls[0], out
 
 
