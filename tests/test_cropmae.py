@@ -485,7 +485,7 @@ def test_bench_runs_the_training_step_as_pretraining_does(tiny_data, tmp_path, m
     trained, seen[:] = list(seen), []
     out = C.main(run_args(tiny_data, tmp_path / "bench", bench=True, **kw))
     assert [s[2] for s in trained] == [(0, 2), (1, 2)] * 2
-    assert [s[2] for s in seen] == [(0, 2), (1, 2)] * 3  # 3 steps of 2 micro-batches
+    assert [s[2] for s in seen] == [(0, 2), (1, 2)] * 4  # 1 + 1 FLOP count + 2, 2 micro-batches
     assert {s[:2] + (repr(s[3]),) for s in seen} == {s[:2] + (repr(s[3]),) for s in trained}
     assert trained[0][3][0][1] == 0.05 and trained[0][3][1][1] == 0.0  # decayed, not decayed
     assert {lr for s in seen for lr in s[4]} == {0.0256 * (4 * 2) / 256}  # the peak lr
