@@ -402,11 +402,14 @@ def losses(path) -> list:
 
 
 def test_tiny_run_lowers_the_loss_against_an_lr0_control(tiny_data, tmp_path):
-    kw = dict(epochs=6, batch_size=8, queue_size=64, diff_p=0.0, log_every=1, warmup_epochs=0)
-    S.main(run_args(tiny_data, tmp_path / "a", base_lr=4.0, **kw))
+    """20 steps at base lr 2 against lr 0 on the same draws: the last 6 losses sum lower.
+    (Measured for seeds 0-2 on torch 2.11 and 2.14: margins 2.3-5.7; base lr 4 and 12 steps,
+    the former setting, failed on one seed of 2.11: the step-to-step noise is about 1.)"""
+    kw = dict(epochs=10, batch_size=8, queue_size=64, diff_p=0.0, log_every=1, warmup_epochs=0)
+    S.main(run_args(tiny_data, tmp_path / "a", base_lr=2.0, **kw))
     S.main(run_args(tiny_data, tmp_path / "b", base_lr=0.0, **kw))
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
-    assert len(a) == 12 and sum(a[-3:]) < sum(b[-3:]) - 0.1, (a, b)
+    assert len(a) == 20 and sum(a[-6:]) < sum(b[-6:]) - 0.5, (a, b)
     assert os.path.exists(tmp_path / "a" / "backbone.pt")
 
 
