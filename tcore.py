@@ -15,7 +15,8 @@ past and future predictions together (Eq. 9). Evaluated by label propagation (DA
 
 Launch (Tab. 1 ViT-S: 400 "epochs" of 936 steps at a global batch of 256, spec §3):
     python tcore.py                                            # CPU demo, synthetic videos
-    python tcore.py --data ~/data/Kinetics-400/frames --batch-size 64   # 1 GPU, lr x sqrt(1/4)
+    python tcore.py --data ~/data/Kinetics-400/frames --batch-size 64   # 1 GPU: the same
+                                        # 374,400 steps at a quarter of the batch, lr x sqrt(1/4)
     torchrun --nproc_per_node=4 tcore.py --data ~/data/Kinetics-400/frames \
         --davis ~/data/DAVIS --jhmdb ~/data/jhmdb/jhmdb_vallist.txt \
         --vip ~/data/VIP/vip_vallist.txt                       # 4 GPUs x 64 (the paper's)
@@ -24,6 +25,11 @@ Launch (Tab. 1 ViT-S: 400 "epochs" of 936 steps at a global batch of 256, spec �
         tcore.py --preset k400-vitb --data ~/data/Kinetics-400/frames --batch-size 8  # 16 x 8
     python tcore.py --eval-only --init-from vits16_400ep_K400.pth --davis ~/data/DAVIS \
         --jhmdb ~/data/jhmdb/jhmdb_vallist.txt --vip ~/data/VIP/vip_vallist.txt  # released
+An "epoch" is the official fixed OFFICIAL_EPOCH_LENGTH = 936 steps whatever the batch (one pass
+over K400 at the paper's 4 x 64; half a pass at k400-vitb's 4 x 32, whose 200 epochs are the
+official 187,200 steps); `--epoch-length 0` makes it one pass over the data instead (374,600
+steps at 4 x 32). Which of the two the paper's Tab. 2 ViT-B run used is unknown upstream: the
+yaml sets 32 per GPU and the code keeps 936, but the run's command is not published.
 Presets: k400-vits (= the defaults), k400-vitb (Tab. 2), demo. `--lr-groups fixed` is the
 post-paper optimiser fix (spec §6.1); `--centering sinkhorn` the DINOv2 paper's teacher.
 
@@ -37,8 +43,8 @@ Deviations, with reasons:
   are found by scanning `<root>/<class>/<video>` (frame folders or files) or a list file; the
   official `entries-TRAIN.npy` index and its 239,789-entry assertion are not used.
 - Schedules follow DINOv2 (`np.linspace` warm-up with its endpoint, then the cosine), indexed
-  by our global step; `--epoch-length` sets the official fixed "epoch" (936 steps) when the
-  data are not K400-sized. The teacher temperature and last-layer freeze use the same epochs.
+  by our global step. The data come in shuffled passes (`common.data`) where the official
+  code uses an infinite sharded sampler: both visit every video once per pass.
 - AMP is bf16 by default on CUDA (project convention); `--amp fp16` is the official fp16 with a
   GradScaler. Teacher targets, softmaxes, losses and centres are fp32 either way.
 - Evaluation frames are decoded with PIL and resized bilinearly without antialiasing in torch
@@ -67,7 +73,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from torchvision.transforms import v2
 
 from common import (checkpoint, cli, data, dist, log, optim, propagation, synthetic, training,
@@ -84,8 +90,10 @@ class Args:
     """random seed (frames and crops derive from seed, epoch and index; masks from the step)"""
     epochs: int = 400
     """pretraining epochs (Sec. 4.1: 400 for ViT-S on K400)"""
-    epoch_length: int = 0
-    """steps per "epoch" for the schedules (official OFFICIAL_EPOCH_LENGTH 936); 0: the data's"""
+    epoch_length: int = 936
+    """steps per "epoch", whatever the batch: the run is --epochs x this many steps and every
+    schedule (warm-ups, teacher temperature, last-layer freeze) counts in them (the official
+    OFFICIAL_EPOCH_LENGTH 936, spec §3); 0: one pass over the data (the loader's length)"""
     max_steps: int = 0
     """stop after this many optimiser steps (0: all epochs; the schedules still span all)"""
     log_every: int = 50
@@ -102,8 +110,9 @@ class Args:
     """time the training step on random tensors and the data pipeline, print JSON, exit"""
     # data
     data: str = ""
-    """Kinetics frames root (frames/train/<class>/<video>/NNNNN.jpg), a folder of class folders
-    of videos or frame folders, or a list file (lines `path [label ...]`); empty: synthetic"""
+    """a folder holding train.csv (lines `path label`, as sigma.py and sce_video.py) or such a
+    list file, Kinetics frames (ROOT/frames/train/<class>/<video>/NNNNN.jpg), or a folder of
+    class folders of videos or frame folders; empty: synthetic videos"""
     current_range: tuple[float, float] = (0.3, 0.7)
     """current frame, as fractions of the clip length T (spec §2)"""
     past_offset: tuple[float, float] = (0.15, 0.25)
@@ -208,7 +217,8 @@ class Args:
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
     """autocast dtype (auto: bf16 on CUDA, none on CPU); losses always run in fp32"""
     compile: bool = False
-    """torch.compile the backbones"""
+    """torch.compile the student and teacher backbones and the PMM (not the head, whose input
+    size changes every step)"""
     # evaluation (label propagation, spec §4)
     davis: str = ""
     """DAVIS-2017 root (JPEGImages/480p, Annotations/480p, ImageSets/2017/val.txt)"""
@@ -245,11 +255,13 @@ class Args:
 
 PRESETS = {
     "k400-vits": dict(),  # Tab. 1: DAVIS J&F 64.7, VIP mIoU 37.8, JHMDB PCK@0.1 47.0
-    # Tab. 2: 200 epochs, global batch 128 (4 x 32), warm-up 10 (paper); base_lr lost (spec §3)
+    # Tab. 2: 200 epochs, global batch 128 (4 x 32), warm-up 10 (paper); base_lr lost (spec §3);
+    # 200 x 936 = 187,200 steps as the official code runs it (half a pass over K400 per epoch)
     "k400-vitb": dict(model="base", epochs=200, warmup_epochs=10, batch_size=32),
     "demo": dict(model="tiny", depth=4, patch_size=8, global_size=64, local_size=32,
                  local_crops=4, head_hidden=256, head_bottleneck=64, head_prototypes=1024,
-                 batch_size=16, epochs=24, warmup_epochs=2, warmup_teacher_temp_epochs=4,
+                 batch_size=16, epochs=24, epoch_length=0, warmup_epochs=2,
+                 warmup_teacher_temp_epochs=4,
                  freeze_last_layer_epochs=0, base_lr=0.06, amp="bf16", num_workers=1,
                  log_every=16, ckpt_every=1000, davis_size=(96, 160), davis_native_gt=False,
                  eval_random_init=True, random_init_seeds=3),
@@ -309,7 +321,8 @@ class SandwichClips(Dataset):
                             colour pipelines 1 and 2;
       locals (L, 3, l, l):  current frame, RandomResizedCrop (0.05-0.32) + flip, blur 0.5;
       aux (2, 2, 3, G, G):  past and future frames, both cut with the same full-frame centre
-                            box stretched to G x G, views 1 and 2 with pipelines 1 and 2."""
+                            box stretched to G x G, views 1 and 2 with pipelines 1 and 2;
+      key (epoch, index):   ints, from which `MaskingCollate` draws the batch's masks."""
 
     def __init__(self, videos: list, args: Args):
         self.samples = [(v, -1) for v in videos]  # SafeDataset names failing files from this
@@ -344,29 +357,70 @@ class SandwichClips(Dataset):
                                                [a.global_size] * 2, v2.InterpolationMode.BICUBIC,
                                                antialias=True)  # same box for past and future
             aux = torch.stack([torch.stack([self.colour1(x), self.colour2(x)]) for x in boxed])
-        return g, loc, aux
+        return g, loc, aux, (epoch, index)
+
+
+MASK_SEED_WORD = 3  # purpose word of the mask RNG (common.data uses 0, 1, 2 for its own)
+
+
+class MaskingCollate:
+    """The official collate in the loader's workers (spec §1, Masking): stacks the samples'
+    views and draws the batch's block masks (`sample_masks` over its 2B global crops) from
+    (seed, epoch, the batch's sample indices), so a batch's masks are the same whatever the
+    number of workers and after a resume. Also computes, on the CPU, what the official
+    collate hands to the step (`mask_indices`). Returns (globals (B, 2, 3, G, G), locals
+    (B, L, 3, l, l), aux (B, 2, 2, 3, G, G), masks dict of `mask_indices`)."""
+
+    def __init__(self, args: Args):
+        self.seed, self.prob, self.ratio = args.seed, args.mask_prob, tuple(args.mask_ratio)
+        self.grid = (args.global_size // args.patch_size,) * 2
+
+    def __call__(self, samples: list) -> tuple:
+        g, loc, aux = default_collate([s[:3] for s in samples])
+        words = [MASK_SEED_WORD, self.seed, int(samples[0][3][0]), len(samples)]
+        rng = np.random.default_rng(words + [int(s[3][1]) for s in samples])
+        return g, loc, aux, mask_indices(sample_masks(2 * len(samples), self.grid, self.prob,
+                                                      self.ratio, rng))
+
+
+def mask_indices(masks: torch.Tensor) -> dict:
+    """(2B, N) bool crop-major masks -> {"masks": masks, "idx": (M,) int64 positions of the
+    masked patches in the flattened (2B N) tokens, "weight": (M,) float32 1/|masked patches
+    of the position's crop|}, as the official collate (spec §1). Run it on the CPU (the
+    loader's workers): M depends on the masks, so on a GPU it would wait for the device."""
+    idx = masks.flatten().nonzero().squeeze(1)
+    weight = (1 / masks.sum(1).clamp(min=1)).unsqueeze(1).expand_as(masks)[masks]
+    return {"masks": masks, "idx": idx, "weight": weight}
 
 
 def list_videos(root: str) -> list:
-    """Videos (files or frame folders) of `root`: a list file (`path [label ...]` per line,
-    relative to its folder), Kinetics frames (`root/frames/train/<class>/<video>/` or
-    `root/train/<class>/<video>`), or class folders `root/<class>/<video>`."""
+    """Videos (files or frame folders) of `root`, as the other video scripts read --data:
+    `root/train.csv` or a list file (Kinetics lists, lines `path label [num_frames]` relative
+    to the list's folder, `common.data.read_video_csv`, which names file:line on a malformed
+    line); else Kinetics frames (`root/frames/train/<class>/<video>/` or
+    `root/train/<class>/<video>`) or class folders `root/<class>/<video>`.
+    Raises FileNotFoundError (nothing there) or cli.InputError (a malformed list)."""
     if os.path.isfile(root):
-        base, out = Path(root).parent, []
-        with open(root) as fh:
-            for line in fh:
-                if fields := line.split():
-                    out.append(str(base / fields[0]))
-        if not out:
+        records = data.read_video_csv(root)
+        if not records:
             raise cli.InputError(f"{root}: empty video list")
-        return out
+        return [r.path for r in records]
     if not os.path.isdir(root):
         raise FileNotFoundError(f"--data {root}: no such file or folder")
+    if (Path(root) / "train.csv").is_file():
+        return list_videos(str(Path(root) / "train.csv"))
+    folder = root
     for sub in ("frames/train", "train"):
         if (Path(root) / sub).is_dir():
-            root = str(Path(root) / sub)
+            folder = str(Path(root) / sub)
             break
-    return [r.path for r in data.read_class_folders(root)[0]]
+    try:
+        return [r.path for r in data.read_class_folders(folder)[0]]
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"--data {root}: no videos; expected {root}/train.csv (lines 'path label'), "
+            f"Kinetics frames {root}/frames/train/<class>/<video>/00001.jpg, or class folders "
+            f"{root}/<class>/<video>") from None
 
 
 def pretrain_dataset(args: Args) -> SandwichClips:
@@ -388,8 +442,8 @@ class SubsetDropPath(nn.Module):
             return x
         b = x.shape[0]
         keep = max(int(b * (1 - self.p)), 1)
-        scale = x.new_zeros(b)
-        scale[torch.randperm(b, device=x.device)[:keep]] = b / keep
+        scale = x.new_zeros(b).index_fill_(0, torch.randperm(b, device=x.device)[:keep],
+                                           b / keep)
         return x * scale.view(-1, *[1] * (x.ndim - 1))
 
 
@@ -418,8 +472,9 @@ class Backbone(vit.VisionTransformer):
         if self.register_tokens is not None:
             nn.init.normal_(self.register_tokens, std=1e-6)
 
-    def forward_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> tuple:
-        """(B, 3, H, W), masks (B, N) bool -> final-norm CLS (B, D) and patches (B, N, D)."""
+    def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> tuple:
+        """(B, 3, H, W), masks (B, N) bool -> final-norm CLS (B, D) and patches (B, N, D).
+        Called through `__call__` (`forward_tokens`), so that `Module.compile()` applies."""
         p = self.patch_embed.patch_size
         grid = (x.shape[-2] // p, x.shape[-1] // p)
         t = self.patch_embed(x)  # (B, N, D)
@@ -435,6 +490,10 @@ class Backbone(vit.VisionTransformer):
             t = blk(t)
         t = self.norm(t)
         return t[:, 0], t[:, 1 + R:]
+
+    def forward_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> tuple:
+        """`self(x, masks)`: final-norm CLS (B, D) and patch tokens (B, N, D)."""
+        return self(x, masks)
 
 
 class DINOHead(nn.Module):
@@ -453,6 +512,9 @@ class DINOHead(nn.Module):
             warnings.simplefilter("ignore", FutureWarning)
             self.last_layer = nn.utils.weight_norm(nn.Linear(bottleneck, prototypes, bias=False))
         self.last_layer.weight_g.data.fill_(1.0)
+        # the hook recomputes `weight` before every forward; a detached one lets a fresh model
+        # be deep-copied (a non-leaf tensor attribute cannot be)
+        self.last_layer.weight = self.last_layer.weight.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, D) -> (n, K)
         x = self.mlp(x)
@@ -528,25 +590,29 @@ class TCoRe(nn.Module):
         self.teacher.eval()  # spec §1: the teacher runs in eval mode
         return self
 
-    def forward(self, crops: list, masks: torch.Tensor, teacher_temp: float) -> dict:
-        """crops: xg (2B, 3, G, G) crop-major, xl (LB, 3, l, l), xp, xf (2B, 3, G, G); masks
-        (2B, N) bool. One step of spec §1, "One step"."""
+    def forward(self, crops: list, masks, teacher_temp: float) -> dict:
+        """crops: xg (2B, 3, G, G) crop-major, xl (LB, 3, l, l), xp, xf (2B, 3, G, G); masks:
+        the `mask_indices` dict of the (2B, N) bool masks (the loader's; a bool tensor is
+        accepted too, at the cost of a host sync on a GPU). One step of spec §1, "One step";
+        tokens are selected with the fixed-size index `idx`, no data-dependent shape."""
+        if isinstance(masks, torch.Tensor):
+            masks = mask_indices(masks)
         a, (xg, xl, xp, xf) = self.args, crops
+        m, idx, weight = masks["masks"], masks["idx"], masks["weight"]  # (2B, N), (M,), (M,)
         n_glob, n_loc = len(xg), len(xl) // (len(xg) // 2)
-        idx = masks.flatten().nonzero().squeeze(1)  # (M,) masked rows of (2B N)
-        weight = (1 / masks.sum(1).clamp(min=1)).unsqueeze(1).expand_as(masks)[masks]  # (M,)
         S, T = self.student, self.teacher
         with torch.no_grad():
-            t_cls, t_pat = T.backbone.forward_tokens(xg)
+            t_cls, t_pat = T.backbone(xg)
             t_cls = torch.cat(t_cls.chunk(2)[::-1])  # swapped: student crop g meets teacher 3-g
-            zt = T.dino_head(torch.cat([t_cls, t_pat.flatten(0, 1)[idx]])).float()
+            zt = T.dino_head(torch.cat([t_cls, t_pat.flatten(0, 1).index_select(0, idx)]))
+            zt = zt.float()
             p_cls, p_pat = self.loss(zt[:n_glob], zt[n_glob:], teacher_temp)  # Eq. 7
-            aux_p = S.backbone.forward_tokens(xp)[1]  # the student itself, train mode (spec §8.1)
-            aux_f = S.backbone.forward_tokens(xf)[1]
-        s_cls, s_pat = S.backbone.forward_tokens(xg, masks)
-        l_cls, _ = S.backbone.forward_tokens(xl)
-        r_p = self.auxiliary_decoder(aux_p, s_pat).flatten(0, 1)[idx]  # (M, D), Eqs. 2-5
-        r_f = self.auxiliary_decoder(aux_f, s_pat).flatten(0, 1)[idx]
+            aux_p = S.backbone(xp)[1]  # the student itself, train mode (spec §8.1)
+            aux_f = S.backbone(xf)[1]
+        s_cls, s_pat = S.backbone(xg, m)
+        l_cls, _ = S.backbone(xl)
+        r_p = self.auxiliary_decoder(aux_p, s_pat).flatten(0, 1).index_select(0, idx)  # Eqs. 2-5
+        r_f = self.auxiliary_decoder(aux_f, s_pat).flatten(0, 1).index_select(0, idx)  # (M, D)
         z = S.dino_head(torch.cat([l_cls, s_cls, r_p, r_f])).float()
         z_loc, z_glob, y_p, y_f = z.split([len(l_cls), n_glob, len(idx), len(idx)])
         out = {"dino": dino_loss(z_glob, z_loc.chunk(n_loc), p_cls, a.student_temp),
@@ -563,18 +629,46 @@ def build_model(args: Args) -> TCoRe:
     return TCoRe(args)
 
 
+def compile_model(tc: TCoRe, **kwargs) -> None:
+    """--compile: `torch.compile` (in place, `kwargs` to it; the state-dict keys stay as they
+    are) the student and teacher backbones, which the step calls through `__call__` (all
+    four student passes and the teacher's), and the PMM. Static shapes (`dynamic=False`):
+    the step's few shapes are fixed, and the resize of the position embedding (bicubic,
+    antialias) has no backward for symbolic shapes, which a recompile for the local crops'
+    size would otherwise bring. The head is left eager: its input holds the M masked rows,
+    a count that changes every step. Evaluation calls `Backbone.forward` itself (eager: the
+    frame sizes vary per video)."""
+    kwargs.setdefault("dynamic", False)
+    for module in (tc.student.backbone, tc.teacher.backbone, tc.auxiliary_decoder):
+        module.compile(**kwargs)
+
+
 def block_mask(h: int, w: int, count: int, rng: np.random.Generator,
                max_block: float | None = None, min_block: int = 4,
                aspect=(0.3, 1 / 0.3)) -> np.ndarray:
-    """BEiT/DINOv2 block masking of `count` patches of an h x w grid (spec §1): blocks of
-    target area U(4, remaining) and log-uniform aspect, up to 10 tries each; a block is kept
-    when its new patches fit in the remaining count; when 10 tries place nothing it stops, so a
-    mask can end 1-2 patches short (about 6 % of them at 14 x 14), as the official generator.
-    Returns (h, w) bool."""
+    """BEiT block masking of exactly `count` patches of an h x w grid, the official T-CoRe
+    `MaskingGenerator` (spec §1). Each round places one block: up to 10 tries of a target
+    area U(4, budget), budget = min(remaining count, max_block), a log-uniform aspect ratio
+    in [0.3, 3.33], h' = round(sqrt(area ar)), w' = round(sqrt(area / ar)) (both below the
+    grid's sides) and a uniform position; a block is kept when its new patches number from 1
+    to the budget (it may overlap earlier blocks, so it can add fewer than 4), and the round
+    ends at the first kept block. Rounds repeat until the count is reached: a round that
+    places nothing is simply followed by another (the official loop's `break` needs
+    `mask_count == num_masking_patches` inside `while mask_count < num_masking_patches`,
+    which never holds; DINOv2's generator stops there instead and can end short). It never
+    overshoots. max_block defaults to h w (T-CoRe's `max_num_patches`; DINOv2 uses half).
+    rng: numpy Generator (area as python's uniform, `a + (b - a) random()`). Returns (h, w)
+    bool. Raises ValueError when `count` is not in [0, h w], or on a grid side below 3, where
+    the rounds could go on forever (the official generator would hang)."""
+    if not 0 <= count <= h * w:
+        raise ValueError(f"block_mask: count {count} outside [0, {h * w}]")
+    if count and min(h, w) < 3:
+        raise ValueError(f"block_mask: a {h} x {w} grid is too small for block masks (sides "
+                         f"of at least 3 patches)")
     mask, done = np.zeros((h, w), bool), 0
-    max_block = max_block if max_block is not None else 0.5 * h * w
+    max_block = max_block if max_block is not None else h * w
     log_ar = (math.log(aspect[0]), math.log(aspect[1]))
-    while done < count:
+    while done < count:  # until the count is reached (spec §1)
         budget, added = min(count - done, max_block), 0
         for _ in range(10):
             area = min_block + (budget - min_block) * rng.random()  # python's uniform(4, b)
@@ -588,8 +682,6 @@ def block_mask(h: int, w: int, count: int, rng: np.random.Generator,
                     added = new
             if added:
                 break
-        if not added:
-            break
         done += added
     return mask
 
@@ -651,7 +743,7 @@ def squeeze_loss(y_p: torch.Tensor, y_f: torch.Tensor) -> torch.Tensor:
 def sinkhorn_knopp(logits: torch.Tensor, temp: float, iters: int = 3) -> torch.Tensor:
     """DINOv2's distributed Sinkhorn-Knopp teacher (n, K) -> (n, K), rows summing to 1."""
     Q = torch.exp(logits.float() / temp).T  # (K, n)
-    n = dist.all_reduce(torch.tensor(float(Q.shape[1]), device=Q.device), "sum")
+    n = dist.all_reduce(torch.full((), float(Q.shape[1]), device=Q.device), "sum")
     K = Q.shape[0]
     Q /= dist.all_reduce(Q.sum(), "sum")
     for _ in range(iters):
@@ -689,11 +781,20 @@ class TeacherTargets(nn.Module):
         self.patch_center.mul_(m).add_(self.patch_pending, alpha=1 - m)
         targets = (F.softmax((z_cls - self.cls_center) / temp, -1),
                    F.softmax((z_pat - self.patch_center) / temp, -1))
-        n = dist.all_reduce(torch.tensor(float(len(z_cls)), device=z_cls.device), "sum")
+        n = self._rows(len(z_cls), z_cls.device)  # all ranks' 2B rows, built once
         patch_mean = z_pat.mean(0, keepdim=True) if len(z_pat) else torch.zeros_like(z_cls[:1])
         self._means = (dist.all_reduce(z_cls.sum(0, keepdim=True), "sum") / n,
                        dist.all_reduce(patch_mean, "mean"))
         return targets
+
+    def _rows(self, rows: int, device: torch.device) -> torch.Tensor:
+        """All ranks' row count as a 0-dim fp32 tensor on `device`, all-reduced once per
+        (rows, device) and kept: a per-step `torch.tensor(...)` would be a host copy."""
+        key = (rows, device)
+        if getattr(self, "_count", (None,))[0] != key:
+            n = torch.full((), float(rows), device=device)
+            self._count = (key, dist.all_reduce(n, "sum"))
+        return self._count[1]
 
     @torch.no_grad()
     def commit(self) -> None:
@@ -705,10 +806,12 @@ class TeacherTargets(nn.Module):
 
 
 # ---- 6. Training step ----
-def train_step(model, crops: list, masks: torch.Tensor, optimizer, amp: optim.Amp,
+def train_step(model, crops: list, masks: dict, optimizer, amp: optim.Amp,
                teacher_temp: float, momentum: float, clip: float) -> dict:
     """Forward under autocast (losses fp32), NaN check before backward, per-module clipping at
-    `clip` after unscaling (backbone, head, PMM, spec §3), step, EMA of backbone + head (Eq. 6)."""
+    `clip` after unscaling (backbone, head, PMM, spec §3), step, EMA of backbone + head (Eq. 6).
+    crops and masks as `TCoRe.forward` (the masks dict from the loader, `to_device`): the
+    non-finite check is the step's only host sync."""
     tc = checkpoint.unwrap(model)
     with amp.autocast():
         out = model(crops, masks, teacher_temp)
@@ -723,6 +826,41 @@ def train_step(model, crops: list, masks: torch.Tensor, optimizer, amp: optim.Am
     optimizer.zero_grad(set_to_none=True)
     optim.ema_update(tc.teacher, tc.student, momentum)
     return {**{k: v.detach() for k, v in out.items()}, "grad_norm_backbone": norms[0]}
+
+
+def build_optimizer(tc: TCoRe, args: Args, device) -> tuple:
+    """(AdamW over `param_groups`, peak lr): lr = base_lr x sqrt(global batch / 1024)
+    (spec §3), betas --betas, fused on CUDA."""
+    lr = args.base_lr * math.sqrt(args.batch_size * dist.world() / 1024)  # spec §3
+    opt = torch.optim.AdamW(param_groups(tc, args), lr=lr, betas=args.betas,
+                            fused=torch.device(device).type == "cuda")
+    return opt, lr
+
+
+def run_length(args: Args, loader_len: int) -> tuple:
+    """(steps per "epoch", total steps): --epoch-length (the official fixed 936 steps,
+    whatever the batch) or, with 0, `loader_len` (one pass over this rank's share of the
+    data); total = --epochs x steps per epoch (official `epochs * OFFICIAL_EPOCH_LENGTH`)."""
+    ep = args.epoch_length or loader_len
+    return ep, args.epochs * ep
+
+
+def schedules(args: Args, step: int, total: int, ep: int, lr: float) -> dict:
+    """Every schedule at global `step`, as the official `build_schedulers` (spec §3), epochs
+    counted in `ep` steps: lr (peak `lr`, linear warm-up over --warmup-epochs), pmm_lr (peak
+    --pmm-lr-mul x lr), last_lr (lr, 0 for --freeze-last-layer-epochs), wd, momentum (EMA,
+    cosine to 1) and teacher_temp (linear warm-up over --warmup-teacher-temp-epochs)."""
+    warm = args.warmup_epochs * ep
+    lr_s = dinov2_schedule(step, total, lr, args.min_lr, warm)
+    tw = args.warmup_teacher_temp_epochs * ep
+    return {"lr": lr_s,
+            "pmm_lr": dinov2_schedule(step, total, args.pmm_lr_mul * lr, args.min_lr, warm),
+            "last_lr": 0.0 if step < args.freeze_last_layer_epochs * ep else lr_s,  # DINOv2
+            "wd": dinov2_schedule(step, total, args.weight_decay, args.weight_decay_end),
+            "momentum": dinov2_schedule(step, total, args.momentum_teacher, 1.0),
+            "teacher_temp": dinov2_schedule(step, tw, args.teacher_temp, args.teacher_temp, tw,
+                                            args.warmup_teacher_temp) if tw
+            else args.teacher_temp}
 
 
 def dinov2_schedule(step: int, total: int, base: float, final: float, warmup: int = 0,
@@ -780,9 +918,10 @@ def set_schedules(opt, a: Args, lr: float, pmm_lr: float, last_lr: float, wd: fl
 @torch.no_grad()
 def patch_features(backbone: Backbone, frames: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) -> last-layer final-norm patch tokens (B, D, H/p, W/p), CLS and registers
-    dropped (spec §4: `x_norm_no_reg`), fp32; the drivers L2-normalise them."""
+    dropped (spec §4: `x_norm_no_reg`), fp32; the drivers L2-normalise them. Runs
+    `Backbone.forward` directly: eager even under --compile (sizes vary per video)."""
     p = backbone.patch_embed.patch_size
-    _, tokens = backbone.forward_tokens(frames.float())
+    _, tokens = backbone.forward(frames.float())
     return tokens.transpose(1, 2).reshape(len(frames), -1, frames.shape[-2] // p,
                                           frames.shape[-1] // p)
 
@@ -870,10 +1009,15 @@ def save_cross_attention(model: TCoRe, args: Args, path: str, n: int = 4) -> Non
     files = [f[0] if isinstance(f, tuple) else f for f in files][:n]
     bb, pmm, G, p = model.student.backbone, model.auxiliary_decoder, args.global_size, \
         args.patch_size
+    dev = next(model.parameters()).device  # every input of the model goes there
     g = G // p
     was = model.training
     model.eval()
     rows = []
+    red, yellow = torch.tensor([1., 0, 0]).view(3, 1, 1), torch.tensor([1., 1, 0]).view(3, 1, 1)
+    mask = torch.zeros(g, g, dtype=torch.bool)
+    mask[g // 4:g - g // 4, g // 4:g - g // 4] = True
+    q = (g // 2) * g + g // 2
     for i, f in enumerate(files):
         rng = data.sample_np_rng(args.seed + 1, 0, i)
         T = video.video_length(f)
@@ -882,21 +1026,20 @@ def save_cross_attention(model: TCoRe, args: Args, path: str, n: int = 4) -> Non
         top, left, h, w = centre_box(*fr.shape[-2:])
         x = v2.functional.resized_crop(fr, top, left, h, w, [G, G], antialias=True)
         x = v2.functional.normalize(x.float() / 255, MEAN, STD)  # (3, 3, G, G): past, cur, fut
-        mask = torch.zeros(g, g, dtype=torch.bool)
-        mask[g // 4:g - g // 4, g // 4:g - g // 4] = True
-        q = (g // 2) * g + g // 2
-        _, s_pat = bb.forward_tokens(x[1:2], mask.view(1, -1))
+        xd = x.to(dev)
+        _, s_pat = bb.forward_tokens(xd[1:2], mask.view(1, -1).to(dev))
+        atts = []
+        for a_i in (0, 2):
+            _, aux = bb.forward_tokens(xd[a_i:a_i + 1])
+            _, (att,) = pmm(aux, s_pat, need_weights=True)  # (1, N, N)
+            atts.append(att[0, q])
+        heats = torch.stack(atts).float().cpu().view(2, 1, 1, g, g)  # one copy to the host
         imgs = [to_image(x[1]) * (~mask).repeat_interleave(p, 0).repeat_interleave(p, 1)]
         qy, qx = divmod(q, g)
-        red = torch.tensor([1., 0, 0]).view(3, 1, 1)
         imgs[0][:, qy * p:(qy + 1) * p, qx * p:(qx + 1) * p] = red
-        for a_i in (0, 2):
-            _, aux = bb.forward_tokens(x[a_i:a_i + 1])
-            _, (att,) = pmm(aux, s_pat, need_weights=True)  # (1, N, N)
-            heat = att[0, q].view(1, 1, g, g)
+        for a_i, heat in zip((0, 2), heats):
             heat = F.interpolate(heat / heat.max(), size=(G, G), mode="nearest")[0]
-            img = to_image(x[a_i])
-            imgs.append(0.4 * img + 0.6 * heat * torch.tensor([1., 1, 0]).view(3, 1, 1))
+            imgs.append(0.4 * to_image(x[a_i]) + 0.6 * heat * yellow)
         rows.append(torch.stack(imgs))
     model.train(was)
     log.save_grid(rows, path, "PMM cross-attention from a masked patch (red) to the auxiliary "
@@ -916,6 +1059,9 @@ def main(args: Args) -> dict:
     if args.mask_prob * 2 * args.batch_size < 1 and not args.eval_only:
         raise cli.InputError(f"--mask-prob {args.mask_prob} x 2 --batch-size {args.batch_size} "
                              f"masks no crop: the patch losses need at least one")
+    if args.global_size // args.patch_size < 3 and not args.eval_only:
+        raise cli.InputError(f"--global-size {args.global_size} / --patch-size "
+                             f"{args.patch_size}: block masks need a grid of at least 3 x 3")
     dist.seed_all(args.seed)
     if dist.is_main():
         cli.save_args(args, args.output_dir)
@@ -926,8 +1072,7 @@ def main(args: Args) -> dict:
     if args.init_from:
         load_weights(tc, args.init_from)
     if args.compile:
-        tc.student.backbone.compile()
-        tc.teacher.backbone.compile()
+        compile_model(tc)
     model = nn.parallel.DistributedDataParallel(tc, broadcast_buffers=False) \
         if dist.is_dist() else tc
     if args.bench:
@@ -942,7 +1087,10 @@ def main(args: Args) -> dict:
         step = pretrain(model, tc, args, device, amp, logger)
     summary.update(steps=step, seconds=round(time.time() - t0, 1))
 
-    if dist.is_main() and (args.davis or args.jhmdb or args.vip):  # evaluation on rank 0
+    if args.davis or args.jhmdb or args.vip:
+        # on every rank: common.propagation shares the videos among the ranks of a process
+        # group and gives every rank the full result (its DAVIS predictions: this rank's
+        # videos, the first sequence on rank 0); printing and pictures stay on rank 0
         feats = {"trained": tc.teacher.backbone}
         if args.eval_random_init:
             for i in range(args.random_init_seeds):
@@ -967,15 +1115,16 @@ def main(args: Args) -> dict:
             margin = results["trained"]["davis_jf"] - max(randoms) - spread - 0.03
             summary.update(davis_jf_random_spread=round(spread, 4),
                            davis_jf_level2_margin=round(margin, 4))
-            print(f"DAVIS J&F: random inits {min(randoms):.4f}-{max(randoms):.4f} (spread "
-                  f"{spread:.4f}); trained {results['trained']['davis_jf']:.4f}; margin "
-                  f"(trained - best random - spread - 0.03) {margin:+.4f}: the trained model "
-                  f"{'beats' if margin > 0 else 'does not beat'} random init clearly")
+            dist.print0(f"DAVIS J&F: random inits {min(randoms):.4f}-{max(randoms):.4f} "
+                        f"(spread {spread:.4f}); trained {results['trained']['davis_jf']:.4f}; "
+                        f"margin (trained - best random - spread - 0.03) {margin:+.4f}: the "
+                        f"trained model {'beats' if margin > 0 else 'does not beat'} random "
+                        f"init clearly")
         width = max(len(n) for n in ["metric", *summary["metrics"]]) + 2
-        print(f"{'metric':<{width}}" + "".join(f"{k:>14}" for k in results))
+        dist.print0(f"{'metric':<{width}}" + "".join(f"{k:>14}" for k in results))
         for name, vals in summary["metrics"].items():
-            print(f"{name:<{width}}" + "".join(f"{vals[k]:>14.4f}" for k in results))
-        if davis_preds.get("trained"):
+            dist.print0(f"{name:<{width}}" + "".join(f"{vals[k]:>14.4f}" for k in results))
+        if dist.is_main() and davis_preds.get("trained"):
             save_propagation(args.davis, {k: davis_preds[k] for k in ("random_init", "trained")
                                           if davis_preds.get(k)},
                              os.path.join(args.output_dir, "propagation.png"))
@@ -989,66 +1138,69 @@ def main(args: Args) -> dict:
     return summary
 
 
+def make_loader(args: Args, ds: Dataset):
+    """The pretraining loader: shuffled (epoch, index) keys, and `MaskingCollate` drawing the
+    block masks in the workers."""
+    return data.make_loader(ds, args.batch_size, True, args.seed, args.num_workers,
+                            collate_fn=MaskingCollate(args))
+
+
+def to_device(batch: tuple, device) -> tuple:
+    """A loader batch (globals, locals, aux, masks dict) -> the step's inputs on `device`,
+    copied without blocking: crops [xg (2B, 3, G, G), xl (LB, 3, l, l), xp, xf (2B, 3, G, G)]
+    crop-major (row c B + b is crop c of sample b, spec §1) and the masks dict."""
+    g, loc, aux, masks = batch
+    crops = [g.transpose(0, 1).flatten(0, 1), loc.transpose(0, 1).flatten(0, 1),
+             aux[:, 0].transpose(0, 1).flatten(0, 1), aux[:, 1].transpose(0, 1).flatten(0, 1)]
+    return ([c.to(device, non_blocking=True) for c in crops],
+            {k: v.to(device, non_blocking=True) for k, v in masks.items()})
+
+
 def pretrain(model, tc: TCoRe, args: Args, device, amp: optim.Amp, logger: log.Logger) -> int:
     """The training loop keyed by the global step; returns the number of steps done."""
     ds = data.SafeDataset(pretrain_dataset(args), args.max_fail_fraction, "pretrain videos")
-    loader = data.make_loader(ds, args.batch_size, True, args.seed, args.num_workers)
-    global_batch = args.batch_size * dist.world()
-    lr = args.base_lr * math.sqrt(global_batch / 1024)  # spec §3: sqrt scaling
-    opt = torch.optim.AdamW(param_groups(tc, args), lr=lr, betas=args.betas,
-                            fused=device.type == "cuda")
-    ep = args.epoch_length or len(loader)
-    total = args.epochs * ep
+    loader = make_loader(args, ds)
+    opt, lr = build_optimizer(tc, args, device)
+    ep, total = run_length(args, len(loader))
     loop_epochs = math.ceil(total / len(loader))
     loop = training.Loop(loader, loop_epochs, {"model": tc, "optimizer": opt}, args, logger,
                          amp, max_steps=min(args.max_steps or total, total))
-    grid = (args.global_size // args.patch_size,) * 2
-    dist.print0(f"{len(ds)} videos, {ep} steps/epoch, {total} steps, global batch "
-                f"{global_batch}, peak lr {lr:.4g} (PMM {args.pmm_lr_mul * lr:.4g}), lr groups "
-                f"{args.lr_groups}, amp {amp.mode}, output {args.output_dir}")
+    dist.print0(f"{len(ds)} videos, {ep} steps/epoch ({len(loader)} per pass over the data), "
+                f"{total} steps, global batch {args.batch_size * dist.world()}, peak lr "
+                f"{lr:.4g} (PMM {args.pmm_lr_mul * lr:.4g}), lr groups {args.lr_groups}, amp "
+                f"{amp.mode}, output {args.output_dir}")
     loop.resume(args.resume)
     model.train()
-    for g, loc, aux in loop:
-        s = loop.step
-        lr_s = dinov2_schedule(s, total, lr, args.min_lr, args.warmup_epochs * ep)
-        pmm_lr = dinov2_schedule(s, total, args.pmm_lr_mul * lr, args.min_lr,
-                                 args.warmup_epochs * ep)
-        last_lr = 0.0 if s < args.freeze_last_layer_epochs * ep else lr_s  # DINOv2's freeze
-        wd = dinov2_schedule(s, total, args.weight_decay, args.weight_decay_end)
-        mom = dinov2_schedule(s, total, args.momentum_teacher, 1.0)
-        tw = args.warmup_teacher_temp_epochs * ep
-        temp = dinov2_schedule(s, tw, args.teacher_temp, args.teacher_temp, tw,
-                               args.warmup_teacher_temp) if tw else args.teacher_temp
-        set_schedules(opt, args, lr_s, pmm_lr, last_lr if args.lr_groups == "fixed" else lr_s,
-                      wd)
-        B = len(g)
-        crops = [g.transpose(0, 1).flatten(0, 1), loc.transpose(0, 1).flatten(0, 1),
-                 aux[:, 0].transpose(0, 1).flatten(0, 1), aux[:, 1].transpose(0, 1).flatten(0, 1)]
-        crops = [c.to(device, non_blocking=True) for c in crops]  # crop-major (spec §2)
-        rng = np.random.default_rng(int(torch.randint(2 ** 62, ())))  # from the saved RNG
-        masks = sample_masks(2 * B, grid, args.mask_prob, args.mask_ratio, rng).to(device)
-        out = train_step(model, crops, masks, opt, amp, temp, mom, args.clip_grad)
-        loop.end_step(out, {"train/lr": lr_s, "train/wd": wd, "train/teacher_temp": temp,
-                            "train/momentum": mom})
+    for batch in loop:
+        sch = schedules(args, loop.step, total, ep, lr)
+        set_schedules(opt, args, sch["lr"], sch["pmm_lr"], sch["last_lr"], sch["wd"])
+        crops, masks = to_device(batch, device)
+        out = train_step(model, crops, masks, opt, amp, sch["teacher_temp"], sch["momentum"],
+                         args.clip_grad)
+        loop.end_step(out, {"train/lr": sch["lr"], "train/wd": sch["wd"],
+                            "train/teacher_temp": sch["teacher_temp"],
+                            "train/momentum": sch["momentum"]})
     loop.check_replicas(tc, buffers=tuple(tc.loss.buffers()))
     return loop.step
 
 
 def bench(model, tc: TCoRe, args: Args, device, amp: optim.Amp) -> dict:
-    """--bench: training steps on random tensors at the configured shapes, and the loader."""
-    B, G, L = args.batch_size, args.global_size, args.local_size
-    crops = [torch.randn(2 * B, 3, G, G, device=device),
-             torch.randn(args.local_crops * B, 3, L, L, device=device),
-             torch.randn(2 * B, 3, G, G, device=device), torch.randn(2 * B, 3, G, G, device=device)]
-    grid = (G // args.patch_size,) * 2
-    masks = sample_masks(2 * B, grid, args.mask_prob, args.mask_ratio,
-                         np.random.default_rng(0)).to(device)
-    opt = torch.optim.AdamW(param_groups(tc, args), lr=1e-4, fused=device.type == "cuda")
+    """--bench: the training step exactly as `pretrain` runs it (its optimiser and groups at
+    the first step's schedules, a batch and masks from the training loader, copied as in
+    training), timed on that batch; then the loader alone."""
+    loader = make_loader(args, data.SafeDataset(pretrain_dataset(args), args.max_fail_fraction,
+                                                "pretrain videos"))
+    opt, lr = build_optimizer(tc, args, device)
+    ep, total = run_length(args, len(loader))
+    sch = schedules(args, 0, total, ep, lr)
+    set_schedules(opt, args, sch["lr"], sch["pmm_lr"], sch["last_lr"], sch["wd"])
+    crops, masks = to_device(next(iter(loader)), device)
     model.train()
-    loader = data.make_loader(pretrain_dataset(args), B, True, args.seed, args.num_workers)
-    return log.bench(lambda: train_step(model, crops, masks, opt, amp, 0.04, 0.992, 3.0), B,
-                     device, loader=loader, model=args.model, global_size=G, amp=amp.mode,
-                     masked_patches=int(masks.sum()))
+    return log.bench(lambda: train_step(model, crops, masks, opt, amp, sch["teacher_temp"],
+                                        sch["momentum"], args.clip_grad),
+                     args.batch_size, device, loader=loader, model=args.model,
+                     global_size=args.global_size, amp=amp.mode,
+                     masked_patches=len(masks["idx"]))
 
 
 if __name__ == "__main__":
