@@ -1198,8 +1198,8 @@ def bench(model, tc: TCoRe, args: Args, device, amp: optim.Amp) -> dict:
     model.train()
     return log.bench(lambda: train_step(model, crops, masks, opt, amp, sch["teacher_temp"],
                                         sch["momentum"], args.clip_grad),
-                     args.batch_size, device, loader=loader, model=args.model,
-                     global_size=args.global_size, amp=amp.mode,
+                     args.batch_size, device, loader=loader, amp_dtype=amp.dtype,
+                     model=args.model, global_size=args.global_size, amp=amp.mode,
                      masked_patches=len(masks["idx"]))
 
 
