@@ -533,8 +533,7 @@ class SpatialClips(Dataset):
         epoch, index = data.split_key(key)
         i, second = self.items[index]
         x = read_frames_2fps(self.halves[i], float(second), FRAMES_PER_TOKEN, self.cache)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(data.sample_rng(self.seed, epoch, index).initial_seed())
+        with data.sample_seeded(self.seed, epoch, index):
             views = [t(x).transpose(0, 1) for t in self.views]  # each (3, 2, S, S)
         return (*views, index)
 
@@ -704,8 +703,7 @@ class Windows(Dataset):
         tokens = int(self.args.window)
         x = read_frames_2fps(h, start, tokens * FRAMES_PER_TOKEN, self.args.cache_frames)
         distill = self.kind == "distill"
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(data.sample_rng(self.seed, epoch, index).initial_seed())
+        with data.sample_seeded(self.seed, epoch, index):
             x = self.transform(x).transpose(0, 1)  # (3, 2W, S, S)
             keep, lam, u = sample_draws(tokens, self.args.mask_ratio if distill else
                                         self.args.ft_mask_ratio,

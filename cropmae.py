@@ -347,7 +347,7 @@ class PretrainPairs(Dataset):
             clip = video.read_clip(path, idx).permute(0, 3, 1, 2)  # uint8 (T, 3, H, W)
             imgs = [tv_tensors.Image(f) for f in clip]  # so that v2 transforms every frame
         with torch.random.fork_rng(devices=[]):  # v2 transforms draw from torch's global RNG
-            torch.manual_seed(int(rng.integers(2 ** 62)))
+            torch.default_generator.manual_seed(int(rng.integers(2 ** 62)))
             return self.views(imgs)
 
 
@@ -639,7 +639,8 @@ def save_reconstructions(model: CropMAE, imgs: torch.Tensor, args: Args, path: s
     """Rows: V1, V2 with only its visible patches, reconstruction (pasted visible patches,
     norm-pix predictions de-normalised with the true patch statistics, as MAE's figures), V2."""
     model.eval()
-    with torch.random.fork_rng(devices=[]):  # a fixed mask, without touching the run's RNG
+    devices = [imgs.device] if imgs.is_cuda else []  # the masks are drawn on imgs' device
+    with torch.random.fork_rng(devices=devices):  # a fixed mask, without touching the run's RNG
         torch.manual_seed(args.seed)
         _, pred, mask = model(imgs, args.mask_ratio)
     p, g = args.patch_size, model.patch_embed.grid_size

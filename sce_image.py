@@ -317,8 +317,7 @@ class Views(Dataset):
     def __getitem__(self, key):
         epoch, index = data.split_key(key)
         img, label = self.base[index]
-        with torch.random.fork_rng(devices=[]):  # v2 transforms draw from torch's global RNG
-            torch.manual_seed(data.sample_rng(self.seed, epoch, index).initial_seed())
+        with data.sample_seeded(self.seed, epoch, index):  # v2 draws from the global RNG
             views = [t(img) for t in self.transforms]
         return views, label, index
 
@@ -498,8 +497,7 @@ class Indexed(Dataset):
     def __getitem__(self, key):
         epoch, i = data.split_key(key)
         img, label = self.base[i]
-        with torch.random.fork_rng(devices=[]):  # train-time augmentation from (seed, epoch, i)
-            torch.manual_seed(data.sample_rng(self.seed, epoch, i).initial_seed())
+        with data.sample_seeded(self.seed, epoch, i):  # train-time augmentation
             return self.transform(img), label, i
 
 

@@ -347,7 +347,7 @@ class SandwichClips(Dataset):
         frames = video.read_clip(path, [p, c, f]).permute(0, 3, 1, 2)  # uint8 (3, 3, H, W)
         top, left, h, w = centre_box(*frames.shape[-2:])
         with torch.random.fork_rng(devices=[]):  # v2 transforms draw from torch's global RNG
-            torch.manual_seed(int(rng.integers(2 ** 62)))
+            torch.default_generator.manual_seed(int(rng.integers(2 ** 62)))
             cur = frames[1]
             g = torch.stack([self.colour1(self.global_crop(cur)),
                              self.colour2(self.global_crop(cur))])

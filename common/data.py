@@ -7,6 +7,7 @@ build the sampler with `ResumableSampler(..., with_epoch=True)` so the dataset r
 `sample_rng(seed, epoch, index)`. This holds whatever the number of workers, with
 persistent workers, and across a mid-epoch restart.
 """
+import contextlib
 import logging
 import math
 import os
@@ -195,6 +196,16 @@ def sample_rng(seed: int, epoch: int, index: int) -> torch.Generator:
     """A torch generator determined by (seed, epoch, index) alone: draw a sample's
     augmentations from it (`torch.rand(..., generator=g)`)."""
     return torch.Generator().manual_seed(_seed(0, seed, epoch, index))
+
+
+@contextlib.contextmanager
+def sample_seeded(seed: int, epoch: int, index: int):
+    """Within: the global CPU generator seeded as `sample_rng(seed, epoch, index)`, for
+    transforms that draw from it (torchvision v2); restored on exit. CUDA's generator is left
+    alone (a loader without workers runs this in the training process)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(_seed(0, seed, epoch, index))
+        yield
 
 
 def sample_np_rng(seed: int, epoch: int, index: int) -> np.random.Generator:

@@ -5,6 +5,7 @@ training loop calls `Logger.log` at log steps and stays free of host syncs in be
 """
 import json
 import os
+import re
 import resource
 import sys
 import time
@@ -103,18 +104,21 @@ class Throughput:
 # Dense (no sparsity) peak tensor-core TFLOP/s per GPU for 16-bit inputs, from the vendors'
 # data sheets; fp32 matmuls run as TF32 at half of it. A device not listed gets no MFU.
 PEAK_TFLOPS_16BIT = {"H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 NVL": 835.0,
-                     "H100 PCIe": 756.0, "H200": 989.4, "GH200": 989.4, "A100": 312.0,
-                     "L40S": 362.0, "A10G": 70.0, "L4": 121.0, "RTX 4090": 165.2}
+                     "H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "GH200": 989.4,
+                     "A100": 312.0, "L40S": 362.0, "L40": 181.0, "A10G": 70.0, "L4": 121.0,
+                     "RTX 4090": 165.2}
 
 
-def peak_tflops(device: torch.device, amp_dtype: Optional[torch.dtype]) -> Optional[float]:
+def peak_tflops(device: torch.device, amp_dtype: Optional[torch.dtype],
+                name: Optional[str] = None) -> Optional[float]:
     """The device's peak TFLOP/s for the AMP dtype (bf16/fp16; fp32 as TF32: half), or None
-    on the CPU and on GPUs not in `PEAK_TFLOPS_16BIT`."""
+    on the CPU and on GPUs not in `PEAK_TFLOPS_16BIT`. `name`: the CUDA device name (read
+    from the device when not given); a table key matches whole words of it."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    name = name or torch.cuda.get_device_name(device)
     peak = next((v for k, v in sorted(PEAK_TFLOPS_16BIT.items(), key=lambda kv: -len(kv[0]))
-                 if k in name), None)
+                 if re.search(rf"(^|\W){re.escape(k)}($|\W)", name)), None)  # "L4" not "L40"
     if peak is None:
         return None
     return peak if amp_dtype in (torch.bfloat16, torch.float16) else peak / 2

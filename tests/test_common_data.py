@@ -241,3 +241,12 @@ def test_safe_dataset_gives_up_after_tries(tmp_path):
                           tries=3)
     with pytest.raises(RuntimeError, match=r"3 consecutive unreadable samples up to .*2\.mp4"):
         ds[0]
+
+
+def test_sample_seeded_draws_as_sample_rng_and_restores_the_global_state():
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    with data.sample_seeded(3, 1, 7):
+        inside = torch.rand(4)
+    assert torch.equal(inside, torch.rand(4, generator=data.sample_rng(3, 1, 7)))
+    assert torch.equal(torch.get_rng_state(), before)

@@ -61,6 +61,12 @@ def test_bench_counts_the_flops_of_a_training_step(capsys):
     assert out["gflop_per_sample"] == pytest.approx(6 * 64 * 32 / 1e9)
     assert out["tflop_per_s"] == pytest.approx(6 * 8 * 64 * 32 / out["ms_per_step"] / 1e9)
     assert log.peak_tflops(torch.device("cpu"), torch.bfloat16) is None
+    cuda = torch.device("cuda", 0)  # the table, by the names CUDA reports (no GPU needed)
+    for name, peak in (("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0),
+                       ("NVIDIA L40", 181.0), ("NVIDIA L4", 121.0), ("NVIDIA L40S", 362.0),
+                       ("NVIDIA A100-SXM4-80GB", 312.0), ("Tesla V100-SXM2-16GB", None)):
+        assert log.peak_tflops(cuda, torch.bfloat16, name) == peak, name
+    assert log.peak_tflops(cuda, None, "NVIDIA H200") == 989.4 / 2  # fp32 runs as TF32
 
 
 def test_progress_is_a_plain_iterator():
