@@ -1,17 +1,21 @@
-"""The GPU acceptance suite: `python -m pytest -q -m gpu` on a CUDA machine (a few minutes).
+"""The GPU acceptance suite: `python -m pytest -q -m gpu` on a CUDA machine.
 
 Without CUDA every test here is reported skipped ("no CUDA device"). On a GPU it checks what
 the CPU suite cannot:
-- every method's real script for a few steps on CUDA in bf16 under `torchrun
-  --nproc_per_node=1` with an nccl group forced (`FORCE_PROCESS_GROUP=1`), so that DDP,
-  SyncBatchNorm, the collectives, fused AdamW and channels_last run as on eight GPUs; its
-  checkpoint then resumes on the CPU for one step and back on CUDA in fp16 (a fresh scaler);
-- `--compile` for one method;
+- every method's real script for a few steps on CUDA in bf16 under `torchrun` with an nccl
+  group: two processes where two GPUs are visible (DDP, SyncBatchNorm and the collectives
+  then synchronise for real), else one with the group forced (`FORCE_PROCESS_GROUP=1`:
+  DDP and the collectives run; SyncBatchNorm computes plain BN statistics in a world of one);
+  fused AdamW and channels_last as in training; its checkpoint then resumes for one step on
+  a process that sees no GPU (`CUDA_VISIBLE_DEVICES=""`), and back on CUDA in fp16 (a fresh
+  scaler);
+- `--compile` for one method: graphs are compiled, and the losses follow eager's;
 - a checkpoint written on CUDA loads on the CPU and back, optimiser state included;
-- `--bench` of every method at its paper preset's shapes, printed as one table (samples/s,
-  ms/step, GFLOP per sample, TFLOP/s, MFU, peak memory).
+- `--bench` of every method at its paper preset's shapes (the tests named `bench`), printed
+  as one table (samples/s, ms/step, GFLOP per sample, TFLOP/s, MFU, peak memory).
 The per-method tests marked `gpu` in `tests/test_<method>.py` compare one CUDA training step in
-fp32, bf16 and fp16 with the fp32 CPU step on the same weights and batch.
+fp32, bf16 and fp16 with the fp32 CPU step on the same weights and batch. Time on one H100:
+not measured yet; `-m gpu -k "not bench"` leaves out the benches, the longest part.
 """
 import json
 import os
@@ -22,11 +26,12 @@ import pytest
 import torch
 from torch import nn
 
-from common import checkpoint, log, optim
+from common import checkpoint, cli, log, optim, vit
 
 pytestmark = pytest.mark.gpu
 DEVICE = "cuda"  # (a dry run of the commands on a CPU sets this to "cpu" by hand)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NPROC = 2 if torch.cuda.device_count() >= 2 else 1
 
 # A few steps of each method's demo (its embedded synthetic data, written on first use), with
 # the evaluation cut to what still runs every evaluation code path once.
@@ -51,11 +56,12 @@ PAPER = [("sce_image", ""), ("sce_image", "imagenet-multicrop"), ("sce_video", "
 BENCH_ROWS = []
 
 
-def torchrun(script: str, argv: list, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node=1` with an nccl group of one (DDP and SyncBN really run)."""
-    env = {**os.environ, "FORCE_PROCESS_GROUP": "1", "CI": "true"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--standalone",
-           os.path.join(ROOT, script), *argv]
+def torchrun(script: str, argv: list, timeout: float = 600, nproc: int = NPROC,
+             **env) -> subprocess.CompletedProcess:
+    """`torchrun` with `nproc` processes and a process group even for one (nccl on CUDA)."""
+    env = {**os.environ, "FORCE_PROCESS_GROUP": "1", "CI": "true", **env}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           "--standalone", os.path.join(ROOT, script), *argv]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT)
 
@@ -85,15 +91,12 @@ def test_a_run_on_one_gpu_under_nccl_resumes_on_the_cpu_and_back(method, tmp_pat
     assert all(torch.isfinite(torch.tensor(loss)) for s in loops.values() for _, loss in s)
     replicas = [r for r in log.read_jsonl(os.path.join(out, "log.jsonl"))
                 if "ddp/max_replica_diff" in r]
-    assert replicas and replicas[-1]["ddp/max_replica_diff"] == 0.0  # DDP ran, one replica
-    ckpts = [f for f in os.listdir(out) if f.endswith(".pt") and f != "backbone.pt"]
-    for name in ckpts:  # written on CUDA, read on the CPU
-        for t in _tensors(checkpoint.load(os.path.join(out, name))):
-            assert t.device.type == "cpu"
-    # one more step on the CPU in fp32, then one on CUDA in fp16 (no scale in the checkpoint)
+    assert replicas and replicas[-1]["ddp/max_replica_diff"] == 0.0  # DDP ran, replicas equal
+    # one more step where no GPU is visible (fp32, gloo), then one on CUDA in fp16 (the
+    # checkpoints hold no loss scale)
     resumed, flags = RESUMED.get(method, (list(loops), []))
     cpu = torchrun(f"{method}.py", [*common, *flags, "--device", "cpu", "--amp", "none",
-                                    "--max-steps", "4"])
+                                    "--max-steps", "4"], CUDA_VISIBLE_DEVICES="")
     assert cpu.returncode == 0, cpu.stderr[-4000:]
     back = torchrun(f"{method}.py", [*common, *flags, "--device", DEVICE, "--amp", "fp16",
                                      "--max-steps", "5"])
@@ -103,28 +106,21 @@ def test_a_run_on_one_gpu_under_nccl_resumes_on_the_cpu_and_back(method, tmp_pat
     assert os.path.isfile(os.path.join(out, "summary.json"))
 
 
-def _tensors(x):
-    if isinstance(x, torch.Tensor):
-        yield x
-    elif isinstance(x, dict):
-        for v in x.values():
-            yield from _tensors(v)
-    elif isinstance(x, (list, tuple)):
-        for v in x:
-            yield from _tensors(v)
-
-
-def test_compile_runs_and_learns_as_eager(tmp_path):
-    """`--compile` on CUDA (SCE image: ResNet encoders): the same steps as eager, losses
-    within bf16 noise of each other."""
+def test_compile_compiles_and_learns_as_eager(tmp_path):
+    """`--compile` on CUDA (SCE image: ResNet encoders), in this process: dynamo compiles
+    graphs only then, and the first 4 losses follow eager's within bf16 noise."""
+    import sce_image
+    from torch._dynamo.utils import counters
     losses = {}
     for mode in ("eager", "compile"):
-        out = str(tmp_path / mode)
-        flags = ["--compile"] if mode == "compile" else []
-        proc = torchrun("sce_image.py", [*TINY["sce_image"], *flags, "--output-dir", out,
-                                         "--device", DEVICE, "--amp", "bf16", "--max-steps", "4",
-                                         "--log-every", "1"])
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        out = tmp_path / mode
+        graphs = counters["stats"]["unique_graphs"]
+        argv = [*TINY["sce_image"], "--no-sync-bn", "--output-dir", str(out), "--device",
+                DEVICE, "--amp", "bf16", "--max-steps", "4", "--log-every", "1"]
+        sce_image.main(cli.parse(sce_image.Args, sce_image.PRESETS,
+                                 argv + (["--compile"] if mode == "compile" else [])))
+        compiled = counters["stats"]["unique_graphs"] - graphs
+        assert (compiled > 0) == (mode == "compile"), (mode, compiled)
         losses[mode] = [loss for _, loss in train_steps(out)["train"]]
     assert len(losses["compile"]) == len(losses["eager"]) == 4
     for a, b in zip(losses["eager"], losses["compile"]):
@@ -166,6 +162,10 @@ def test_bench_at_the_papers_shapes_counts_flops(method, preset, tmp_path):
     a FLOP count."""
     argv = [f"{method}.py", "--bench", "--device", DEVICE, "--output-dir", str(tmp_path)]
     argv += ["--preset", preset] if preset else ["--data", ""]  # the defaults, synthetic data
+    if preset.endswith("-dino"):  # a frozen ViT-B/16 teacher: random weights, DINO's keys
+        teacher = vit.VisionTransformer(224, 16, 3, *vit.vit_sizes["base"], pos_embed="learned")
+        torch.save(teacher.state_dict(), tmp_path / "dino_vitb16.pth")
+        argv += ["--teacher-weights", str(tmp_path / "dino_vitb16.pth")]
     proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=600,
                           cwd=ROOT)
     assert proc.returncode == 0, f"{method} {preset}: {proc.stderr[-3000:]}"
@@ -176,19 +176,20 @@ def test_bench_at_the_papers_shapes_counts_flops(method, preset, tmp_path):
         BENCH_ROWS.append((method, preset or "default", r))
 
 
-def test_bench_table():
+def test_bench_table(capsys):
     """The table of the benches above (run after them), for the README."""
     if not BENCH_ROWS:
         pytest.skip("no bench ran (select the bench tests too)")
-    with open(os.path.join(ROOT, "runs", "gpu_bench.jsonl"), "w") if os.path.isdir(
-            os.path.join(ROOT, "runs")) else open(os.devnull, "w") as fh:
+    os.makedirs(os.path.join(ROOT, "runs"), exist_ok=True)
+    with open(os.path.join(ROOT, "runs", "gpu_bench.jsonl"), "w") as fh:  # for the README
         for method, preset, r in BENCH_ROWS:
             fh.write(json.dumps({"method": method, "preset": preset, **r}) + "\n")
-    print(f"\n{'method':<10} {'preset':<19} {'stage':<9} {'device':<24} {'samples/s':>10}"
-          f" {'ms/step':>9} {'GFLOP/sample':>13} {'TFLOP/s':>8} {'MFU':>6} {'peak MiB':>9}")
-    for method, preset, r in BENCH_ROWS:
-        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
-        print(f"{method:<10} {preset:<19} {r.get('stage', ''):<9} {r['device'][:24]:<24}"
-              f" {r['samples_per_s']:>10.1f} {r['ms_per_step']:>9.1f}"
-              f" {r['gflop_per_sample']:>13.1f} {r['tflop_per_s']:>8.1f} {mfu:>6}"
-              f" {r['peak_mem_mb']:>9.0f}")
+    with capsys.disabled():  # shown even though the test passes
+        print(f"\n{'method':<10} {'preset':<19} {'stage':<9} {'device':<24} {'samples/s':>10}"
+              f" {'ms/step':>9} {'GFLOP/sample':>13} {'TFLOP/s':>8} {'MFU':>6} {'peak MiB':>9}")
+        for method, preset, r in BENCH_ROWS:
+            mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+            print(f"{method:<10} {preset:<19} {r.get('stage', ''):<9} {r['device'][:24]:<24}"
+                  f" {r['samples_per_s']:>10.1f} {r['ms_per_step']:>9.1f}"
+                  f" {r['gflop_per_sample']:>13.1f} {r['tflop_per_s']:>8.1f} {mfu:>6}"
+                  f" {r['peak_mem_mb']:>9.0f}")
