@@ -1,5 +1,8 @@
 """Shared evaluation on frozen features: extraction (DDP-aware), weighted kNN, a quick linear
-probe and retrieval recall. Accuracies and recalls are returned in percent."""
+probe and retrieval recall. Accuracies and recalls are returned in percent. They run their
+fp32 matrix products in full fp32 (`full_fp32`), as the official evaluations do under
+PyTorch's defaults, even where training enabled TF32."""
+import contextlib
 import math
 from contextlib import nullcontext
 from typing import Callable, Iterable
@@ -11,6 +14,19 @@ from torch import Tensor
 from common import dist
 
 
+@contextlib.contextmanager
+def full_fp32():
+    """Within (or as a decorator): fp32 matrix products without TF32, PyTorch's default,
+    which `common.dist.init` turns on for training on CUDA; the flag is restored on exit."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@full_fp32()
 @torch.no_grad()
 def extract_features(fn: Callable[[Tensor], Tensor], loader: Iterable, device: torch.device | str,
                      amp=None) -> tuple[Tensor, Tensor]:
@@ -77,6 +93,7 @@ def _summed(counts: Tensor, share: bool) -> list:
     return counts.tolist()
 
 
+@full_fp32()
 @torch.no_grad()
 def knn_classify(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor,
                  num_classes: int, k: Iterable[int] = (20, 200), T: float = 0.07,
@@ -107,6 +124,7 @@ def knn_classify(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tenso
     return {f"knn_top1@{kk}": 100.0 * c / len(test_f) for kk, c in zip(k, counts)}
 
 
+@full_fp32()
 def linear_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor, num_classes: int,
                  epochs: int = 100, lr: float = 0.1, batch_size: int = 256, wd: float = 0.0,
                  normalize: bool = True, seed: int = 0) -> dict[str, float]:
@@ -147,6 +165,7 @@ def linear_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tenso
     return {"linear_top1": 100.0 * acc}
 
 
+@full_fp32()
 @torch.no_grad()
 def retrieval_recall(query_f: Tensor, query_y: Tensor, bank_f: Tensor, bank_y: Tensor,
                      ks: Iterable[int] = (1, 5, 10, 20), center: bool = True,

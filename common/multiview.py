@@ -52,6 +52,7 @@ def uniform_crops(frames: Tensor, size: int, n: int, ceil: bool = False) -> list
     return [frames[..., (h - size) // 2:(h - size) // 2 + size, o:o + size] for o in offs]
 
 
+@evaluate.full_fp32()
 @torch.no_grad()
 def multi_view_accuracy(model: Callable[[Tensor], Tensor], loader: Iterable, device,
                         amp=None) -> dict:

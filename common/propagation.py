@@ -29,6 +29,7 @@ from PIL import Image
 from torch import Tensor
 
 from . import cli, dist
+from .evaluate import full_fp32
 from .synthetic import davis_palette
 
 
@@ -556,6 +557,7 @@ def resize_nearest(label: Tensor, size, how: str = "pil") -> Tensor:
     return out.reshape(*label.shape[:-2], H, W).to(label.dtype)
 
 
+@full_fp32()
 def eval_davis(feat_fn, root, size: tuple[int, int] = (480, 880), topk: int = 7,
                temperature: float = 0.7, radius: float = 20.0, context: int = 20,
                gt_at_eval_size: bool = True, out_dir=None, device="cpu") -> tuple[dict, list]:
@@ -603,6 +605,7 @@ def eval_davis(feat_fn, root, size: tuple[int, int] = (480, 880), topk: int = 7,
     return davis_scores(per_video(sequence, len(seqs))), out
 
 
+@full_fp32()
 def eval_jhmdb(feat_fn, file_list, size: tuple[int, int] = (320, 320), topk: int = 7,
                temperature: float = 0.7, radius: float = 20.0, context: int = 20,
                device="cpu") -> dict:
@@ -642,6 +645,7 @@ def vip_size(height: int, width: int, long_side: int = 880) -> tuple[int, int]:
     return (s, long_side) if width >= height else (long_side, s)
 
 
+@full_fp32()
 def eval_vip(feat_fn, file_list, long_side: int = 880, topk: int = 10, temperature: float = 0.7,
              radius: float = 20.0, context: int = 20, num_classes: int = 20,
              device="cpu") -> dict:

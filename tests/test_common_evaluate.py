@@ -165,3 +165,21 @@ def test_extract_features_ddp_matches_single_process(tmp_path):
         assert torch.equal(res["labels"], ds.tensors[1])
         shares += res["share"]
     assert len(shares) == 8 and len(set(shares)) == 7  # the sampler really padded a duplicate
+
+
+def test_evaluations_run_without_tf32_and_restore_the_flag():
+    """Training may turn TF32 on (common.dist.init on CUDA); the evaluations switch it off for
+    their own matrix products and leave the flag as they found it."""
+    seen = []
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        def fn(x):
+            seen.append(torch.backends.cuda.matmul.allow_tf32)
+            return x.flatten(1)
+        evaluate.extract_features(fn, [(torch.zeros(2, 3), torch.zeros(2))], "cpu")
+        with evaluate.full_fp32():
+            seen.append(torch.backends.cuda.matmul.allow_tf32)
+        assert seen == [False, False] and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
