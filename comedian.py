@@ -37,10 +37,12 @@ Deviations, with reasons:
 - Edge removal at inference follows the official code by default, including its end-of-half
   quirk: the guard that should keep the last `r` seconds of a half compares against
   (2D - 1) x 1 s, so those seconds always lose their predictions (spec §1 Inference step 3,
-  §7.7); this keeps the released numbers. `edge_keep(..., official_end=False)` is the fix
-  (compare with the half duration D, symmetric with the start guard).
-- A half shorter than one window gets a single window starting at 0 (the official sampler
-  would start it at floor(D) - W < 0); real halves are ~45 min, so this never differs there.
+  §7.7); this keeps the released numbers. `--no-official-end` is the fix
+  (`soccernet.edge_keep(..., official_end=False)`: compare with the half duration D,
+  symmetric with the start guard).
+- A half shorter than one window gets a single window starting at 0 (`soccernet.window_starts`;
+  the official sampler would start it at floor(D) - W < 0); real halves are ~45 min, so this
+  never differs there.
 - Augmentations run per window on the CPU with torchvision v2 (one draw for all frames of a
   clip), not batched on the GPU with torchaug; draws come from (seed, epoch, index), as do
   the temporal masks and mixup weights (`sample_draws`, drawn in the loader so that the GPU
@@ -85,7 +87,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple, Sequence, Union
+from typing import Literal, Sequence, Union
 
 import numpy as np
 import torch
@@ -95,22 +97,13 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from common import augment, checkpoint, cli, data, dist, log, optim, synthetic, training, video, vit
+from common import (augment, checkpoint, cli, data, dist, log, optim, soccernet, synthetic,
+                    training, vit)
 
 PathLike = Union[str, os.PathLike]
 
-# SoccerNet-v2 action classes, index = the evaluator's EVENT_DICTIONARY_V2 (spec §3). eztorch's
-# 18th "No action" column is not a class here.
-CLASSES = ("Penalty", "Kick-off", "Goal", "Substitution", "Offside", "Shots on target",
-           "Shots off target", "Clearance", "Ball out of play", "Throw-in", "Foul",
-           "Indirect free-kick", "Direct free-kick", "Corner", "Yellow card", "Red card",
-           "Yellow->red card")
-CLASS_INDEX = {name: i for i, name in enumerate(CLASSES)}
-NUM_CLASSES = len(CLASSES)  # 17
-FPS = 2  # frames are decoded at 2 fps (spec §0)
+# SoccerNet-v2 (classes, 2-fps frames, labels, inference, metric): common/soccernet.py
 FRAMES_PER_TOKEN = 2  # one Conv3d tubelet = one temporal token = 1 s
-STEP = 1.0 / FPS  # 0.5 s: the grid of labels, merged predictions and NMS windows
-SPLITS = ("train", "valid", "test", "challenge")  # official split names (spec §3)
 
 
 # ---- 2. Arguments ----
@@ -316,99 +309,14 @@ PRESETS = {
 
 # ---- 3. Data ----
 
-class Annotation(NamedTuple):
-    """One event of `Labels-v2.json`: `position_ms` counts from the start of its `half`."""
-    half: int  # 1 or 2
-    position_ms: int
-    label: int  # index into CLASSES
-    visible: bool  # False for "not shown" (off screen, e.g. during a replay)
-
-
-def parse_labels(path: PathLike) -> list:
-    """Read a SoccerNet-v2 `Labels-v2.json` into `Annotation`s, in file order.
-
-    Each annotation holds `gameTime` "H - MM:SS", `label`, `position` (a string of ms from the
-    half's start), `team` and `visibility` ("visible" / "not shown") (spec §3). The position is
-    used when present; without it the time falls back to MM:SS, as the evaluator does. Labels
-    outside the 17 classes are skipped (as the evaluator does); a malformed file or entry raises
-    cli.InputError (a ValueError) naming the file and the entry.
-    """
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise cli.InputError(f"{path}: not valid JSON ({e})") from None
-    out = []
-    for k, a in enumerate(data.get("annotations", [])):
-        try:
-            game_time = a["gameTime"]
-            half = int(game_time.split(" - ")[0])
-            if "position" in a:
-                position_ms = int(a["position"])
-            else:
-                minutes, seconds = game_time.split(" - ")[1].split(":")
-                position_ms = 1000 * (60 * int(minutes) + int(seconds))
-            label = a["label"]
-            visible = a.get("visibility", "visible") != "not shown"
-        except (KeyError, ValueError, IndexError, AttributeError) as e:
-            raise cli.InputError(f"{path}: malformed annotation #{k} {a!r}: {e!r}") from None
-        if half not in (1, 2):
-            raise cli.InputError(f"{path}: annotation #{k} has half {half}, expected 1 or 2")
-        if label in CLASS_INDEX:
-            out.append(Annotation(half, position_ms, CLASS_INDEX[label], visible))
-    return out
-
-
-def frame_labels(annotations: Sequence[Annotation], half: int, num_frames: int,
-                 radius: float = 0.5, fps: float = FPS) -> torch.Tensor:
-    """Training targets of one half on the frame grid: (num_frames, 17) float 0/1.
-
-    Frame i (time t_i = i / fps) is positive for class c when an annotation of c in `half` has
-    |pos_s - t_i| <= radius, inclusive (spec §1 Stage 3, pitfall 9). Computed in integer ms
-    where the grid allows, so 0.5 s is exactly 0.5 s.
-    """
-    y = torch.zeros(num_frames, NUM_CLASSES)
-    frame_ms = 1000.0 / fps
-    radius_ms = radius * 1000.0
-    for a in annotations:
-        if a.half != half:
-            continue
-        lo = math.ceil((a.position_ms - radius_ms) / frame_ms - 1e-9)
-        hi = math.floor((a.position_ms + radius_ms) / frame_ms + 1e-9)
-        lo, hi = max(lo, 0), min(hi, num_frames - 1)
-        if lo <= hi:
-            y[lo:hi + 1, a.label] = 1.0
-    return y
-
-
-def token_labels(frame_y: torch.Tensor) -> torch.Tensor:
-    """OR-reduce frame targets onto tokens: (..., T, C) -> (..., T / 2, C); token j is positive
-    where frame 2j or frame 2j + 1 is (spec §1 Stage 3, pitfall 2)."""
-    *lead, t, c = frame_y.shape
-    if t % FRAMES_PER_TOKEN:
-        raise ValueError(f"token_labels: {t} frames is not a multiple of {FRAMES_PER_TOKEN}")
-    return frame_y.reshape(*lead, t // FRAMES_PER_TOKEN, FRAMES_PER_TOKEN, c).amax(-2)
-
-
-def token_times(frame_times: torch.Tensor) -> torch.Tensor:
-    """A token's time is the mean of its frames' times (eztorch `BatchReduceTimestamps`):
-    (..., T) -> (..., T / 2). For a clip starting at s on the 2-fps grid, token j is at
-    s + j + 0.25."""
-    *lead, t = frame_times.shape
-    return frame_times.reshape(*lead, t // FRAMES_PER_TOKEN, FRAMES_PER_TOKEN).mean(-1)
-
-
 MEAN, STD = (0.45, 0.45, 0.45), (0.225, 0.225, 0.225)  # spec §1 (normalize)
 
 
-class Half(NamedTuple):
-    """One half of a game: its video (file or 2-fps frame folder), its duration D in s and
-    the game's annotations (both halves)."""
-    game: str
-    half: int
-    path: str
-    duration: float
-    annotations: list
+def split_halves(root: Path, splits: Sequence[str], args: Args) -> list:
+    """The `soccernet.Half`s of the games of `splits` (their `<split>.txt`), in order, each
+    half `{half}_<--video-name>`."""
+    games = [g for s in splits for g in soccernet.read_split(root, s)]
+    return soccernet.read_halves(root, games, args.video_name)
 
 
 def data_root(args: Args) -> Path:
@@ -418,63 +326,6 @@ def data_root(args: Args) -> Path:
     if not os.path.isdir(args.data):
         raise FileNotFoundError(f"--data {args.data}: no such folder")
     return Path(args.data)
-
-
-def read_split(root: PathLike, split: str) -> list:
-    """Games of `<root>/<split>.txt` (one `league/season/game` per line, blank lines and
-    `#` comments skipped), as `SoccerNet.utils.getListGames(split)` lists them."""
-    path = Path(root) / f"{split}.txt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no game list for split {split!r} (write one game "
-                                f"folder per line, e.g. from SoccerNet.utils.getListGames)")
-    games = [ln.strip() for ln in path.read_text().splitlines()
-             if ln.strip() and not ln.lstrip().startswith("#")]
-    for k, g in enumerate(games):
-        if not (Path(root) / g).is_dir():
-            raise cli.InputError(f"{path}:{k + 1}: game folder {Path(root) / g} not found")
-    return games
-
-
-def read_halves(root: PathLike, games: Sequence[str], args: Args) -> list:
-    """The `Half`s of `games`: `{half}_{video_name}.mkv` or the frame folder of that name;
-    D = frames / fps of the file (2-fps folders: frames / 2, the official correction)."""
-    out = []
-    for game in games:
-        annotations = parse_labels(Path(root) / game / "Labels-v2.json")
-        for half in (1, 2):
-            base = Path(root) / game / f"{half}_{args.video_name}"
-            if base.is_dir():
-                path, duration = str(base), video.frame_folder_length(base) / FPS
-            elif base.with_suffix(".mkv").is_file():
-                path = str(base.with_suffix(".mkv"))
-                meta = video.video_meta(path)
-                duration = meta.num_frames / meta.fps
-            else:
-                raise FileNotFoundError(f"{base}.mkv: no such video (nor frame folder)")
-            out.append(Half(game, half, path, duration, annotations))
-    return out
-
-
-_DECODED: dict = {}  # --cache-frames: path -> every 2-fps frame of the half, (N, 3, H, W)
-
-
-def read_frames_2fps(h: Half, start: float, n: int, cache: bool = False) -> torch.Tensor:
-    """Frames start + i / 2 s, i < n, of a half as uint8 (n, 3, H, W): from a file the frame
-    on screen at that time (PyAV, seeking once), from a folder file round(2t) (clamped).
-    `cache`: decode the whole half once per process and index it (start on the 0.5-s grid;
-    for small sets such as the demo's, where decoding would bound the step time)."""
-    if cache:
-        if h.path not in _DECODED:
-            _DECODED[h.path] = read_frames_2fps(h, 0.0, max(math.floor(h.duration * FPS), 1))
-        frames = _DECODED[h.path]
-        first = round(start * FPS)
-        return frames[[min(first + i, len(frames) - 1) for i in range(n)]]
-    times = [start + i * STEP for i in range(n)]
-    if os.path.isdir(h.path):
-        x = video.read_frame_folder(h.path, [round(t * FPS) for t in times])
-    else:
-        x = video.read_frames_at(h.path, times)
-    return x.permute(0, 3, 1, 2)
 
 
 def _colour(brightness, contrast, saturation, hue, p=0.8):
@@ -532,7 +383,7 @@ class SpatialClips(Dataset):
     def __getitem__(self, key):
         epoch, index = data.split_key(key)
         i, second = self.items[index]
-        x = read_frames_2fps(self.halves[i], float(second), FRAMES_PER_TOKEN, self.cache)
+        x = soccernet.read_frames_2fps(self.halves[i], float(second), FRAMES_PER_TOKEN, self.cache)
         with data.sample_seeded(self.seed, epoch, index):
             views = [t(x).transpose(0, 1) for t in self.views]  # each (3, 2, S, S)
         return (*views, index)
@@ -543,7 +394,7 @@ def distill_starts(duration: float, window: float, n: int, rng: np.random.Genera
     equal segment of [0, D - W], jittered uniformly inside it and floored to the 0.5-s grid."""
     room = max(duration - window, 0.0)
     u = rng.random(n)
-    return [math.floor((room * (k + u[k]) / n) / STEP) * STEP for k in range(n)]
+    return [math.floor((room * (k + u[k]) / n) / soccernet.STEP) * soccernet.STEP for k in range(n)]
 
 
 def finetune_starts(duration: float, window: float, n: int, rng: np.random.Generator) -> list:
@@ -551,19 +402,20 @@ def finetune_starts(duration: float, window: float, n: int, rng: np.random.Gener
     [D - W, D] always, then n - 2 starts on the 0.5-s grid in [W/2, D - 3W/2), mutually
     non-overlapping (uniform over such sets), which may overlap the two forced windows
     (spec §1 Stage 3). Raises InputError when n - 2 windows do not fit."""
-    last = math.floor((duration - window) / STEP) * STEP
+    last = math.floor((duration - window) / soccernet.STEP) * soccernet.STEP
     starts = [0.0, max(last, 0.0)][:n]
     k = n - 2
     if k <= 0:
         return starts
-    lo, hi = math.ceil(window / 2 / STEP), math.floor((duration - 1.5 * window) / STEP)
-    w = round(window / STEP)  # a window in grid steps
+    lo = math.ceil(window / 2 / soccernet.STEP)
+    hi = math.floor((duration - 1.5 * window) / soccernet.STEP)
+    w = round(window / soccernet.STEP)  # a window in grid steps
     free = (hi - lo) - (k - 1) * (w - 1)  # positions left once the gaps are reserved
     if free < k:
         raise cli.InputError(f"{n} windows of {window:g} s per half do not fit a {duration:.1f}"
                              f"-s half without overlap: lower --ft-windows")
     v = np.sort(rng.choice(free, size=k, replace=False))
-    return starts + [(lo + int(v[j]) + j * (w - 1)) * STEP for j in range(k)]
+    return starts + [(lo + int(v[j]) + j * (w - 1)) * soccernet.STEP for j in range(k)]
 
 
 class TeacherBank:
@@ -574,10 +426,10 @@ class TeacherBank:
     def __init__(self, root: PathLike, name: str, fps: float, pca: dict):
         self.root, self.name, self.fps, self.pca = Path(root), name, fps, pca
 
-    def path(self, h: Half) -> Path:
+    def path(self, h: soccernet.Half) -> Path:
         return self.root / h.game / f"{h.half}_{self.name}.npy"
 
-    def window(self, h: Half, start: float, tokens: int) -> torch.Tensor:
+    def window(self, h: soccernet.Half, start: float, tokens: int) -> torch.Tensor:
         """(tokens, P) projected features; token j takes row floor((start + j) x fps), its
         first frame's second (C: floor(frame_idx[2j] / 2); spec §7.11), clamped."""
         feats = np.load(self.path(h), mmap_mode="r")
@@ -678,7 +530,8 @@ class Windows(Dataset):
         self.halves, self.args, self.kind, self.seed, self.bank = halves, args, kind, seed, bank
         self.per_half = per_game // 2
         self.transform = transform(kind, args)
-        self.frame_y = [frame_labels(h.annotations, h.half, math.floor(h.duration * FPS))
+        self.frame_y = [soccernet.frame_labels(h.annotations, h.half,
+                                               math.floor(h.duration * soccernet.FPS))
                         for h in halves] if kind == "finetune" else None
         for h in halves:  # a sampling that cannot work is the user's error, said now
             try:
@@ -701,7 +554,7 @@ class Windows(Dataset):
         epoch, index = data.split_key(key)
         h, start = self.halves[index // self.per_half], self.start(epoch, index)
         tokens = int(self.args.window)
-        x = read_frames_2fps(h, start, tokens * FRAMES_PER_TOKEN, self.args.cache_frames)
+        x = soccernet.read_frames_2fps(h, start, tokens * FRAMES_PER_TOKEN, self.args.cache_frames)
         distill = self.kind == "distill"
         with data.sample_seeded(self.seed, epoch, index):
             x = self.transform(x).transpose(0, 1)  # (3, 2W, S, S)
@@ -711,11 +564,11 @@ class Windows(Dataset):
         if distill:
             return x, self.bank.window(h, start, tokens), keep, index
         y = self.frame_y[index // self.per_half]
-        first = round(start * FPS)
-        fy = torch.zeros(tokens * FRAMES_PER_TOKEN, NUM_CLASSES)
+        first = round(start * soccernet.FPS)
+        fy = torch.zeros(tokens * FRAMES_PER_TOKEN, soccernet.NUM_CLASSES)
         part = y[first:first + len(fy)]
         fy[:len(part)] = part
-        return x, token_labels(fy), keep, lam, u, index
+        return x, soccernet.token_labels(fy, FRAMES_PER_TOKEN), keep, lam, u, index
 
 
 def make_loader(ds: Dataset, batch_size: int, args: Args, train: bool):
@@ -931,7 +784,7 @@ class Distiller(nn.Module):
 class LinearHead(nn.Module):
     """eztorch `LinearHead`: `layers.0` = Linear(D, 17), weight N(0, 0.01), bias 0."""
 
-    def __init__(self, dim: int, num_classes: int = NUM_CLASSES):
+    def __init__(self, dim: int, num_classes: int = soccernet.NUM_CLASSES):
         super().__init__()
         self.layers = nn.Sequential(nn.Linear(dim, num_classes))
         nn.init.normal_(self.layers[0].weight, std=0.01)
@@ -1181,353 +1034,40 @@ def train_step(stage: str, model: nn.Module, batch: tuple, optimizer, amp: optim
 
 
 # ---- 7. Evaluation ----
-# Inference post-processing (spec §1 "Inference"): sliding windows -> per-token probabilities
-# at their times -> edge removal -> index on the 0.5-s grid -> max merge into a per-half buffer
-# -> per-class NMS -> results_spotting.json. Then the official metric (spec §5).
-
-def window_starts(duration: float, window: float = 64.0, overlap: float = 32.0) -> list:
-    """Start times (s) of the inference windows of a half of `duration` s (eztorch
-    `SlidingWindowSoccerNetClipSampler`): k * (window - overlap) for the windows that fit,
-    plus one ending at floor(duration) if the half is not covered exactly."""
-    stride = window - overlap
-    full = int((duration - overlap) // stride)
-    starts = [float(k * stride) for k in range(max(full, 0))]
-    if (duration - overlap) % stride > 0 or not starts:
-        starts.append(float(max(math.floor(duration) - window, 0)))  # deviation: not < 0
-    return starts
-
-
-def half_buffer(duration: float, num_classes: int = NUM_CLASSES, step: float = STEP):
-    """Zero-initialised merged-score buffer of a half: (round(D / step) - 1, C) (spec §1
-    Inference step 4; Python's round, as the official code)."""
-    return torch.zeros(round(duration / step) - 1, num_classes)
-
-
-def edge_keep(times: torch.Tensor, remove_s: float, half_duration: float,
-              official_end: bool = True) -> torch.Tensor:
-    """Which tokens of one window keep their predictions, (T,) bool (spec §1 Inference step 3).
-
-    A token at t is dropped when it is within `remove_s` of the window's first token and
-    t > remove_s (so the half's start is kept), or within `remove_s` of the window's last
-    token and more than `remove_s` before the half's end. `official_end=True` (the default)
-    replicates the official end guard, which compares with num_timestamps x token step =
-    (2D - 1) x 1 s and therefore never keeps the half's last seconds (spec §7.7); False
-    compares with the half duration D, symmetric with the start guard.
-    """
-    if remove_s <= 0 or times.numel() < 2:
-        return torch.ones_like(times, dtype=torch.bool)
-    end = (round(half_duration / STEP) - 1) * (times[1] - times[0]) if official_end \
-        else half_duration
-    before = ((times - times[0]) < remove_s) & (times > remove_s)
-    after = ((times[-1] - times) < remove_s) & ((end - times) > remove_s)
-    return ~(before | after)
-
-
-def merge_window(buffer: torch.Tensor, probs: torch.Tensor, times: torch.Tensor,
-                 how: str = "max", step: float = STEP) -> torch.Tensor:
-    """Merge one window's probabilities (T, C) at token times (T,) into `buffer` (N, C), in
-    place, and return it (spec §1 Inference step 4).
-
-    Index = round(t / step), half to even as `torch.round` (so s + j + 0.25 lands on the even
-    index 2(s + j)), clamped to [0, N - 1]. Tokens of the window landing on the same index keep
-    their max; the window then enters the buffer by elementwise max ("max"), or, "average",
-    by the mean with the stored value where that is > 0 (eztorch's option).
-    """
-    idx = torch.round(times / step).long().clamp(0, buffer.shape[0] - 1)
-    probs = probs.to(buffer.dtype)
-    window = torch.zeros(buffer.shape, dtype=buffer.dtype)
-    hit = torch.zeros(buffer.shape[0], dtype=torch.bool)
-    window.scatter_reduce_(0, idx[:, None].expand_as(probs), probs, "amax", include_self=False)
-    hit[idx] = True
-    old = buffer[hit]
-    new = window[hit]
-    if how == "max":
-        buffer[hit] = torch.where(new > old, new, old)
-    elif how == "average":
-        buffer[hit] = torch.where(old > 0, (new + old) / 2, new)
-    else:
-        raise ValueError(f"merge_window: how must be 'max' or 'average', got {how!r}")
-    return buffer
-
-
-def hard_nms(scores: torch.Tensor, window: int, threshold: float = 0.001) -> torch.Tensor:
-    """Keep index i of a (N, C) score curve where it is the max of [i - w//2, i + w//2]
-    (ties all kept) and >= threshold; `window` in 0.5-s indices (spec §1 Inference step 5).
-    Returns a (N, C) bool mask."""
-    h = int(window / 2)
-    padded = torch.nn.functional.pad(scores.T[None], (h, h), value=-math.inf)[0]  # (C, N+2h)
-    local_max = padded.unfold(1, 2 * h + 1, 1).amax(-1).T  # (N, C)
-    return (scores >= local_max) & (scores >= threshold)
-
-
-def soft_nms(scores: torch.Tensor, window: int, threshold: float = 0.001,
-             min_weight: float = 0.0) -> torch.Tensor:
-    """Soft NMS of one class's (N,) curve; `window` in 0.5-s indices (spec §1 Inference 5).
-
-    Repeatedly emit the largest remaining score s >= threshold at index i (first one on ties),
-    multiply the scores at j in [i - ceil(w/2), i + ceil(w/2)] by
-    clip(min_weight + (1 - min_weight) |j - i| / (w/2), 0, 1), and set index i to -1.
-    Returns the (N,) emitted values, 0 elsewhere; keep those > 0.
-    """
-    if window <= 0:
-        raise ValueError(f"soft_nms: window must be positive, got {window}")
-    out = torch.zeros_like(scores)
-    tmp = scores.clone()
-    radius = window / 2.0
-    reach = math.ceil(radius)
-    n = tmp.shape[0]
-    while n:
-        i = int(torch.argmax(tmp))
-        s = tmp[i].clone()
-        if s < threshold:
-            break
-        out[i] = s
-        j = torch.arange(max(i - reach, 0), min(i + reach + 1, n))
-        weight = min_weight + (1.0 - min_weight) * (j - i).abs() / radius
-        tmp[j] *= weight.clamp(0.0, 1.0).to(tmp.dtype)
-        tmp[i] = -1
-    return out
-
-
-def spotting_predictions(buffer: torch.Tensor, half: int, nms: str = "soft", window: int = 20,
-                         threshold: float = 0.001, step: float = STEP) -> list:
-    """Per-class NMS of one half's merged buffer (N, C) -> prediction dicts of the official
-    `results_spotting.json` (spec §1 Inference steps 5-6); index i is at t = i * step.
-    Defaults: the documented soft NMS, 10-s window (20 indices), threshold 0.001."""
-    if nms == "hard":
-        keep = hard_nms(buffer, window, threshold)
-    elif nms == "soft":
-        emitted = torch.stack([soft_nms(buffer[:, c], window, threshold)
-                               for c in range(buffer.shape[1])], 1)
-        keep, buffer = emitted > 0, emitted
-    else:
-        raise ValueError(f"spotting_predictions: nms must be 'hard' or 'soft', got {nms!r}")
-    out = []
-    for c in range(buffer.shape[1]):
-        for i in keep[:, c].nonzero().flatten().tolist():
-            t = i * step
-            out.append({"gameTime": f"{half} - {int(t / 60):02d}:{int(t % 60):02d}",
-                        "label": CLASSES[c], "position": f"{int(t * 1000)}",
-                        "half": str(half), "confidence": float(buffer[i, c])})
-    return out
-
-
-def write_results(predictions_root: PathLike, game: str, predictions: list) -> Path:
-    """Write `<predictions_root>/<game>/results_spotting.json` ({"UrlLocal", "predictions"}),
-    sorted by half then position as the official writer does; returns its path."""
-    preds = sorted(predictions, key=lambda p: (int(p["half"]), int(p["position"])))
-    path = Path(predictions_root) / game / "results_spotting.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"UrlLocal": game.rstrip("/") + "/", "predictions": preds}, f)
-    return path
-
-
-# The SoccerNet-v2 action-spotting metric (spec §5; SoccerNet `Evaluation/ActionSpotting.py`),
-# reimplemented: each half is vectorised at 2 fps over 120 min, detections are matched to
-# ground truth per tolerance, AP is 11-point interpolated over 200 score thresholds, pooled over
-# all halves of all games, and the mAPs are averaged over the tolerances by the trapezoid rule.
-
-METRIC_DELTAS = {"tight": [1, 2, 3, 4, 5], "loose": [5 * k for k in range(1, 13)],
-                 **{f"at{k}": [k] for k in range(1, 6)}}  # tolerance widths in seconds
-
-
-def _label_vectors(path: PathLike, n: int, fps: int):
-    """Two (n, 17) arrays: +1 visible / -1 not-shown GT at frame int(fps * pos_s), clamped to
-    n - 1, later annotations overwriting earlier ones."""
-    vec = [np.zeros((n, NUM_CLASSES)), np.zeros((n, NUM_CLASSES))]
-    for a in parse_labels(path):
-        frame = min(int(fps * (a.position_ms / 1000)), n - 1)
-        vec[a.half - 1][frame, a.label] = 1 if a.visible else -1
-    return vec
-
-
-def _prediction_vectors(path: PathLike, n: int, fps: int):
-    """Two (n, 17) arrays of confidences, -1 where no detection (any value >= 0 detects);
-    last write wins on a (frame, class)."""
-    vec = [np.full((n, NUM_CLASSES), -1.0), np.full((n, NUM_CLASSES), -1.0)]
-    with open(path) as f:
-        preds = json.load(f)["predictions"]
-    for p in preds:
-        half = int(p["half"])
-        if p["label"] not in CLASS_INDEX or half not in (1, 2):
-            continue
-        frame = min(int(fps * (int(p["position"]) / 1000)), n - 1)
-        vec[half - 1][frame, CLASS_INDEX[p["label"]]] = p["confidence"]
-    return vec
-
-
-def _closest(target: np.ndarray) -> np.ndarray:
-    """(n, C): the visibility (+-1) of the nearest GT of each class (midpoint boundaries, spec
-    §5.2), -1 everywhere for a class without GT in the half."""
-    n = target.shape[0]
-    out = np.full(target.shape, -1.0)
-    for c in range(target.shape[1]):
-        g = np.flatnonzero(target[:, c]).tolist()
-        if not g:
-            continue
-        g = [-g[0]] + g + [2 * n]
-        for i in range(1, len(g) - 1):
-            out[max(0, (g[i - 1] + g[i]) // 2):min(n, (g[i] + g[i + 1]) // 2), c] = \
-                target[g[i], c]
-    return out
-
-
-def _match(target: np.ndarray, closest: np.ndarray, detection: np.ndarray, delta: int):
-    """One class of one half. For each GT frame g in order, the highest-scoring unmatched
-    detection p with |p - g| <= delta / 2 frames becomes a TP (ties: the earlier frame).
-    Returns (K, 3) rows [score, TP, closest[p]] and the visible / unshown GT counts."""
-    pred = np.flatnonzero(detection >= 0)
-    rows = np.zeros((len(pred), 3))
-    rows[:, 0], rows[:, 2] = detection[pred], closest[pred]
-    used = np.zeros(len(pred), bool)
-    for g in np.flatnonzero(target != 0):
-        lo, hi = np.searchsorted(pred, g - delta / 2, "left"), \
-            np.searchsorted(pred, g + delta / 2, "right")
-        best = -1
-        for k in range(lo, hi):
-            if not used[k] and (best < 0 or rows[k, 0] > rows[best, 0]):
-                best = k
-        if best >= 0:
-            used[best], rows[best, 1] = True, 1.0
-    return rows, int((target > 0).sum()), int((target < 0).sum())
-
-
-def _ap11(precision: np.ndarray, recall: np.ndarray) -> float:
-    """11-point interpolated AP: mean over r in {0, .1, ..., 1} of max{P : R >= r} (0 if none)."""
-    ap = 0.0
-    for r in np.arange(11) / 10:
-        ok = recall >= r
-        ap += precision[ok].max() if ok.any() else 0.0
-    return ap / 11
-
-
-def _class_aps(rows: np.ndarray, n_visible: int, n_unshown: int) -> tuple:
-    """(AP, AP visible, AP unshown) of one class from its pooled detections over the 200
-    thresholds linspace(0, 1, 200): P = TP / #dets >= thr, R = TP / #GT (0/0 -> 0). Visible:
-    only detections whose closest GT is visible (closest > 0.5), over the visible GT count;
-    unshown: closest < -0.5, over the not-shown count."""
-    div = lambda a, b: a / b if b else 0.0  # noqa: E731  (np.nan_to_num of 0/0)
-    out = []
-    for keep, n_gt in ((np.ones(len(rows), bool), n_visible + n_unshown),
-                       (rows[:, 2] > 0.5, n_visible), (rows[:, 2] < -0.5, n_unshown)):
-        score, tp = rows[keep, 0], rows[keep, 1]
-        p, r = [], []
-        for thr in np.linspace(0, 1, 200):
-            sel = score >= thr
-            n_tp = tp[sel].sum()
-            p.append(div(n_tp, int(sel.sum())))
-            r.append(div(n_tp, n_gt))
-        out.append(_ap11(np.array(p), np.array(r)))
-    return tuple(out)
-
-
-def average_map(labels_root: PathLike, predictions_root: PathLike, games: Sequence[str],
-                metric: str = "tight", framerate: int = FPS) -> dict:
-    """The SoccerNet-v2 action-spotting metric (spec §5), from `<labels_root>/<game>/
-    Labels-v2.json` and `<predictions_root>/<game>/results_spotting.json`.
-
-    `metric`: "tight" (delta in 1..5 s), "loose" (5..60 s by 5) or "at1".."at5" (one delta).
-    A delta is the full width of the window: a detection matches within +-delta/2 s. Per class
-    and delta, AP is pooled over all halves of `games`; mAP is the mean over the 17 classes (a
-    class without GT has AP 0). Returns the evaluator's keys: "a_mAP", "a_mAP_per_class",
-    "a_mAP_visible", "a_mAP_per_class_visible", "a_mAP_unshown", "a_mAP_per_class_unshown";
-    with several deltas each is the trapezoid average (sum of (m_i + m_{i+1}) / 2 over
-    K - 1), and "a_mAP_unshown" is then x 17/13 (only 13 classes have unshown events; the
-    per-class values are not scaled); with one delta they are the plain values.
-    """
-    if metric not in METRIC_DELTAS:
-        raise ValueError(f"average_map: metric must be one of {list(METRIC_DELTAS)}, "
-                         f"got {metric!r}")
-    n = 120 * 60 * framerate  # frames of a 120-min half
-    halves = []  # (target, closest, detection) per half
-    for game in games:
-        labels = Path(labels_root) / game / "Labels-v2.json"
-        preds = Path(predictions_root) / game / "results_spotting.json"
-        for p in (labels, preds):
-            if not p.is_file():
-                raise FileNotFoundError(f"average_map: {p} is missing")
-        for target, det in zip(_label_vectors(labels, n, framerate),
-                               _prediction_vectors(preds, n, framerate)):
-            halves.append((target, _closest(target), det))
-
-    per_delta = []  # per delta: (3, 17) APs [all, visible, unshown]
-    for delta in METRIC_DELTAS[metric]:
-        aps = np.zeros((3, NUM_CLASSES))
-        for c in range(NUM_CLASSES):
-            rows, n_vis, n_uns = [np.zeros((0, 3))], 0, 0
-            for target, closest, det in halves:
-                r, v, u = _match(target[:, c], closest[:, c], det[:, c], delta * framerate)
-                rows.append(r)
-                n_vis, n_uns = n_vis + v, n_uns + u
-            aps[:, c] = _class_aps(np.concatenate(rows), n_vis, n_uns)
-        per_delta.append(aps)
-    per_delta = np.stack(per_delta)  # (K, 3, 17)
-    if len(per_delta) == 1:
-        per_class = per_delta[0]
-        scale = 1.0
-    else:
-        per_class = (per_delta[:-1] + per_delta[1:]).sum(0) / 2 / (len(per_delta) - 1)
-        scale = 17 / 13
-    # trapezoid of the means = mean of the per-class trapezoids (both linear)
-    means = per_class.mean(1)
-    return {"a_mAP": float(means[0]), "a_mAP_per_class": per_class[0].tolist(),
-            "a_mAP_visible": float(means[1]), "a_mAP_per_class_visible": per_class[1].tolist(),
-            "a_mAP_unshown": float(means[2] * scale),
-            "a_mAP_per_class_unshown": per_class[2].tolist()}
-
-
-@torch.no_grad()
-def predict_half(model: nn.Module, h: Half, args: Args, device, amp: optim.Amp) -> torch.Tensor:
-    """Merged per-class probabilities of one half, (round(D / 0.5) - 1, 17) (spec §1
-    Inference 1-4): 64-s windows overlapping by 32 s (the last ends at floor(D)), resize and
-    normalise only, sigmoid, token j at start + j + 0.25, edge removal, max merge."""
-    tf, T = transform("eval", args), int(args.window)
-    buffer = half_buffer(h.duration)
-    starts = window_starts(h.duration, args.window, args.window / 2)
-    for i in range(0, len(starts), args.ft_batch_size):
-        chunk = starts[i:i + args.ft_batch_size]
-        x = torch.stack([tf(read_frames_2fps(h, s, T * FRAMES_PER_TOKEN, args.cache_frames))
-                         .transpose(0, 1)
-                         for s in chunk]).to(device)
-        with amp.autocast():
-            probs = model(x).float().sigmoid().cpu()  # (b, T, 17)
-        for s, p in zip(chunk, probs):
-            times = s + torch.arange(T, dtype=torch.float64) + 0.25
-            keep = edge_keep(times, args.remove_s, h.duration, args.official_end)
-            merge_window(buffer, p[keep], times[keep], args.merge)
-    return buffer
-
+# Spotting is the benchmark's protocol (common/soccernet.py, spec §1 "Inference"): 64-s windows
+# -> per-token probabilities -> edge removal -> max merge on the 0.5-s grid -> per-class NMS ->
+# results_spotting.json, then the official metric (spec §5). The model enters as `score`.
 
 def spot(model: nn.Module, root: Path, args: Args, device, amp: optim.Amp,
          predictions_root: Path) -> tuple:
-    """Predict every game of --eval-split (games shared out across ranks, each predicted
-    once), write `<predictions_root>/<game>/results_spotting.json`, then score them on rank 0
-    with `average_map` (tight and loose). Returns (metrics dict, {(game, half): buffer} of
-    this rank)."""
-    games = read_split(root, args.eval_split)
+    """Spot every game of --eval-split with `model` (`soccernet.spot`: games shared out across
+    ranks, each predicted once; `<predictions_root>/<game>/results_spotting.json`), windows
+    resized and normalised only, sigmoid of the per-token logits; scored on rank 0 (tight,
+    loose and --metric, in %; --metric also visible, unshown and the mean over the classes
+    present in the split). Returns (metrics dict, {(game, half): buffer} of this rank)."""
+    tf = transform("eval", args)
+
+    def score(frames: torch.Tensor) -> torch.Tensor:  # (b, 2W, 3, H, W) uint8 -> (b, W, 17)
+        x = torch.stack([tf(f).transpose(0, 1) for f in frames]).to(device)
+        with amp.autocast():
+            return model(x).float().sigmoid()
+
+    games = soccernet.read_split(root, args.eval_split)
     model.eval()
-    buffers = {}
-    for game in games[dist.rank()::dist.world()]:
-        preds = []
-        for h in read_halves(root, [game], args):
-            buffers[(game, h.half)] = buf = predict_half(model, h, args, device, amp)
-            preds += spotting_predictions(buf, h.half, args.nms, args.nms_window,
-                                          args.nms_threshold)
-        write_results(predictions_root, game, preds)
-    dist.barrier()
+    results, buffers = soccernet.spot(
+        score, root, games, predictions_root, dict.fromkeys([args.metric, "tight", "loose"]),
+        args.video_name, args.window, args.ft_batch_size, args.remove_s, args.official_end,
+        args.merge, args.nms, args.nms_window, args.nms_threshold, args.cache_frames)
     metrics = {}
-    if dist.is_main():
-        for metric in dict.fromkeys([args.metric, "tight", "loose"]):
-            res = average_map(root, predictions_root, games, metric)
-            metrics[f"{metric}_a_mAP"] = 100 * res["a_mAP"]
-            if metric == args.metric:
-                metrics[f"{metric}_a_mAP_visible"] = 100 * res["a_mAP_visible"]
-                metrics[f"{metric}_a_mAP_unshown"] = 100 * res["a_mAP_unshown"]
-                present = sorted({a.label for g in games
-                                  for a in parse_labels(root / g / "Labels-v2.json")})
-                metrics[f"{metric}_a_mAP_present_classes"] = 100 * float(np.mean(
-                    [res["a_mAP_per_class"][c] for c in present]))
+    for metric, res in results.items():
+        metrics[f"{metric}_a_mAP"] = 100 * res["a_mAP"]
+        if metric == args.metric:
+            metrics[f"{metric}_a_mAP_visible"] = 100 * res["a_mAP_visible"]
+            metrics[f"{metric}_a_mAP_unshown"] = 100 * res["a_mAP_unshown"]
+            present = sorted({a.label for g in games
+                              for a in soccernet.parse_labels(root / g / "Labels-v2.json")})
+            metrics[f"{metric}_a_mAP_present_classes"] = 100 * float(np.mean(
+                [res["a_mAP_per_class"][c] for c in present]))
     return metrics, buffers
 
 
@@ -1540,7 +1080,7 @@ def pretext_losses(root: Path, args: Args, device, amp: optim.Amp, spatial: nn.M
     (log N for a trunk that tells no clip apart). Stage 2: `sce_token_loss` of the held-out
     windows (eval mode, no masking) with the teacher features of the other windows as the
     queue. Returns {"spatial_heldout_loss", "distill_heldout_loss", "heldout_clips"}."""
-    halves = read_halves(root, read_split(root, args.eval_split), args)
+    halves = split_halves(root, [args.eval_split], args)
     spatial.eval()
     qs, ks = [], []
     loader = DataLoader(SpatialClips(halves, args, args.seed), args.spatial_batch_size,
@@ -1571,7 +1111,7 @@ def pretext_losses(root: Path, args: Args, device, amp: optim.Amp, spatial: nn.M
     return out
 
 
-def save_timeline(path: str, h: Half, curves: dict, args: Args) -> None:
+def save_timeline(path: str, h: soccernet.Half, curves: dict, args: Args) -> None:
     """A labelled PNG of one half: for each class with events, a ground-truth row (filled
     tick: visible, hollow: not shown) and one row per model of `curves` ({name: (N, 17)
     merged buffer}) with its per-second score (0-1, the max of the second's two 0.5-s
@@ -1590,7 +1130,7 @@ def save_timeline(path: str, h: Half, curves: dict, args: Args) -> None:
     d.text((4, 20), f"{h.game}, half {h.half} ({args.eval_split} split)", "black", font=font)
     y = top
     for c in classes:
-        d.text((4, y + 5), f"{CLASSES[c][:20]}: truth", "black", font=font)
+        d.text((4, y + 5), f"{soccernet.CLASSES[c][:20]}: truth", "black", font=font)
         for a in h.annotations:
             if a.half == h.half and a.label == c:
                 x = left + px * a.position_ms / 1000
@@ -1715,7 +1255,7 @@ def start_file(stage: str, previous: str, args: Args) -> str:
 
 
 def stage_spatial(root: Path, args: Args, device, amp, logger) -> int:
-    halves = read_halves(root, [g for s in args.train_splits for g in read_split(root, s)], args)
+    halves = split_halves(root, args.train_splits, args)
     ds = data.SafeDataset(SpatialClips(halves, args, args.seed), args.max_fail_fraction,
                           "1-s clips")
     model = build_model(args, "spatial").to(device)
@@ -1733,8 +1273,10 @@ def stage_features(root: Path, args: Args, device, amp, out: Path) -> None:
     model = build_model(args, "spatial")
     checkpoint.load_model(model, checkpoint.load(path)["model"], what=path)
     trunk = model.trunk_m.to(device).eval()
-    games = [g for s in (*args.train_splits, args.eval_split) for g in read_split(root, s)]
-    halves = read_halves(root, list(dict.fromkeys(games)), args)[dist.rank()::dist.world()]
+    games = [g for s in (*args.train_splits, args.eval_split)
+             for g in soccernet.read_split(root, s)]
+    halves = soccernet.read_halves(root, list(dict.fromkeys(games)),
+                                   args.video_name)[dist.rank()::dist.world()]
     for h in halves:
         ds = SpatialClips([h], args, args.seed, single=True)
         feats = []
@@ -1756,7 +1298,7 @@ def teacher_root(root: Path, args: Args) -> Path:
 
 
 def stage_distill(root: Path, args: Args, device, amp, logger, init: str) -> int:
-    halves = read_halves(root, [g for s in args.train_splits for g in read_split(root, s)], args)
+    halves = split_halves(root, args.train_splits, args)
     teacher = teacher_root(root, args)
     pca_path = os.path.join(args.output_dir, "teacher_pca.pt")
     paths = [teacher / h.game / f"{h.half}_{args.teacher_name}.npy" for h in halves]
@@ -1787,7 +1329,7 @@ def stage_finetune(root: Path, args: Args, device, amp, logger, init: str,
                    out_dir: str) -> tuple:
     """Phase A (head only, trunk frozen in eval mode) then phase B (everything), each with
     its own schedule (spec §1 Stage 3). Returns (model, steps)."""
-    halves = read_halves(root, [g for s in args.train_splits for g in read_split(root, s)], args)
+    halves = split_halves(root, args.train_splits, args)
     ds = data.SafeDataset(Windows(halves, args, "finetune", args.ft_windows, args.seed),
                           args.max_fail_fraction, "windows")
     model = build_model(args).to(device)
@@ -1822,9 +1364,9 @@ def check_inputs(root: Path, args: Args, stages: list) -> None:
     lists, games, labels and videos, the window counts per half, the queue sizes, and the
     teacher bank (every training half's file, (T, F) with one F, at least floor(D x fps) - 1
     rows). Raises cli.InputError / FileNotFoundError naming the file or the flag."""
-    train = read_halves(root, [g for s in args.train_splits for g in read_split(root, s)], args)
+    train = split_halves(root, args.train_splits, args)
     if "spot" in stages:
-        read_halves(root, read_split(root, args.eval_split), args)
+        split_halves(root, [args.eval_split], args)
     T, world = int(args.window), dist.world()
     for stage, n in (("distill", args.distill_windows), ("finetune", args.ft_windows)):
         if stage in stages:  # the datasets check their window counts when built
@@ -1932,7 +1474,7 @@ def main(args: Args) -> dict:
                                                      for c in cols))
         key = next(iter(buffers["pretrained"]), None)
         if key is not None:
-            h = [x for x in read_halves(root, [key[0]], args) if x.half == key[1]][0]
+            h = soccernet.read_halves(root, [key[0]], args.video_name)[key[1] - 1]
             save_timeline(str(out / "timeline.png"), h,
                           {c.replace('_', ' '): buffers[c][key] for c in cols},
                           args)
@@ -1971,7 +1513,7 @@ def bench(args: Args, device, amp: optim.Amp) -> dict:
     synthetic set. Returns {name: that line as a dict}."""
     S, T, out = args.img_size, int(args.window), {}
     root = synthetic.soccernet()
-    halves = read_halves(root, read_split(root, "train"), args)
+    halves = split_halves(root, ["train"], args)
     world = dist.world()
     for name, stage, b, base_lr in (
             ("spatial", "spatial", args.spatial_batch_size, args.spatial_base_lr),
@@ -1995,7 +1537,7 @@ def bench(args: Args, device, amp: optim.Amp) -> dict:
                 0.0 if distill else args.mixup_alpha) for _ in range(b)]))
             x = torch.randn(b, 3, 2 * T, S, S, device=device)
             batch = [x, torch.randn(b, T, args.pca_dim, device=device), keep.to(device)] \
-                if distill else [x, (torch.rand(b, T, NUM_CLASSES, device=device) < 0.05)
+                if distill else [x, (torch.rand(b, T, soccernet.NUM_CLASSES, device=device) < 0.05)
                                  .float(), keep.to(device), lam.to(device), u.to(device)]
             ds = Windows(halves, args, "finetune", 4, args.seed)  # (stage 2 decodes the same)
         loader = make_loader(ds, b, args, train=True) if len(ds) >= b else None

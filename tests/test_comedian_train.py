@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import comedian as C
-from common import checkpoint, cli, log, optim, synthetic
+from common import checkpoint, cli, log, optim, soccernet, synthetic
 from tests import checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -577,7 +577,7 @@ def test_teacher_bank_rows_follow_the_first_frame_and_clamp(tmp_path):
     feats = np.stack([np.arange(20.0), np.arange(20.0) * 2 + 1, -np.arange(20.0)], 1)
     (tmp_path / "g").mkdir()
     np.save(tmp_path / "g" / "2_t.npy", feats)
-    h = C.Half("g", 2, "unused", 20.0, [])
+    h = soccernet.Half("g", 2, "unused", 20.0, [])
     ident = {"mean": torch.zeros(3, dtype=torch.float64), "std": torch.ones(3, dtype=torch.float64),
              "components": torch.eye(3, dtype=torch.float64)}
     bank = C.TeacherBank(tmp_path, "t", 1.0, ident)
@@ -598,8 +598,8 @@ def test_teacher_bank_rows_follow_the_first_frame_and_clamp(tmp_path):
 def test_finetune_window_labels_are_the_token_labels_of_its_frames():
     root = synthetic.soccernet()
     a = tiny(window=8.0)
-    games = C.read_split(root, "train")[:2]
-    halves = C.read_halves(root, games, a)
+    games = soccernet.read_split(root, "train")[:2]
+    halves = soccernet.read_halves(root, games, a.video_name)
     ds = C.Windows(halves, a, "finetune", 6, seed=0)
     assert len(ds) == 12
     events = 0
@@ -613,8 +613,8 @@ def test_finetune_window_labels_are_the_token_labels_of_its_frames():
                                                 zip(again[2:5], (keep, lam, u)))
         assert not torch.equal(ds[(2, i)][4], u)
         first = round(2 * start)
-        fy = C.frame_labels(h.annotations, h.half, math.floor(2 * h.duration))
-        assert torch.equal(y, C.token_labels(fy[first:first + 16]))
+        fy = soccernet.frame_labels(h.annotations, h.half, math.floor(2 * h.duration))
+        assert torch.equal(y, soccernet.token_labels(fy[first:first + 16]))
         want = torch.zeros(8, 17)  # by hand, in ms: frame t is positive within 500 ms
         for an in h.annotations:
             for f in range(16):
@@ -705,7 +705,7 @@ def test_each_stage_lowers_its_loss_against_an_lr0_control(sn_root, tmp_path):
         la, lb = losses(a, prefix), losses(control, prefix)
         assert len(la) == len(lb) == 12 and la[0] == lb[0], (prefix, la, lb)
     args = cli.parse(C.Args, C.PRESETS, argv(sn_root, a))
-    halves = C.read_halves(sn_root, C.read_split(sn_root, "train"), args)
+    halves = C.split_halves(sn_root, ["train"], args)
     with torch.no_grad():
         clips = C.SpatialClips(halves, args, 0)
         items = [clips[(0, 7 * i)] for i in range(16)]
@@ -1044,7 +1044,7 @@ def test_bad_inputs_are_refused_before_any_training(sn_root, tmp_path, capsys):
     """The teacher bank (widths, coverage), the splits and a checkpoint of the wrong kind are
     checked before stage 1 trains: one `error:` line, exit 2, no checkpoint written."""
     root = Path(sn_root)
-    halves = C.read_halves(root, C.read_split(root, "train"), C.Args())
+    halves = C.split_halves(root, ["train"], C.Args())
 
     def bank(name: str, width=lambda k: 8, rows=lambda h: math.ceil(h.duration)) -> Path:
         for k, h in enumerate(halves):
@@ -1075,14 +1075,3 @@ def test_bad_inputs_are_refused_before_any_training(sn_root, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no stage-2 ViViT weights in a known layout" in err[0], err
     assert err[0].endswith("key prefixes in the file: mean., std."), err
-
-
-def test_malformed_labels_name_the_file(tmp_path):
-    bad = tmp_path / "Labels-v2.json"
-    bad.write_text('{"annotations": [{"gameTime": "1 - 00:10", "label": "Goal"')
-    with pytest.raises(cli.InputError, match="Labels-v2.json: not valid JSON"):
-        C.parse_labels(bad)
-    bad.write_text(json.dumps({"annotations": [{"gameTime": "3 - 00:10", "label": "Goal",
-                                                "position": "10000"}]}))
-    with pytest.raises(cli.InputError, match="annotation #0 has half 3"):
-        C.parse_labels(bad)
