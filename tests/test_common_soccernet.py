@@ -1,12 +1,14 @@
 """common/soccernet.py: the SoccerNet-v2 metric on hand-made games against hand-computed APs,
 hard and soft NMS on hand-made curves, the +-0.5 s label encoding and token OR-reduction, label
-parsing and its errors, the sliding windows, edge removal and merge, the results writer."""
+parsing and its errors, the sliding windows, edge removal and merge, the results writer, and
+the spotting driver end to end on a 2-fps frame-folder game with an oracle score function."""
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from common import cli, soccernet as S
 
@@ -266,3 +268,80 @@ def test_predictions_writer_roundtrip(tmp_path):
     S.write_results(tmp_path / "preds", "lg/s/g", hard)
     r = S.average_map(tmp_path / "labels", tmp_path / "preds", ["lg/s/g"], "at1")
     assert r["a_mAP"] == pytest.approx(2 / 17)
+
+
+# ---- the spotting driver ----
+def _frame_folder_game(root, game: str, frames: tuple, labels: list) -> None:
+    """A game of 2-fps PNG frame folders `{1,2}_224p/` (the official layout); pixel (0, 0)
+    of frame i of half h holds (i, h, 0), so a score function can tell which frame it got."""
+    _write_game(root, game, labels, [])
+    for half, n in zip((1, 2), frames):
+        folder = root / "labels" / game / f"{half}_224p"
+        folder.mkdir()
+        for i in range(n):
+            img = np.zeros((4, 4, 3), np.uint8)
+            img[0, 0] = (i, half, 0)
+            Image.fromarray(img).save(folder / f"{i + 1:08d}.png")
+
+
+def test_predict_half_places_each_token_at_its_frames_and_keeps_the_end_quirk(tmp_path):
+    # D = 20 s: windows of 8 s at 0, 4, 8, 12 (batches of 3 then 1); token j of the window at
+    # s covers frames 2(s + j) and 2(s + j) + 1, lands on index 2(s + j) (t = s + j + 0.25,
+    # half to even); its scores say which frames it got: (first + 1) / 1000, (second + 1) / 1000
+    _frame_folder_game(tmp_path, "g", (40, 41), [])
+    h = S.read_halves(tmp_path / "labels", ["g"])[0]
+    assert (h.half, h.duration) == (1, 20.0)
+    batches = []
+
+    def score(x):  # (b, 16, 3, 4, 4) uint8 -> (b, 8, 17): classes 0 and 1 say the frames
+        batches.append(x.shape[0])
+        idx = x[:, :, 0, 0, 0].float()  # (b, 16) frame indices
+        return torch.cat([torch.stack([idx[:, 0::2], idx[:, 1::2]], -1).add(1) / 1000,
+                          torch.zeros(len(x), 8, 15)], -1)
+
+    for official_end, filled in ((True, 18), (False, 20)):
+        buf = S.predict_half(score, h, window=8.0, batch_size=3, remove_s=2.0,
+                             official_end=official_end)
+        assert buf.shape == (39, 17) and batches[-2:] == [3, 1]
+        want = torch.zeros(39, 17)
+        m = torch.arange(filled) * 2  # the even indices; the official guard empties 36, 38
+        want[m, 0], want[m, 1] = (m + 1).float() / 1000, (m + 2).float() / 1000
+        assert torch.equal(buf, want), official_end
+    for bad in ((1, 3, 17), (1, 8, 16)):  # 3 tokens do not divide 16 frames; not 17 classes
+        with pytest.raises(ValueError, match="T dividing the 16 frames"):
+            S.predict_half(lambda x: torch.zeros(bad), h, window=8.0)
+
+
+def test_spot_with_an_oracle_scores_every_event(tmp_path):
+    # the oracle fires 1.0 on the token holding each event's second: every event is found at
+    # 1-s tolerance (12.5 s is predicted at 12.0 s, frame 24 vs 25), so at1 a-mAP = 2 / 17
+    # (Goal and Corner), visible 2 / 17, unshown 1 / 17 (the half-2 Corner is not shown)
+    labels = [(1, 7000, "Goal", "visible"), (1, 12500, "Corner", "visible"),
+              (2, 4000, "Goal", "visible"), (2, 15200, "Corner", "not shown")]
+    _frame_folder_game(tmp_path, "lg/s/g", (40, 41), labels)
+    ann = S.parse_labels(tmp_path / "labels/lg/s/g/Labels-v2.json")
+
+    def oracle(x):  # (b, 16, 3, H, W) -> (b, 8, 17)
+        out = torch.zeros(len(x), 8, S.NUM_CLASSES)
+        for b in range(len(x)):
+            half = int(x[b, 0, 1, 0, 0])
+            for j in range(8):
+                second = int(x[b, 2 * j, 0, 0, 0]) // 2
+                for a in ann:
+                    if a.half == half and a.position_ms // 1000 == second:
+                        out[b, j, a.label] = 1.0
+        return out
+
+    res, buffers = S.spot(oracle, tmp_path / "labels", ["lg/s/g"], tmp_path / "preds",
+                          ("at1", "tight"), window=8.0, batch_size=2, remove_s=1.0)
+    assert list(res) == ["at1", "tight"] and set(buffers) == {("lg/s/g", 1), ("lg/s/g", 2)}
+    assert buffers[("lg/s/g", 2)].shape == (40, 17)
+    preds = json.loads((tmp_path / "preds/lg/s/g/results_spotting.json").read_text())
+    assert [(p["half"], p["label"], p["position"], p["confidence"])
+            for p in preds["predictions"]] == [
+        ("1", "Goal", "7000", 1.0), ("1", "Corner", "12000", 1.0),
+        ("2", "Goal", "4000", 1.0), ("2", "Corner", "15000", 1.0)]
+    assert res["at1"]["a_mAP"] == pytest.approx(2 / 17)
+    assert res["at1"]["a_mAP_visible"] == pytest.approx(2 / 17)
+    assert res["at1"]["a_mAP_unshown"] == pytest.approx(1 / 17)
+    assert res["tight"] == S.average_map(tmp_path / "labels", tmp_path / "preds", ["lg/s/g"])
