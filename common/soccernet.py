@@ -560,8 +560,8 @@ def spot(score_fn: ScoreFn, root: PathLike, games: Sequence[str], predictions_ro
 
     Under an initialised process group call it on every rank: game i is predicted on rank
     i % world, the ranks wait for each other, and rank 0 alone scores. Returns ({metric: the
-    `average_map` dict} on rank 0, {} on the others; {(game, half): merged buffer (N, C)} of
-    this rank's games)). Raises what `read_halves` and `average_map` raise."""
+    `average_map` dict} on rank 0, {} on the others; {(game, half): merged buffer (N, 17)} of
+    this rank's games). Raises what `read_halves` and `average_map` raise."""
     buffers = {}
     for game in games[dist.rank()::dist.world()]:
         preds = []
