@@ -16,15 +16,12 @@ per-class NMS before the official tight average-mAP.
 
 Launch (batch sizes are per GPU; the official runs use 2 A100s, spec §4):
     python comedian.py                      # CPU demo: all stages small on the synthetic set
-    torchrun --nproc_per_node=2 comedian.py --data ~/soccernet --stage spatial   # stage 1
-    torchrun --nproc_per_node=2 comedian.py --data ~/soccernet --stage distill \
-        --output-dir runs/c1 --init-from runs/c1/spatial.pt     # stage 2, Baidu teacher bank
-    torchrun --nproc_per_node=2 comedian.py --data ~/soccernet --stage finetune \
-        --output-dir runs/c1                                    # stage 3 (phases A and B)
+    torchrun --nproc_per_node=2 comedian.py --data ~/soccernet --output-dir runs/c1 \
+        --stage spatial      # stage 1; then --stage distill (stage 2, Baidu teacher bank),
+                             # --stage finetune (stage 3, phases A and B), each in runs/c1
     python comedian.py --data ~/soccernet --stage spot --output-dir runs/c1   # valid a-mAP
     torchrun --nproc_per_node=8 comedian.py --data ~/soccernet --spatial-batch-size 128 \
-        --distill-batch-size 4 --ft-batch-size 8               # 8 GPUs, the official global
-                                                                # batches, all stages in turn
+        --distill-batch-size 4 --ft-batch-size 8   # 8 GPUs, official global batches, all stages
     python comedian.py --data ~/soccernet --amp fp16     # 1 GPU: the official per-GPU batches,
                                                           # half the global ones (lr x B / 256)
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
@@ -44,12 +41,11 @@ Deviations, with reasons:
   the official sampler would start it at floor(D) - W < 0); real halves are ~45 min, so this
   never differs there.
 - Augmentations run per window on the CPU with torchvision v2 (one draw for all frames of a
-  clip), not batched on the GPU with torchaug; draws come from (seed, epoch, index), as do
-  the temporal masks and mixup weights (`sample_draws`, drawn in the loader so that the GPU
-  step draws nothing and waits for nothing); a batch's mixup permutation is the argsort of
-  its windows' uniform keys, uniform as the official `torch.randperm`. The blur kernel is
-  10 % of the image (23 at 224, the configs'), but at least 13 so that +-3 sigma fits
-  (`augment.blur_kernel`, as the SCE scripts).
+  clip), not batched on the GPU with torchaug; their draws, the temporal masks and the mixup
+  weights come from (seed, epoch, index) (`sample_draws`, in the loader: the GPU step draws
+  nothing and waits for nothing); a batch's mixup permutation is the argsort of its windows'
+  uniform keys, uniform as `torch.randperm`. The blur kernel is 10 % of the image (23 at
+  224, the configs'), at least 13 so that +-3 sigma fits (`augment.blur_kernel`, as SCE).
 - Frames at 2 fps are the frames on screen at t = i / 2 s (PyAV, seeking), in place of
   ffmpeg's `fps=2` JPEG extraction; 2-fps frame folders (the official layout) are read as is.
 - Stage 2 window starts: one per equal segment of [0, D - W], uniform inside it, floored to
@@ -79,6 +75,7 @@ Deviations, with reasons:
   as Baidu's label-trained features do; `--teacher-name stage1` uses our stage-1 trunk
   instead (stage `features` writes it). See the README for what the demo does not show.
 """
+import collections
 import copy
 import dataclasses
 import json
@@ -87,7 +84,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple, Sequence, Union
+from typing import Literal, Sequence, Union
 
 import numpy as np
 import torch
@@ -116,9 +113,9 @@ class Args:
     seed: int = 42
     """random seed (the code's seeds are 42, 203 and 666; T averages the three)"""
     stage: Literal["all", "spatial", "features", "distill", "finetune", "spot"] = "all"
-    """spatial (stage 1), features (a teacher bank from the stage-1 ViT, for data without
-    one), distill (stage 2), finetune (stage 3: phase A head only, then phase B all), spot
-    (inference and the metric); all: each in turn, each from the previous one's file"""
+    """spatial (stage 1), features (a stage-1 teacher bank, for data without one), distill
+    (stage 2), finetune (stage 3: phase A head only, then phase B all), spot (inference and
+    metric); all: each in turn, each from the previous one's file"""
     max_steps: int = 0
     """stop every training loop after this many steps (0: its epochs)"""
     log_every: int = 50
@@ -129,12 +126,12 @@ class Args:
     """resume the --stage asked for from this file (spatial.pt, distill.pt, head.pt: phase A,
     finetune.pt: phase B); resuming from <output-dir> is automatic anyway"""
     init_from: str = ""
-    """weights the first stage run starts from, ours or eztorch's in any layout (Lightning
-    files; trunk under trunk.transformer., trunk.model., trunk., or extracted; momentum_trunk.
-    ignored): distill: a stage-1 file (our spatial.pt, eztorch's SCE file), or "random" (T's
-    "none" row); finetune: distill.pt or an eztorch stage-2 file (a stage-1 file also
-    works), or "random"; spot: finetune.pt or a released COMEDIAN checkpoint. Default: the
-    previous stage's file in --output-dir"""
+    """weights the first stage run starts from, ours or eztorch's (Lightning files; trunk
+    under trunk.transformer., trunk.model., trunk. or extracted; momentum_trunk. ignored):
+    distill: a stage-1 file (our spatial.pt, eztorch's SCE file) or "random" (T's "none"
+    row); finetune: distill.pt, an eztorch stage-2 (or stage-1) file, or "random"; spot:
+    finetune.pt or a released COMEDIAN checkpoint. Default: the previous stage's file in
+    --output-dir"""
     bench: bool = False
     """time the training step of each stage and fine-tuning phase, as its loop runs it, on
     random tensors at the configured shapes"""
@@ -245,9 +242,8 @@ class Args:
     mixup_alpha: float = 0.1
     """mixup lambda ~ Beta(a, a) per window (0: no mixup)"""
     head_prior: float = 0.0
-    """0: the classifier's bias starts at 0 (official); p > 0: at log(p / (1 - p)), the
-    prior-probability init of RetinaNet (the demo: its few hundred steps cannot learn the
-    bias of rare events from 0 at its lr, and the trunk collapses meanwhile)"""
+    """0: the classifier's bias starts at 0 (official); p > 0: at log(p / (1 - p)),
+    RetinaNet's prior-probability init (the demo's 0.01: see the deviations)"""
     final_lr_ratio: float = 0.01
     """stages 2 and 3: the cosine ends at this x peak"""
     weight_decay: float = 0.05
@@ -1151,21 +1147,14 @@ def save_timeline(path: str, h: soccernet.Half, curves: dict, args: Args) -> Non
 
 
 # ---- 8. Main ----
-class Phase(NamedTuple):
-    """One training loop of thesis Fig. 6.2: the `train_step` stage it runs, its batch per
-    GPU, epochs, lr per 256 samples, warmup epochs, final lr ratio and checkpoint file."""
-    stage: str
-    batch: int
-    epochs: int
-    base_lr: float
-    warmup_epochs: float
-    final_ratio: float
-    ckpt: str
+Phase = collections.namedtuple("Phase", "stage batch epochs base_lr warmup final ckpt")
 
 
 def phases(args: Args) -> dict:
-    """The four training loops in order (spec §1, §4): stage 1, stage 2, and stage 3's phase A
-    ("head": the classifier alone) and phase B ("finetune": everything)."""
+    """The training loops of thesis Fig. 6.2 in order (spec §1, §4): stage 1, stage 2, and
+    stage 3's phase A ("head": the classifier alone) and phase B ("finetune": everything),
+    each a `Phase`: the `train_step` stage it runs, its batch per GPU, epochs, lr per 256
+    samples, warmup epochs, final lr / peak lr, and checkpoint file."""
     a, ft = args, ("finetune", args.ft_batch_size)
     return {"spatial": Phase("spatial", a.spatial_batch_size, a.spatial_epochs,
                              a.spatial_base_lr, a.spatial_warmup_epochs, 0.0, "spatial.pt"),
@@ -1214,24 +1203,23 @@ def run_loop(name: str, model: nn.Module, ds: Dataset, args: Args, device, amp: 
              logger: log.Logger, source: str) -> int:
     """Loop `name` of `phases` on `ds`, keyed by its global step, checkpointed in
     <output-dir>/<ckpt>: its optimiser (`loop_optimizer`), the model wrapped (`wrap`),
-    lr = base x B_global / 256 (spec §4), linear warmup from final_ratio x peak, cosine to
-    final_ratio x peak, per step; stage 1's EMA momentum cosine from ema_m0 to 1. Returns the
+    lr = base x B_global / 256 (spec §4), linear warmup from final x peak, cosine to
+    final x peak, per step; stage 1's EMA momentum cosine from ema_m0 to 1. Returns the
     loop's step."""
-    ph = phases(args)[name]
+    stage, batch, epochs, base_lr, warmup_epochs, final, ckpt = phases(args)[name]
     opt, before_step = loop_optimizer(name, model, args)
     net = wrap(model, args)
-    loop = training.Loop(data.make_loader(ds, ph.batch, True, args.seed, args.num_workers),
-                         ph.epochs, {"model": model, "optimizer": opt}, args, logger, amp,
-                         max_steps=args.max_steps, ckpt_name=ph.ckpt, source=source,
-                         desc=f"{ph.stage} epoch", prefix=ph.ckpt.removesuffix(".pt"),
-                         resume_flag=None)
-    peak, final = ph.base_lr * ph.batch * dist.world() / 256, ph.final_ratio
-    warmup = min(round(ph.warmup_epochs * loop.steps_per_epoch), loop.total_steps)
-    dist.print0(f"{ph.stage} ({ph.ckpt}): {len(ds)} samples, {loop.steps_per_epoch} "
-                f"steps/epoch, {loop.total_steps} steps, global batch {ph.batch * dist.world()}"
-                f", peak lr {peak:.3g}, amp {amp.mode}")
-    explicit = args.resume if args.stage == ph.stage else ""
-    if ph.stage == "finetune" and (os.path.basename(explicit) == "head.pt") != (name == "head"):
+    loop = training.Loop(data.make_loader(ds, batch, True, args.seed, args.num_workers), epochs,
+                         {"model": model, "optimizer": opt}, args, logger, amp,
+                         max_steps=args.max_steps, ckpt_name=ckpt, source=source,
+                         desc=f"{stage} epoch", prefix=ckpt.removesuffix(".pt"), resume_flag=None)
+    peak = base_lr * batch * dist.world() / 256
+    warmup = min(round(warmup_epochs * loop.steps_per_epoch), loop.total_steps)
+    dist.print0(f"{stage} ({ckpt}): {len(ds)} samples, {loop.steps_per_epoch} steps/epoch, "
+                f"{loop.total_steps} steps, global batch {batch * dist.world()}, peak lr "
+                f"{peak:.3g}, amp {amp.mode}")
+    explicit = args.resume if args.stage == stage else ""
+    if stage == "finetune" and (os.path.basename(explicit) == "head.pt") != (name == "head"):
         explicit = ""  # the other phase's file: this phase resumes from <output-dir> itself
     loop.resume(explicit)
     for *xs, _ in loop:
@@ -1240,7 +1228,7 @@ def run_loop(name: str, model: nn.Module, ds: Dataset, args: Args, device, amp: 
         optim.set_lr_wd(opt, lr)
         m = optim.cosine_schedule(loop.step, max(loop.total_steps - 1, 1), args.ema_m0,
                                   final=1.0)  # stage 1's EMA momentum 0.99 -> 1
-        out = loop_step(ph.stage, net, [x.to(device, non_blocking=True) for x in xs], opt, amp,
+        out = loop_step(stage, net, [x.to(device, non_blocking=True) for x in xs], opt, amp,
                         args, m, before_step)
         loop.end_step(out, {f"{loop.prefix}/lr": lr})
     loop.check_replicas(model)
@@ -1529,13 +1517,12 @@ def bench(args: Args, device, amp: optim.Amp) -> dict:
     Returns {name: that line as a dict}."""
     S, T, out = args.img_size, int(args.window), {}
     halves = split_halves(synthetic.soccernet(), ["train"], args)
-    for name, ph in phases(args).items():
-        if args.stage not in ("all", ph.stage):
+    for name, (stage, b, _, base_lr, *_) in phases(args).items():
+        if args.stage not in ("all", stage):
             continue
-        b, stage, distill = ph.batch, ph.stage, ph.stage == "distill"
-        model = build_model(args, stage, args.pca_dim).to(device)
+        model, distill = build_model(args, stage, args.pca_dim).to(device), stage == "distill"
         opt, before_step = loop_optimizer(name, model, args)
-        optim.set_lr_wd(opt, ph.base_lr * b * dist.world() / 256)
+        optim.set_lr_wd(opt, base_lr * b * dist.world() / 256)
         net = wrap(model, args)
         if stage == "spatial":
             batch = [torch.randn(b, 3, 2, S, S, device=device) for _ in range(2)]
