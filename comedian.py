@@ -17,8 +17,8 @@ per-class NMS before the official tight average-mAP.
 Launch (batch sizes are per GPU; the official runs use 2 A100s, spec §4):
     python comedian.py                      # CPU demo: all stages small on the synthetic set
     torchrun --nproc_per_node=2 comedian.py --data ~/soccernet --output-dir runs/c1 \
-        --stage spatial      # stage 1; then --stage distill (stage 2, Baidu teacher bank),
-                             # --stage finetune (stage 3, phases A and B), each in runs/c1
+        --stage spatial      # stage 1; then --stage distill (2, Baidu teacher bank) and
+                             # finetune (3: phases A, B), each from the last's file in runs/c1
     python comedian.py --data ~/soccernet --stage spot --output-dir runs/c1   # valid a-mAP
     torchrun --nproc_per_node=8 comedian.py --data ~/soccernet --spatial-batch-size 128 \
         --distill-batch-size 4 --ft-batch-size 8   # 8 GPUs, official global batches, all stages
@@ -1105,9 +1105,7 @@ def save_timeline(path: str, h: soccernet.Half, curves: dict, args: Args) -> Non
     """A labelled PNG of one half: for each class with events, a ground-truth row (filled
     tick: visible, hollow: not shown) and one row per model of `curves` ({name: (N, 17)
     merged buffer}) with its per-second score (0-1, the max of the second's two 0.5-s
-    indices) as bars scaled to the row's max (printed); time in seconds. Rank 0 only."""
-    if not dist.is_main():
-        return
+    indices) as bars scaled to the row's max (printed); time in seconds."""
     classes = sorted({a.label for a in h.annotations if a.half == h.half})
     font = ImageFont.load_default()
     px, left, top, row = 8, 170, 44, 22  # px per second, margins, row height
@@ -1483,8 +1481,7 @@ def report(summary: dict, results: dict, buffers: dict, root: Path, out: Path,
     if key is not None:
         h = soccernet.read_halves(root, [key[0]], args.video_name)[key[1] - 1]
         save_timeline(str(out / "timeline.png"), h,
-                      {c.replace('_', ' '): buffers[c][key] for c in cols},
-                      args)
+                      {c.replace('_', ' '): buffers[c][key] for c in cols}, args)
     with open(out / "summary.json", "w") as fh:
         json.dump(summary, fh, indent=2)
     dist.print0(f"wrote {out / 'summary.json'}" + (f" and {out / 'timeline.png'}"
