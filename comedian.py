@@ -108,8 +108,7 @@ FRAMES_PER_TOKEN = 2  # one Conv3d tubelet = one temporal token = 1 s
 class Args:
     # run
     output_dir: str = ""
-    """args.json, log.jsonl, the stage checkpoints, predictions, summary.json (default
-    runs/comedian-<time>)"""
+    """args.json, log.jsonl, *.pt, predictions, summary.json (default: runs/comedian-<time>)"""
     seed: int = 42
     """random seed (the code's seeds are 42, 203 and 666; T averages the three)"""
     stage: Literal["all", "spatial", "features", "distill", "finetune", "spot"] = "all"
@@ -159,8 +158,7 @@ class Args:
     max_fail_fraction: float = 0.05
     """abort when more than this fraction of windows cannot be decoded"""
     cache_frames: bool = False
-    """keep each decoded half in memory at 2 fps, per worker (small sets only: a 45-min
-    224p half is 1.4 GB)"""
+    """keep decoded halves in memory at 2 fps, per worker (small sets: 45 min at 224p is 1.4 GB)"""
     # model
     embed_dim: int = 192
     """ViViT width D (ViViT-T 192, ViViT-S 384; spec §2)"""
@@ -235,8 +233,7 @@ class Args:
     ft_batch_size: int = 32
     """windows per GPU (2 GPUs x 32 = the official 64)"""
     ft_windows: int = 50
-    """windows per game and epoch (25 per half, first and last forced, the others
-    non-overlapping)"""
+    """windows per game and epoch (25 per half: first and last forced, others non-overlapping)"""
     ft_mask_ratio: float = 0.25
     """alpha_2: frames dropped in phase B"""
     mixup_alpha: float = 0.1
@@ -1063,7 +1060,7 @@ def spot(model: nn.Module, root: Path, args: Args, device, amp: optim.Amp,
 
 @torch.no_grad()
 def pretext_losses(root: Path, args: Args, device, amp: optim.Amp, spatial: nn.Module,
-                   distiller: nn.Module | None, bank: TeacherBank | None) -> dict:
+                   distiller: nn.Module, bank: TeacherBank) -> dict:
     """Level 1 (the stages' own objectives on held-out data, the --eval-split halves; fixed
     draws). Stage 1: InfoNCE (lambda = 1) of each held-out 1-s clip's online prediction of
     view 2 against the EMA keys of view 1 of every held-out clip, its own the positive
@@ -1084,20 +1081,18 @@ def pretext_losses(root: Path, args: Args, device, amp: optim.Amp, spatial: nn.M
     q, k = torch.cat(qs), torch.cat(ks)
     out = {"spatial_heldout_loss": F.cross_entropy(q @ k.T / args.tau, torch.arange(
         len(q), device=q.device)).item(), "heldout_clips": len(q)}
-    if distiller is not None:
-        distiller.eval()
-        ds = Windows(halves, args, "distill", args.distill_windows, args.seed, bank)
-        xs, ps = zip(*[ds[i][:2] for i in range(len(ds))])
-        p = F.normalize(torch.stack(ps).to(device).float(), dim=-1)  # (N, T, P)
-        losses = []
-        for b, x in enumerate(xs):
-            with amp.autocast():
-                z = distiller.trunk(x[None].to(device))
-            qb = F.normalize(distiller.projector(z).float(), dim=-1)
-            others = torch.cat([p[:b], p[b + 1:]]).flatten(0, 1)
-            losses.append(sce_token_loss(qb, p[b:b + 1], others, args.lam, args.tau,
-                                         args.tau_m))
-        out["distill_heldout_loss"] = torch.stack(losses).mean().item()
+    distiller.eval()
+    ds = Windows(halves, args, "distill", args.distill_windows, args.seed, bank)
+    xs, ps = zip(*[ds[i][:2] for i in range(len(ds))])
+    p = F.normalize(torch.stack(ps).to(device).float(), dim=-1)  # (N, T, P)
+    losses = []
+    for b, x in enumerate(xs):
+        with amp.autocast():
+            z = distiller.trunk(x[None].to(device))
+        qb = F.normalize(distiller.projector(z).float(), dim=-1)
+        others = torch.cat([p[:b], p[b + 1:]]).flatten(0, 1)
+        losses.append(sce_token_loss(qb, p[b:b + 1], others, args.lam, args.tau, args.tau_m))
+    out["distill_heldout_loss"] = torch.stack(losses).mean().item()
     return out
 
 
