@@ -16,15 +16,12 @@ per-class NMS before the official tight average-mAP.
 
 Launch (batch sizes are per GPU; the official runs use 2 A100s, spec §4):
     python comedian.py                      # CPU demo: all stages small on the synthetic set
-    torchrun --nproc_per_node=2 comedian.py --data ~/soccernet --stage spatial   # stage 1
-    torchrun --nproc_per_node=2 comedian.py --data ~/soccernet --stage distill \
-        --output-dir runs/c1 --init-from runs/c1/spatial.pt     # stage 2, Baidu teacher bank
-    torchrun --nproc_per_node=2 comedian.py --data ~/soccernet --stage finetune \
-        --output-dir runs/c1                                    # stage 3 (phases A and B)
+    torchrun --nproc_per_node=2 comedian.py --data ~/soccernet --output-dir runs/c1 \
+        --stage spatial      # stage 1; then --stage distill (2, Baidu teacher bank) and
+                             # finetune (3: phases A, B), each from the last's file in runs/c1
     python comedian.py --data ~/soccernet --stage spot --output-dir runs/c1   # valid a-mAP
     torchrun --nproc_per_node=8 comedian.py --data ~/soccernet --spatial-batch-size 128 \
-        --distill-batch-size 4 --ft-batch-size 8               # 8 GPUs, the official global
-                                                                # batches, all stages in turn
+        --distill-batch-size 4 --ft-batch-size 8   # 8 GPUs, official global batches, all stages
     python comedian.py --data ~/soccernet --amp fp16     # 1 GPU: the official per-GPU batches,
                                                           # half the global ones (lr x B / 256)
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
@@ -44,12 +41,11 @@ Deviations, with reasons:
   the official sampler would start it at floor(D) - W < 0); real halves are ~45 min, so this
   never differs there.
 - Augmentations run per window on the CPU with torchvision v2 (one draw for all frames of a
-  clip), not batched on the GPU with torchaug; draws come from (seed, epoch, index), as do
-  the temporal masks and mixup weights (`sample_draws`, drawn in the loader so that the GPU
-  step draws nothing and waits for nothing); a batch's mixup permutation is the argsort of
-  its windows' uniform keys, uniform as the official `torch.randperm`. The blur kernel is
-  10 % of the image (23 at 224, the configs'), but at least 13 so that +-3 sigma fits
-  (`augment.blur_kernel`, as the SCE scripts).
+  clip), not batched on the GPU with torchaug; their draws, the temporal masks and the mixup
+  weights come from (seed, epoch, index) (`sample_draws`, in the loader: the GPU step draws
+  nothing and waits for nothing); a batch's mixup permutation is the argsort of its windows'
+  uniform keys, uniform as `torch.randperm`. The blur kernel is 10 % of the image (23 at
+  224, the configs'), at least 13 so that +-3 sigma fits (`augment.blur_kernel`, as SCE).
 - Frames at 2 fps are the frames on screen at t = i / 2 s (PyAV, seeking), in place of
   ffmpeg's `fps=2` JPEG extraction; 2-fps frame folders (the official layout) are read as is.
 - Stage 2 window starts: one per equal segment of [0, D - W], uniform inside it, floored to
@@ -79,6 +75,7 @@ Deviations, with reasons:
   as Baidu's label-trained features do; `--teacher-name stage1` uses our stage-1 trunk
   instead (stage `features` writes it). See the README for what the demo does not show.
 """
+import collections
 import copy
 import dataclasses
 import json
@@ -111,14 +108,13 @@ FRAMES_PER_TOKEN = 2  # one Conv3d tubelet = one temporal token = 1 s
 class Args:
     # run
     output_dir: str = ""
-    """args.json, log.jsonl, the stage checkpoints, predictions, summary.json (default
-    runs/comedian-<time>)"""
+    """args.json, log.jsonl, *.pt, predictions, summary.json (default: runs/comedian-<time>)"""
     seed: int = 42
     """random seed (the code's seeds are 42, 203 and 666; T averages the three)"""
     stage: Literal["all", "spatial", "features", "distill", "finetune", "spot"] = "all"
-    """spatial (stage 1), features (a teacher bank from the stage-1 ViT, for data without
-    one), distill (stage 2), finetune (stage 3: phase A head only, then phase B all), spot
-    (inference and the metric); all: each in turn, each from the previous one's file"""
+    """spatial (stage 1), features (a stage-1 teacher bank, for data without one), distill
+    (stage 2), finetune (stage 3: phase A head only, then phase B all), spot (inference and
+    metric); all: each in turn, each from the previous one's file"""
     max_steps: int = 0
     """stop every training loop after this many steps (0: its epochs)"""
     log_every: int = 50
@@ -129,12 +125,12 @@ class Args:
     """resume the --stage asked for from this file (spatial.pt, distill.pt, head.pt: phase A,
     finetune.pt: phase B); resuming from <output-dir> is automatic anyway"""
     init_from: str = ""
-    """weights the first stage run starts from, ours or eztorch's in any layout (Lightning
-    files; trunk under trunk.transformer., trunk.model., trunk., or extracted; momentum_trunk.
-    ignored): distill: a stage-1 file (our spatial.pt, eztorch's SCE file), or "random" (T's
-    "none" row); finetune: distill.pt or an eztorch stage-2 file (a stage-1 file also
-    works), or "random"; spot: finetune.pt or a released COMEDIAN checkpoint. Default: the
-    previous stage's file in --output-dir"""
+    """weights the first stage run starts from, ours or eztorch's (Lightning files; trunk
+    under trunk.transformer., trunk.model., trunk. or extracted; momentum_trunk. ignored):
+    distill: a stage-1 file (our spatial.pt, eztorch's SCE file) or "random" (T's "none"
+    row); finetune: distill.pt, an eztorch stage-2 (or stage-1) file, or "random"; spot:
+    finetune.pt or a released COMEDIAN checkpoint. Default: the previous stage's file in
+    --output-dir"""
     bench: bool = False
     """time the training step of each stage and fine-tuning phase, as its loop runs it, on
     random tensors at the configured shapes"""
@@ -162,8 +158,7 @@ class Args:
     max_fail_fraction: float = 0.05
     """abort when more than this fraction of windows cannot be decoded"""
     cache_frames: bool = False
-    """keep each decoded half in memory at 2 fps, per worker (small sets only: a 45-min
-    224p half is 1.4 GB)"""
+    """keep decoded halves in memory at 2 fps, per worker (small sets: 45 min at 224p is 1.4 GB)"""
     # model
     embed_dim: int = 192
     """ViViT width D (ViViT-T 192, ViViT-S 384; spec §2)"""
@@ -238,16 +233,14 @@ class Args:
     ft_batch_size: int = 32
     """windows per GPU (2 GPUs x 32 = the official 64)"""
     ft_windows: int = 50
-    """windows per game and epoch (25 per half, first and last forced, the others
-    non-overlapping)"""
+    """windows per game and epoch (25 per half: first and last forced, others non-overlapping)"""
     ft_mask_ratio: float = 0.25
     """alpha_2: frames dropped in phase B"""
     mixup_alpha: float = 0.1
     """mixup lambda ~ Beta(a, a) per window (0: no mixup)"""
     head_prior: float = 0.0
-    """0: the classifier's bias starts at 0 (official); p > 0: at log(p / (1 - p)), the
-    prior-probability init of RetinaNet (the demo: its few hundred steps cannot learn the
-    bias of rare events from 0 at its lr, and the trunk collapses meanwhile)"""
+    """0: the classifier's bias starts at 0 (official); p > 0: at log(p / (1 - p)),
+    RetinaNet's prior-probability init (the demo's 0.01: see the deviations)"""
     final_lr_ratio: float = 0.01
     """stages 2 and 3: the cosine ends at this x peak"""
     weight_decay: float = 0.05
@@ -569,12 +562,6 @@ class Windows(Dataset):
         part = y[first:first + len(fy)]
         fy[:len(part)] = part
         return x, soccernet.token_labels(fy, FRAMES_PER_TOKEN), keep, lam, u, index
-
-
-def make_loader(ds: Dataset, batch_size: int, args: Args, train: bool):
-    """Shuffled full batches keyed (epoch, index) for training, each sample once in order for
-    evaluation; the loader's own generator (`data.make_loader`)."""
-    return data.make_loader(ds, batch_size, train, args.seed, args.num_workers)
 
 
 # ---- 4. Model ----
@@ -1073,7 +1060,7 @@ def spot(model: nn.Module, root: Path, args: Args, device, amp: optim.Amp,
 
 @torch.no_grad()
 def pretext_losses(root: Path, args: Args, device, amp: optim.Amp, spatial: nn.Module,
-                   distiller: nn.Module | None, bank: TeacherBank | None) -> dict:
+                   distiller: nn.Module, bank: TeacherBank) -> dict:
     """Level 1 (the stages' own objectives on held-out data, the --eval-split halves; fixed
     draws). Stage 1: InfoNCE (lambda = 1) of each held-out 1-s clip's online prediction of
     view 2 against the EMA keys of view 1 of every held-out clip, its own the positive
@@ -1094,20 +1081,18 @@ def pretext_losses(root: Path, args: Args, device, amp: optim.Amp, spatial: nn.M
     q, k = torch.cat(qs), torch.cat(ks)
     out = {"spatial_heldout_loss": F.cross_entropy(q @ k.T / args.tau, torch.arange(
         len(q), device=q.device)).item(), "heldout_clips": len(q)}
-    if distiller is not None:
-        distiller.eval()
-        ds = Windows(halves, args, "distill", args.distill_windows, args.seed, bank)
-        xs, ps = zip(*[ds[i][:2] for i in range(len(ds))])
-        p = F.normalize(torch.stack(ps).to(device).float(), dim=-1)  # (N, T, P)
-        losses = []
-        for b, x in enumerate(xs):
-            with amp.autocast():
-                z = distiller.trunk(x[None].to(device))
-            qb = F.normalize(distiller.projector(z).float(), dim=-1)
-            others = torch.cat([p[:b], p[b + 1:]]).flatten(0, 1)
-            losses.append(sce_token_loss(qb, p[b:b + 1], others, args.lam, args.tau,
-                                         args.tau_m))
-        out["distill_heldout_loss"] = torch.stack(losses).mean().item()
+    distiller.eval()
+    ds = Windows(halves, args, "distill", args.distill_windows, args.seed, bank)
+    xs, ps = zip(*[ds[i][:2] for i in range(len(ds))])
+    p = F.normalize(torch.stack(ps).to(device).float(), dim=-1)  # (N, T, P)
+    losses = []
+    for b, x in enumerate(xs):
+        with amp.autocast():
+            z = distiller.trunk(x[None].to(device))
+        qb = F.normalize(distiller.projector(z).float(), dim=-1)
+        others = torch.cat([p[:b], p[b + 1:]]).flatten(0, 1)
+        losses.append(sce_token_loss(qb, p[b:b + 1], others, args.lam, args.tau, args.tau_m))
+    out["distill_heldout_loss"] = torch.stack(losses).mean().item()
     return out
 
 
@@ -1115,9 +1100,7 @@ def save_timeline(path: str, h: soccernet.Half, curves: dict, args: Args) -> Non
     """A labelled PNG of one half: for each class with events, a ground-truth row (filled
     tick: visible, hollow: not shown) and one row per model of `curves` ({name: (N, 17)
     merged buffer}) with its per-second score (0-1, the max of the second's two 0.5-s
-    indices) as bars scaled to the row's max (printed); time in seconds. Rank 0 only."""
-    if not dist.is_main():
-        return
+    indices) as bars scaled to the row's max (printed); time in seconds."""
     classes = sorted({a.label for a in h.annotations if a.half == h.half})
     font = ImageFont.load_default()
     px, left, top, row = 8, 170, 44, 22  # px per second, margins, row height
@@ -1157,12 +1140,44 @@ def save_timeline(path: str, h: soccernet.Half, curves: dict, args: Args) -> Non
 
 
 # ---- 8. Main ----
+Phase = collections.namedtuple("Phase", "stage batch epochs base_lr warmup final ckpt")
+
+
+def phases(args: Args) -> dict:
+    """The training loops of thesis Fig. 6.2 in order (spec §1, §4): stage 1, stage 2, and
+    stage 3's phase A ("head": the classifier alone) and phase B ("finetune": everything),
+    each a `Phase`: the `train_step` stage it runs, its batch per GPU, epochs, lr per 256
+    samples, warmup epochs, final lr / peak lr, and checkpoint file."""
+    a, ft = args, ("finetune", args.ft_batch_size)
+    return {"spatial": Phase("spatial", a.spatial_batch_size, a.spatial_epochs,
+                             a.spatial_base_lr, a.spatial_warmup_epochs, 0.0, "spatial.pt"),
+            "distill": Phase("distill", a.distill_batch_size, a.distill_epochs,
+                             a.distill_base_lr, a.distill_warmup_epochs, a.final_lr_ratio,
+                             "distill.pt"),
+            "head": Phase(*ft, a.head_epochs, a.ft_base_lr, 0, a.final_lr_ratio, "head.pt"),
+            "finetune": Phase(*ft, a.ft_epochs, a.ft_base_lr, 0, a.final_lr_ratio,
+                              "finetune.pt")}
+
+
 def optimizer_for(model: nn.Module, args: Args, fused: bool | None = None):
     """AdamW (0.9, 0.999), wd on weights only (spec §4, pitfall 7); fused on CUDA (None),
     or as `fused` says (a test counts the host syncs of the CUDA optimiser on the CPU)."""
     groups = optim.param_groups(model, args.weight_decay)
     fused = next(model.parameters()).is_cuda if fused is None else fused
     return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), eps=1e-8, fused=fused)
+
+
+def loop_optimizer(name: str, model: nn.Module, args: Args, fused: bool | None = None):
+    """The AdamW of loop `name` of `phases` and its `before_step` (or None). Phase A ("head")
+    freezes the `Spotter`'s trunk (no gradient; before_step, the trunk's `eval`, runs before
+    every step: no masking, no drop-path) and trains the head alone; phase B ("finetune")
+    trains everything."""
+    if name in ("head", "finetune"):
+        for p in model.trunk.parameters():
+            p.requires_grad = name == "finetune"
+    if name == "head":
+        return optimizer_for(model.head_class, args, fused), model.trunk.eval
+    return optimizer_for(model, args, fused), None
 
 
 def wrap(model: nn.Module, args: Args) -> nn.Module:
@@ -1177,32 +1192,32 @@ def wrap(model: nn.Module, args: Args) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused)
 
 
-def run_loop(stage: str, net, model: nn.Module, ds: Dataset, batch: int, epochs: int,
-             base_lr: float, warmup_epochs: float, final_ratio: float, ckpt: str, args: Args,
-             device, amp: optim.Amp, logger: log.Logger, source: str, opt=None,
-             before_step=None) -> int:
-    """One training loop (a stage or phase) keyed by its global step, checkpointed in
-    <output-dir>/<ckpt>: lr = base x B_global / 256 (spec §4), linear warmup from
-    final_ratio x peak, cosine to final_ratio x peak, per step."""
-    opt = opt or optimizer_for(model, args)
-    loop = training.Loop(make_loader(ds, batch, args, train=True), epochs,
+def run_loop(name: str, model: nn.Module, ds: Dataset, args: Args, device, amp: optim.Amp,
+             logger: log.Logger, source: str) -> int:
+    """Loop `name` of `phases` on `ds`, keyed by its global step, checkpointed in
+    <output-dir>/<ckpt>: its optimiser (`loop_optimizer`), the model wrapped (`wrap`),
+    lr = base x B_global / 256 (spec §4), linear warmup from final x peak, cosine to
+    final x peak, per step; stage 1's EMA momentum cosine from ema_m0 to 1. Returns the
+    loop's step."""
+    stage, batch, epochs, base_lr, warmup_epochs, final, ckpt = phases(args)[name]
+    opt, before_step = loop_optimizer(name, model, args)
+    net = wrap(model, args)
+    loop = training.Loop(data.make_loader(ds, batch, True, args.seed, args.num_workers), epochs,
                          {"model": model, "optimizer": opt}, args, logger, amp,
                          max_steps=args.max_steps, ckpt_name=ckpt, source=source,
-                         desc=f"{stage} epoch", prefix=ckpt.removesuffix(".pt"),
-                         resume_flag=None)
+                         desc=f"{stage} epoch", prefix=ckpt.removesuffix(".pt"), resume_flag=None)
     peak = base_lr * batch * dist.world() / 256
     warmup = min(round(warmup_epochs * loop.steps_per_epoch), loop.total_steps)
     dist.print0(f"{stage} ({ckpt}): {len(ds)} samples, {loop.steps_per_epoch} steps/epoch, "
                 f"{loop.total_steps} steps, global batch {batch * dist.world()}, peak lr "
                 f"{peak:.3g}, amp {amp.mode}")
     explicit = args.resume if args.stage == stage else ""
-    if explicit and stage == "finetune" and (os.path.basename(explicit) == "head.pt") != \
-            (ckpt == "head.pt"):
+    if stage == "finetune" and (os.path.basename(explicit) == "head.pt") != (name == "head"):
         explicit = ""  # the other phase's file: this phase resumes from <output-dir> itself
     loop.resume(explicit)
     for *xs, _ in loop:
-        lr = optim.cosine_schedule(loop.step, loop.total_steps, peak, warmup,
-                                   final_ratio * peak, final_ratio * peak)
+        lr = optim.cosine_schedule(loop.step, loop.total_steps, peak, warmup, final * peak,
+                                   final * peak)
         optim.set_lr_wd(opt, lr)
         m = optim.cosine_schedule(loop.step, max(loop.total_steps - 1, 1), args.ema_m0,
                                   final=1.0)  # stage 1's EMA momentum 0.99 -> 1
@@ -1246,30 +1261,79 @@ def initial_trunk(path: str, what: str, args: Args, trunk: nn.Module) -> str:
     return checkpoint.fingerprint(sd)
 
 
-def start_file(stage: str, previous: str, args: Args) -> str:
+# what each stage starts from: (the weights' name, the previous stage's file in --output-dir)
+STARTS = {"distill": ("stage-1", "spatial.pt"), "finetune": ("stage-2", "distill.pt"),
+          "spot": ("stage-3", "finetune.pt")}
+
+
+def start_file(stage: str, args: Args) -> str:
     """--init-from when `stage` is the one asked for (or, under --stage all, for distill:
-    stage 1 is then skipped), else <output-dir>/<previous>."""
+    stage 1 is then skipped), else <output-dir>/<the previous stage's file> (`STARTS`)."""
     if args.init_from and (args.stage == stage or args.stage == "all" and stage == "distill"):
         return args.init_from
-    return os.path.join(args.output_dir, previous)
+    return os.path.join(args.output_dir, STARTS[stage][1])
 
 
-def stage_spatial(root: Path, args: Args, device, amp, logger) -> int:
+def train_stage(stage: str, root: Path, args: Args, device, amp: optim.Amp,
+                logger: log.Logger, init: str = "random") -> tuple:
+    """Stage 1, 2 or 3 on the --train-splits halves: its data (1-s clips; windows with the
+    teacher bank's features; labelled windows), its model started from `init` (a file of
+    `STARTS`, or "random"; stage 1 always starts at random), and its loop(s) of `phases`
+    (stage 3: phase A, then phase B), checkpoints in --output-dir. Returns (model, steps)."""
     halves = split_halves(root, args.train_splits, args)
-    ds = data.SafeDataset(SpatialClips(halves, args, args.seed), args.max_fail_fraction,
-                          "1-s clips")
-    model = build_model(args, "spatial").to(device)
-    return run_loop("spatial", wrap(model, args), model, ds, args.spatial_batch_size,
-                    args.spatial_epochs, args.spatial_base_lr, args.spatial_warmup_epochs, 0.0,
-                    "spatial.pt", args, device, amp, logger, "random")
+    if stage == "spatial":
+        ds, model = SpatialClips(halves, args, args.seed), build_model(args, stage)
+    else:
+        bank = teacher_bank(root, halves, args, device) if stage == "distill" else None
+        ds = Windows(halves, args, stage, args.distill_windows if bank else args.ft_windows,
+                     args.seed, bank)
+        model = build_model(args, stage, bank.pca["components"].shape[1] if bank else 512)
+    ds = data.SafeDataset(ds, args.max_fail_fraction, "1-s clips" if stage == "spatial" else
+                          "windows")
+    model = model.to(device)
+    source = "random" if stage == "spatial" else initial_trunk(init, STARTS[stage][0], args,
+                                                               model.trunk)
+    steps = 0
+    for name in ("head", "finetune") if stage == "finetune" else (stage,):
+        steps += run_loop(name, model, ds, args, device, amp, logger, source)
+    return model, steps
+
+
+def teacher_root(root: Path, args: Args) -> Path:
+    """--teacher-dir; else <output-dir>/teacher for the stage-1 teacher ("stage1", written by
+    stage `features`), else the data root (SoccerNet's own feature files)."""
+    if args.teacher_dir:
+        return Path(args.teacher_dir)
+    return Path(args.output_dir) / "teacher" if args.teacher_name == "stage1" else root
+
+
+def teacher_bank(root: Path, halves: list, args: Args, device) -> TeacherBank:
+    """Stage 2's `TeacherBank` of `halves`, its PCA (`fit_pca`, all ranks) cached in
+    <output-dir>/teacher_pca.pt with the list of files it is of, refitted when that changes."""
+    teacher = teacher_root(root, args)
+    pca_path = os.path.join(args.output_dir, "teacher_pca.pt")
+    paths = [teacher / h.game / f"{h.half}_{args.teacher_name}.npy" for h in halves]
+    files = [str(p) for p in paths] + [f"pca_dim={args.pca_dim}"]  # what the PCA is of
+    stale = dist.is_main() and (not os.path.isfile(pca_path) or
+                                checkpoint.load(pca_path).get("files") != files)
+    if dist.all_reduce(torch.tensor(float(stale), device=device), "sum").item():  # rank 0's
+        for p in paths:  # every rank: all stop, or all enter the collectives of fit_pca
+            if not p.is_file():
+                raise FileNotFoundError(f"{p}: teacher features missing (--teacher-dir, "
+                                        f"--teacher-name, or run --stage features)")
+        dist.print0(f"teacher-bank PCA of {len(paths)} files, shared by {dist.world()} "
+                    f"process(es)")
+        checkpoint.save(pca_path, {**fit_pca(paths, args.pca_dim, device), "files": files})
+    dist.barrier()  # every rank then reads rank 0's file: the same PCA everywhere
+    return TeacherBank(teacher, args.teacher_name, args.teacher_fps, checkpoint.load(pca_path))
 
 
 @torch.no_grad()
-def stage_features(root: Path, args: Args, device, amp, out: Path) -> None:
+def stage_features(root: Path, args: Args, device, amp) -> None:
     """A teacher bank for data that has none (the demo): the stage-1 EMA trunk's CLS of every
-    1-s clip of every half, `<out>/<game>/{half}_<teacher_name>.npy` (floor(D), D) at 1 fps
-    (like the thesis' SCE-R3D50 teacher: self-supervised, spec §6 "Teacher bank")."""
-    path = os.path.join(args.output_dir, "spatial.pt")
+    1-s clip of every half, `<teacher_root>/<game>/{half}_<teacher_name>.npy` (floor(D), D)
+    at 1 fps (like the thesis' SCE-R3D50 teacher: self-supervised, spec §6 "Teacher bank")."""
+    path, out = os.path.join(args.output_dir, "spatial.pt"), teacher_root(root, args)
     model = build_model(args, "spatial")
     checkpoint.load_model(model, checkpoint.load(path)["model"], what=path)
     trunk = model.trunk_m.to(device).eval()
@@ -1287,78 +1351,6 @@ def stage_features(root: Path, args: Args, device, amp, out: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         np.save(target, torch.cat(feats).numpy())
     dist.barrier()
-
-
-def teacher_root(root: Path, args: Args) -> Path:
-    """--teacher-dir; else <output-dir>/teacher for the stage-1 teacher ("stage1", written by
-    stage `features`), else the data root (SoccerNet's own feature files)."""
-    if args.teacher_dir:
-        return Path(args.teacher_dir)
-    return Path(args.output_dir) / "teacher" if args.teacher_name == "stage1" else root
-
-
-def stage_distill(root: Path, args: Args, device, amp, logger, init: str) -> int:
-    halves = split_halves(root, args.train_splits, args)
-    teacher = teacher_root(root, args)
-    pca_path = os.path.join(args.output_dir, "teacher_pca.pt")
-    paths = [teacher / h.game / f"{h.half}_{args.teacher_name}.npy" for h in halves]
-    files = [str(p) for p in paths] + [f"pca_dim={args.pca_dim}"]  # what the PCA is of
-    stale = dist.is_main() and (not os.path.isfile(pca_path) or
-                                checkpoint.load(pca_path).get("files") != files)
-    if dist.all_reduce(torch.tensor(float(stale), device=device), "sum").item():  # rank 0's
-        for p in paths:  # every rank: all stop, or all enter the collectives of fit_pca
-            if not p.is_file():
-                raise FileNotFoundError(f"{p}: teacher features missing (--teacher-dir, "
-                                        f"--teacher-name, or run --stage features)")
-        dist.print0(f"teacher-bank PCA of {len(paths)} files, shared by {dist.world()} "
-                    f"process(es)")
-        checkpoint.save(pca_path, {**fit_pca(paths, args.pca_dim, device), "files": files})
-    dist.barrier()  # every rank then reads rank 0's file: the same PCA everywhere
-    pca = checkpoint.load(pca_path)
-    bank = TeacherBank(teacher, args.teacher_name, args.teacher_fps, pca)
-    ds = data.SafeDataset(Windows(halves, args, "distill", args.distill_windows, args.seed,
-                                  bank), args.max_fail_fraction, "windows")
-    model = build_model(args, "distill", pca["components"].shape[1]).to(device)
-    source = initial_trunk(init, "stage-1", args, model.trunk)
-    return run_loop("distill", wrap(model, args), model, ds, args.distill_batch_size,
-                    args.distill_epochs, args.distill_base_lr, args.distill_warmup_epochs,
-                    args.final_lr_ratio, "distill.pt", args, device, amp, logger, source)
-
-
-def stage_finetune(root: Path, args: Args, device, amp, logger, init: str,
-                   out_dir: str) -> tuple:
-    """Phase A (head only, trunk frozen in eval mode) then phase B (everything), each with
-    its own schedule (spec §1 Stage 3). Returns (model, steps)."""
-    halves = split_halves(root, args.train_splits, args)
-    ds = data.SafeDataset(Windows(halves, args, "finetune", args.ft_windows, args.seed),
-                          args.max_fail_fraction, "windows")
-    model = build_model(args).to(device)
-    source = initial_trunk(init, "stage-2", args, model.trunk)
-    run_args = dataclasses.replace(args, output_dir=out_dir)
-    opt, before_step = finetune_phase(model, "A", args)
-    steps = run_loop("finetune", wrap(model, args), model, ds, args.ft_batch_size,
-                     args.head_epochs, args.ft_base_lr, 0, args.final_lr_ratio, "head.pt",
-                     run_args, device, amp, logger, source, opt, before_step)
-    opt, before_step = finetune_phase(model, "B", args)
-    steps += run_loop("finetune", wrap(model, args), model, ds, args.ft_batch_size,
-                      args.ft_epochs, args.ft_base_lr, 0, args.final_lr_ratio, "finetune.pt",
-                      run_args, device, amp, logger, source, opt, before_step)
-    return model, steps
-
-
-def finetune_phase(model: nn.Module, phase: str, args: Args, fused: bool | None = None):
-    """Set up a phase of stage 3 (spec §1) on a `Spotter`: "A" freezes the trunk (no
-    gradient; `before_step`, the trunk's `eval`, runs before every step: no masking, no
-    drop-path) and trains the head alone; "B" trains everything. Returns (the AdamW of the
-    phase, before_step or None)."""
-    head_only = phase == "A"
-    for p in model.trunk.parameters():
-        p.requires_grad = not head_only
-    if head_only:
-        return optimizer_for(model.head_class, args, fused), model.trunk.eval
-    return optimizer_for(model, args, fused), None
-
-
 def check_inputs(root: Path, args: Args, stages: list) -> None:
     """Refuse, before any training, what a later stage would refuse hours later: the split
     lists, games, labels and videos, the window counts per half, the queue sizes, and the
@@ -1395,6 +1387,10 @@ def check_inputs(root: Path, args: Args, stages: list) -> None:
 
 
 def main(args: Args) -> dict:
+    """Thesis Fig. 6.2 for --stage (all: each in turn, each from the previous one's file):
+    stage 1, a stage-1 teacher bank where the data has none, stage 2, stage 3, spotting; with
+    --eval-random-init the same fine-tuning and spotting from a random trunk, and (all) the
+    pretext losses. Prints the tables, writes summary.json (rank 0) and returns it."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = dist.init(args.device)
@@ -1411,7 +1407,7 @@ def main(args: Args) -> dict:
         dist.cleanup()
         return out
     root, out = data_root(args), Path(args.output_dir)
-    t0, steps, results = time.time(), 0, {}
+    t0, steps, results, buffers, model = time.time(), 0, {}, {}, None
     stages = ["spatial", "features", "distill", "finetune", "spot"] if args.stage == "all" \
         else [args.stage]
     if args.stage == "all" and args.teacher_name != "stage1":
@@ -1419,31 +1415,25 @@ def main(args: Args) -> dict:
     if args.stage == "all" and args.init_from:
         stages.remove("spatial")  # stage 2 starts from --init-from (or "random")
     check_inputs(root, args, stages)
-    if "spatial" in stages:
-        steps += stage_spatial(root, args, device, amp, logger)
-    if "features" in stages:
-        stage_features(root, args, device, amp, teacher_root(root, args))
-    if "distill" in stages:
-        steps += stage_distill(root, args, device, amp, logger,
-                               start_file("distill", "spatial.pt", args))
-    model = None
-    if "finetune" in stages:
-        model, n = stage_finetune(root, args, device, amp, logger,
-                                  start_file("finetune", "distill.pt", args), args.output_dir)
-        steps += n
-    buffers = {}
+    for stage in stages:
+        if stage == "features":
+            stage_features(root, args, device, amp)
+        elif stage != "spot":
+            model, n = train_stage(stage, root, args, device, amp, logger,
+                                   start_file(stage, args) if stage in STARTS else "random")
+            steps += n
     if "spot" in stages:
-        if model is None:
+        if "finetune" not in stages:
             model = build_model(args).to(device)
-            load_spotter(model, start_file("spot", "finetune.pt", args))
+            load_spotter(model, start_file("spot", args))
         results["pretrained"], buffers["pretrained"] = spot(model, root, args, device, amp,
                                                             out / "predictions")
         if args.eval_random_init:  # the same fine-tuning from a random trunk
             dist.print0(f"baseline: the same fine-tuning from a random trunk, into "
                         f"{out / 'random_init'}")
             torch.manual_seed(args.seed)
-            rnd, n = stage_finetune(root, args, device, amp, logger, "random",
-                                    str(out / "random_init"))
+            rnd, n = train_stage("finetune", root, dataclasses.replace(
+                args, output_dir=str(out / "random_init")), device, amp, logger)
             steps += n
             results["random_init"], buffers["random_init"] = spot(
                 rnd, root, args, device, amp, out / "random_init" / "predictions")
@@ -1454,36 +1444,43 @@ def main(args: Args) -> dict:
                "preset": args.preset, "steps": steps, "seconds": round(time.time() - t0, 1),
                "metrics": {}}
     if results and dist.is_main():
-        cols = [c for c in ("random_init", "pretrained") if c in results]
-        n_clips = results["pretrained"].pop("heldout_clips", None)
-        results.get("random_init", {}).pop("heldout_clips", None)
-        for name in results["pretrained"]:
-            summary["metrics"][name] = {c: round(results[c][name], 3) for c in cols}
-        if n_clips:
-            summary["chance"] = {"spatial_heldout_loss": round(math.log(n_clips), 3)}
-        for title, names in (
-                ("held-out pretext losses (level 1; stage 1 at chance: log "
-                 f"{n_clips} = {math.log(n_clips or 1):.2f})", [n for n in summary["metrics"]
-                                                                 if "loss" in n]),
-                (f"spotting on {args.eval_split!r} (level 2; a-mAP in %, 17 classes unless "
-                 "said)", [n for n in summary["metrics"] if "loss" not in n])):
-            if names:
-                dist.print0(f"\n{title}\n{'':<34}" + "".join(f"{c:>14}" for c in cols))
-                for n in names:
-                    dist.print0(f"{n:<34}" + "".join(f"{summary['metrics'][n][c]:>14.2f}"
-                                                     for c in cols))
-        key = next(iter(buffers["pretrained"]), None)
-        if key is not None:
-            h = soccernet.read_halves(root, [key[0]], args.video_name)[key[1] - 1]
-            save_timeline(str(out / "timeline.png"), h,
-                          {c.replace('_', ' '): buffers[c][key] for c in cols},
-                          args)
-        with open(out / "summary.json", "w") as fh:
-            json.dump(summary, fh, indent=2)
-        dist.print0(f"wrote {out / 'summary.json'}" + (f" and {out / 'timeline.png'}"
-                                                        if key is not None else ""))
+        report(summary, results, buffers, root, out, args)
     dist.cleanup()
     return summary
+
+
+def report(summary: dict, results: dict, buffers: dict, root: Path, out: Path,
+           args: Args) -> None:
+    """Rank 0: fill summary["metrics"] ({name: {column: value}}) from `results` ({column:
+    {name: value}}, columns random_init and pretrained), print the level-1 and level-2
+    tables, draw timeline.png of the first half spotted, write summary.json."""
+    cols = [c for c in ("random_init", "pretrained") if c in results]
+    n_clips = results["pretrained"].pop("heldout_clips", None)
+    results.get("random_init", {}).pop("heldout_clips", None)
+    for name in results["pretrained"]:
+        summary["metrics"][name] = {c: round(results[c][name], 3) for c in cols}
+    if n_clips:
+        summary["chance"] = {"spatial_heldout_loss": round(math.log(n_clips), 3)}
+    for title, names in (
+            ("held-out pretext losses (level 1; stage 1 at chance: log "
+             f"{n_clips} = {math.log(n_clips or 1):.2f})", [n for n in summary["metrics"]
+                                                             if "loss" in n]),
+            (f"spotting on {args.eval_split!r} (level 2; a-mAP in %, 17 classes unless "
+             "said)", [n for n in summary["metrics"] if "loss" not in n])):
+        if names:
+            dist.print0(f"\n{title}\n{'':<34}" + "".join(f"{c:>14}" for c in cols))
+            for n in names:
+                dist.print0(f"{n:<34}" + "".join(f"{summary['metrics'][n][c]:>14.2f}"
+                                                 for c in cols))
+    key = next(iter(buffers["pretrained"]), None)
+    if key is not None:
+        h = soccernet.read_halves(root, [key[0]], args.video_name)[key[1] - 1]
+        save_timeline(str(out / "timeline.png"), h,
+                      {c.replace('_', ' '): buffers[c][key] for c in cols}, args)
+    with open(out / "summary.json", "w") as fh:
+        json.dump(summary, fh, indent=2)
+    dist.print0(f"wrote {out / 'summary.json'}" + (f" and {out / 'timeline.png'}"
+                                                    if key is not None else ""))
 
 
 def level1(root: Path, args: Args, device, amp: optim.Amp) -> dict:
@@ -1505,42 +1502,34 @@ def level1(root: Path, args: Args, device, amp: optim.Amp) -> dict:
 
 
 def bench(args: Args, device, amp: optim.Amp) -> dict:
-    """--bench: the training step of each stage and phase (spatial, distill, finetune phase A
-    "head" and phase B), exactly as its loop runs it (`loop_step`: the model wrapped as in
-    training, the AdamW of the stage or phase with its parameter groups at its peak lr, phase
-    A's frozen trunk in eval mode), on random tensors at the configured shapes with the
-    loader's draws (masks, mixup); one JSON line each, with its data pipeline's rate on the
-    synthetic set. Returns {name: that line as a dict}."""
+    """--bench: the step of each loop of `phases` as its loop runs it (`loop_step`: its
+    optimiser with its parameter groups at its peak lr, the model wrapped, phase A's frozen
+    trunk in eval mode), on random tensors at the configured shapes with the loader's draws
+    (masks, mixup); one JSON line each, with its data pipeline's rate on the synthetic set.
+    Returns {name: that line as a dict}."""
     S, T, out = args.img_size, int(args.window), {}
-    root = synthetic.soccernet()
-    halves = split_halves(root, ["train"], args)
-    world = dist.world()
-    for name, stage, b, base_lr in (
-            ("spatial", "spatial", args.spatial_batch_size, args.spatial_base_lr),
-            ("distill", "distill", args.distill_batch_size, args.distill_base_lr),
-            ("head", "finetune", args.ft_batch_size, args.ft_base_lr),
-            ("finetune", "finetune", args.ft_batch_size, args.ft_base_lr)):
+    halves = split_halves(synthetic.soccernet(), ["train"], args)
+    for name, (stage, b, _, base_lr, *_) in phases(args).items():
         if args.stage not in ("all", stage):
             continue
-        model = build_model(args, stage, args.pca_dim).to(device)
-        opt, before_step = finetune_phase(model, "A" if name == "head" else "B", args) \
-            if stage == "finetune" else (optimizer_for(model, args), None)
-        optim.set_lr_wd(opt, base_lr * b * world / 256)
+        model, distill = build_model(args, stage, args.pca_dim).to(device), stage == "distill"
+        opt, before_step = loop_optimizer(name, model, args)
+        optim.set_lr_wd(opt, base_lr * b * dist.world() / 256)
         net = wrap(model, args)
         if stage == "spatial":
             batch = [torch.randn(b, 3, 2, S, S, device=device) for _ in range(2)]
             ds = SpatialClips(halves, args, args.seed)
         else:
-            distill = stage == "distill"
-            keep, lam, u = (torch.stack(d) for d in zip(*[sample_draws(
+            keep, lam, u = (torch.stack(d).to(device) for d in zip(*[sample_draws(
                 T, args.mask_ratio if distill else args.ft_mask_ratio,
                 0.0 if distill else args.mixup_alpha) for _ in range(b)]))
             x = torch.randn(b, 3, 2 * T, S, S, device=device)
-            batch = [x, torch.randn(b, T, args.pca_dim, device=device), keep.to(device)] \
-                if distill else [x, (torch.rand(b, T, soccernet.NUM_CLASSES, device=device) < 0.05)
-                                 .float(), keep.to(device), lam.to(device), u.to(device)]
+            batch = [x, torch.randn(b, T, args.pca_dim, device=device), keep] if distill else \
+                [x, (torch.rand(b, T, soccernet.NUM_CLASSES, device=device) < 0.05).float(),
+                 keep, lam, u]
             ds = Windows(halves, args, "finetune", 4, args.seed)  # (stage 2 decodes the same)
-        loader = make_loader(ds, b, args, train=True) if len(ds) >= b else None
+        loader = data.make_loader(ds, b, True, args.seed, args.num_workers) \
+            if len(ds) >= b else None
         out[name] = log.bench(lambda: loop_step(stage, net, batch, opt, amp, args, 0.99,
                                                 before_step), b, device, loader=loader,
                               amp_dtype=amp.dtype, stage=name, amp=amp.mode,

@@ -341,7 +341,8 @@ def test_a_training_step_makes_one_host_sync():
                         [x, torch.randn(2, 4, 8), keep])
     for phase in "AB":
         m = C.Spotter(a)
-        steps[f"finetune {phase}"] = (m, *C.finetune_phase(m, phase, a, fused=True),
+        name = {"A": "head", "B": "finetune"}[phase]
+        steps[f"finetune {phase}"] = (m, *C.loop_optimizer(name, m, a, fused=True),
                                       [x, y, keep, lam, u])
     for name, (model, opt, before_step, batch) in steps.items():
         def step():  # as run_loop runs it
@@ -946,7 +947,8 @@ def gpu_case(phase: str) -> tuple:
         unit_heads(model.projector)
     else:
         model, batch = C.Spotter(a), [x, (torch.rand(4, T, 17) < 0.1).float(), keep, lam, u]
-        C.finetune_phase(model, phase.split()[1], a)  # A: the trunk frozen
+        name = {"A": "head", "B": "finetune"}[phase.split()[1]]
+        C.loop_optimizer(name, model, a)  # A (head): the trunk frozen
 
     def step(m, b, opt, amp):
         m.train()
