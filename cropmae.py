@@ -220,7 +220,7 @@ class Args:
     """also evaluate a randomly initialised encoder, side by side (the demo does)"""
     random_init_seeds: int = 1
     """with --eval-random-init: how many random initialisations (seeds seed, seed + 1, ...;
-    the first is the trained model's start); their J&F spread is the noise floor (issue 11)"""
+    the first is the trained model's start); their J&F spread is the noise floor"""
     heldout_images: int = 10000
     """held-out pretext evaluation (`pretext_eval`, on ROOT/val of an image folder): at most
     this many images, a fixed random subset; 0: skip it"""
