@@ -474,7 +474,7 @@ class Backbone(vit.VisionTransformer):
 
     def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> tuple:
         """(B, 3, H, W), masks (B, N) bool -> final-norm CLS (B, D) and patches (B, N, D).
-        Called through `__call__` (`forward_tokens`), so that `Module.compile()` applies."""
+        Always called through `__call__` (`bb(x, masks)`), so that `Module.compile()` applies."""
         p = self.patch_embed.patch_size
         grid = (x.shape[-2] // p, x.shape[-1] // p)
         t = self.patch_embed(x)  # (B, N, D)
@@ -490,10 +490,6 @@ class Backbone(vit.VisionTransformer):
             t = blk(t)
         t = self.norm(t)
         return t[:, 0], t[:, 1 + R:]
-
-    def forward_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> tuple:
-        """`self(x, masks)`: final-norm CLS (B, D) and patch tokens (B, N, D)."""
-        return self(x, masks)
 
 
 class DINOHead(nn.Module):
@@ -1027,10 +1023,10 @@ def save_cross_attention(model: TCoRe, args: Args, path: str, n: int = 4) -> Non
         x = v2.functional.resized_crop(fr, top, left, h, w, [G, G], antialias=True)
         x = v2.functional.normalize(x.float() / 255, MEAN, STD)  # (3, 3, G, G): past, cur, fut
         xd = x.to(dev)
-        _, s_pat = bb.forward_tokens(xd[1:2], mask.view(1, -1).to(dev))
+        _, s_pat = bb(xd[1:2], mask.view(1, -1).to(dev))
         atts = []
         for a_i in (0, 2):
-            _, aux = bb.forward_tokens(xd[a_i:a_i + 1])
+            _, aux = bb(xd[a_i:a_i + 1])
             _, (att,) = pmm(aux, s_pat, need_weights=True)  # (1, N, N)
             atts.append(att[0, q])
         heats = torch.stack(atts).float().cpu().view(2, 1, 1, g, g)  # one copy to the host

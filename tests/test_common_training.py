@@ -2,7 +2,6 @@
 per-sample input and a global-RNG draw per step resumes bitwise from any checkpoint; a NaN
 loss stops the run before its update; a checkpoint of another source is refused; logging and
 checkpoint cadence; loaders never draw from the global generator."""
-import os
 from dataclasses import dataclass
 
 import pytest

@@ -299,13 +299,13 @@ def test_backbone_keys_tokens_and_mask_token(vits):
     m[0, 3] = True
     with torch.no_grad():
         t.mask_token.fill_(0.5)
-        a, b = t.forward_tokens(x, m), t.forward_tokens(x)
+        a, b = t(x, m), t(x)
         x2 = x.clone()
         x2[0, :, 0:8, 24:32] += 5  # patch 3's pixels do not matter when it is masked
-        c = t.forward_tokens(x2, m)
+        c = t(x2, m)
     assert torch.allclose(a[1][1], b[1][1]) and not torch.allclose(a[1][0], b[1][0])
     assert torch.allclose(a[1], c[1], atol=1e-6)
-    assert t.forward_tokens(torch.randn(1, 3, 48, 64))[1].shape == (1, 48, 192)
+    assert t(torch.randn(1, 3, 48, 64))[1].shape == (1, 48, 192)
 
 
 def test_subset_drop_path_keeps_exactly_int_09b():
