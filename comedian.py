@@ -31,42 +31,37 @@ Presets: vivit-t (the default, the final model), vivit-t-32s (the ablation setti
 clips, depth 4, no masking), vivit-s (ViViT-S in that setting), demo.
 
 Deviations, with reasons:
-- Edge removal at inference follows the official code by default, including its end-of-half
-  quirk: the guard that should keep the last `r` seconds of a half compares against
-  (2D - 1) x 1 s, so those seconds always lose their predictions (spec §1 Inference step 3,
-  §7.7); this keeps the released numbers. `--no-official-end` is the fix
-  (`soccernet.edge_keep(..., official_end=False)`: compare with the half duration D,
-  symmetric with the start guard).
-- A half shorter than one window gets a single window starting at 0 (`soccernet.window_starts`;
-  the official sampler would start it at floor(D) - W < 0); real halves are ~45 min, so this
-  never differs there.
+- Edge removal at inference keeps the official end-of-half quirk by default: the guard that
+  should keep the last `r` seconds of a half compares against (2D - 1) x 1 s, so they always
+  lose their predictions (spec §1 Inference step 3, §7.7); this keeps the released numbers.
+  `--no-official-end` is the fix (compare with the half duration D, as the start guard does).
+- A half shorter than one window gets one window starting at 0 (`soccernet.window_starts`;
+  the official sampler would start it at floor(D) - W < 0); never the case for real halves.
 - Augmentations run per window on the CPU with torchvision v2 (one draw for all frames of a
   clip), not batched on the GPU with torchaug; their draws, the temporal masks and the mixup
-  weights come from (seed, epoch, index) (`sample_draws`, in the loader: the GPU step draws
+  weights come from (seed, epoch, index) in the loader (`sample_draws`: the GPU step draws
   nothing and waits for nothing); a batch's mixup permutation is the argsort of its windows'
-  uniform keys, uniform as `torch.randperm`. The blur kernel is 10 % of the image (23 at
-  224, the configs'), at least 13 so that +-3 sigma fits (`augment.blur_kernel`, as SCE).
-- Frames at 2 fps are the frames on screen at t = i / 2 s (PyAV, seeking), in place of
-  ffmpeg's `fps=2` JPEG extraction; 2-fps frame folders (the official layout) are read as is.
-- Stage 2 window starts: one per equal segment of [0, D - W], uniform inside it, floored to
-  0.5 s; stage 3's free windows are drawn uniformly among non-overlapping sets. Both are my
-  reading of eztorch's samplers' documented behaviour (spec §1), not a transcription.
-- The PCA of the teacher bank is exact: computed in float64 from streamed sums (z-score,
-  then the eigenvectors of the correlation matrix), equal to an exact `PCA(512)` of the
-  z-scored data up to each component's sign (the dot products the loss uses do not see
-  signs). The official `sklearn.decomposition.PCA(512)` call leaves `svd_solver="auto"`,
-  which at Baidu scale (8,576 dimensions, ~1.6M rows, 512 components < 80 % of them) picks
-  the randomised solver, an approximation of the same subspace; the exact one costs no more
-  here (one pass of streamed sums, shared between the ranks, and one eigendecomposition).
-- Stage 1's CLS token starts from trunc-normal(0.02), where timm 0.6.13 (eztorch's stage-1
-  ViT) draws N(0, 1e-6); every other initial value follows timm. With timm's draw the tiny
-  12-step stage-1 test lowered its fixed-batch loss by 0.15 in place of more than 1.0 (one
-  seed, not investigated further), so the change waits for a measurement at a real scale.
+  uniform keys, uniform as `torch.randperm`. The blur kernel is 10 % of the image (23 at 224,
+  the configs'), at least 13 so that +-3 sigma fits (`augment.blur_kernel`, as SCE).
+- Frames at 2 fps are those on screen at t = i / 2 s (PyAV, seeking), in place of ffmpeg's
+  `fps=2` JPEG extraction; 2-fps frame folders (the official layout) are read as they are.
+- Window starts, stage 2: one per equal segment of [0, D - W], uniform inside it, floored to
+  0.5 s; stage 3: uniform among non-overlapping sets. My reading of eztorch's samplers'
+  documented behaviour (spec §1), not a transcription.
+- The teacher bank's PCA is exact: float64 streamed sums (z-score, then the eigenvectors of
+  the correlation matrix), equal to an exact `PCA(512)` of the z-scored data up to each
+  component's sign (which the loss's dot products do not see). The official sklearn call
+  leaves `svd_solver="auto"`, which at Baidu scale (8,576 dimensions, ~1.6M rows) picks the
+  randomised solver, an approximation of the same subspace; the exact one costs no more here.
+- Stage 1's CLS token starts from trunc-normal(0.02) where timm 0.6.13 (eztorch's stage-1 ViT)
+  draws N(0, 1e-6); every other initial value follows timm. With timm's draw the tiny 12-step
+  stage-1 test lowered its fixed-batch loss by 0.15 instead of more than 1.0 (one seed), so
+  the change waits for a measurement at a real scale.
 - Fine-tuning does not validate every 10 epochs; `--stage spot` scores the final weights.
   Raw buffers of several seeds (the thesis' ensembles) are not written.
 - `--head-prior p` (off by default) starts the classifier's bias at log(p / (1 - p)); the
-  demo uses 0.01: from bias 0 its few hundred steps at its lr cannot learn the bias of rare
-  events, and the trunk collapses to a constant meanwhile (measured: a-mAP at chance).
+  demo uses 0.01: from bias 0 its few hundred steps cannot learn the bias of rare events, and
+  the trunk collapses to a constant meanwhile (measured: a-mAP at chance).
 - `demo` is a CPU smoke setting, not a thesis one: a 64-wide ViViT (4 + 2 blocks, 8-px
   patches at 32 px), 16-s windows, small queues and batches, 96 / 360 / 20 + 400 steps for
   stages 1 / 2 / 3, and alpha_2 = 0 (with phase-B masking a random trunk stays at chance in
@@ -90,7 +85,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
@@ -112,9 +106,8 @@ class Args:
     seed: int = 42
     """random seed (the code's seeds are 42, 203 and 666; T averages the three)"""
     stage: Literal["all", "spatial", "features", "distill", "finetune", "spot"] = "all"
-    """spatial (stage 1), features (a stage-1 teacher bank, for data without one), distill
-    (stage 2), finetune (stage 3: phase A head only, then phase B all), spot (inference and
-    metric); all: each in turn, each from the previous one's file"""
+    """spatial (stage 1), features (a stage-1 teacher bank), distill (stage 2), finetune (stage
+    3: phase A head only, then B all), spot (inference, metric); all: each in turn"""
     max_steps: int = 0
     """stop every training loop after this many steps (0: its epochs)"""
     log_every: int = 50
@@ -122,35 +115,31 @@ class Args:
     ckpt_every: int = 1000
     """steps between checkpoints (and at the end of each loop)"""
     resume: str = ""
-    """resume the --stage asked for from this file (spatial.pt, distill.pt, head.pt: phase A,
-    finetune.pt: phase B); resuming from <output-dir> is automatic anyway"""
+    """resume --stage from this file (spatial.pt, distill.pt, head.pt: phase A, finetune.pt);
+    resuming from <output-dir> is automatic"""
     init_from: str = ""
-    """weights the first stage run starts from, ours or eztorch's (Lightning files; trunk
-    under trunk.transformer., trunk.model., trunk. or extracted; momentum_trunk. ignored):
-    distill: a stage-1 file (our spatial.pt, eztorch's SCE file) or "random" (T's "none"
-    row); finetune: distill.pt, an eztorch stage-2 (or stage-1) file, or "random"; spot:
-    finetune.pt or a released COMEDIAN checkpoint. Default: the previous stage's file in
-    --output-dir"""
+    """weights the first stage run starts from, ours or eztorch's (`TRUNK_PREFIXES`): distill:
+    a stage-1 file or "random" (T's "none" row); finetune: a stage-2 (or 1) file or "random";
+    spot: finetune.pt or a released COMEDIAN file. Default: the previous stage's file"""
     bench: bool = False
-    """time the training step of each stage and fine-tuning phase, as its loop runs it, on
-    random tensors at the configured shapes"""
+    """time each loop's training step on random tensors at the configured shapes"""
     # data
     data: str = ""
-    """SoccerNet-v2 root: <game>/{1,2}_224p.mkv (or 2-fps frame folders {1,2}_224p/),
-    <game>/Labels-v2.json, and <split>.txt game lists; empty: the synthetic set (demo)"""
+    """SoccerNet-v2 root: <game>/{1,2}_224p.mkv (or 2-fps folders), Labels-v2.json, <split>.txt
+    game lists; empty: the synthetic set (demo)"""
     train_splits: tuple[str, ...] = ("train",)
     """splits the stages train on (T: train for validation numbers, train valid for test)"""
     eval_split: str = "valid"
     """split that `spot` predicts and scores (the code's "val" is the evaluator's "valid")"""
     video_name: str = "224p"
-    """a half is {half}_{video_name}.mkv, or the frame folder {half}_{video_name}/ (2 fps,
-    00000001.jpg is t = 0, as the official extraction writes)"""
+    """a half is {half}_{video_name}.mkv or the 2-fps folder {half}_{video_name}/ (00000001.jpg:
+    t = 0, the official extraction)"""
     teacher_dir: str = ""
-    """root of the teacher bank <game>/{half}_<teacher_name>.npy (default: --data, where
-    SoccerNet ships them; stage `features` writes <output-dir>/teacher)"""
+    """root of the teacher bank <game>/{half}_<teacher_name>.npy (default: --data; "stage1":
+    <output-dir>/teacher)"""
     teacher_name: str = "baidu_soccer_embeddings"
-    """teacher feature files {half}_<name>.npy, one row per 1/teacher_fps s (spec §3);
-    "stage1": stage `features` writes them from our stage-1 trunk (the demo's teacher)"""
+    """teacher files {half}_<name>.npy, a row per 1/teacher_fps s (spec §3); "stage1": written
+    by stage `features` from our stage-1 trunk"""
     teacher_fps: float = 1.0
     """rows per second of the teacher features (Baidu: 1)"""
     num_workers: int = 8
@@ -177,8 +166,7 @@ class Args:
     drop_path: float = 0.1
     """stochastic depth, linear 0 -> this over each transformer"""
     window: float = 64.0
-    """seconds per clip in stages 2, 3 and inference (T_g = 2 x window frames, T_l = window
-    tokens; T's ablations use 32)"""
+    """seconds per clip in stages 2, 3 and inference (2 x window frames, window tokens)"""
     # stage 1: spatial MoCo (SCE with lambda = 1)
     spatial_epochs: int = 100
     """stage-1 epochs (T 100; the config says 200, the docs load epoch 99)"""
@@ -239,8 +227,7 @@ class Args:
     mixup_alpha: float = 0.1
     """mixup lambda ~ Beta(a, a) per window (0: no mixup)"""
     head_prior: float = 0.0
-    """0: the classifier's bias starts at 0 (official); p > 0: at log(p / (1 - p)),
-    RetinaNet's prior-probability init (the demo's 0.01: see the deviations)"""
+    """0: the classifier's bias starts at 0 (official); p > 0: at log(p / (1 - p)) (deviations)"""
     final_lr_ratio: float = 0.01
     """stages 2 and 3: the cosine ends at this x peak"""
     weight_decay: float = 0.05
@@ -382,35 +369,6 @@ class SpatialClips(Dataset):
         return (*views, index)
 
 
-def distill_starts(duration: float, window: float, n: int, rng: np.random.Generator) -> list:
-    """Stage 2 (`RandomWindowSoccerNetClipSampler`): n window starts in a half, one per
-    equal segment of [0, D - W], jittered uniformly inside it and floored to the 0.5-s grid."""
-    room = max(duration - window, 0.0)
-    u = rng.random(n)
-    return [math.floor((room * (k + u[k]) / n) / soccernet.STEP) * soccernet.STEP for k in range(n)]
-
-
-def finetune_starts(duration: float, window: float, n: int, rng: np.random.Generator) -> list:
-    """Stage 3 (`UniformWindowWithoutOverlapSoccerNetClipSampler`): [0, W] and
-    [D - W, D] always, then n - 2 starts on the 0.5-s grid in [W/2, D - 3W/2), mutually
-    non-overlapping (uniform over such sets), which may overlap the two forced windows
-    (spec §1 Stage 3). Raises InputError when n - 2 windows do not fit."""
-    last = math.floor((duration - window) / soccernet.STEP) * soccernet.STEP
-    starts = [0.0, max(last, 0.0)][:n]
-    k = n - 2
-    if k <= 0:
-        return starts
-    lo = math.ceil(window / 2 / soccernet.STEP)
-    hi = math.floor((duration - 1.5 * window) / soccernet.STEP)
-    w = round(window / soccernet.STEP)  # a window in grid steps
-    free = (hi - lo) - (k - 1) * (w - 1)  # positions left once the gaps are reserved
-    if free < k:
-        raise cli.InputError(f"{n} windows of {window:g} s per half do not fit a {duration:.1f}"
-                             f"-s half without overlap: lower --ft-windows")
-    v = np.sort(rng.choice(free, size=k, replace=False))
-    return starts + [(lo + int(v[j]) + j * (w - 1)) * soccernet.STEP for j in range(k)]
-
-
 class TeacherBank:
     """Stage 2's teacher: per-half feature files `{half}_<name>.npy` (T, F), z-scored and
     projected by a PCA fitted on the training halves (spec §1 Stage 2: `pca_features`), read
@@ -419,13 +377,10 @@ class TeacherBank:
     def __init__(self, root: PathLike, name: str, fps: float, pca: dict):
         self.root, self.name, self.fps, self.pca = Path(root), name, fps, pca
 
-    def path(self, h: soccernet.Half) -> Path:
-        return self.root / h.game / f"{h.half}_{self.name}.npy"
-
     def window(self, h: soccernet.Half, start: float, tokens: int) -> torch.Tensor:
         """(tokens, P) projected features; token j takes row floor((start + j) x fps), its
         first frame's second (C: floor(frame_idx[2j] / 2); spec §7.11), clamped."""
-        feats = np.load(self.path(h), mmap_mode="r")
+        feats = np.load(self.root / h.game / f"{h.half}_{self.name}.npy", mmap_mode="r")
         rows = [min(math.floor((start + j) * self.fps + 1e-9), len(feats) - 1)
                 for j in range(tokens)]
         x = torch.from_numpy(np.asarray(feats[rows], dtype=np.float64))
@@ -433,28 +388,17 @@ class TeacherBank:
         return (z @ self.pca["components"]).float()
 
 
-def pca_sums(paths: Sequence[PathLike], device="cpu", width: int | None = None) -> tuple:
-    """Streamed float64 sums of the teacher features of `paths` (.npy, (T, F) each), one file
-    at a time on `device`: the row count n (a 0-d tensor), the column sums s1 (F,) and the
-    Gram matrix s2 = X^T X (F, F). The sums of disjoint sets of files add up to those of
-    their union, so ranks can share the files (`fit_pca`); `width` F gives zeros for an
-    empty share. Raises cli.InputError on a file that is not (T, F) with one F."""
+def pca_sums(paths: Sequence[PathLike], width: int, device="cpu") -> tuple:
+    """Streamed float64 sums of the teacher features of `paths` (.npy, (T, width) each, shapes
+    checked by the caller), one file at a time on `device`: the row count n (a 0-d tensor),
+    the column sums s1 (F,) and the Gram matrix s2 = X^T X (F, F); zeros for no file. The sums
+    of disjoint sets of files add up to those of their union, so ranks share the files."""
     n = torch.zeros((), dtype=torch.float64, device=device)
-    s1 = s2 = None
-    if width is not None:
-        s1 = torch.zeros(width, dtype=torch.float64, device=device)
-        s2 = torch.zeros(width, width, dtype=torch.float64, device=device)
+    s1 = torch.zeros(width, dtype=torch.float64, device=device)
+    s2 = torch.zeros(width, width, dtype=torch.float64, device=device)
     for p in paths:
         x = torch.from_numpy(np.load(p).astype(np.float64)).to(device)
-        if x.ndim != 2 or (s1 is not None and x.shape[1] != len(s1)):
-            raise cli.InputError(f"{p}: teacher features must be (T, F) with one F for all "
-                                 f"files, got {tuple(x.shape)}")
-        if s1 is None:
-            s1 = torch.zeros(x.shape[1], dtype=torch.float64, device=device)
-            s2 = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=device)
-        s1 += x.sum(0)
-        s2 += x.T @ x
-        n += len(x)
+        n, s1, s2 = n + len(x), s1 + x.sum(0), s2 + x.T @ x
     return n, s1, s2
 
 
@@ -463,17 +407,14 @@ def pca_from_sums(n: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, dim: int)
     `pca_features`, solved exactly), from the sums of `pca_sums`: the eigenvectors of the
     correlation matrix. Returns mean (F,), std (F,) and components (F, min(dim, F)),
     ordered by decreasing variance, float64 on the CPU."""
-    if s1 is None or not n:
-        raise cli.InputError("fit_pca: no teacher features to fit")
     mean = s1 / n
     cov = s2 / n - torch.outer(mean, mean)
     std = cov.diagonal().clamp_min(0).sqrt()
     std = torch.where(std > 0, std, torch.ones_like(std))  # StandardScaler keeps constants
-    corr = cov / torch.outer(std, std)  # covariance of the z-scored features
-    values, vectors = torch.linalg.eigh(corr)
+    values, vectors = torch.linalg.eigh(cov / torch.outer(std, std))  # of the z-scored data
     order = values.argsort(descending=True)[:min(dim, len(mean))]
-    return {"mean": mean.cpu(), "std": std.cpu(), "components": vectors[:, order].cpu()
-            .contiguous()}
+    return {"mean": mean.cpu(), "std": std.cpu(),
+            "components": vectors[:, order].cpu().contiguous()}
 
 
 def fit_pca(paths: Sequence[PathLike], dim: int, device="cpu") -> dict:
@@ -482,18 +423,16 @@ def fit_pca(paths: Sequence[PathLike], dim: int, device="cpu") -> dict:
     paths[r::world], the sums are all-reduced (`dist.all_reduce`, float64), and every rank
     solves the same summed system (on full SoccerNet ~2.4e14 FLOP and 55 GB of reads, shared
     instead of done by rank 0 alone). Every rank checks the files' shapes first, so a bad
-    file stops all of them with the same cli.InputError."""
+    file stops all of them with the same cli.InputError; so does an empty list."""
     shapes = [np.load(p, mmap_mode="r").shape for p in paths]
     for p, shape in zip(paths, shapes):
         if len(shape) != 2 or shape[1] != shapes[0][-1]:
             raise cli.InputError(f"{p}: teacher features must be (T, F) with one F for all "
                                  f"files, got {tuple(shape)}")
-    n, s1, s2 = pca_sums(paths[dist.rank()::dist.world()], device,
-                         shapes[0][1] if shapes else None)
-    if s1 is not None:
-        for t in (n, s1, s2):
-            dist.all_reduce(t, "sum")
-    return pca_from_sums(n, s1, s2, dim)
+    if not paths or not sum(shape[0] for shape in shapes):
+        raise cli.InputError("fit_pca: no teacher features to fit")
+    sums = pca_sums(paths[dist.rank()::dist.world()], shapes[0][1], device)
+    return pca_from_sums(*(dist.all_reduce(t, "sum") for t in sums), dim)
 
 
 def sample_draws(tokens: int, ratio: float, alpha: float = 0.0) -> tuple:
@@ -521,18 +460,18 @@ class Windows(Dataset):
         if per_game % 2:
             raise cli.InputError(f"windows per game must be even (one half each), got {per_game}")
         self.halves, self.args, self.kind, self.seed, self.bank = halves, args, kind, seed, bank
-        self.per_half = per_game // 2
-        self.transform = transform(kind, args)
+        self.per_half, self.transform = per_game // 2, transform(kind, args)
+        self.draw = soccernet.random_window_starts if kind == "distill" else \
+            soccernet.uniform_window_starts  # eztorch's Random / UniformWithoutOverlap samplers
         self.frame_y = [soccernet.frame_labels(h.annotations, h.half,
                                                math.floor(h.duration * soccernet.FPS))
                         for h in halves] if kind == "finetune" else None
         for h in halves:  # a sampling that cannot work is the user's error, said now
             try:
-                (distill_starts if kind == "distill" else finetune_starts)(
-                    h.duration, args.window, self.per_half, np.random.default_rng(0))
+                self.draw(h.duration, args.window, self.per_half, np.random.default_rng(0))
             except cli.InputError as e:
                 raise cli.InputError(f"{h.path} ({h.duration:.1f} s; a truncated video reads "
-                                     f"short): {e}") from None
+                                     f"short): {e}: lower --ft-windows") from None
 
     def __len__(self) -> int:
         return len(self.halves) * self.per_half
@@ -540,8 +479,7 @@ class Windows(Dataset):
     def start(self, epoch: int, index: int) -> float:
         i, k = divmod(index, self.per_half)
         h, rng = self.halves[i], data.sample_np_rng(self.seed, epoch, 10**6 + i)
-        draw = distill_starts if self.kind == "distill" else finetune_starts
-        return draw(h.duration, self.args.window, self.per_half, rng)[k]
+        return self.draw(h.duration, self.args.window, self.per_half, rng)[k]
 
     def __getitem__(self, key):
         epoch, index = data.split_key(key)
@@ -556,11 +494,9 @@ class Windows(Dataset):
                                         0.0 if distill else self.args.mixup_alpha)
         if distill:
             return x, self.bank.window(h, start, tokens), keep, index
-        y = self.frame_y[index // self.per_half]
-        first = round(start * soccernet.FPS)
-        fy = torch.zeros(tokens * FRAMES_PER_TOKEN, soccernet.NUM_CLASSES)
-        part = y[first:first + len(fy)]
-        fy[:len(part)] = part
+        first, n = round(start * soccernet.FPS), tokens * FRAMES_PER_TOKEN
+        fy = self.frame_y[index // self.per_half][first:first + n]  # (<= 2W, 17), 0 past the end
+        fy = F.pad(fy, (0, 0, 0, n - len(fy)))
         return x, soccernet.token_labels(fy, FRAMES_PER_TOKEN), keep, lam, u, index
 
 
@@ -709,16 +645,8 @@ class Queue(nn.Module):
         self.register_buffer("queue", F.normalize(torch.randn(size, dim, generator=g), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
-    @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor, flag: str) -> None:
-        keys = dist.all_gather(keys)
-        n, m = len(keys), len(self.queue)
-        if m % n:
-            raise cli.InputError(f"{flag} {m} must be a multiple of the keys enqueued per step "
-                                 f"({n})")
-        rows = (self.queue_ptr + torch.arange(n, device=keys.device)) % m
-        self.queue.index_copy_(0, rows, keys.to(self.queue.dtype))
-        self.queue_ptr.add_(n).remainder_(m)
+    def enqueue(self, keys: torch.Tensor, flag: str) -> None:  # after the loss
+        optim.enqueue(self.queue, self.queue_ptr, keys, flag)
 
 
 class SpatialMoCo(nn.Module):
@@ -841,40 +769,21 @@ TRUNK_PREFIXES = ("trunk.transformer.", "trunk.model.", "trunk.", "transformer."
 IGNORED_PREFIXES = ("momentum_trunk.",)
 
 
-def _state_dict(path: str) -> dict:
-    """The tensors of a checkpoint file (read with weights_only): our `model`, a Lightning
-    `state_dict`, or a bare state dict; DDP / compile prefixes removed."""
-    ckpt = checkpoint.load(path)
-    sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
-    if not isinstance(sd, dict):
-        raise checkpoint.CheckpointError(f"{path}: no state dict in it")
-    return checkpoint.clean_state_dict({k: v for k, v in sd.items()
-                                        if isinstance(v, torch.Tensor)})
-
-
-def _layout_error(path: str, what: str, layouts: str, sd: dict) -> checkpoint.CheckpointError:
-    """One line: what was looked for, in which layouts, and the key prefixes the file holds."""
-    found = checkpoint.key_prefixes(sd)
-    more = f" and {len(found) - 12} more" if len(found) > 12 else ""
-    return checkpoint.CheckpointError(
-        f"{path}: no {what} weights in a known layout ({layouts}; {IGNORED_PREFIXES[0]}* "
-        f"ignored); key prefixes in the file: {', '.join(found[:12]) or 'none'}{more}")
-
-
 def load_trunk(path: str, args: Args, what: str = "ViViT") -> dict:
     """The ViViT state dict a stage starts from, from a file in any layout of
-    `TRUNK_PREFIXES` (a Lightning `{"state_dict": ...}` or ours `{"model": ...}`): a stage-1
-    ViT (our spatial.pt, eztorch's SCE `trunk.*`) is mapped by `vivit_from_spatial`; a ViViT
-    (stage 2 or 3: ours `trunk.*`, eztorch `trunk.transformer.*`, `trunk.model.*`, an
-    extracted `transformer.*`) is taken as it is. Raises CheckpointError (one line, naming
-    the key prefixes of the file) when no layout holds a ViT or ViViT."""
-    full = _state_dict(path)
+    `TRUNK_PREFIXES` (`checkpoint.read_weights`: ours or a Lightning file): a stage-1 ViT (our
+    spatial.pt, eztorch's SCE `trunk.*`) is mapped by `vivit_from_spatial`; a ViViT (stage 2
+    or 3: ours `trunk.*`, eztorch `trunk.transformer.*`, `trunk.model.*`, an extracted
+    `transformer.*`) is taken as it is. Raises CheckpointError (one line, naming the key
+    prefixes of the file) when no layout holds a ViT or ViViT."""
+    full = checkpoint.read_weights(path)
     sd, _ = checkpoint.strip_prefix(full, TRUNK_PREFIXES, IGNORED_PREFIXES)
     if "blocks.0.attn.qkv.weight" in sd:  # a stage-1 ViT
         return vivit_from_spatial(sd, args.temporal_depth)
     if not any(k.startswith(("spatial_transformer.", "temporal_transformer.")) for k in sd):
-        raise _layout_error(path, what, f"keys under {', '.join(TRUNK_PREFIXES)} or bare "
-                            "ViViT / ViT keys", full)
+        raise checkpoint.layout_error(path, what, f"keys under {', '.join(TRUNK_PREFIXES)} or "
+                                      f"bare ViViT / ViT keys; {IGNORED_PREFIXES[0]}* ignored",
+                                      full)
     return sd
 
 
@@ -883,17 +792,14 @@ def load_spotter(model: nn.Module, path: str) -> str:
     ours (finetune.pt) or a released eztorch file (Lightning `state_dict`, trunk under
     `trunk.transformer.`, `trunk.model.` or `trunk.`), strictly. Returns its fingerprint.
     Raises CheckpointError (one line) when the file holds no such weights."""
-    full = _state_dict(path)
+    full = checkpoint.read_weights(path)
     trunk, prefix = checkpoint.strip_prefix(full, TRUNK_PREFIXES[:3], IGNORED_PREFIXES)
     head = {k: v for k, v in full.items() if k.startswith("head_class.")}
     if not prefix or not head:
-        raise _layout_error(path, "fine-tuned spotter", f"a trunk under "
-                            f"{', '.join(TRUNK_PREFIXES[:3])} and head_class.*", full)
+        raise checkpoint.layout_error(path, "fine-tuned spotter", f"a trunk under "
+                                      f"{', '.join(TRUNK_PREFIXES[:3])} and head_class.*", full)
     sd = {**{"trunk." + k: v for k, v in trunk.items()}, **head}
-    try:
-        checkpoint.load_model(model, sd, what=path)
-    except checkpoint.CheckpointError as e:
-        raise checkpoint.CheckpointError(" ".join(str(e).split())) from None  # one line
+    checkpoint.load_model(model, sd, what=path)
     return checkpoint.fingerprint(sd)
 
 
@@ -1046,15 +952,11 @@ def spot(model: nn.Module, root: Path, args: Args, device, amp: optim.Amp,
         args.video_name, args.window, args.ft_batch_size, args.remove_s, args.official_end,
         args.merge, args.nms, args.nms_window, args.nms_threshold, args.cache_frames)
     metrics = {}
-    for metric, res in results.items():
-        metrics[f"{metric}_a_mAP"] = 100 * res["a_mAP"]
-        if metric == args.metric:
-            metrics[f"{metric}_a_mAP_visible"] = 100 * res["a_mAP_visible"]
-            metrics[f"{metric}_a_mAP_unshown"] = 100 * res["a_mAP_unshown"]
-            present = sorted({a.label for g in games
-                              for a in soccernet.parse_labels(root / g / "Labels-v2.json")})
-            metrics[f"{metric}_a_mAP_present_classes"] = 100 * float(np.mean(
-                [res["a_mAP_per_class"][c] for c in present]))
+    for m, res in results.items():
+        metrics[f"{m}_a_mAP"] = 100 * res["a_mAP"]
+        if m == args.metric:  # and its variants
+            for name, key in (("visible",) * 2, ("unshown",) * 2, ("present_classes", "present")):
+                metrics[f"{m}_a_mAP_{name}"] = 100 * res[f"a_mAP_{key}"]
     return metrics, buffers
 
 
@@ -1067,18 +969,14 @@ def pretext_losses(root: Path, args: Args, device, amp: optim.Amp, spatial: nn.M
     (log N for a trunk that tells no clip apart). Stage 2: `sce_token_loss` of the held-out
     windows (eval mode, no masking) with the teacher features of the other windows as the
     queue. Returns {"spatial_heldout_loss", "distill_heldout_loss", "heldout_clips"}."""
-    halves = split_halves(root, [args.eval_split], args)
+    halves, qs, ks = split_halves(root, [args.eval_split], args), [], []
     spatial.eval()
-    qs, ks = [], []
-    loader = DataLoader(SpatialClips(halves, args, args.seed), args.spatial_batch_size,
-                        num_workers=args.num_workers)
-    for view1, view2, _ in loader:
+    for view1, view2, _ in DataLoader(SpatialClips(halves, args, args.seed),
+                                      args.spatial_batch_size, num_workers=args.num_workers):
         with amp.autocast():
-            qs.append(F.normalize(spatial.predictor(spatial.projector(spatial.trunk(
-                view2.to(device)))).float(), dim=1))
-            ks.append(F.normalize(spatial.projector_m(spatial.trunk_m(
-                view1.to(device))).float(), dim=1))
-    q, k = torch.cat(qs), torch.cat(ks)
+            qs.append(spatial.predictor(spatial.projector(spatial.trunk(view2.to(device)))))
+            ks.append(spatial.projector_m(spatial.trunk_m(view1.to(device))))
+    q, k = (F.normalize(torch.cat(z).float(), dim=1) for z in (qs, ks))
     out = {"spatial_heldout_loss": F.cross_entropy(q @ k.T / args.tau, torch.arange(
         len(q), device=q.device)).item(), "heldout_clips": len(q)}
     distiller.eval()
@@ -1088,55 +986,12 @@ def pretext_losses(root: Path, args: Args, device, amp: optim.Amp, spatial: nn.M
     losses = []
     for b, x in enumerate(xs):
         with amp.autocast():
-            z = distiller.trunk(x[None].to(device))
-        qb = F.normalize(distiller.projector(z).float(), dim=-1)
-        others = torch.cat([p[:b], p[b + 1:]]).flatten(0, 1)
+            qb = F.normalize(distiller.projector(distiller.trunk(x[None].to(device))).float(),
+                             dim=-1)
+        others = torch.cat([p[:b], p[b + 1:]]).flatten(0, 1)  # the other windows: the queue
         losses.append(sce_token_loss(qb, p[b:b + 1], others, args.lam, args.tau, args.tau_m))
     out["distill_heldout_loss"] = torch.stack(losses).mean().item()
     return out
-
-
-def save_timeline(path: str, h: soccernet.Half, curves: dict, args: Args) -> None:
-    """A labelled PNG of one half: for each class with events, a ground-truth row (filled
-    tick: visible, hollow: not shown) and one row per model of `curves` ({name: (N, 17)
-    merged buffer}) with its per-second score (0-1, the max of the second's two 0.5-s
-    indices) as bars scaled to the row's max (printed); time in seconds."""
-    classes = sorted({a.label for a in h.annotations if a.half == h.half})
-    font = ImageFont.load_default()
-    px, left, top, row = 8, 170, 44, 22  # px per second, margins, row height
-    width = max(left + int(px * h.duration) + 20, 560)
-    height = top + len(classes) * (row * (1 + len(curves)) + 10) + 34
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    d.text((4, 4), "COMEDIAN spotting: ground truth (green; hollow = not shown) and merged "
-                   "scores (bars, each row scaled to its max)", "black", font=font)
-    d.text((4, 20), f"{h.game}, half {h.half} ({args.eval_split} split)", "black", font=font)
-    y = top
-    for c in classes:
-        d.text((4, y + 5), f"{soccernet.CLASSES[c][:20]}: truth", "black", font=font)
-        for a in h.annotations:
-            if a.half == h.half and a.label == c:
-                x = left + px * a.position_ms / 1000
-                d.rectangle([x - 2, y + 3, x + 2, y + row - 3], outline="green",
-                            fill="green" if a.visible else None)
-        for name, buf in curves.items():
-            y += row
-            per_s = F.pad(buf[:, c], (0, buf.shape[0] % 2)).view(-1, 2).amax(1)
-            top = max(per_s.max().item(), 1e-6)  # each row scaled to its own max, printed
-            d.text((4, y + 5), f"  {name} (max {top:.2f})", "black", font=font)
-            d.line([left, y + row - 2, width - 10, y + row - 2], fill="lightgray")
-            for t, v in enumerate((per_s / top).tolist()):
-                x = left + px * (t + 0.5)
-                d.rectangle([x - px / 2 + 1, y + row - 2 - (row - 4) * v, x + px / 2 - 1,
-                             y + row - 2], fill="blue")
-        y += row + 10
-    for t in range(0, int(h.duration) + 1, 5):
-        x = left + px * t
-        d.line([x, y, x, y + 4], fill="black")
-        d.text((x - 4, y + 6), str(t), "black", font=font)
-    d.text((4, y + 6), "time (s)", "black", font=font)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path)
 
 
 # ---- 8. Main ----
@@ -1173,11 +1028,10 @@ def loop_optimizer(name: str, model: nn.Module, args: Args, fused: bool | None =
     every step: no masking, no drop-path) and trains the head alone; phase B ("finetune")
     trains everything."""
     if name in ("head", "finetune"):
-        for p in model.trunk.parameters():
-            p.requires_grad = name == "finetune"
-    if name == "head":
-        return optimizer_for(model.head_class, args, fused), model.trunk.eval
-    return optimizer_for(model, args, fused), None
+        model.trunk.requires_grad_(name == "finetune")
+    head = name == "head"
+    return optimizer_for(model.head_class if head else model, args, fused), \
+        model.trunk.eval if head else None
 
 
 def wrap(model: nn.Module, args: Args) -> nn.Module:
@@ -1249,10 +1103,7 @@ def initial_trunk(path: str, what: str, args: Args, trunk: nn.Module) -> str:
         raise FileNotFoundError(f"{path}: no {what} weights (run that stage into this "
                                 f"--output-dir, or give --init-from)")
     sd = load_trunk(path, args, f"{what} ViViT")
-    try:
-        missing, unexpected = checkpoint.load_model(trunk, sd, strict=False, what=path)
-    except checkpoint.CheckpointError as e:  # shapes that do not fit: one line
-        raise checkpoint.CheckpointError(" ".join(str(e).split())) from None
+    missing, unexpected = checkpoint.load_model(trunk, sd, strict=False, what=path)
     missing = [k for k in missing if k not in ("time_embed", "temporal_mask_token")]
     if missing or unexpected:
         raise checkpoint.CheckpointError(
@@ -1307,25 +1158,41 @@ def teacher_root(root: Path, args: Args) -> Path:
     return Path(args.output_dir) / "teacher" if args.teacher_name == "stage1" else root
 
 
+def teacher_paths(root: Path, halves: list, args: Args) -> list:
+    """The teacher-bank file of each half, checked: present, (T, F) with one F for all, at
+    least floor(D x fps) - 1 rows. Raises FileNotFoundError / cli.InputError naming it."""
+    bank, paths, dims = teacher_root(root, args), [], set()
+    for h in halves:
+        paths.append(p := bank / h.game / f"{h.half}_{args.teacher_name}.npy")
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: teacher features missing (--teacher-dir, "
+                                    f"--teacher-name, or run --stage features)")
+        shape = np.load(p, mmap_mode="r").shape
+        if len(shape) != 2 or shape[0] < math.floor(h.duration * args.teacher_fps) - 1:
+            raise cli.InputError(f"{p}: teacher features {shape} do not cover the "
+                                 f"{h.duration:.1f}-s half at {args.teacher_fps:g} rows/s")
+        dims.add(shape[1])
+    if len(dims) > 1:
+        raise cli.InputError(f"teacher features under {bank} differ in width: {sorted(dims)}")
+    return paths
+
+
 def teacher_bank(root: Path, halves: list, args: Args, device) -> TeacherBank:
-    """Stage 2's `TeacherBank` of `halves`, its PCA (`fit_pca`, all ranks) cached in
-    <output-dir>/teacher_pca.pt with the list of files it is of, refitted when that changes."""
-    teacher = teacher_root(root, args)
-    pca_path = os.path.join(args.output_dir, "teacher_pca.pt")
-    paths = [teacher / h.game / f"{h.half}_{args.teacher_name}.npy" for h in halves]
+    """Stage 2's `TeacherBank` of `halves` (`teacher_paths`), its PCA (`fit_pca`, all ranks)
+    cached in <output-dir>/teacher_pca.pt with the list of files it is of, refitted when
+    that changes."""
+    paths, pca_path = teacher_paths(root, halves, args), os.path.join(args.output_dir,
+                                                                       "teacher_pca.pt")
     files = [str(p) for p in paths] + [f"pca_dim={args.pca_dim}"]  # what the PCA is of
     stale = dist.is_main() and (not os.path.isfile(pca_path) or
                                 checkpoint.load(pca_path).get("files") != files)
     if dist.all_reduce(torch.tensor(float(stale), device=device), "sum").item():  # rank 0's
-        for p in paths:  # every rank: all stop, or all enter the collectives of fit_pca
-            if not p.is_file():
-                raise FileNotFoundError(f"{p}: teacher features missing (--teacher-dir, "
-                                        f"--teacher-name, or run --stage features)")
         dist.print0(f"teacher-bank PCA of {len(paths)} files, shared by {dist.world()} "
                     f"process(es)")
         checkpoint.save(pca_path, {**fit_pca(paths, args.pca_dim, device), "files": files})
     dist.barrier()  # every rank then reads rank 0's file: the same PCA everywhere
-    return TeacherBank(teacher, args.teacher_name, args.teacher_fps, checkpoint.load(pca_path))
+    return TeacherBank(teacher_root(root, args), args.teacher_name, args.teacher_fps,
+                       checkpoint.load(pca_path))
 
 
 @torch.no_grad()
@@ -1351,6 +1218,8 @@ def stage_features(root: Path, args: Args, device, amp) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         np.save(target, torch.cat(feats).numpy())
     dist.barrier()
+
+
 def check_inputs(root: Path, args: Args, stages: list) -> None:
     """Refuse, before any training, what a later stage would refuse hours later: the split
     lists, games, labels and videos, the window counts per half, the queue sizes, and the
@@ -1371,19 +1240,7 @@ def check_inputs(root: Path, args: Args, stages: list) -> None:
             raise cli.InputError(f"{flag} {size} must be a multiple of the keys enqueued per "
                                  f"step ({keys})")
     if "distill" in stages and args.teacher_name != "stage1":
-        bank, dims = teacher_root(root, args), set()
-        for h in train:
-            p = bank / h.game / f"{h.half}_{args.teacher_name}.npy"
-            if not p.is_file():
-                raise FileNotFoundError(f"{p}: teacher features missing (--teacher-dir, "
-                                        f"--teacher-name)")
-            shape = np.load(p, mmap_mode="r").shape
-            if len(shape) != 2 or shape[0] < math.floor(h.duration * args.teacher_fps) - 1:
-                raise cli.InputError(f"{p}: teacher features {shape} do not cover the "
-                                     f"{h.duration:.1f}-s half at {args.teacher_fps:g} rows/s")
-            dims.add(shape[1])
-        if len(dims) > 1:
-            raise cli.InputError(f"teacher features under {bank} differ in width: {sorted(dims)}")
+        teacher_paths(root, train, args)
 
 
 def main(args: Args) -> dict:
@@ -1408,12 +1265,10 @@ def main(args: Args) -> dict:
         return out
     root, out = data_root(args), Path(args.output_dir)
     t0, steps, results, buffers, model = time.time(), 0, {}, {}, None
-    stages = ["spatial", "features", "distill", "finetune", "spot"] if args.stage == "all" \
-        else [args.stage]
-    if args.stage == "all" and args.teacher_name != "stage1":
-        stages.remove("features")  # the teacher bank comes with the data
-    if args.stage == "all" and args.init_from:
-        stages.remove("spatial")  # stage 2 starts from --init-from (or "random")
+    stages = [args.stage] if args.stage != "all" else [  # Fig. 6.2
+        *(["spatial"] if not args.init_from else []),  # else stage 2 starts from --init-from
+        *(["features"] if args.teacher_name == "stage1" else []),  # else the data's bank
+        "distill", "finetune", "spot"]
     check_inputs(root, args, stages)
     for stage in stages:
         if stage == "features":
@@ -1432,11 +1287,11 @@ def main(args: Args) -> dict:
             dist.print0(f"baseline: the same fine-tuning from a random trunk, into "
                         f"{out / 'random_init'}")
             torch.manual_seed(args.seed)
-            rnd, n = train_stage("finetune", root, dataclasses.replace(
+            model, n = train_stage("finetune", root, dataclasses.replace(
                 args, output_dir=str(out / "random_init")), device, amp, logger)
-            steps += n
             results["random_init"], buffers["random_init"] = spot(
-                rnd, root, args, device, amp, out / "random_init" / "predictions")
+                model, root, args, device, amp, out / "random_init" / "predictions")
+            steps += n
     if args.eval_random_init and args.stage == "all" and dist.is_main():
         for name, res in level1(root, args, device, amp).items():
             results[name] = {**res, **results.get(name, {})}
@@ -1455,32 +1310,30 @@ def report(summary: dict, results: dict, buffers: dict, root: Path, out: Path,
     {name: value}}, columns random_init and pretrained), print the level-1 and level-2
     tables, draw timeline.png of the first half spotted, write summary.json."""
     cols = [c for c in ("random_init", "pretrained") if c in results]
-    n_clips = results["pretrained"].pop("heldout_clips", None)
-    results.get("random_init", {}).pop("heldout_clips", None)
-    for name in results["pretrained"]:
-        summary["metrics"][name] = {c: round(results[c][name], 3) for c in cols}
+    n_clips = [results[c].pop("heldout_clips", None) for c in cols][-1]
+    summary["metrics"] = {n: {c: round(results[c][n], 3) for c in cols}
+                          for n in results["pretrained"]}
     if n_clips:
         summary["chance"] = {"spatial_heldout_loss": round(math.log(n_clips), 3)}
-    for title, names in (
-            ("held-out pretext losses (level 1; stage 1 at chance: log "
-             f"{n_clips} = {math.log(n_clips or 1):.2f})", [n for n in summary["metrics"]
-                                                             if "loss" in n]),
-            (f"spotting on {args.eval_split!r} (level 2; a-mAP in %, 17 classes unless "
-             "said)", [n for n in summary["metrics"] if "loss" not in n])):
+    for level, title in ((1, f"held-out pretext losses (level 1; stage 1 at chance: log "
+                              f"{n_clips} = {math.log(n_clips or 1):.2f})"),
+                         (2, f"spotting on {args.eval_split!r} (level 2; a-mAP in %, 17 "
+                             f"classes unless said)")):
+        names = [n for n in summary["metrics"] if ("loss" in n) == (level == 1)]
         if names:
             dist.print0(f"\n{title}\n{'':<34}" + "".join(f"{c:>14}" for c in cols))
             for n in names:
                 dist.print0(f"{n:<34}" + "".join(f"{summary['metrics'][n][c]:>14.2f}"
                                                  for c in cols))
-    key = next(iter(buffers["pretrained"]), None)
-    if key is not None:
-        h = soccernet.read_halves(root, [key[0]], args.video_name)[key[1] - 1]
-        save_timeline(str(out / "timeline.png"), h,
-                      {c.replace('_', ' '): buffers[c][key] for c in cols}, args)
-    with open(out / "summary.json", "w") as fh:
+    wrote = [out / "summary.json"]
+    if key := next(iter(buffers["pretrained"]), None):
+        wrote.append(out / "timeline.png")
+        soccernet.save_timeline(wrote[1], soccernet.read_halves(root, [key[0]], args.video_name)
+                                [key[1] - 1], {c.replace("_", " "): buffers[c][key] for c in cols},
+                                f"COMEDIAN spotting on the {args.eval_split!r} split")
+    with open(wrote[0], "w") as fh:
         json.dump(summary, fh, indent=2)
-    dist.print0(f"wrote {out / 'summary.json'}" + (f" and {out / 'timeline.png'}"
-                                                    if key is not None else ""))
+    dist.print0("wrote " + " and ".join(map(str, wrote)))
 
 
 def level1(root: Path, args: Args, device, amp: optim.Amp) -> dict:

@@ -419,18 +419,10 @@ class SCE(nn.Module):
         loss = sum(sce_loss(self.online(v), key, queue, **kw) for v in views[1:])
         return loss / (len(views) - 1), key
 
-    @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
         """FIFO update with the keys of every rank, after the loss (Alg. A.1 l. 50-52)."""
-        keys = dist.all_gather(keys)
-        n, m = len(keys), len(self.queue)
-        if m % n:
-            raise cli.InputError(f"--queue-size {m} must be a multiple of the keys enqueued per "
-                                 f"step ({n} = views x batch x world x accum-iter), as in the "
-                                 f"official code")
-        rows = (self.queue_ptr + torch.arange(n, device=keys.device)) % m  # no host sync
-        self.queue.index_copy_(0, rows, keys.to(self.queue.dtype))
-        self.queue_ptr.add_(n).remainder_(m)
+        optim.enqueue(self.queue, self.queue_ptr, keys, "--queue-size",
+                      "views x batch x world x accum-iter, as in the official code")
 
 
 def build_model(args: Args) -> SCE:
@@ -628,23 +620,10 @@ def load_encoder(encoder: nn.Module, path: str) -> None:
     Files are read with `weights_only=True`. A Lightning file whose `hyper_parameters` hold
     pickled config objects is refused (`checkpoint.CheckpointError`) with the command that
     extracts its `state_dict` once, in a session that trusts the file."""
-    try:
-        ckpt = checkpoint.load(path)
-    except checkpoint.CheckpointError as e:
-        out = f"{path}.state_dict.pt"
-        raise checkpoint.CheckpointError(
-            f"{str(e).rstrip('.')}. If it is a PyTorch Lightning checkpoint (e.g. the authors' "
-            f"SCE release) that pickles its hyper-parameters, extract its weights once, where "
-            f"you trust the file (with the packages it pickles, e.g. omegaconf, installed): "
-            f"python -c \"import torch; torch.save(torch.load({path!r}, map_location='cpu', "
-            f"weights_only=False)['state_dict'], {out!r})\" and pass --init-from {out}") from None
-    sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
-    if not isinstance(sd, dict):
-        raise checkpoint.CheckpointError(f"{path}: no state dict in it")
+    sd = checkpoint.read_weights(path)
     # ours (online encoder); eztorch's online trunk, bare or inside a model wrapper; never
     # the momentum (target) trunk
-    sd, _ = checkpoint.strip_prefix(checkpoint.clean_state_dict(sd),
-                                    ("encoder.", "trunk.model.", "trunk."),
+    sd, _ = checkpoint.strip_prefix(sd, ("encoder.", "trunk.model.", "trunk."),
                                     ignore=("momentum_trunk.", "target_encoder."))
     sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}  # torchvision's classifier
     checkpoint.load_model(encoder, sd, strict=True, what=path)

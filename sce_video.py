@@ -603,17 +603,10 @@ class SCE(nn.Module):
                 + sce_loss(q0, k1, queue, a.lam, a.tau, a.tau_m)) / 2  # symmetrised (Sec. 5.3)
         return loss, torch.cat([k0, k1])
 
-    @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
         """FIFO update with the keys of every rank, after the loss (Alg. A.1 l. 50-52)."""
-        keys = dist.all_gather(keys)
-        n, m = len(keys), len(self.queue)
-        if m % n:
-            raise cli.InputError(f"--queue-size {m} must be a multiple of the keys enqueued per "
-                                 f"step ({n} = 2 clips x batch x world x accum-iter)")
-        rows = (self.queue_ptr + torch.arange(n, device=keys.device)) % m
-        self.queue.index_copy_(0, rows, keys.to(self.queue.dtype))
-        self.queue_ptr.add_(n).remainder_(m)
+        optim.enqueue(self.queue, self.queue_ptr, keys, "--queue-size",
+                      "2 clips x batch x world x accum-iter")
 
 
 def build_model(args: Args) -> SCE:
@@ -672,24 +665,12 @@ def load_encoder(encoder: nn.Module, path: str) -> None:
     the authors' released trunks). Raises `checkpoint.CheckpointError` (one line) naming the
     key prefixes found when the file fits none of them, and on missing, unexpected or
     mis-shaped keys (`checkpoint.load_model`)."""
-    try:
-        ckpt = checkpoint.load(path)
-    except checkpoint.CheckpointError as e:
-        raise checkpoint.CheckpointError(
-            f"{e}; an eztorch (Lightning) .ckpt also stores its Hydra config, which weights_only "
-            f"refuses: extract the weights once from a file you trust with python -c \"import "
-            f"torch; torch.save(torch.load('{path}', weights_only=False)['state_dict'], "
-            f"'weights.pt')\" and pass weights.pt") from None
-    sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
-    if not isinstance(sd, dict):
-        raise checkpoint.CheckpointError(f"{path}: no state dict in it")
-    full = checkpoint.clean_state_dict(sd)
+    full = checkpoint.read_weights(path)
     sd, prefix = checkpoint.strip_prefix(full, TRUNK_PREFIXES, IGNORED_PREFIXES)
     if not prefix and not (sd and all(k.startswith("blocks.") for k in sd)):
-        raise checkpoint.CheckpointError(
-            f"{path}: no SCE video trunk in it (expected keys under "
-            f"{', '.join(TRUNK_PREFIXES)} or a bare backbone's blocks.*); key prefixes found: "
-            f"{', '.join(checkpoint.key_prefixes(full)) or 'none'}")
+        raise checkpoint.layout_error(path, "SCE video trunk", f"keys under "
+                                      f"{', '.join(TRUNK_PREFIXES)} or a bare backbone's "
+                                      f"blocks.*", full)
     checkpoint.load_model(encoder, sd, strict=True, what=f"{path} ({prefix or 'bare'} weights)")
 
 

@@ -123,13 +123,41 @@ def _listing(title: str, items: list, limit: int = 5) -> str:
     if not items:
         return ""
     more = f", ... and {len(items) - limit} more" if len(items) > limit else ""
-    return f"\n  {title} ({len(items)}): " + ", ".join(items[:limit]) + more
+    return f"; {title} ({len(items)}): " + ", ".join(items[:limit]) + more  # one line
 
 
 def key_prefixes(state_dict: dict, depth: int = 2) -> list:
     """The distinct leading `depth` dotted components of the keys (`trunk.model.`, `head.`),
     sorted: what a user needs to see when a file matches no known layout."""
     return sorted({".".join(k.split(".")[:depth]) + "." for k in state_dict})
+
+
+def read_weights(path) -> dict:
+    """The tensors of a weights file, read with weights_only: the state dict under "model"
+    (ours), "state_dict" (a Lightning checkpoint, e.g. eztorch's) or the file itself, wrapper
+    prefixes removed (`clean_state_dict`). Raises CheckpointError (one line) when the file
+    cannot be read, saying how to extract the weights of a Lightning file whose pickled
+    hyper-parameters weights_only refuses, or when it holds no state dict."""
+    try:
+        ckpt = load(path)
+    except CheckpointError as e:
+        raise CheckpointError(
+            f"{str(e).rstrip('.')}. A Lightning checkpoint (e.g. the authors' eztorch release) "
+            f"pickles its hyper-parameters: extract its weights once, where you trust the file "
+            f"(with the packages it pickles installed): python -c \"import torch; torch.save("
+            f"torch.load({str(path)!r}, map_location='cpu', weights_only=False)['state_dict'], "
+            f"{str(path) + '.state_dict.pt'!r})\" and pass that file") from None
+    sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: no state dict in it")
+    return clean_state_dict({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)})
+
+
+def layout_error(path, what: str, layouts: str, state_dict: dict) -> CheckpointError:
+    """The one-line error for a file that holds no `what` weights in any known `layouts`:
+    names them and the key prefixes the file holds (`key_prefixes`, 12 at most)."""
+    return CheckpointError(f"{path}: no {what} weights in a known layout ({layouts})"
+                           + _listing("key prefixes in the file", key_prefixes(state_dict), 12))
 
 
 def strip_prefix(state_dict: dict, prefixes: tuple, ignore: tuple = ()) -> tuple:

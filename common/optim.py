@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from common import dist
+from common import cli, dist
 from common.checkpoint import unwrap
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "time_embed", "register_tokens")
@@ -181,6 +181,24 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float,
         s_buffers = dict(student.named_buffers())
         for name, buf in teacher.named_buffers():
             buf.copy_(s_buffers[name])
+
+
+@torch.no_grad()
+def enqueue(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor, flag: str = "--queue-size",
+            per_step: str = "") -> None:
+    """FIFO update of a memory bank of keys (MoCo, SCE Alg. A.1 l. 50-52): the keys of every
+    rank (`dist.all_gather`, (n, D) in rank order) overwrite the n oldest rows of `queue`
+    (M, D), from row `ptr` (a 0-d int64 buffer, advanced in place; no host sync). Raises
+    cli.InputError naming `flag` (and `per_step`, what n is made of) when M is not a multiple
+    of n, which the official queues require."""
+    keys = dist.all_gather(keys)
+    n, m = len(keys), len(queue)
+    if m % n:
+        raise cli.InputError(f"{flag} {m} must be a multiple of the keys enqueued per step "
+                             f"({n}{' = ' + per_step if per_step else ''})")
+    rows = (ptr + torch.arange(n, device=keys.device)) % m
+    queue.index_copy_(0, rows, keys.to(queue.dtype))
+    ptr.add_(n).remainder_(m)
 
 
 def resolve_amp(mode: str, device: torch.device) -> str:

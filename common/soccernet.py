@@ -32,6 +32,7 @@ from typing import Callable, NamedTuple, Sequence, Union
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 from . import cli, dist, video
 
@@ -356,6 +357,40 @@ def write_results(predictions_root: PathLike, game: str, predictions: list) -> P
     return path
 
 
+# ---- training windows (eztorch's SoccerNet clip samplers; the draws are a reading of their
+# documented behaviour, spec §1, not a transcription) ----
+def random_window_starts(duration: float, window: float, n: int,
+                         rng: np.random.Generator) -> list:
+    """eztorch's `RandomWindowSoccerNetClipSampler` (COMEDIAN's stage 2): n window starts (s)
+    in a half of `duration` s, one per equal segment of [0, D - W], jittered uniformly inside
+    it and floored to the 0.5-s grid."""
+    room = max(duration - window, 0.0)
+    u = rng.random(n)
+    return [math.floor((room * (k + u[k]) / n) / STEP) * STEP for k in range(n)]
+
+
+def uniform_window_starts(duration: float, window: float, n: int,
+                          rng: np.random.Generator) -> list:
+    """eztorch's `UniformWindowWithoutOverlapSoccerNetClipSampler` (COMEDIAN's stage 3): n
+    window starts (s): [0, W] and [D - W, D] always, then n - 2 starts on the 0.5-s grid in
+    [W/2, D - 3W/2), mutually non-overlapping (uniform over such sets), which may overlap the
+    two forced windows (spec §1 Stage 3). Raises cli.InputError when they do not fit."""
+    last = math.floor((duration - window) / STEP) * STEP
+    starts = [0.0, max(last, 0.0)][:n]
+    k = n - 2
+    if k <= 0:
+        return starts
+    lo = math.ceil(window / 2 / STEP)
+    hi = math.floor((duration - 1.5 * window) / STEP)
+    w = round(window / STEP)  # a window in grid steps
+    free = (hi - lo) - (k - 1) * (w - 1)  # positions left once the gaps are reserved
+    if free < k:
+        raise cli.InputError(f"{n} windows of {window:g} s per half do not fit a {duration:.1f}"
+                             f"-s half without overlap")
+    v = np.sort(rng.choice(free, size=k, replace=False))
+    return starts + [(lo + int(v[j]) + j * (w - 1)) * STEP for j in range(k)]
+
+
 # ---- the metric ----
 # The SoccerNet-v2 action-spotting metric (spec §5; SoccerNet `Evaluation/ActionSpotting.py`),
 # reimplemented: each half is vectorised at 2 fps over 120 min, detections are matched to
@@ -465,7 +500,9 @@ def average_map(labels_root: PathLike, predictions_root: PathLike, games: Sequen
     "a_mAP_visible", "a_mAP_per_class_visible", "a_mAP_unshown", "a_mAP_per_class_unshown";
     with several deltas each is the trapezoid average (sum of (m_i + m_{i+1}) / 2 over
     K - 1), and "a_mAP_unshown" is then x 17/13 (only 13 classes have unshown events; the
-    per-class values are not scaled); with one delta they are the plain values. Raises
+    per-class values are not scaled); with one delta they are the plain values. One key is
+    not the evaluator's: "a_mAP_present", the mean over the classes with an event in `games`
+    (on a few games, the 17-class mean mostly counts absent classes at AP 0). Raises
     ValueError for an unknown `metric`, FileNotFoundError for a missing labels or results file.
     """
     if metric not in METRIC_DELTAS:
@@ -503,7 +540,8 @@ def average_map(labels_root: PathLike, predictions_root: PathLike, games: Sequen
         scale = 17 / 13
     # trapezoid of the means = mean of the per-class trapezoids (both linear)
     means = per_class.mean(1)
-    return {"a_mAP": float(means[0]), "a_mAP_per_class": per_class[0].tolist(),
+    present = np.any([t.any(0) for t, _, _ in halves], axis=0) if halves else []
+    return {"a_mAP": float(means[0]), "a_mAP_present": float(per_class[0][present].mean()), "a_mAP_per_class": per_class[0].tolist(),
             "a_mAP_visible": float(means[1]), "a_mAP_per_class_visible": per_class[1].tolist(),
             "a_mAP_unshown": float(means[2] * scale),
             "a_mAP_per_class_unshown": per_class[2].tolist()}
@@ -574,3 +612,46 @@ def spot(score_fn: ScoreFn, root: PathLike, games: Sequence[str], predictions_ro
     if not dist.is_main():
         return {}, buffers
     return {m: average_map(root, predictions_root, games, m) for m in metrics}, buffers
+
+
+def save_timeline(path: PathLike, h: Half, curves: dict, title: str) -> None:
+    """A labelled PNG of one half: for each class with events, a ground-truth row (filled
+    tick: visible, hollow: not shown) and one row per model of `curves` ({name: (N, 17)
+    merged buffer}) with its per-second score (0-1, the max of the second's two 0.5-s
+    indices) as bars scaled to the row's max (printed); time in seconds. `title` heads it."""
+    classes = sorted({a.label for a in h.annotations if a.half == h.half})
+    font = ImageFont.load_default()
+    px, left, top, row = 8, 170, 44, 22  # px per second, margins, row height
+    width = max(left + int(px * h.duration) + 20, 560)
+    height = top + len(classes) * (row * (1 + len(curves)) + 10) + 34
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    d.text((4, 4), f"{title}: {h.game}, half {h.half}", "black", font=font)
+    d.text((4, 20), "ground truth (green; hollow = not shown) and merged scores (bars, each row "
+                    "scaled to its max)", "black", font=font)
+    y = top
+    for c in classes:
+        d.text((4, y + 5), f"{CLASSES[c][:20]}: truth", "black", font=font)
+        for a in h.annotations:
+            if a.half == h.half and a.label == c:
+                x = left + px * a.position_ms / 1000
+                d.rectangle([x - 2, y + 3, x + 2, y + row - 3], outline="green",
+                            fill="green" if a.visible else None)
+        for name, buf in curves.items():
+            y += row
+            per_s = torch.nn.functional.pad(buf[:, c], (0, buf.shape[0] % 2)).view(-1, 2).amax(1)
+            top = max(per_s.max().item(), 1e-6)  # each row scaled to its own max, printed
+            d.text((4, y + 5), f"  {name} (max {top:.2f})", "black", font=font)
+            d.line([left, y + row - 2, width - 10, y + row - 2], fill="lightgray")
+            for t, v in enumerate((per_s / top).tolist()):
+                x = left + px * (t + 0.5)
+                d.rectangle([x - px / 2 + 1, y + row - 2 - (row - 4) * v, x + px / 2 - 1,
+                             y + row - 2], fill="blue")
+        y += row + 10
+    for t in range(0, int(h.duration) + 1, 5):
+        x = left + px * t
+        d.line([x, y, x, y + 4], fill="black")
+        d.text((x - 4, y + 6), str(t), "black", font=font)
+    d.text((4, y + 6), "time (s)", "black", font=font)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from common import optim
+from common import cli, optim
 
 
 # ---- schedules -------------------------------------------------------------------------------
@@ -274,3 +274,14 @@ def test_the_gpu_step_check_passes_a_faithful_step_and_catches_a_wrong_one():
     assert report["none"]["cos"] > 0.9999 and 0.9 < report["bf16"]["cos"] < 1
     with pytest.raises(AssertionError, match="bf16"):
         checks.assert_gpu_step_agrees(model, batch, lambda *a: step(*a, wrong=True), device="cpu")
+
+
+def test_enqueue_overwrites_the_oldest_rows_and_wraps():
+    queue, ptr = torch.zeros(6, 2), torch.zeros((), dtype=torch.long)
+    for step in range(4):  # 2 keys a step into 6 rows: rows 0-1, 2-3, 4-5, then 0-1 again
+        optim.enqueue(queue, ptr, torch.full((2, 2), float(step + 1)))
+    assert queue[:, 0].tolist() == [4, 4, 2, 2, 3, 3] and int(ptr) == 2
+    with pytest.raises(cli.InputError, match=r"--q 6 must be a multiple of the keys enqueued "
+                                             r"per step \(4 = two views\)"):
+        optim.enqueue(queue, ptr, torch.zeros(4, 2), "--q", "two views")
+    assert queue[:, 0].tolist() == [4, 4, 2, 2, 3, 3]  # refused before any write

@@ -3,6 +3,7 @@ hard and soft NMS on hand-made curves, the +-0.5 s label encoding and token OR-r
 parsing and its errors, the sliding windows, edge removal and merge, the results writer, and
 the spotting driver end to end on a 2-fps frame-folder game with an oracle score function."""
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,41 @@ def _goal_ap(res, key="a_mAP_per_class"):
     return res[key][GOAL]
 
 
+# ---- training windows ----
+def test_uniform_window_starts_are_free_of_overlap_and_cover_the_range():
+    D, W = 45.25, 8.0
+    seen = set()
+    for seed in range(200):
+        s = S.uniform_window_starts(D, W, 5, np.random.default_rng(seed))
+        assert len(s) == 5 and s[0] == 0.0 and s[1] == math.floor((D - W) / 0.5) * 0.5 == 37.0
+        free = sorted(s[2:])
+        assert all(2 * t == int(2 * t) for t in free)  # on the 0.5-s grid
+        assert all(W / 2 <= t < D - 1.5 * W for t in free), free
+        assert all(b - a >= W for a, b in zip(free, free[1:])), free  # no overlap
+        seen.update(free)
+    assert min(seen) == 4.0 and max(seen) >= D - 1.5 * W - 1.0  # the whole range is reached
+    assert len(seen) > 40
+    # just fitting: 3 windows of 8 s with starts in [4, 20.5) can only be 4, 12, 20
+    for seed in range(20):
+        assert S.uniform_window_starts(32.5, 8.0, 5, np.random.default_rng(seed))[2:] == [4, 12, 20]
+    with pytest.raises(cli.InputError, match="do not fit"):  # [4, 20): they do not fit
+        S.uniform_window_starts(32.0, 8.0, 5, np.random.default_rng(0))
+    assert S.uniform_window_starts(40.0, 8.0, 2, np.random.default_rng(0)) == [0.0, 32.0]
+
+
+def test_random_window_starts_one_per_segment():
+    D, W, n = 45.75, 8.0, 6
+    room = D - W
+    for seed in range(50):
+        s = S.random_window_starts(D, W, n, np.random.default_rng(seed))
+        u = np.random.default_rng(seed).random(n)
+        assert s == [math.floor(room * (k + u[k]) / n / 0.5) * 0.5 for k in range(n)]
+        for k, t in enumerate(s):
+            assert 2 * t == int(2 * t) and 0 <= t <= room
+            assert room * k / n - 0.5 < t < room * (k + 1) / n  # inside segment k (floored)
+    assert S.random_window_starts(3.0, 8.0, 4, np.random.default_rng(0)) == [0.0] * 4
+
+
 # ---- metric ----
 def test_metric_ap_precision_is_max_over_thresholds(tmp_path):
     # FP at 0.9, TP at 0.8, one GT: P = 1/2 at R = 1, so every 11-point sample is 1/2
@@ -50,6 +86,10 @@ def test_metric_ap_precision_is_max_over_thresholds(tmp_path):
     assert r["a_mAP_visible"] == pytest.approx(0.5 / 17)
     assert r["a_mAP_unshown"] == 0.0
     assert len(r["a_mAP_per_class"]) == 17 and sum(r["a_mAP_per_class"]) == pytest.approx(0.5)
+    assert r["a_mAP_present"] == pytest.approx(0.5)  # Goal, the one class with an event
+    two = _metric(tmp_path, [(1, 10000, "Goal", "visible"), (2, 5000, "Corner", "not shown")],
+                  [(1, 10000, "Goal", 0.8), (1, 30000, "Goal", 0.9)], "tight")
+    assert two["a_mAP_present"] == pytest.approx((0.5 + 0.0) / 2)  # Corner missed: AP 0
 
 
 def test_metric_tolerance_and_frame_floor(tmp_path):
@@ -345,3 +385,23 @@ def test_spot_with_an_oracle_scores_every_event(tmp_path):
     assert res["at1"]["a_mAP_visible"] == pytest.approx(2 / 17)
     assert res["at1"]["a_mAP_unshown"] == pytest.approx(1 / 17)
     assert res["tight"] == S.average_map(tmp_path / "labels", tmp_path / "preds", ["lg/s/g"])
+
+
+def test_save_timeline_draws_the_events_and_the_scores_where_they_are(tmp_path):
+    # 8 px per second after a 170-px label column, rows of 22 px from y = 44: one class block
+    # per class with events (truth row, then a row per curve), 10 px apart
+    _frame_folder_game(tmp_path, "g", (40, 41), [(1, 7000, "Goal", "visible"),
+                                                 (1, 12500, "Corner", "not shown")])
+    h = S.read_halves(tmp_path / "labels", ["g"])[0]
+    buf = torch.zeros(39, 17)
+    buf[14, GOAL] = 0.5  # t = 7.0 s; the row is scaled to its max, so a full-height bar
+    path = tmp_path / "out" / "timeline.png"
+    S.save_timeline(path, h, {"model": buf}, "a title")
+    img = np.asarray(Image.open(path).convert("RGB"))
+    assert img.shape == (44 + 2 * (22 * 2 + 10) + 34, 560, 3)
+    green, blue, white = (0, 128, 0), (0, 0, 255), (255, 255, 255)
+    assert tuple(img[44 + 11, 170 + 8 * 7]) == green  # Goal (class 2 first): a filled tick
+    assert tuple(img[98 + 11, 270]) == white and tuple(img[98 + 11, 268]) == green  # hollow
+    assert tuple(img[66 + 12, 170 + 60]) == blue  # the bar of second 7, full height
+    assert tuple(img[66 + 12, 170 + 28]) == white  # second 3: no score, no bar
+    assert tuple(img[120 + 12, 170 + 60]) == white  # Corner's curve row stays empty

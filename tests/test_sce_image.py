@@ -502,7 +502,7 @@ def test_load_encoder_reads_the_authors_checkpoints(tmp_path, tiny_data, capsys)
     with pytest.raises(checkpoint.CheckpointError) as err:
         loaded(bad)
     msg = str(err.value)
-    assert "\n" not in msg and "HParams" in msg and f"--init-from {bad}.state_dict.pt" in msg
+    assert "\n" not in msg and "HParams" in msg and f"{bad}.state_dict.pt" in msg
     # The user's side: the command, run where the file is trusted, writes a loadable file.
     exec(msg.split('python -c "')[1].split('" and pass')[0])
     assert same(loaded(f"{bad}.state_dict.pt"), online)
