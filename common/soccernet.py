@@ -15,6 +15,10 @@ fix as an argument) -> index on the 0.5-s grid -> max merge into a per-half buff
 per-class hard or soft NMS -> `results_spotting.json`. `spot` runs it all for any model given
 as a function from a batch of windows of frames to per-token scores, then scores the games.
 
+Training windows: eztorch's SoccerNet clip samplers (`random_window_starts`,
+`uniform_window_starts`), which draw the windows a model trains on. `save_timeline` draws one
+half's ground truth and merged scores as a PNG.
+
 Metric: `average_map` is the SoccerNet-v2 evaluator (`Evaluation/ActionSpotting.py`) written
 anew, equal to it to float precision: tight, loose and at1-at5 average-mAP, with its visible
 and unshown variants.
