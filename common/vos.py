@@ -10,6 +10,7 @@ mIoU values are fractions in [0, 1] (Tab. 4 prints percent).
 every rank returns what one process computes: each clip's frames and k-means draw from the
 seed and the clip's index only.
 """
+import contextlib
 import json
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -110,6 +111,19 @@ def load_clip(frames: Sequence, masks: Sequence, size: int = 224,
 
 
 # ---- clustering (spec §4, TT:clustering.py:20-80) ----
+@contextlib.contextmanager
+def _serial(device):
+    """One CPU thread inside: on small matrices (D x D, 256 K x D) threads only synchronise
+    (100x slower on 2 busy cores, measured); the thread count is restored on exit."""
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def pca_fit(x: Tensor, dim: int = 50) -> Callable[[Tensor], Tensor]:
     """Fit StandardScaler (per-dimension mean, population std; a constant dimension keeps
     scale 1) then PCA to min(dim, D) directions (faiss PCAMatrix without whitening:
@@ -120,7 +134,8 @@ def pca_fit(x: Tensor, dim: int = 50) -> Callable[[Tensor], Tensor]:
     std = torch.where(std > 0, std, torch.ones_like(std))
     z = (x - mean) / std
     centre = z.mean(0)
-    evals, evecs = torch.linalg.eigh((z - centre).T @ (z - centre) / len(z))
+    with _serial(x.device):
+        evals, evecs = torch.linalg.eigh((z - centre).T @ (z - centre) / len(z))
     proj = evecs[:, evals.argsort(descending=True)[:dim]]
     return lambda y: (((y.double() - mean) / std - centre) @ proj).float()
 
@@ -130,8 +145,9 @@ def kmeans(x: Tensor, k: int, niter: int = 50, nredo: int = 5, seed: int = 1,
     """Labels (N,) int64 of Euclidean k-means of x (N, D), as faiss.Kmeans(d, k, niter, nredo,
     seed): train on a random subsample of at most max_points * k points, `nredo` restarts from
     k distinct random training points, `niter` Lloyd steps each, keep the centroids of lowest
-    training inertia; an empty cluster takes the largest cluster's centroid, both perturbed by
-    +-1/1024 (faiss splits the largest cluster likewise). Then every point is assigned to its
+    training inertia; an empty cluster moves to the training point farthest from its centroid
+    (as sklearn; faiss splits the largest cluster by a +-1/1024 scaling, which cannot separate
+    duplicated points at the origin). Then every point is assigned to its
     nearest centroid, `chunk` points at a time. The draws use a CPU generator seeded with
     `seed`: deterministic, on any device (faiss's own RNG is not reproduced)."""
     x, n, g = x.float(), len(x), torch.Generator().manual_seed(seed)
@@ -139,21 +155,22 @@ def kmeans(x: Tensor, k: int, niter: int = 50, nredo: int = 5, seed: int = 1,
         raise ValueError(f"kmeans: {n} points for {k} clusters")
     train = x[torch.randperm(n, generator=g)[:max_points * k].to(x.device)] \
         if n > max_points * k else x
+    sqdist = lambda a, c: (a * a).sum(1, keepdim=True) - 2 * a @ c.T + (c * c).sum(1)  # noqa
     best, best_obj = None, float("inf")
-    for _ in range(nredo):
-        c = train[torch.randperm(len(train), generator=g)[:k].to(x.device)].clone()
-        for _ in range(niter):
-            onehot = F.one_hot(torch.cdist(train, c).argmin(1), k).float()  # (M, k)
-            counts, sums = onehot.sum(0), onehot.T @ train  # no atomics: deterministic on GPU
-            c = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], c)
-            for j in (counts == 0).nonzero().flatten().tolist():  # rare: split the largest
-                big = int(counts.argmax())
-                c[j], c[big] = c[big] * (1 + 1 / 1024), c[big] * (1 - 1 / 1024)
-                counts[j] = counts[big] = counts[big] / 2
-        obj = float(torch.cdist(train, c).min(1).values.pow(2).sum())
-        if obj < best_obj:
-            best, best_obj = c, obj
-    return torch.cat([torch.cdist(x[i:i + chunk], best).argmin(1) for i in range(0, n, chunk)])
+    with _serial(x.device):
+        for _ in range(nredo):
+            c = train[torch.randperm(len(train), generator=g)[:k].to(x.device)].clone()
+            for _ in range(niter):
+                d = sqdist(train, c)  # (M, k)
+                onehot = F.one_hot(d.argmin(1), k).float()
+                counts, sums = onehot.sum(0), onehot.T @ train  # no atomics: deterministic
+                c = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], c)
+                if (empty := (counts == 0).nonzero().flatten()).numel():  # farthest points
+                    c[empty] = train[d.min(1).values.argsort(descending=True)[:len(empty)]]
+            obj = float(sqdist(train, c).min(1).values.clamp_min(0).sum())
+            if obj < best_obj:
+                best, best_obj = c, obj
+    return torch.cat([sqdist(x[i:i + chunk], best).argmin(1) for i in range(0, n, chunk)])
 
 
 def cluster_clip(feats: Tensor, k: int, size: Optional[int] = 224, project=None,
