@@ -1,14 +1,10 @@
-"""Unsupervised video object segmentation (SIGMA Tab. 4, the "Time Does Tell" protocol; spec:
-`vos.md`): a frozen encoder's dense features of one clip are standardised, reduced by PCA,
-upsampled to the frame size and clustered by k-means; the clusters are matched to the GT labels
-(Hungarian with K = #GT labels: "clustering"; precision-based many-to-one with K = 10:
-"overclustering") and scored by mIoU pooled over the clip's frames, background included.
-mIoU values are fractions in [0, 1] (Tab. 4 prints percent).
-
-`eval_vos` shares the clips between the ranks of an initialised process group as
-`propagation.eval_davis` does (unit i on rank i % world, small per-clip results gathered), and
-every rank returns what one process computes: each clip's frames and k-means draw from the
-seed and the clip's index only.
+"""Unsupervised video object segmentation (SIGMA Tab. 4, the "Time Does Tell" protocol, spec
+vos.md): a frozen encoder's dense features of a clip are standardised, reduced by PCA, upsampled
+to the frame size and clustered by k-means; clusters are matched to the GT labels (Hungarian
+with K = #labels: "clustering"; precision-based many-to-one with K = 10: "overclustering") and
+scored by mIoU pooled over the clip's frames, background included; fractions in [0, 1].
+`eval_vos` shares the clips between torchrun ranks as `propagation.eval_davis` does, and every
+rank returns what one process computes (frames and k-means draw from the seed and clip index).
 """
 import contextlib
 import json
@@ -33,15 +29,12 @@ IGNORE = 255
 
 # ---- data ----
 def read_ytvos(root, split_list=None) -> list:
-    """YouTube-VOS train-format videos as [(name, [frame .jpg], [mask .png], {instance id:
-    category id})], sorted by name (TT:data_loader.py:575-577). `root` holds
-    `JPEGImages/<video>/*.jpg`, `Annotations/<video>/*.png` and `meta.json`; `split_list` (e.g.
-    TimeT_clean's val.txt, one id a line) selects videos, else all of JPEGImages. Category id =
-    1 + index in the sorted names of all categories in meta.json (spec §2). Frames and masks
-    pair by rank in the sorted listings (TT:data_loader.py:595-614), so their counts must
-    match. Raises FileNotFoundError / cli.InputError naming the file."""
-    root = Path(root)
-    meta_path = root / "meta.json"
+    """[(name, [frame .jpg], [mask .png], {instance id: category id})] of a YouTube-VOS train
+    layout (JPEGImages/<video>/, Annotations/<video>/, meta.json), by sorted name (TT:
+    data_loader.py:575-577); `split_list` (TimeT_clean's val.txt: one id a line) selects, else
+    all. Category id = 1 + index in the sorted category names of meta.json (spec §2). Frames and
+    masks pair by rank (TT:data_loader.py:595-614): equal counts, else cli.InputError."""
+    meta_path = (root := Path(root)) / "meta.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path}: YouTube-VOS meta.json not found (expected "
                                 "JPEGImages/<video>, Annotations/<video>, meta.json)")
@@ -65,18 +58,16 @@ def read_ytvos(root, split_list=None) -> list:
             raise cli.InputError(f"{where}{root / 'JPEGImages' / name}: {len(frames)} frames, "
                                  f"{len(masks)} masks in Annotations/{name}, "
                                  f"{'' if name in meta else 'not '}in meta.json")
-        objects = meta[name]["objects"]
-        out.append((name, frames, masks, {int(o): cat_id[objects[o]["category"]]
-                                          for o in objects}))
+        out.append((name, frames, masks, {int(o): cat_id[d["category"]]
+                                          for o, d in meta[name]["objects"].items()}))
     if not out:
         raise cli.InputError(f"{split_list or root / 'JPEGImages'}: no videos")
     return out
 
 
 def to_categories(masks: np.ndarray, remap: dict, path="") -> np.ndarray:
-    """Instance ids (T, H, W) -> category ids through `remap` {instance: category}, read from
-    the input and written to a copy (pitfall 7: the official in-place loop remaps twice); 0 and
-    255 stay. An id missing from `remap` is a cli.InputError naming `path`."""
+    """Instance ids (T, H, W) -> category ids by `remap`, into a copy (pitfall 7: the official
+    in-place loop remaps twice); 0, 255 stay; an id not in `remap`: cli.InputError."""
     lut = np.arange(256, dtype=np.uint8)
     for inst, cat in remap.items():
         lut[inst] = cat
@@ -113,11 +104,10 @@ def load_clip(frames: Sequence, masks: Sequence, size: int = 224,
 # ---- clustering (spec §4, TT:clustering.py:20-80) ----
 @contextlib.contextmanager
 def _serial(device):
-    """One CPU thread inside: on small matrices (D x D, 256 K x D) threads only synchronise
-    (100x slower on 2 busy cores, measured); the thread count is restored on exit."""
+    """One CPU thread inside: on small matrices threads only synchronise (100x slower on 2 busy
+    cores, measured); the thread count is restored on exit."""
     threads = torch.get_num_threads()
-    if torch.device(device).type == "cpu":
-        torch.set_num_threads(1)
+    torch.set_num_threads(1 if torch.device(device).type == "cpu" else threads)
     try:
         yield
     finally:
@@ -132,24 +122,22 @@ def pca_fit(x: Tensor, dim: int = 50) -> Callable[[Tensor], Tensor]:
     x = x.double()
     mean, std = x.mean(0), x.std(0, correction=0)
     std = torch.where(std > 0, std, torch.ones_like(std))
-    z = (x - mean) / std
-    centre = z.mean(0)
+    z = (x - mean) / std  # centred: PCAMatrix's own mean is 0 here
     with _serial(x.device):
-        evals, evecs = torch.linalg.eigh((z - centre).T @ (z - centre) / len(z))
+        evals, evecs = torch.linalg.eigh(z.T @ z / len(z))
     proj = evecs[:, evals.argsort(descending=True)[:dim]]
-    return lambda y: (((y.double() - mean) / std - centre) @ proj).float()
+    return lambda y: (((y.double() - mean) / std) @ proj).float()
 
 
 def kmeans(x: Tensor, k: int, niter: int = 50, nredo: int = 5, seed: int = 1,
            max_points: int = 256, chunk: int = 1 << 16) -> Tensor:
-    """Labels (N,) int64 of Euclidean k-means of x (N, D), as faiss.Kmeans(d, k, niter, nredo,
+    """Labels (N,) int64 of Euclidean k-means of x (N, D) as faiss.Kmeans(d, k, niter, nredo,
     seed): train on a random subsample of at most max_points * k points, `nredo` restarts from
-    k distinct random training points, `niter` Lloyd steps each, keep the centroids of lowest
-    training inertia; an empty cluster moves to the training point farthest from its centroid
-    (as sklearn; faiss splits the largest cluster by a +-1/1024 scaling, which cannot separate
-    duplicated points at the origin). Then every point is assigned to its
-    nearest centroid, `chunk` points at a time. The draws use a CPU generator seeded with
-    `seed`: deterministic, on any device (faiss's own RNG is not reproduced)."""
+    k distinct random points, `niter` Lloyd steps each, keep the lowest training inertia; an
+    empty cluster moves to the point farthest from its centroid (sklearn; faiss's +-1/1024
+    split cannot separate duplicates at the origin); then all points go to their nearest
+    centroid, `chunk` at a time. Draws from a CPU generator seeded `seed`: deterministic on any
+    device (faiss's own RNG is not reproduced). ValueError when N < k."""
     x, n, g = x.float(), len(x), torch.Generator().manual_seed(seed)
     if n < k:
         raise ValueError(f"kmeans: {n} points for {k} clusters")
@@ -220,16 +208,14 @@ def linear_sum_assignment(cost) -> list:
 
 def cluster_miou(clusters, gt, num_clusters: Optional[int] = None, matching: str = "hungarian",
                  precision_based: bool = True) -> dict:
-    """Match the cluster ids of one clip to its GT labels and score it (spec §5).
-
-    clusters, gt: int label maps of equal shape (T, H, W) (tensors or arrays; frames pooled).
-    GT 255 is ignored (filtered, as the spec recommends; the official clip-wise path has no
-    ignore label). G = sorted GT labels, P = cluster ids present (those in [0, num_clusters)
-    when given, else a ValueError). "hungarian": linear_sum_assignment(1 - IoU) on |G| x |P|,
-    unmatched clusters -> 0; "many_to_one": each cluster -> argmax_g Prec(g, p) (IoU when
-    not precision_based), ties to the smallest label. Returns {"miou": mean over G of IoU_g,
-    background included, "iou": {g: IoU_g}, "pred": relabelled (T, H, W) int64 numpy}.
-    Raises ValueError for unequal shapes, an unknown matching, or no pixel outside 255."""
+    """Match one clip's cluster ids to its GT labels and score it (spec §5). clusters, gt: int
+    label maps of equal shape (T, H, W), tensors or arrays, frames pooled. GT 255 is ignored
+    (the spec's recommendation; the official clip-wise path has none). G = sorted GT labels,
+    P = cluster ids present (in [0, num_clusters) when given). "hungarian":
+    linear_sum_assignment(1 - IoU) on |G| x |P|, unmatched clusters -> 0; "many_to_one": each
+    cluster -> argmax_g Prec(g, p) (IoU unless precision_based), ties to the smallest label.
+    Returns {"miou": mean over G of IoU_g, background included, "iou": {g: IoU_g}, "pred": the
+    relabelled (T, H, W) int64 array}. ValueError: shapes, matching, ids, no pixel but 255."""
     c, y = np.asarray(torch.as_tensor(clusters).cpu()), np.asarray(torch.as_tensor(gt).cpu())
     if c.shape != y.shape or matching not in ("hungarian", "many_to_one"):
         raise ValueError(f"cluster_miou: shapes {c.shape} vs {y.shape}, matching {matching!r}")
@@ -272,25 +258,21 @@ def eval_vos(feature_fn, root, dataset: str = "davis", k_values: Sequence = ("gt
              std: Sequence = STD_OFFICIAL, pca_dim: int = 50, pca_batch: int = 1,
              split_list=None, davis_annotations: str = "Annotations", device="cpu",
              picture: Optional[str] = None, **kmeans_kw) -> dict:
-    """Tab. 4 mIoU of `feature_fn` on DAVIS-2017 val (`read_davis`, instance ids as they are) or
-    YouTube-VOS (`read_ytvos`, category ids). feature_fn: normalised clip (T, 3, S, S) on
-    `device` -> dense features (T, h, w, D) (a tubelet model repeats its tokens along time).
-
-    One clip per video: `frames` (default FRAMES[dataset]) indices by `sample_frames` from
-    rng (seed, video index); `load_clip`; `cluster_clip` at S with kmeans seed `seed`.
-    k_values: "gt" = clustering (K = #GT labels incl. background, Hungarian); an int K =
-    overclustering (many-to-one, precision-based), named "overclustering" for K = 10 else
-    "overclustering_k<K>". pca_batch: clips of consecutive videos whose tokens share one
-    standardisation + PCA fit (1: per clip, the default; 16: the official loader batch).
-    Returns {setting: {"miou": plain mean over clips, "miou_batch16": the official mean of
-    batch means}, "videos": [{"name", "frames", setting: clip mIoU}]} on every rank; the rank
-    holding video 0 writes `picture` (a PNG, `save_picture`) when given."""
-    if dataset == "davis":
-        videos = [(n, f, m, None) for n, f, m in read_davis(root, annotations=davis_annotations)]
-    elif dataset == "ytvos":
-        videos = read_ytvos(root, split_list)
-    else:
+    """Tab. 4 mIoU of `feature_fn` (normalised clip (T, 3, S, S) on `device` -> dense features
+    (T, h, w, D); a tubelet model repeats its tokens along time) on DAVIS-2017 val (instance
+    ids as they are) or YouTube-VOS (`read_ytvos`, category ids). One clip per video:
+    `frames` (default FRAMES[dataset]) by `sample_frames` with rng (seed, video index),
+    `load_clip`, `cluster_clip` at S (k-means seed `seed`). k_values: "gt" = clustering (K =
+    #GT labels incl. background, Hungarian); an int K = overclustering (precision-based
+    many-to-one), named "overclustering" for K = 10, else "overclustering_k<K>". pca_batch:
+    consecutive clips sharing one standardisation + PCA fit (1: per clip, default; 16: the
+    official loader batch, pitfall 5). Returns {setting: {"miou": plain mean over clips,
+    "miou_batch16": official mean of batch means}, "videos": [{"name", "frames", setting:
+    mIoU}]} on every rank; the rank holding video 0 writes `picture` (`save_picture`)."""
+    if dataset not in FRAMES:
         raise ValueError(f"eval_vos: dataset must be 'davis' or 'ytvos', not {dataset!r}")
+    videos = read_ytvos(root, split_list) if dataset == "ytvos" else [
+        (n, f, m, None) for n, f, m in read_davis(root, annotations=davis_annotations)]
     num_frames = frames or FRAMES[dataset]
     names = ["clustering" if k == "gt" else "overclustering" if k == 10 else
              f"overclustering_k{k}" for k in k_values]
@@ -315,8 +297,8 @@ def eval_vos(feature_fn, root, dataset: str = "davis", k_values: Sequence = ("gt
                 res = cluster_miou(pred, gt, K, "hungarian" if k == "gt" else "many_to_one")
                 rec[setting], maps[setting] = res["miou"], res["pred"]
             if i == 0 and picture:
-                save_picture(picture, x, std, gt, maps, f"Unsupervised VOS ({dataset}): "
-                             f"{name}, frames {idx[0]}-{idx[-1]}")
+                save_picture(picture, x, std, gt, maps, idx, f"Unsupervised VOS ({dataset}, "
+                             f"mIoU {', '.join(f'{s} {rec[s]:.3f}' for s in names)}): {name}")
             out.append(rec)
         return out
 
@@ -326,10 +308,11 @@ def eval_vos(feature_fn, root, dataset: str = "davis", k_values: Sequence = ("gt
     return {**res, "videos": per_clip}
 
 
-def save_picture(path, x: Tensor, std: Sequence, gt: Tensor, maps: dict, title: str,
+def save_picture(path, x: Tensor, std: Sequence, gt: Tensor, maps: dict, idx: list, title: str,
                  n: int = 6) -> None:
-    """Labelled PNG of one clip at n frames: the frames, the GT, and each setting's matched
-    prediction, in the DAVIS palette (matched clusters take their GT label's colour)."""
+    """Labelled PNG of n of a clip's frames (video frame numbers `idx`): the frames, the GT,
+    and each setting's matched prediction, in the DAVIS palette (a matched cluster takes its
+    GT label's colour, unmatched ones none)."""
     ts = np.linspace(0, len(x) - 1, min(n, len(x))).round().astype(int)
     img = x[ts] * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
     img = (img.clamp(0, 1) * 255).round().to(torch.uint8)
@@ -337,7 +320,7 @@ def save_picture(path, x: Tensor, std: Sequence, gt: Tensor, maps: dict, title: 
                                                for j, t in enumerate(ts)]).float() / 255
                                   for lab in [gt, *maps.values()]]
     log.save_grid(rows, path, title, ["frames", "ground truth", *(f"{s} (matched)" for s in maps)],
-                  [f"t {t}" for t in ts])
+                  [f"frame {idx[t]}" for t in ts])
 
 
 def vos_metrics(feature_fn, davis: str = "", ytvos: str = "", out_dir: Optional[str] = None,
