@@ -330,6 +330,17 @@ def _sequence(rng: np.random.Generator, h: int, w: int, frames: int):
     return imgs, labels, len(objects)
 
 
+def _write_frames(img_dir: Path, ann_dir: Path, imgs, labels, stems: list) -> None:
+    """Frames as JPEG (quality 90) and label maps as palette PNG, named `stems`."""
+    img_dir.mkdir(parents=True)
+    ann_dir.mkdir(parents=True)
+    for img, lab, stem in zip(imgs, labels, stems):
+        Image.fromarray(img).save(img_dir / f"{stem}.jpg", quality=90)
+        mask = Image.fromarray(lab)
+        mask.putpalette(davis_palette())  # "L" becomes "P", values kept
+        mask.save(ann_dir / f"{stem}.png")
+
+
 def davis(root: Optional[os.PathLike] = None, seed: int = 0, size: tuple = (96, 160),
           sequences: int = 4, frames: int = 20) -> Path:
     """DAVIS-2017 layout: `JPEGImages/480p/<seq>/00000.jpg`, palette PNG `Annotations/480p/`
@@ -349,14 +360,8 @@ def davis(root: Optional[os.PathLike] = None, seed: int = 0, size: tuple = (96, 
                 imgs, labels, k = _sequence(rng, h, w, frames)
                 if np.bincount(labels[0].ravel(), minlength=k + 1)[1:].min() >= 20:
                     break
-            (tmp / "JPEGImages/480p" / seq).mkdir(parents=True)
-            (tmp / "Annotations/480p" / seq).mkdir(parents=True)
-            for t in range(frames):
-                Image.fromarray(imgs[t]).save(tmp / f"JPEGImages/480p/{seq}/{t:05d}.jpg",
-                                              quality=90)
-                mask = Image.fromarray(labels[t])
-                mask.putpalette(davis_palette())  # "L" becomes "P", values kept
-                mask.save(tmp / f"Annotations/480p/{seq}/{t:05d}.png")
+            _write_frames(tmp / "JPEGImages/480p" / seq, tmp / "Annotations/480p" / seq, imgs,
+                          labels, [f"{t:05d}" for t in range(frames)])
         (tmp / "ImageSets/2017").mkdir(parents=True)
         (tmp / "ImageSets/2017/val.txt").write_text("".join(f"{s}\n" for s in names))
     name = f"davis-v{VERSION}-s{seed}-{h}x{w}-{sequences}x{frames}f"
@@ -386,14 +391,8 @@ def ytvos(root: Optional[os.PathLike] = None, seed: int = 0, size: tuple = (96, 
                 if counts.min() >= 20 and (i or k == 3):
                     break
             cats = ["cat", "bird", "cat"] if i == 0 else list(rng.choice(YTVOS_CATEGORIES, k))
-            (tmp / "JPEGImages" / vid).mkdir(parents=True)
-            (tmp / "Annotations" / vid).mkdir(parents=True)
-            for t in range(frames):
-                Image.fromarray(imgs[t]).save(tmp / f"JPEGImages/{vid}/{5 * t:05d}.jpg",
-                                              quality=90)
-                mask = Image.fromarray(labels[t])
-                mask.putpalette(davis_palette())
-                mask.save(tmp / f"Annotations/{vid}/{5 * t:05d}.png")
+            _write_frames(tmp / "JPEGImages" / vid, tmp / "Annotations" / vid, imgs, labels,
+                          [f"{5 * t:05d}" for t in range(frames)])
             meta[vid] = {"objects": {str(o + 1): {"category": str(cats[o]), "frames": [
                 f"{5 * t:05d}" for t in range(frames) if (labels[t] == o + 1).any()]}
                 for o in range(k)}}

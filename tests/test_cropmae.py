@@ -614,12 +614,9 @@ def test_eval_only_vos_on_synthetic_sets(tmp_path, capsys):
     for name, value in direct.items():
         assert out["metrics"][name]["trained"] == round(value, 4), name
     assert (tmp_path / "e" / "vos_ytvos.png").is_file()
-    with pytest.raises(SystemExit) as exit_:  # the command line, in this process
-        C.cli.run(C.main, C.Args, C.PRESETS, ["--eval-only", "--preset", "demo", "--data",
-                                              "unused", "--no-eval-random-init",
-                                              "--vos-davis", str(tmp_path / "nope"),
-                                              "--output-dir", str(tmp_path / "x")])
-    assert exit_.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == \
+    assert checks.cli_error(C, ["--eval-only", "--preset", "demo", "--data", "unused",
+                                "--no-eval-random-init", "--vos-davis", str(tmp_path / "nope"),
+                                "--output-dir", str(tmp_path / "x")], capsys) == \
         f"error: {tmp_path / 'nope' / 'ImageSets' / '2017' / 'val.txt'}: DAVIS split list " \
         "not found (expected the DAVIS-2017 layout JPEGImages/480p, Annotations/480p, " \
         "ImageSets/2017)"

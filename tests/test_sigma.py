@@ -898,12 +898,9 @@ def test_eval_vos_driver_on_synthetic_davis_and_ytvos(tmp_path, capsys):
         S.main(tiny_args(eval="vos", init_from=str(tmp_path / "ckpt.pt"), output_dir=str(out)))
     demo = S.build_model(S.cli.parse(S.Args, S.PRESETS, []))  # the CLI's preset without --data
     torch.save({"model": demo.state_dict()}, tmp_path / "demo.pt")
-    with pytest.raises(SystemExit) as exit_:  # the command line, in this process
-        S.cli.run(S.main, S.Args, S.PRESETS, ["--eval", "vos", "--init-from",
-                                              str(tmp_path / "demo.pt"), "--threads", "0",
-                                              "--vos-davis", str(tmp_path / "nope"),
-                                              "--output-dir", str(tmp_path / "x")])
-    assert exit_.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == \
+    assert checks.cli_error(S, ["--eval", "vos", "--init-from", str(tmp_path / "demo.pt"),
+                                "--threads", "0", "--vos-davis", str(tmp_path / "nope"),
+                                "--output-dir", str(tmp_path / "x")], capsys) == \
         f"error: {tmp_path / 'nope' / 'ImageSets' / '2017' / 'val.txt'}: DAVIS split list " \
         "not found (expected the DAVIS-2017 layout JPEGImages/480p, Annotations/480p, " \
         "ImageSets/2017)"

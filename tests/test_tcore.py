@@ -746,11 +746,8 @@ def test_eval_only_vos_on_synthetic_sets(tmp_path, capsys):
         assert out["metrics"][name]["trained"] == round(value, 4), name
     assert 0 < out["metrics"]["vos_davis_overclustering_miou"]["trained"] <= 1
     assert "davis_jf" not in out["metrics"] and (tmp_path / "e" / "vos_davis.png").is_file()
-    with pytest.raises(SystemExit) as exit_:  # the command line, in this process
-        C.cli.run(C.main, C.Args, C.PRESETS, ["--eval-only", "--preset", "demo", "--data",
-                                              "unused", "--no-eval-random-init",
-                                              "--vos-ytvos", str(tmp_path / "nope"),
-                                              "--output-dir", str(tmp_path / "x")])
-    assert exit_.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == \
+    assert checks.cli_error(C, ["--eval-only", "--preset", "demo", "--data", "unused",
+                                "--no-eval-random-init", "--vos-ytvos", str(tmp_path / "nope"),
+                                "--output-dir", str(tmp_path / "x")], capsys) == \
         f"error: {tmp_path / 'nope' / 'meta.json'}: YouTube-VOS meta.json not found (expected " \
         "JPEGImages/<video>, Annotations/<video>, meta.json)"
