@@ -26,6 +26,7 @@ the --davis/--jhmdb/--vip flags evaluate Tab. 1's columns at the end):
         --jhmdb ~/data/jhmdb/jhmdb_vallist.txt --vip ~/data/VIP/vip_vallist.txt  # 16 x 128
     python cropmae.py --eval-only --init-from CropMAE_in.pth --davis ~/data/DAVIS \
         --jhmdb ~/data/jhmdb/jhmdb_vallist.txt --vip ~/data/VIP/vip_vallist.txt  # 1 GPU
+        # + --vos-davis ~/data/DAVIS --vos-ytvos ~/data/ytvos_train: SIGMA's Tab. 4 VOS
     python cropmae.py --preset in1k-vits --data ~/data/imagenet --batch-size 256 \
         --accum-iter 8 --davis ~/data/DAVIS --jhmdb ~/data/jhmdb/jhmdb_vallist.txt \
         --vip ~/data/VIP/vip_vallist.txt                       # 1 GPU: 256 x 8 accumulated
@@ -88,7 +89,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from common import (checkpoint, cli, data, dist, log, optim, propagation, synthetic, training,
-                    video, vit)
+                    video, vit, vos)
 
 
 # ---- 2. Arguments ----
@@ -216,6 +217,11 @@ class Args:
     """spatial radius (grid cells, strict <) on the short-term context (spec §4)"""
     context: int = 20
     """previous frames in the short-term context (spec §4)"""
+    vos_davis: str = ""
+    """DAVIS-2017 root for SIGMA's Tab. 4 unsupervised VOS (k-means of the patch tokens of
+    16-frame clips at 224, common/vos.py)"""
+    vos_ytvos: str = ""
+    """YouTube-VOS root for Tab. 4 VOS (JPEGImages, Annotations, meta.json; ROOT/val.txt selects)"""
     eval_random_init: bool = False
     """also evaluate a randomly initialised encoder, side by side (the demo does)"""
     random_init_seeds: int = 1
@@ -591,7 +597,8 @@ def pretext_eval(model: CropMAE, args: Args, device) -> dict:
 
 
 def evaluate(model: CropMAE, args: Args, device, out_dir: str | None = None) -> tuple:
-    """Label propagation on the benchmarks given (spec §4). Returns (metrics, DAVIS preds).
+    """Label propagation on the benchmarks given (spec §4) and SIGMA's unsupervised VOS (Tab.
+    4, common/vos.py; its picture for the trained model). Returns (metrics, DAVIS preds).
     Under torchrun, call it on every rank: the ranks share the videos (`propagation.eval_*`),
     every rank gets the same metrics, and the DAVIS preds are this rank's sequences (rank 0
     holds the first one; each rank writes its own sequences' PNGs to `out_dir`)."""
@@ -613,6 +620,10 @@ def evaluate(model: CropMAE, args: Args, device, out_dir: str | None = None) -> 
     if args.vip:
         metrics["vip_miou"] = propagation.eval_vip(feat, args.vip, args.vip_long_side,
                                                    args.vip_topk, **kw)["mIoU"]
+    if args.vos_davis or args.vos_ytvos:  # per-frame tokens (spec §3 of vos); trained: picture
+        metrics.update(vos.vos_metrics(lambda x: feat(x).permute(0, 2, 3, 1), args.vos_davis,
+                                       args.vos_ytvos, out_dir and args.output_dir,
+                                       device=device))
     model.train(was)
     return metrics, davis_preds
 
@@ -711,7 +722,7 @@ def main(args: Args) -> dict:
     summary.update(steps=step, seconds=round(time.time() - t0, 1))
 
     results, davis_preds = {}, {}
-    propagate = bool(args.davis or args.jhmdb or args.vip)
+    propagate = bool(args.davis or args.jhmdb or args.vip or args.vos_davis or args.vos_ytvos)
     heldout = dist.is_main() and bool(heldout_files(args))  # pretext_eval: rank 0 alone
     if propagate or heldout:  # propagation on every rank (the ranks share the videos)
         pred_dir = os.path.join(args.output_dir, "davis_pred")

@@ -25,6 +25,8 @@ these commands):
     torchrun --nproc_per_node=8 sigma.py --preset linear-ssv2 --init-from runs/x/last.pt \
         --data ~/data/ssv2                           # linear probe, 8 x 24 x 2 (accumulated)
     python sigma.py --eval knn --init-from runs/x/last.pt --data ~/data/ucf101 --dataset ucf101
+    torchrun --nproc_per_node=8 sigma.py --eval vos --preset k400-vitb --init-from runs/x/last.pt \
+        --vos-davis ~/data/DAVIS --vos-ytvos ~/data/ytvos_train   # Tab. 4 (common/vos.py)
 The ViT-B pretraining presets (k400-vitb*, ssv2-vitb*) are 2 nodes x 8 GPUs in the official
 runs; on one node, --accum-iter 2 gives the same global batch and lr, but Sinkhorn then
 equipartitions each micro-batch (half the tokens) rather than the whole batch.
@@ -75,8 +77,8 @@ Deviations, with reasons:
   at 64 px, tubelet 2x8x8, decoder 2 x 64-d, phi 384-256-64, K = 64, batch 16, lr 1.5e-2 x
   16/256, 20 epochs of the synthetic videos with flat backgrounds and 1.5x objects, fp32,
   one torch thread (its loader worker takes the other core). Besides kNN and a quick probe of
-  the motion class it reports unsupervised segmentation mIoU (Tab. 4 protocol, K = 2), whose
-  ground truth the flat backgrounds give; there is no video object segmentation set here.
+  the motion class it reports unsupervised segmentation mIoU (Tab. 4's clustering by
+  common/vos.py at token resolution, K = 2), whose ground truth the flat backgrounds give.
   Before those, the pretext on held-out clips (`pretext_eval`, not in the paper): the % of
   masked tubes where psi's top prototype is phi's Sinkhorn code (chance 100/K), +- SE.
 """
@@ -95,7 +97,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from common import (augment, checkpoint, cli, data, dist, evaluate, log, multiview, optim,
-                    synthetic, training, video, vit)
+                    synthetic, training, video, vit, vos)
 
 
 # ---- 2. Arguments ----
@@ -119,9 +121,9 @@ class Args:
     finetune|linear: <output_dir>/finetune.pt|linear.pt if it started from the same weights)"""
     init_from: str = ""
     """weights to evaluate / fine-tune: a pretraining last.pt (encoder.* keys) or a fine-tune one"""
-    eval: Literal["none", "knn", "linear", "finetune"] = "none"
+    eval: Literal["none", "knn", "linear", "finetune", "vos"] = "none"
     """none: pretrain, then the held-out pretext, kNN + quick probe; knn/linear/finetune:
-    evaluate --init-from (§4)"""
+    evaluate --init-from (§4); vos: Tab. 4 on --vos-davis / --vos-ytvos"""
     bench: bool = False
     """time the training step on random tensors and the data pipeline, print JSON, exit"""
     # data
@@ -275,6 +277,10 @@ class Args:
     """temporal test views (K400: 5 or 7; SSv2: 2)"""
     test_crops: int = 3
     """spatial test views"""
+    vos_davis: str = ""
+    """--eval vos: DAVIS-2017 root (16-frame clips, instance ids; common/vos.py)"""
+    vos_ytvos: str = ""
+    """--eval vos: YouTube-VOS root (JPEGImages, Annotations, meta.json; ROOT/val.txt selects)"""
     preset: str = ""
     """the preset applied (set by --preset)"""
 
@@ -394,8 +400,7 @@ def tube_mask(args: Args, rng: np.random.Generator) -> torch.Tensor:
     """TubeMaskingGenerator: int(ratio * h * w) masked patches per frame, the same in every
     temporal slot; bool (N,), True = masked, t-major token order (spec §1.1). Every mask
     holds exactly `num_masked(args)` True, which the step relies on (`split_ids`)."""
-    hw = (args.input_size // args.patch_size) ** 2
-    nt = args.num_frames // args.tubelet
+    hw, nt = (args.input_size // args.patch_size) ** 2, args.num_frames // args.tubelet
     frame = np.zeros(hw, bool)
     frame[rng.permutation(hw)[:int(args.mask_ratio * hw)]] = True
     return torch.from_numpy(np.tile(frame, nt))
@@ -591,7 +596,9 @@ class VideoViT(nn.Module):
         self.dim, self.depth, self.num_masked = dim, depth, num_masked(a)
 
     def tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.patch_embed(x) + self.pos_embed  # (B, N, E); table added before dropping
+        x = self.patch_embed(x)  # (B, N, E); the table added before dropping, built for N
+        x = x + (self.pos_embed if x.shape[1] == self.pos_embed.shape[1] else
+                 vit.sincos_1d(x.shape[1], self.dim).to(x))
         if mask is not None:  # exact counts per clip: visible tokens in ascending order
             x = select(x, split_ids(mask, self.num_masked)[0])  # (B, N_v, E)
         for blk in self.blocks:
@@ -668,7 +675,6 @@ class SIGMA(nn.Module):
     def __init__(self, a: Args):
         super().__init__()
         self.args = a
-        mlp = a.target == "mlp"
         tube = a.tubelet * a.patch_size ** 2 * 3
         out_dim = {"mlp": a.proj_dim, "pixel": tube}.get(a.target) or \
             TEACHER_DIMS[a.teacher_model]
@@ -680,7 +686,7 @@ class SIGMA(nn.Module):
         self.decoder = Decoder(a, out_dim)
         self.register_buffer("decoder_pos", vit.sincos_1d(num_tokens(a), dd)[None],
                              persistent=False)
-        if mlp:  # phi: Linear(t*p*p*3, 1024)-GELU-...-Linear(512, 256) (spec §1.4)
+        if a.target == "mlp":  # phi: Linear(t*p*p*3, 1024)-GELU-...-Linear(512, 256) (spec §1.4)
             widths, layers = (tube,) + tuple(a.proj_hidden), []
             for i, o in zip(widths, widths[1:]):
                 layers += [nn.Linear(i, o), nn.GELU()]
@@ -718,7 +724,7 @@ def check_shapes(a: Args) -> None:
     """Raise `cli.InputError` when the clip does not tile into tubelets x patches."""
     if a.num_frames % a.tubelet or a.input_size % a.patch_size:
         raise cli.InputError(f"--num-frames {a.num_frames} must be a multiple of --tubelet "
-                             f"{a.tubelet} and --input-size {a.input_size} of --patch-size "
+                             f"{a.tubelet}, --input-size {a.input_size} of --patch-size "
                              f"{a.patch_size}")
 
 
@@ -1029,13 +1035,11 @@ def pretext_eval(model: SIGMA, args: Args, device, amp, teacher=None) -> dict:
                 per_clip, y = code_agreement(x_phi, x_psi, model.prototypes, args.sinkhorn_eps,
                                              args.sinkhorn_iters)
                 per_clip = 100 * per_clip.double()
-                hist.index_add_(0, y.flatten(), torch.ones(y.numel(), device=device,
-                                                           dtype=torch.float64))
+                hist += torch.bincount(y.flatten(), minlength=len(hist))
             else:
                 per_clip = (x_psi.double() - x_phi.double()).pow(2).flatten(1).mean(1)
-            moments += torch.stack([torch.tensor(float(len(per_clip)), device=device,
-                                                 dtype=torch.float64),
-                                    per_clip.sum(), per_clip.pow(2).sum()])
+            moments += torch.stack([per_clip.new_tensor(float(len(per_clip))), per_clip.sum(),
+                                    per_clip.pow(2).sum()])
     finally:
         model.train(was)
     n, total, squares = dist.all_reduce(moments, "sum").tolist()
@@ -1074,15 +1078,14 @@ def feature_eval(encoder: Encoder, args: Args, device, amp) -> dict:
 
 @torch.no_grad()
 def segmentation_eval(encoder: Encoder, args: Args, device, amp) -> dict:
-    """Unsupervised segmentation, the protocol of Tab. 4 (Sec. 4.2): k-means of a clip's
-    space-time tokens with K = #objects (object + background = 2), clusters matched to the
-    classes (the better of the two matchings), IoU averaged over both classes and all
-    validation clips. Ground truth (synthetic videos with flat backgrounds only): tubes whose
-    pixels differ from the clip's median colour for at least a quarter."""
+    """Tab. 4's clustering (common/vos.py) at token resolution, K = 2 (object + background),
+    clip mIoU averaged over the validation clips. Ground truth (synthetic videos with flat
+    backgrounds only): tubes whose pixels differ from the clip's median colour for >= 1/4."""
     loader = make_loader(ClipViews(read_split(args, False), args, "single"),
                          args.ft_batch_size * 4, args, train=False)
     encoder.eval()
-    total = torch.zeros(2, device=device)
+    k, total = (args.tubelet, args.patch_size, args.patch_size), torch.zeros(2)
+    shape = (args.num_frames // args.tubelet, -1, args.input_size // args.patch_size)
     for x, _, _ in loader:
         x = x.to(device, non_blocking=True)
         with amp.autocast():
@@ -1090,35 +1093,28 @@ def segmentation_eval(encoder: Encoder, args: Args, device, amp) -> dict:
         pix = unnormalise(x)  # (B, 3, T, H, W)
         bg = pix.flatten(2).median(2).values[:, :, None, None, None]
         fg = ((pix - bg).abs().amax(1, keepdim=True) > 0.1).float()  # (B, 1, T, H, W)
-        k = (args.tubelet, args.patch_size, args.patch_size)
         gt = F.avg_pool3d(fg, k, k).flatten(1) > 0.25  # (B, N), t-major tokens
         for b in range(len(x)):
-            pred = kmeans(tokens[b], 2) == 1
-            iou = [sum((p & g).sum() / (p | g).sum().clamp_min(1) for p, g in
-                       ((q, gt[b]), (~q, ~gt[b]))) / 2 for q in (pred, ~pred)]
-            total += torch.stack([torch.maximum(*iou), torch.ones((), device=device)])
-    total = dist.all_reduce(total, "sum")
+            pred = vos.cluster_clip(tokens[b].view(*shape, tokens.shape[-1]), 2, None)
+            total += torch.tensor([vos.cluster_miou(pred, gt[b].view(shape))["miou"], 1.0])
+    total = dist.all_reduce(total.to(device), "sum")
     return {"seg_miou": 100 * (total[0] / total[1]).item()}
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int = 20) -> torch.Tensor:
-    """Cosine k-means labels of (N, D) features (deterministic farthest-point init)."""
-    x = F.normalize(x.float(), dim=1)
-    centres = [x[0]]
-    for _ in range(k - 1):
-        centres.append(x[(x @ torch.stack(centres).T).max(1).values.argmin()])
-    c = torch.stack(centres)
-    for _ in range(iters):
-        lab = (x @ c.T).argmax(1)
-        c = F.normalize(torch.stack([x[lab == j].mean(0) if (lab == j).any() else c[j]
-                                     for j in range(k)]), dim=1)
-    return (x @ c.T).argmax(1)
+@torch.no_grad()
+def vos_tokens(encoder: Encoder, clip: torch.Tensor, a: Args) -> torch.Tensor:
+    """Normalised clip (T, 3, S, S) -> (T, S/p, S/p, E) for Tab. 4: the tokens after the final
+    norm (spec §3's choice), each tubelet's given to both its frames; the 1-D sin-cos table is
+    built for the clip's tokens (4 YTVOS frames: the first rows of the 16-frame table)."""
+    t, g = len(clip) // a.tubelet, clip.shape[-1] // a.patch_size
+    tokens = encoder.eval()(clip.transpose(0, 1)[None])[0]  # (t * h * g, E), t-major
+    return tokens.view(t, -1, g, encoder.dim).repeat_interleave(a.tubelet, 0)
 
 
 @torch.no_grad()
 def cluster_picture(model: SIGMA, encoders: dict, args: Args, path: str, device) -> None:
-    """PNG: a validation clip (one frame per temporal token), k-means (k=4) of each encoder's
-    space-time tokens, and phi's prototype codes of every tube; clusters are overlaid."""
+    """PNG: a validation clip (one frame per temporal token), k-means (k=4, `vos.cluster_clip`)
+    of each encoder's space-time tokens, and phi's prototype codes of every tube, overlaid."""
     clip = ClipViews(read_split(args, False), args, "single")[0][0][None].to(device)
     nt, g = args.num_frames // args.tubelet, args.input_size // args.patch_size
     frames = unnormalise(clip)[0, :, ::args.tubelet].transpose(0, 1).clamp(0, 1).cpu()
@@ -1133,7 +1129,7 @@ def cluster_picture(model: SIGMA, encoders: dict, args: Args, path: str, device)
     rows, labels = [frames], ["clip"]
     for name, enc in encoders.items():
         enc.eval()
-        rows.append(overlay(kmeans(enc(clip)[0], 4)))
+        rows.append(overlay(vos.cluster_clip(enc(clip)[0].view(nt, g, g, -1), 4, None).flatten()))
         labels.append(f"k-means, {name}")
     if args.target == "mlp":
         codes = F.normalize(model.head(pixel_tubes(clip, args.tubelet, args.patch_size))[0], dim=1)
@@ -1151,7 +1147,7 @@ def main(args: Args) -> dict:
     device = dist.init(args.device)
     amp = optim.Amp(args.amp, device)
     args.output_dir = args.output_dir or time.strftime("runs/sigma-%Y%m%d-%H%M%S")
-    if not args.data:
+    if not args.data and args.eval != "vos":
         dist.print0("no --data: running the demo preset on the embedded synthetic videos")
     dist.seed_all(args.seed)
     if dist.is_main():
@@ -1169,24 +1165,27 @@ def main(args: Args) -> dict:
             result = bench(model, teacher, args, device, amp)
             dist.cleanup()
             return result
-        if args.eval == "knn":
+        if args.eval in ("knn", "vos"):
             checkpoint.load_model(model.encoder, encoder_state(args.init_from), what=args.init_from)
         else:
             step = pretrain(model, teacher, args, device, amp, logger)
         pretext = args.eval == "none"  # --eval knn loads the encoder only: no phi, decoder
 
-        def evaluate_model(m: SIGMA) -> dict:  # held-out pretext (level 1), then features
+        def evaluate_model(m: SIGMA, out_dir=None) -> dict:  # pretext (level 1), features
+            if args.eval == "vos":  # Tab. 4: common/vos.py; the picture for the trained model
+                return vos.vos_metrics(lambda x: vos_tokens(m.encoder, x, args), args.vos_davis,
+                                       args.vos_ytvos, out_dir, device=device)
             out = pretext_eval(m, args, device, amp, teacher) if pretext else {}
             return {**out, **feature_eval(m.encoder, args, device, amp)}
 
-        results = {"trained": evaluate_model(model)}
+        results = {"trained": evaluate_model(model, args.output_dir)}
         encoders = {"trained": model.encoder}
         if args.eval_random_init:
             torch.manual_seed(args.seed)  # the initial weights of the trained run (rank 0)
             init = build_model(args).to(device)
             encoders["random-init"] = init.encoder
             results["random_init"] = evaluate_model(init)
-        if dist.is_main():
+        if dist.is_main() and args.eval != "vos":
             cluster_picture(model, encoders, args, os.path.join(args.output_dir, "clusters.png"),
                             device)
         if pretext and args.target != "pixel" and args.loss == "swav":

@@ -25,6 +25,7 @@ Launch (Tab. 1 ViT-S: 400 "epochs" of 936 steps at a global batch of 256, spec �
         tcore.py --preset k400-vitb --data ~/data/Kinetics-400/frames --batch-size 8  # 16 x 8
     python tcore.py --eval-only --init-from vits16_400ep_K400.pth --davis ~/data/DAVIS \
         --jhmdb ~/data/jhmdb/jhmdb_vallist.txt --vip ~/data/VIP/vip_vallist.txt  # released
+        # + --vos-davis ~/data/DAVIS --vos-ytvos ~/data/ytvos_train: SIGMA's Tab. 4 VOS
 An "epoch" is the official fixed OFFICIAL_EPOCH_LENGTH = 936 steps whatever the batch (one pass
 over K400 at the paper's 4 x 64; half a pass at k400-vitb's 4 x 32, whose 200 epochs are the
 official 187,200 steps); `--epoch-length 0` makes it one pass over the data instead (374,600
@@ -77,7 +78,7 @@ from torch.utils.data import Dataset, default_collate
 from torchvision.transforms import v2
 
 from common import (checkpoint, cli, data, dist, log, optim, propagation, synthetic, training,
-                    video, vit)
+                    video, vit, vos)
 
 
 # ---- 2. Arguments ----
@@ -244,6 +245,11 @@ class Args:
     """spatial radius (grid cells, strict <) on the short-term context (spec §4)"""
     context: int = 20
     """previous frames in the short-term context (spec §4)"""
+    vos_davis: str = ""
+    """DAVIS-2017 root for SIGMA's Tab. 4 unsupervised VOS (k-means of the patch tokens of
+    16-frame clips at 224, common/vos.py)"""
+    vos_ytvos: str = ""
+    """YouTube-VOS root for Tab. 4 VOS (JPEGImages, Annotations, meta.json; ROOT/val.txt selects)"""
     eval_random_init: bool = False
     """also evaluate randomly initialised teachers and raw pixels, side by side (the demo does)"""
     random_init_seeds: int = 1
@@ -929,7 +935,8 @@ def pixel_features(frames: torch.Tensor, p: int) -> torch.Tensor:
 
 
 def evaluate(feat_fn, args: Args, device, out_dir: str | None = None) -> tuple:
-    """Label propagation on the benchmarks given (spec §4). Returns (metrics, DAVIS preds)."""
+    """Label propagation on the benchmarks given (spec §4), and SIGMA's unsupervised VOS.
+    Returns (metrics, DAVIS preds)."""
     kw = dict(temperature=args.temperature, radius=args.radius, context=args.context,
               device=device)
     metrics, davis_preds = {}, []
@@ -946,6 +953,10 @@ def evaluate(feat_fn, args: Args, device, out_dir: str | None = None) -> tuple:
     if args.vip:
         metrics["vip_miou"] = propagation.eval_vip(feat_fn, args.vip, args.vip_long_side,
                                                    args.vip_topk, **kw)["mIoU"]
+    if args.vos_davis or args.vos_ytvos:  # per-frame tokens (spec §3 of vos); trained: picture
+        metrics.update(vos.vos_metrics(lambda x: feat_fn(x).permute(0, 2, 3, 1), args.vos_davis,
+                                       args.vos_ytvos, out_dir and args.output_dir,
+                                       device=device))
     return metrics, davis_preds
 
 
@@ -1083,7 +1094,7 @@ def main(args: Args) -> dict:
         step = pretrain(model, tc, args, device, amp, logger)
     summary.update(steps=step, seconds=round(time.time() - t0, 1))
 
-    if args.davis or args.jhmdb or args.vip:
+    if args.davis or args.jhmdb or args.vip or args.vos_davis or args.vos_ytvos:
         # on every rank: common.propagation shares the videos among the ranks of a process
         # group and gives every rank the full result (its DAVIS predictions: this rank's
         # videos, the first sequence on rank 0); printing and pictures stay on rank 0

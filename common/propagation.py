@@ -88,9 +88,10 @@ def soft_to_label(pred: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 # ---- DAVIS-2017: files ----
-def read_davis(root, split: str = "val", resolution: str = "480p") -> list:
+def read_davis(root, split: str = "val", resolution: str = "480p",
+               annotations: str = "Annotations") -> list:
     """[(name, [frame .jpg paths], [annotation .png paths])], in `ImageSets/2017/<split>.txt`
-    order."""
+    order; `annotations`: the mask folder (DAVIS-2017 unsupervised: Annotations_unsupervised)."""
     root = Path(root)
     listing = root / "ImageSets" / "2017" / f"{split}.txt"
     if not listing.is_file():
@@ -102,8 +103,8 @@ def read_davis(root, split: str = "val", resolution: str = "480p") -> list:
         if not (name := line.strip()):
             continue
         frames = sorted((root / "JPEGImages" / resolution / name).glob("*.jpg"))
-        masks = sorted((root / "Annotations" / resolution / name).glob("*.png"))
-        for what, files, sub in (("frames", frames, "JPEGImages"), ("masks", masks, "Annotations")):
+        masks = sorted((root / annotations / resolution / name).glob("*.png"))
+        for what, files, sub in (("frames", frames, "JPEGImages"), ("masks", masks, annotations)):
             if not files:
                 raise FileNotFoundError(f"{listing}:{lineno}: sequence {name!r} has no {what} in "
                                         f"{root / sub / resolution / name}")

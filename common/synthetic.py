@@ -1,5 +1,5 @@
 """Small datasets in real on-disk formats for the demos and tests (DESIGN.md §4): `images()`
-(ImageFolder, 8 shapes), `videos()` (8 motions, mp4 + Kinetics/UCF101 lists), `davis()`.
+(ImageFolder, 8 shapes), `videos()` (8 motions, mp4 + Kinetics/UCF101 lists), `davis()`, `ytvos()`.
 
 The class is what augmentations keep (silhouette, motion); colour, position, scale and
 background are drawn the same way for every class (silhouettes even share their area), so a
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import colorsys
 import functools
+import json
 import math
 import os
 import shutil
@@ -329,6 +330,17 @@ def _sequence(rng: np.random.Generator, h: int, w: int, frames: int):
     return imgs, labels, len(objects)
 
 
+def _write_frames(img_dir: Path, ann_dir: Path, imgs, labels, stems: list) -> None:
+    """Frames as JPEG (quality 90) and label maps as palette PNG, named `stems`."""
+    img_dir.mkdir(parents=True)
+    ann_dir.mkdir(parents=True)
+    for img, lab, stem in zip(imgs, labels, stems):
+        Image.fromarray(img).save(img_dir / f"{stem}.jpg", quality=90)
+        mask = Image.fromarray(lab)
+        mask.putpalette(davis_palette())  # "L" becomes "P", values kept
+        mask.save(ann_dir / f"{stem}.png")
+
+
 def davis(root: Optional[os.PathLike] = None, seed: int = 0, size: tuple = (96, 160),
           sequences: int = 4, frames: int = 20) -> Path:
     """DAVIS-2017 layout: `JPEGImages/480p/<seq>/00000.jpg`, palette PNG `Annotations/480p/`
@@ -348,18 +360,45 @@ def davis(root: Optional[os.PathLike] = None, seed: int = 0, size: tuple = (96, 
                 imgs, labels, k = _sequence(rng, h, w, frames)
                 if np.bincount(labels[0].ravel(), minlength=k + 1)[1:].min() >= 20:
                     break
-            (tmp / "JPEGImages/480p" / seq).mkdir(parents=True)
-            (tmp / "Annotations/480p" / seq).mkdir(parents=True)
-            for t in range(frames):
-                Image.fromarray(imgs[t]).save(tmp / f"JPEGImages/480p/{seq}/{t:05d}.jpg",
-                                              quality=90)
-                mask = Image.fromarray(labels[t])
-                mask.putpalette(davis_palette())  # "L" becomes "P", values kept
-                mask.save(tmp / f"Annotations/480p/{seq}/{t:05d}.png")
+            _write_frames(tmp / "JPEGImages/480p" / seq, tmp / "Annotations/480p" / seq, imgs,
+                          labels, [f"{t:05d}" for t in range(frames)])
         (tmp / "ImageSets/2017").mkdir(parents=True)
         (tmp / "ImageSets/2017/val.txt").write_text("".join(f"{s}\n" for s in names))
     name = f"davis-v{VERSION}-s{seed}-{h}x{w}-{sequences}x{frames}f"
     return _cached(root, name, build)
+
+
+YTVOS_CATEGORIES = ("bird", "cat", "dog")  # category ids 1, 2, 3 (sorted names)
+
+
+def ytvos(root: Optional[os.PathLike] = None, seed: int = 0, size: tuple = (96, 160),
+          videos: int = 4, frames: int = 8) -> Path:
+    """YouTube-VOS train layout: `JPEGImages/<video>/00000.jpg` (every 5th frame numbered, as
+    in YTVOS), palette PNG `Annotations/<video>/` with instance ids 1..K, `meta.json` (each
+    object's category and frames), and `val.txt` listing every video but the last (a held-out
+    list like TimeT_clean's). Video 0 has 3 objects, categories cat, bird, cat: two instances
+    of one category, and instance 1 -> category 2 while instance 2 -> category 1 (the swap
+    that an in-place remap gets wrong)."""
+    h, w = size
+
+    def build(tmp: Path) -> None:
+        meta = {}
+        for i in range(videos):
+            rng, vid = np.random.default_rng([seed, 1000 + i]), f"synth{i:02d}"
+            while True:  # all objects visible in frame 0; video 0 has exactly three
+                imgs, labels, k = _sequence(rng, h, w, frames)
+                counts = np.bincount(labels[0].ravel(), minlength=k + 1)[1:]
+                if counts.min() >= 20 and (i or k == 3):
+                    break
+            cats = ["cat", "bird", "cat"] if i == 0 else list(rng.choice(YTVOS_CATEGORIES, k))
+            _write_frames(tmp / "JPEGImages" / vid, tmp / "Annotations" / vid, imgs, labels,
+                          [f"{5 * t:05d}" for t in range(frames)])
+            meta[vid] = {"objects": {str(o + 1): {"category": str(cats[o]), "frames": [
+                f"{5 * t:05d}" for t in range(frames) if (labels[t] == o + 1).any()]}
+                for o in range(k)}}
+        (tmp / "meta.json").write_text(json.dumps({"videos": meta}, indent=1))
+        (tmp / "val.txt").write_text("".join(f"{v}\n" for v in sorted(meta)[:-1]))
+    return _cached(root, f"ytvos-v{VERSION}-s{seed}-{h}x{w}-{videos}x{frames}f", build)
 
 
 # ---- SoccerNet-v2 ------------------------------------------------------------------------

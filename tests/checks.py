@@ -265,3 +265,13 @@ def assert_gpu_step_agrees(model, batch, step, modes=("none", "bf16", "fp16"),
         assert d["cos"] > tol["cos"] and d["norm"] < tol["norm"], \
             f"{mode}: gradient cosine {d['cos']:.5f}, norm off by {d['norm']:.4f}: {tol}"
     return report
+
+
+def cli_error(script, argv: list, capsys) -> str:
+    """The one line `cli.run` prints on stderr for a user error in `argv` (exit status 2, no
+    traceback), run in this process through `script`'s entry point."""
+    with pytest.raises(SystemExit) as exit_:
+        script.cli.run(script.main, script.Args, script.PRESETS, argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err, err[-2000:]
+    return err.strip().splitlines()[-1]

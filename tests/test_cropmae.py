@@ -596,3 +596,27 @@ def test_gpu_step_agrees_with_the_cpu_step():
         return C.train_step(m, b[0], opt, amp, args.mask_ratio, noise=b[1])
     report = checks.assert_gpu_step_agrees(model, batch, step)
     print("cropmae GPU step vs fp32 CPU (loss rel. error, grad cosine, grad norm ratio):", report)
+
+
+def test_eval_only_vos_on_synthetic_sets(tmp_path, capsys):
+    """--eval-only --vos-davis/--vos-ytvos (SIGMA Tab. 4 protocol, common/vos.py): per-frame
+    patch tokens of the ViT, its position table resized to 224; summary.json's metrics equal
+    common/vos.py called directly; the picture; a bad root is one line on the command line."""
+    torch.manual_seed(0)
+    model = C.build_model(tiny_args())
+    torch.save({"model": model.state_dict()}, tmp_path / "ckpt.pt")
+    yt = str(synthetic.ytvos(tmp_path / "yt", size=(48, 64), videos=2, frames=4))
+    out = C.main(tiny_args(output_dir=str(tmp_path / "e"), eval_only=True, data="unused",
+                           init_from=str(tmp_path / "ckpt.pt"), vos_ytvos=yt))
+    direct = C.vos.vos_metrics(
+        lambda x: C.patch_features(model.eval(), x).permute(0, 2, 3, 1), ytvos=yt)
+    assert set(out["metrics"]) == set(direct)
+    for name, value in direct.items():
+        assert out["metrics"][name]["trained"] == round(value, 4), name
+    assert (tmp_path / "e" / "vos_ytvos.png").is_file()
+    assert checks.cli_error(C, ["--eval-only", "--preset", "demo", "--data", "unused",
+                                "--no-eval-random-init", "--vos-davis", str(tmp_path / "nope"),
+                                "--output-dir", str(tmp_path / "x")], capsys) == \
+        f"error: {tmp_path / 'nope' / 'ImageSets' / '2017' / 'val.txt'}: DAVIS split list " \
+        "not found (expected the DAVIS-2017 layout JPEGImages/480p, Annotations/480p, " \
+        "ImageSets/2017)"

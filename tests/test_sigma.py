@@ -866,3 +866,41 @@ def test_gpu_step_agrees_with_the_fp32_cpu_step(setting):
         return S.train_step(m, batch[0], batch[1], opt, amp, t)
     report = checks.assert_gpu_step_agrees(model, (video, mask), step)
     print(setting, report)
+
+
+# ---- unsupervised VOS (Tab. 4, common/vos.py) ----
+def test_eval_vos_driver_on_synthetic_davis_and_ytvos(tmp_path, capsys):
+    """--eval vos: tubelet tokens repeated to both frames, the 4 metrics in summary.json equal
+    to common/vos.py called directly, one picture per dataset; bad inputs give one line."""
+    a = tiny_args()
+    torch.manual_seed(0)
+    model = S.build_model(a)
+    torch.save({"model": model.state_dict()}, tmp_path / "ckpt.pt")
+    f = S.vos_tokens(model.encoder, torch.randn(4, 3, 40, 40), a)  # 5 x 5 grid, not 32 px
+    assert f.shape == (4, 5, 5, 48) and torch.equal(f[0], f[1]) and torch.equal(f[2], f[3])
+    assert not torch.equal(f[1], f[2])
+    davis = str(synthetic.davis(tmp_path / "davis", size=(48, 64), sequences=1, frames=5))
+    yt = str(synthetic.ytvos(tmp_path / "yt", size=(48, 64), videos=2, frames=4))
+    out = tmp_path / "e"
+    S.main(tiny_args(eval="vos", init_from=str(tmp_path / "ckpt.pt"), vos_davis=davis,
+                     vos_ytvos=yt, output_dir=str(out)))
+    m = json.load(open(out / "summary.json"))["metrics"]
+    assert set(m) == {f"vos_{d}_{s}_miou" for d in ("davis", "ytvos")
+                      for s in ("clustering", "overclustering")}
+    direct = S.vos.eval_vos(lambda x: S.vos_tokens(model.encoder, x, a), yt, "ytvos",
+                            split_list=os.path.join(yt, "val.txt"))
+    assert len(direct["videos"]) == 1  # val.txt holds all but the last video
+    for s in ("clustering", "overclustering"):
+        assert m[f"vos_ytvos_{s}_miou"]["trained"] == round(direct[s]["miou"], 4)
+        assert 0 < m[f"vos_davis_{s}_miou"]["trained"] <= 1
+    assert (out / "vos_davis.png").is_file() and (out / "vos_ytvos.png").is_file()
+    with pytest.raises(S.cli.InputError, match="no VOS benchmark root"):
+        S.main(tiny_args(eval="vos", init_from=str(tmp_path / "ckpt.pt"), output_dir=str(out)))
+    demo = S.build_model(S.cli.parse(S.Args, S.PRESETS, []))  # the CLI's preset without --data
+    torch.save({"model": demo.state_dict()}, tmp_path / "demo.pt")
+    assert checks.cli_error(S, ["--eval", "vos", "--init-from", str(tmp_path / "demo.pt"),
+                                "--threads", "0", "--vos-davis", str(tmp_path / "nope"),
+                                "--output-dir", str(tmp_path / "x")], capsys) == \
+        f"error: {tmp_path / 'nope' / 'ImageSets' / '2017' / 'val.txt'}: DAVIS split list " \
+        "not found (expected the DAVIS-2017 layout JPEGImages/480p, Annotations/480p, " \
+        "ImageSets/2017)"

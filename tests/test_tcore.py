@@ -727,3 +727,27 @@ def test_non_finite_loss_stops_before_its_update(tiny_videos, tmp_path, monkeypa
         forward_changes={"loss.cls_center": lagged("cls"), "loss.patch_center": lagged("patch")})
     # step 4's NaN means were never committed: the pending buffers are step 3's
     assert torch.isfinite(seen["model"].loss.cls_pending).all()
+
+
+def test_eval_only_vos_on_synthetic_sets(tmp_path, capsys):
+    """--eval-only --vos-davis/--vos-ytvos (SIGMA Tab. 4 protocol, common/vos.py): per-frame
+    patch tokens; summary.json's metrics equal common/vos.py called directly; the picture;
+    a bad root is one line on the command line."""
+    torch.manual_seed(0)
+    tc = C.build_model(tiny_args())
+    torch.save({"model": tc.state_dict()}, tmp_path / "ckpt.pt")
+    davis = str(synthetic.davis(tmp_path / "davis", size=(48, 64), sequences=1, frames=5))
+    yt = str(synthetic.ytvos(tmp_path / "yt", size=(48, 64), videos=2, frames=4))
+    out = C.main(tiny_args(output_dir=str(tmp_path / "e"), eval_only=True, data="unused",
+                           init_from=str(tmp_path / "ckpt.pt"), vos_davis=davis, vos_ytvos=yt))
+    bb = tc.teacher.backbone.eval()
+    direct = C.vos.vos_metrics(lambda x: C.patch_features(bb, x).permute(0, 2, 3, 1), ytvos=yt)
+    for name, value in direct.items():
+        assert out["metrics"][name]["trained"] == round(value, 4), name
+    assert 0 < out["metrics"]["vos_davis_overclustering_miou"]["trained"] <= 1
+    assert "davis_jf" not in out["metrics"] and (tmp_path / "e" / "vos_davis.png").is_file()
+    assert checks.cli_error(C, ["--eval-only", "--preset", "demo", "--data", "unused",
+                                "--no-eval-random-init", "--vos-ytvos", str(tmp_path / "nope"),
+                                "--output-dir", str(tmp_path / "x")], capsys) == \
+        f"error: {tmp_path / 'nope' / 'meta.json'}: YouTube-VOS meta.json not found (expected " \
+        "JPEGImages/<video>, Annotations/<video>, meta.json)"
