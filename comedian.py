@@ -1253,7 +1253,7 @@ def main(args: Args) -> dict:
     device = dist.init(args.device)
     amp = optim.Amp(args.amp, device)
     args.output_dir = args.output_dir or time.strftime("runs/comedian-%Y%m%d-%H%M%S")
-    if not args.data:
+    if not args.data and args.preset == "demo":
         dist.print0("no --data: running the demo preset on the embedded synthetic SoccerNet set")
     dist.seed_all(args.seed, per_rank=False)
     if dist.is_main():

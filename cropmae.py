@@ -692,9 +692,10 @@ def main(args: Args) -> dict:
     device = dist.init(args.device)
     amp = optim.Amp(args.amp, device)
     args.output_dir = args.output_dir or time.strftime("runs/cropmae-%Y%m%d-%H%M%S")
-    if not args.data:
-        dist.print0("no --data: running the demo preset on the embedded synthetic images, "
-                    "DAVIS-format synthetic videos for evaluation")
+    if not args.data:  # the embedded sets
+        if args.preset == "demo":
+            dist.print0("no --data: running the demo preset on the embedded synthetic images, "
+                        "DAVIS-format synthetic videos for evaluation")
         args.davis = args.davis or str(synthetic.davis())
     dist.seed_all(args.seed)
     if dist.is_main():

@@ -846,7 +846,7 @@ def main(args: Args) -> dict:
     device = dist.init(args.device, cudnn_benchmark=True)  # fixed 3-D CNN shapes
     amp = optim.Amp(args.amp, device)
     args.output_dir = args.output_dir or time.strftime("runs/sce_video-%Y%m%d-%H%M%S")
-    if not args.data:
+    if not args.data and args.preset == "demo":
         dist.print0("no --data: running the demo preset on the embedded synthetic videos")
     dist.seed_all(args.seed)
     if dist.is_main():

@@ -1147,7 +1147,7 @@ def main(args: Args) -> dict:
     device = dist.init(args.device)
     amp = optim.Amp(args.amp, device)
     args.output_dir = args.output_dir or time.strftime("runs/sigma-%Y%m%d-%H%M%S")
-    if not args.data and args.eval != "vos":
+    if not args.data and args.preset == "demo" and args.eval != "vos":
         dist.print0("no --data: running the demo preset on the embedded synthetic videos")
     dist.seed_all(args.seed)
     if dist.is_main():
@@ -1213,13 +1213,14 @@ def print_table(metrics: dict, columns: list) -> None:
     def cell(v, se=None):
         d = 2 if abs(v) >= 1 or v == 0 or math.isnan(v) else 3
         return f"{v:.{d}f}" + (f" +- {se:.{d}f}" if se is not None else "")
-    dist.print0(f"{'metric':<16}" + "".join(f"{k:>18}" for k in columns))
+    w = max(len(n) for n in ["metric", *metrics]) + 2
+    dist.print0(f"{'metric':<{w}}" + "".join(f"{k:>18}" for k in columns))
     for name, vals in metrics.items():
         if name.endswith("_se") and name[:-3] in metrics:
             continue
         se = metrics.get(f"{name}_se")
         cells = [cell(vals[k], se[k] if se else None) for k in columns]
-        dist.print0(f"{name:<16}" + "".join(f"{c:>18}" for c in cells))
+        dist.print0(f"{name:<{w}}" + "".join(f"{c:>18}" for c in cells))
 
 
 def pretrain(model: SIGMA, teacher, args: Args, device, amp: optim.Amp, logger: log.Logger) -> int:

@@ -1059,9 +1059,10 @@ def main(args: Args) -> dict:
     device = dist.init(args.device)
     amp = optim.Amp(args.amp, device)
     args.output_dir = args.output_dir or time.strftime("runs/tcore-%Y%m%d-%H%M%S")
-    if not args.data:
-        dist.print0("no --data: running the demo preset on the embedded synthetic videos, "
-                    "DAVIS-format synthetic videos for evaluation")
+    if not args.data:  # the embedded sets
+        if args.preset == "demo":
+            dist.print0("no --data: running the demo preset on the embedded synthetic videos, "
+                        "DAVIS-format synthetic videos for evaluation")
         args.davis = args.davis or str(synthetic.davis())
     if args.mask_prob * 2 * args.batch_size < 1 and not args.eval_only:
         raise cli.InputError(f"--mask-prob {args.mask_prob} x 2 --batch-size {args.batch_size} "

@@ -100,12 +100,18 @@ def parse(cls, presets: Optional[dict] = None, argv: Optional[list] = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # which preset?
     first.add_argument("--preset", default=None)
-    preset = first.parse_known_args(argv)[0].preset
+    first.add_argument("--data", default=None)
+    first.add_argument("--init-from", "--init_from", dest="init_from", default=None)
+    known = first.parse_known_args(argv)[0]
+    preset = known.preset
     if preset is not None and preset not in presets:
         raise SystemExit(f"error: unknown preset {preset!r}; choose from {sorted(presets)}")
     names = {f.name for f in dataclasses.fields(cls)}
-    gave_data = any(a in ("--data",) or a.startswith("--data=") for a in argv)
-    if preset is None and "data" in names and not gave_data and "demo" in presets:
+    # The demo when nothing real is named: no --data, and no weights file to start from or
+    # evaluate (a released checkpoint would not fit the demo's small model)
+    weights = known.init_from not in (None, "", "random", "none")
+    if preset is None and "data" in names and known.data is None and not weights \
+            and "demo" in presets:
         preset = "demo"
     defaults = dataclasses.asdict(cls())
     for key, value in (presets[preset] if preset else {}).items():

@@ -40,9 +40,14 @@ def test_defaults_with_data_are_the_dataclass_defaults():
     assert a == dataclasses.replace(Args(), data="/x")
 
 
-def test_demo_preset_without_data():
+def test_demo_preset_without_data_or_weights():
     assert cli.parse(Args, PRESETS, []).epochs == 2
     assert cli.parse(Args, PRESETS, []).preset == "demo"
+    for argv in (["--init-from", "w.pt"], ["--init_from=w.pt"]):  # real weights: the defaults
+        a = cli.parse(Args, PRESETS, argv)
+        assert (a.preset, a.epochs, a.init_from) == ("", Args().epochs, "w.pt"), argv
+    assert cli.parse(Args, PRESETS, ["--init-from", "random"]).preset == "demo"  # no file
+    assert cli.parse(Args, PRESETS, ["--init-from", "w.pt", "--preset", "demo"]).epochs == 2
 
 
 def test_precedence_default_preset_flag():
