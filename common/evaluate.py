@@ -5,7 +5,7 @@ PyTorch's defaults, even where training enabled TF32."""
 import contextlib
 import math
 from contextlib import nullcontext
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -190,3 +190,53 @@ def retrieval_recall(query_f: Tensor, query_y: Tensor, bank_f: Tensor, bank_y: T
             hits[i] += match[:, :k].any(1).sum()
     counts = _summed(hits, share)
     return {f"R@{k}": 100.0 * c / len(q) for k, c in zip(ks, counts)}
+
+
+def verdict(metric: str, random_init: Sequence[float], trained: Sequence[float],
+            n_eval: int | None = None, trained_spread: float | None = None,
+            decimals: int = 1) -> dict:
+    """The demo's verdict on one downstream metric, by the rule of DESIGN §3: pretrained
+    against randomly initialised, one value per training seed / initialisation.
+
+    - Accuracies in percent (`n_eval`, the number of evaluated samples, given): "helps" when
+      mean(trained) - mean(random_init) > 3 standard errors of the difference,
+      SE^2 = se_r^2 + se_t^2, where a group's se is the larger of the binomial SE of its mean
+      accuracy (p (1 - p) / (n_eval k), k values) and its spread / sqrt(k).
+    - Other scores (J&F, a-mAP, mIoU; `n_eval` None): "helps" when the difference exceeds
+      twice the larger spread.
+    A group's spread is the sample std of its values (k >= 2); a single trained run takes
+    `trained_spread` (the std of >= 3 seeds measured beforehand, e.g. the README's table) and,
+    without it, cannot show anything. Returns {"metric", "random_init", "trained" (the lists),
+    "spread": [random, trained], "se" (accuracies), "rule", "helps", "line"}, "line" saying
+    it in plain words. Raises ValueError on an empty group."""
+    if not random_init or not trained:
+        raise ValueError(f"verdict: {metric} needs at least one value per group")
+    r, t = torch.tensor(random_init, dtype=torch.float64), torch.tensor(trained,
+                                                                         dtype=torch.float64)
+    spread = [float(x.std()) if len(x) > 1 else None for x in (r, t)]
+    if spread[1] is None:
+        spread[1] = trained_spread
+    diff = float(t.mean() - r.mean())
+    out = {"metric": metric, "random_init": r.tolist(), "trained": t.tolist(), "spread": spread}
+    if spread[0] is None or spread[1] is None:
+        rule, helps, noise = "needs >= 2 random inits and >= 2 trained seeds (or their spread)", \
+            False, None
+    elif n_eval:
+        def se(x: Tensor, s: float) -> float:
+            p = float(x.mean()) / 100
+            return max(100 * math.sqrt(p * (1 - p) / (n_eval * len(x))), s / math.sqrt(len(x)))
+        noise = 3 * math.hypot(se(r, spread[0]), se(t, spread[1]))
+        out["se"] = noise / 3
+        rule, helps = f"trained - random > 3 SE = {noise:.{decimals}f}", diff > noise
+    else:
+        noise = 2 * max(spread)
+        rule, helps = f"trained - random > 2 x larger spread = {noise:.{decimals}f}", diff > noise
+
+    def said(x: Tensor, s) -> str:
+        return f"{float(x.mean()):.{decimals}f}" + (f" +- {s:.{decimals}f}" if s is not None
+                                                     else "")
+    out.update(rule=rule, helps=bool(helps), line=(
+        f"pretraining {'helps' if helps else 'does not help clearly'}: {metric} "
+        f"{said(r, spread[0])} (random init, {len(r)}) -> {said(t, spread[1])} (trained, "
+        f"{len(t)}); {rule}" + ("" if noise is None else f", difference {diff:.{decimals}f}")))
+    return out

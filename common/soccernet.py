@@ -545,7 +545,8 @@ def average_map(labels_root: PathLike, predictions_root: PathLike, games: Sequen
     # trapezoid of the means = mean of the per-class trapezoids (both linear)
     means = per_class.mean(1)
     present = np.any([t.any(0) for t, _, _ in halves], axis=0) if halves else []
-    return {"a_mAP": float(means[0]), "a_mAP_present": float(per_class[0][present].mean()), "a_mAP_per_class": per_class[0].tolist(),
+    return {"a_mAP": float(means[0]), "a_mAP_present": float(per_class[0][present].mean()),
+            "a_mAP_per_class": per_class[0].tolist(),
             "a_mAP_visible": float(means[1]), "a_mAP_per_class_visible": per_class[1].tolist(),
             "a_mAP_unshown": float(means[2] * scale),
             "a_mAP_per_class_unshown": per_class[2].tolist()}

@@ -1,6 +1,7 @@
 import datetime
 import math
 
+import pytest
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
@@ -183,3 +184,28 @@ def test_evaluations_run_without_tf32_and_restore_the_flag():
         assert seen == [False, False] and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+
+
+# ---- the demos' verdict ----
+def test_verdict_accuracies_use_three_standard_errors_of_the_difference():
+    v = evaluate.verdict("linear top-1", [80.0, 82.0, 78.0], [90.0], n_eval=800,
+                         trained_spread=1.0)
+    # random: max(binomial 100 sqrt(.16 / 2400) = 0.816, std 2 / sqrt 3 = 1.155) = 1.155;
+    # trained: max(100 sqrt(.09 / 800) = 1.061, 1.0) = 1.061; SE = hypot = 1.568
+    assert v["se"] == pytest.approx(math.hypot(2 / math.sqrt(3), 100 * math.sqrt(0.09 / 800)))
+    assert v["helps"] and v["spread"] == [pytest.approx(2.0), 1.0]
+    assert v["line"].startswith("pretraining helps: linear top-1 80.0 +- 2.0 (random init, 3) "
+                                "-> 90.0 +- 1.0 (trained, 1); trained - random > 3 SE = 4.7")
+    close = evaluate.verdict("kNN", [80.0, 82.0, 78.0], [84.0], n_eval=800, trained_spread=1.0)
+    assert not close["helps"] and "does not help clearly" in close["line"]  # 4.0 < 4.70
+
+
+def test_verdict_scores_use_twice_the_larger_spread_and_need_spreads():
+    v = evaluate.verdict("J&F", [0.50, 0.52, 0.51], [0.53, 0.55, 0.54], decimals=3)
+    assert v["helps"] and "2 x larger spread = 0.020" in v["rule"]  # 0.03 > 0.02
+    v = evaluate.verdict("J&F", [0.50, 0.52, 0.51], [0.515, 0.525, 0.535], decimals=3)
+    assert not v["helps"]  # 0.015 is not above 0.02
+    lone = evaluate.verdict("J&F", [0.50, 0.52, 0.51], [0.90])  # one run, no spread given
+    assert not lone["helps"] and lone["rule"].startswith("needs") and "se" not in lone
+    with pytest.raises(ValueError, match="at least one value"):
+        evaluate.verdict("J&F", [], [0.5])

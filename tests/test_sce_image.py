@@ -16,7 +16,7 @@ import torchvision
 from torchvision.transforms import v2
 
 import sce_image as S
-from common import augment, checkpoint, log, optim, synthetic
+from common import augment, checkpoint, evaluate, log, optim, synthetic
 from tests import checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -447,6 +447,23 @@ def test_eval_only_from_checkpoint(tiny_data, tmp_path):
     assert lin[0]["metrics"] == lin[1]["metrics"] and "linear_top1" in lin[0]["metrics"]
     with pytest.raises(RuntimeError, match="does not match"):
         S.load_encoder(S.build_backbone(tiny_args(arch="resnet50")), ckpt)
+
+
+def test_the_demo_verdict_compares_every_random_init_and_the_raw_pixels(tiny_data, tmp_path):
+    """Random inits from seeds seed, seed + 1, the raw-pixel kNN and probe beside them (not in
+    the verdict), and the verdict of DESIGN §3 on the linear probe from the values printed in
+    the table."""
+    out = S.main(run_args(tiny_data, tmp_path, max_steps=2, eval_random_init=True,
+                          random_init_seeds=2, trained_spread=1.0))
+    m, v = out["metrics"], out["verdict"]
+    assert m["linear_top1"].keys() == {"trained", "random_init", "random_init_2", "pixels"}
+    assert "pixels" not in m["view_top1"] and "knn_top1@5" in m and "pixels" in m["knn_top1@5"]
+    assert v["random_init"] == pytest.approx([m["linear_top1"]["random_init"],
+                                              m["linear_top1"]["random_init_2"]], abs=0.005)
+    assert v["trained"] == pytest.approx([m["linear_top1"]["trained"]], abs=0.005)
+    want = evaluate.verdict("linear top-1 (%)", v["random_init"], v["trained"], 16, 1.0)
+    assert v == want and v["spread"][1] == 1.0
+    assert json.load(open(tmp_path / "summary.json"))["verdict"] == v
 
 
 class HParams:
