@@ -899,6 +899,7 @@ def test_eval_vos_driver_on_synthetic_davis_and_ytvos(tmp_path, capsys):
     demo = S.build_model(S.cli.parse(S.Args, S.PRESETS, []))  # the CLI's preset without --data
     torch.save({"model": demo.state_dict()}, tmp_path / "demo.pt")
     assert checks.cli_error(S, ["--eval", "vos", "--init-from", str(tmp_path / "demo.pt"),
+                                "--preset", "demo",  # weights given: the demo only if asked
                                 "--threads", "0", "--vos-davis", str(tmp_path / "nope"),
                                 "--output-dir", str(tmp_path / "x")], capsys) == \
         f"error: {tmp_path / 'nope' / 'ImageSets' / '2017' / 'val.txt'}: DAVIS split list " \
