@@ -41,12 +41,18 @@ def read_ytvos(root, split_list=None) -> list:
     try:
         meta = json.loads(meta_path.read_text())["videos"]
         cats = {v["objects"][o]["category"] for v in meta.values() for o in v["objects"]}
+        if bad := [o for v in meta.values() for o in v["objects"] if not 0 < int(o) < IGNORE]:
+            raise ValueError(f"object ids {bad[:3]} outside 1..254")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise cli.InputError(f"{meta_path}: not a YouTube-VOS meta.json ({e!r})") from None
     cat_id = {c: i + 1 for i, c in enumerate(sorted(cats))}  # TT:data_loader.py:453-464
     if split_list is not None:
         lines = Path(split_list).read_text().splitlines()
-        names = sorted((n.strip(), i) for i, n in enumerate(lines, 1) if n.strip())
+        first = {}  # a name listed twice is evaluated once
+        for i, n in enumerate(lines, 1):
+            if n.strip():
+                first.setdefault(n.strip(), i)
+        names = sorted(first.items())
     else:
         names = [(p.name, 0) for p in sorted((root / "JPEGImages").glob("*")) if p.is_dir()]
     out = []
@@ -273,6 +279,10 @@ def eval_vos(feature_fn, root, dataset: str = "davis", k_values: Sequence = ("gt
         raise ValueError(f"eval_vos: dataset must be 'davis' or 'ytvos', not {dataset!r}")
     videos = read_ytvos(root, split_list) if dataset == "ytvos" else [
         (n, f, m, None) for n, f, m in read_davis(root, annotations=davis_annotations)]
+    for name, fr, ms, _ in videos:  # frames and masks pair by rank (spec §2)
+        if len(fr) != len(ms):
+            raise cli.InputError(f"{ms[0].parent}: {len(ms)} masks for the {len(fr)} frames of "
+                                 f"{fr[0].parent} (they pair by rank)")
     num_frames = frames or FRAMES[dataset]
     names = ["clustering" if k == "gt" else "overclustering" if k == 10 else
              f"overclustering_k{k}" for k in k_values]
@@ -285,6 +295,10 @@ def eval_vos(feature_fn, root, dataset: str = "davis", k_values: Sequence = ("gt
             x, gt = load_clip([fr[t] for t in idx], [ms[t] for t in idx], size, std)
             if remap is not None:
                 gt = torch.from_numpy(to_categories(gt.numpy(), remap, ms[idx[0]].parent))
+            if not (gt != IGNORE).any() or ((gt == 0) | (gt == IGNORE)).all() and \
+                    (gt == IGNORE).any():  # nothing to score, or binary 0/255 masks
+                raise cli.InputError(f"{ms[idx[0]].parent}: the masks of frames {idx} hold only "
+                                     f"0 and {IGNORE} (ignored): instance ids 1..N expected")
             feats = feature_fn(x.to(device)).float()
             clips.append((i, name, idx, x, gt, feats))
         project = pca_fit(torch.cat([f.flatten(0, 2) for *_, f in clips]), pca_dim)
@@ -325,7 +339,8 @@ def save_picture(path, x: Tensor, std: Sequence, gt: Tensor, maps: dict, idx: li
 
 def vos_metrics(feature_fn, davis: str = "", ytvos: str = "", out_dir: Optional[str] = None,
                 **kw) -> dict:
-    """{"vos_<dataset>_<setting>_miou": plain mean} of `eval_vos` on the roots given (a
+    """{"vos_<dataset>_<setting>_miou": plain mean, "..._miou_batch16": the official mean of
+    batch means} of `eval_vos` on the roots given (a
     YouTube-VOS root's val.txt, when present, selects its videos); with `out_dir`, the first
     video's picture as out_dir/vos_<dataset>.png. Call on every rank under torchrun."""
     if not (davis or ytvos):
@@ -337,5 +352,8 @@ def vos_metrics(feature_fn, davis: str = "", ytvos: str = "", out_dir: Optional[
             res = eval_vos(feature_fn, root, name, split_list=lst if lst and lst.is_file()
                            else None, picture=out_dir and str(Path(out_dir) / f"vos_{name}.png"),
                            **kw)
-            out.update({f"vos_{name}_{s}_miou": v["miou"] for s, v in res.items() if s != "videos"})
+            for s, v in res.items():  # the plain mean, and the official mean of batch means
+                if s != "videos":
+                    out.update({f"vos_{name}_{s}_miou": v["miou"],
+                                f"vos_{name}_{s}_miou_batch16": v["miou_batch16"]})
     return out

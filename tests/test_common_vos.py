@@ -207,9 +207,13 @@ def test_read_ytvos_remaps_instances_to_categories(ytvos, tmp_path):
         vos.read_ytvos(ytvos, tmp_path / "list.txt")
     with pytest.raises(FileNotFoundError, match="meta.json not found"):
         vos.read_ytvos(tmp_path)
-    (tmp_path / "meta.json").write_text('{"videos": 3}')
-    with pytest.raises(cli.InputError, match="meta.json: not a YouTube-VOS meta.json"):
-        vos.read_ytvos(tmp_path)
+    for bad in ('{"videos": 3}', '{"videos": {"v": {"objects": {"a": {"category": "c"}}}}}',
+                '{"videos": {"v": {"objects": {"300": {"category": "c"}}}}}'):
+        (tmp_path / "meta.json").write_text(bad)  # not a dict, a key not an id, id > 254
+        with pytest.raises(cli.InputError, match="meta.json: not a YouTube-VOS meta.json"):
+            vos.read_ytvos(tmp_path)
+    (tmp_path / "twice.txt").write_text("synth01\nsynth00\nsynth01\n")
+    assert [v[0] for v in vos.read_ytvos(ytvos, tmp_path / "twice.txt")] == ["synth00", "synth01"]
 
 
 def test_eval_vos_composes_the_public_pieces(ytvos, tmp_path):
@@ -232,6 +236,22 @@ def test_eval_vos_composes_the_public_pieces(ytvos, tmp_path):
         assert im.height > 4 * 32 and im.width > 3 * 32
     with pytest.raises(FileNotFoundError, match="DAVIS split list not found"):
         vos.eval_vos(fn, tmp_path, "davis")
+
+
+def test_eval_vos_refuses_unpaired_frames_and_masks_without_ids(tmp_path):
+    """Frames and masks pair by rank, so unequal counts are an error (not a shifted pairing);
+    masks holding only 0 and 255 (binary masks, all ignored) would score a perfect 1.0."""
+    davis = synthetic.davis(tmp_path / "d", size=(48, 64), sequences=1, frames=4)
+    seq = davis / "JPEGImages" / "480p" / "synth00"
+    (seq / "00000.jpg").unlink()
+    with pytest.raises(cli.InputError, match="4 masks for the 3 frames"):
+        vos.eval_vos(TestFeatures(), davis, "davis", frames=2, size=32)
+    davis = synthetic.davis(tmp_path / "e", size=(48, 64), sequences=1, frames=4)
+    for m in (davis / "Annotations" / "480p" / "synth00").glob("*.png"):
+        lab = propagation.read_label_png(m)
+        propagation.write_label_png(m, np.where(lab > 0, 255, 0).astype(np.uint8))
+    with pytest.raises(cli.InputError, match="hold only 0 and 255"):
+        vos.eval_vos(TestFeatures(), davis, "davis", frames=2, size=32)
 
 
 class TestFeatures:
@@ -266,6 +286,7 @@ def test_two_processes_equal_one(ytvos, tmp_path):
         assert {k: v for k, v in r.items() if k != "world"} == \
             {k: v for k, v in one.items() if k != "world"}
     assert len(one["davis"]["videos"]) == 3 and one["davis"] != one["davis_batch2"]
-    assert set(one["ytvos"]) == {"vos_ytvos_clustering_miou", "vos_ytvos_overclustering_miou"}
+    assert set(one["ytvos"]) == {f"vos_ytvos_{s}_miou{b}" for b in ("", "_batch16")
+                                 for s in ("clustering", "overclustering")}
     assert (tmp_path / "o2" / "davis_rank0.png").is_file()
     assert not (tmp_path / "o2" / "davis_rank1.png").exists()

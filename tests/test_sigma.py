@@ -885,8 +885,8 @@ def test_eval_vos_driver_on_synthetic_davis_and_ytvos(tmp_path, capsys):
     S.main(tiny_args(eval="vos", init_from=str(tmp_path / "ckpt.pt"), vos_davis=davis,
                      vos_ytvos=yt, output_dir=str(out)))
     m = json.load(open(out / "summary.json"))["metrics"]
-    assert set(m) == {f"vos_{d}_{s}_miou" for d in ("davis", "ytvos")
-                      for s in ("clustering", "overclustering")}
+    assert set(m) == {f"vos_{d}_{s}_miou{b}" for d in ("davis", "ytvos")
+                      for s in ("clustering", "overclustering") for b in ("", "_batch16")}
     direct = S.vos.eval_vos(lambda x: S.vos_tokens(model.encoder, x, a), yt, "ytvos",
                             split_list=os.path.join(yt, "val.txt"))
     assert len(direct["videos"]) == 1  # val.txt holds all but the last video
