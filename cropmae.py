@@ -90,6 +90,7 @@ from torchvision.transforms import v2
 
 from common import (checkpoint, cli, data, dist, log, optim, propagation, synthetic, training,
                     video, vit, vos)
+from common.evaluate import verdict  # DESIGN §3's rule (this file's `evaluate` propagates)
 
 
 # ---- 2. Arguments ----
@@ -226,7 +227,10 @@ class Args:
     """also evaluate a randomly initialised encoder, side by side (the demo does)"""
     random_init_seeds: int = 1
     """with --eval-random-init: how many random initialisations (seeds seed, seed + 1, ...;
-    the first is the trained model's start); their J&F spread is the noise floor"""
+    the first is the trained model's start); their J&F spread is the verdict's noise"""
+    trained_spread: float = 0.0
+    """std of DAVIS J&F over >= 3 training seeds, measured beforehand, for a one-run verdict;
+    0: none (the verdict then cannot say "helps")"""
     heldout_images: int = 10000
     """held-out pretext evaluation (`pretext_eval`, on ROOT/val of an image folder): at most
     this many images, a fixed random subset; 0: skip it"""
@@ -743,23 +747,18 @@ def main(args: Args) -> dict:
     if dist.is_main() and results:  # the summary, the table and the picture: rank 0
         for name in results["trained"]:
             summary["metrics"][name] = {k: round(v[name], 4) for k, v in results.items()}
-        randoms = [v["davis_jf"] for k, v in results.items()
-                   if k.startswith("random_init") and "davis_jf" in v]
-        if len(randoms) > 1:  # issue 11, level 2: trained J&F > best random + spread + 3 points
-            summary["davis_jf_random_spread"] = round(max(randoms) - min(randoms), 4)
-            summary["davis_jf_level2_margin"] = round(
-                results["trained"]["davis_jf"] - max(randoms) - (max(randoms) - min(randoms))
-                - 0.03, 4)
-            print(f"DAVIS J&F: random inits {min(randoms):.4f}-{max(randoms):.4f} (spread "
-                  f"{summary['davis_jf_random_spread']:.4f}); trained "
-                  f"{results['trained']['davis_jf']:.4f}; level-2 margin (trained - best random"
-                  f" - spread - 0.03) {summary['davis_jf_level2_margin']:+.4f}")
         width = max(len(name) for name in ["metric", *summary["metrics"]]) + 2
         print(f"{'metric':<{width}}" + "".join(f"{k:>14}" for k in reversed(results)))
         for name, vals in summary["metrics"].items():
             print(f"{name:<{width}}" + "".join(
                 f"{vals[k]:>14}" if isinstance(vals[k], int) else f"{vals[k]:>14.4f}"
                 for k in reversed(results)))
+        randoms = [v["davis_jf"] for k, v in results.items()
+                   if k.startswith("random_init") and "davis_jf" in v]
+        if randoms and "davis_jf" in results["trained"]:  # DESIGN §3: > 2 x larger spread
+            summary["verdict"] = verdict("DAVIS J&F", randoms, [results["trained"]["davis_jf"]],
+                                         trained_spread=args.trained_spread or None, decimals=3)
+            print(summary["verdict"]["line"])
         if davis_preds.get("trained"):  # rank 0's preds start with the first sequence
             save_propagation(args.davis, {k: davis_preds[k] for k in ("random_init", "trained")
                                           if k in davis_preds},

@@ -79,6 +79,7 @@ from torchvision.transforms import v2
 
 from common import (checkpoint, cli, data, dist, log, optim, propagation, synthetic, training,
                     video, vit, vos)
+from common.evaluate import verdict  # DESIGN §3's rule (this file's `evaluate` propagates)
 
 
 # ---- 2. Arguments ----
@@ -254,7 +255,10 @@ class Args:
     """also evaluate randomly initialised teachers and raw pixels, side by side (the demo does)"""
     random_init_seeds: int = 1
     """with --eval-random-init: how many random initialisations (seeds seed, seed + 1, ...);
-    their J&F spread is the noise floor"""
+    their J&F spread is the verdict's random-init noise"""
+    trained_spread: float = 0.0
+    """std of DAVIS J&F over >= 3 training seeds, measured beforehand, for a one-run verdict;
+    0: none (the verdict then cannot say "helps")"""
     preset: str = ""
     """the preset applied (set by --preset)"""
 
@@ -1116,22 +1120,16 @@ def main(args: Args) -> dict:
             results["pixels"], _ = evaluate(lambda x: pixel_features(x, p), args, device)
         for name in results["trained"]:
             summary["metrics"][name] = {k: round(v[name], 4) for k, v in results.items()}
-        randoms = [v["davis_jf"] for k, v in results.items()
-                   if k.startswith("random_init") and "davis_jf" in v]
-        if len(randoms) > 1:  # trained J&F > best random + spread + 3 points?
-            spread = max(randoms) - min(randoms)
-            margin = results["trained"]["davis_jf"] - max(randoms) - spread - 0.03
-            summary.update(davis_jf_random_spread=round(spread, 4),
-                           davis_jf_level2_margin=round(margin, 4))
-            dist.print0(f"DAVIS J&F: random inits {min(randoms):.4f}-{max(randoms):.4f} "
-                        f"(spread {spread:.4f}); trained {results['trained']['davis_jf']:.4f}; "
-                        f"margin (trained - best random - spread - 0.03) {margin:+.4f}: the "
-                        f"trained model {'beats' if margin > 0 else 'does not beat'} random "
-                        f"init clearly")
         width = max(len(n) for n in ["metric", *summary["metrics"]]) + 2
         dist.print0(f"{'metric':<{width}}" + "".join(f"{k:>14}" for k in results))
         for name, vals in summary["metrics"].items():
             dist.print0(f"{name:<{width}}" + "".join(f"{vals[k]:>14.4f}" for k in results))
+        randoms = [v["davis_jf"] for k, v in results.items()
+                   if k.startswith("random_init") and "davis_jf" in v]
+        if randoms and "davis_jf" in results["trained"]:  # DESIGN §3: > 2 x larger spread
+            summary["verdict"] = verdict("DAVIS J&F", randoms, [results["trained"]["davis_jf"]],
+                                         trained_spread=args.trained_spread or None, decimals=3)
+            dist.print0(summary["verdict"]["line"])
         if dist.is_main() and davis_preds.get("trained"):
             save_propagation(args.davis, {k: davis_preds[k] for k in ("random_init", "trained")
                                           if davis_preds.get(k)},

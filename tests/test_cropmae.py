@@ -17,7 +17,7 @@ import torch.nn as nn
 from PIL import Image
 
 import cropmae as C
-from common import checkpoint, data, log, synthetic, vit
+from common import checkpoint, data, evaluate, log, synthetic, vit
 from tests import checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -304,7 +304,8 @@ def run_args(data, out, **kw) -> C.Args:
 def test_tiny_run_learns(tiny_data, tiny_davis, tmp_path):
     """The same run with lr = 0 is the control."""
     summary = C.main(run_args(tiny_data, tmp_path / "a", blr=2e-2, davis=tiny_davis,
-                              davis_size=(48, 64), eval_random_init=True))
+                              davis_size=(48, 64), eval_random_init=True, random_init_seeds=2,
+                              trained_spread=0.01))
     C.main(run_args(tiny_data, tmp_path / "b", blr=0.0, eval_random_init=True))
     loss = {r: [x["train/loss"] for x in log.read_jsonl(str(tmp_path / r / "log.jsonl"))
                 if "train/loss" in x] for r in "ab"}
@@ -312,7 +313,14 @@ def test_tiny_run_learns(tiny_data, tiny_davis, tmp_path):
     # level 1 (issue 11): the loss on the 8 held-out val images, same pairs and masks for all
     held = {r: json.load(open(tmp_path / r / "summary.json"))["metrics"] for r in "ab"}
     a, b = held["a"]["heldout_loss"], held["b"]["heldout_loss"]
-    assert held["a"]["heldout_images"] == {"trained": 8, "random_init": 8}
+    assert held["a"]["heldout_images"] == {"trained": 8, "random_init": 8, "random_init_2": 8}
+    jf = summary["metrics"]["davis_jf"]  # the verdict (DESIGN §3) from the J&F printed
+    assert summary["verdict"] == evaluate.verdict(
+        "DAVIS J&F", [summary["verdict"]["random_init"][0], summary["verdict"]["random_init"][1]],
+        [summary["verdict"]["trained"][0]], trained_spread=0.01, decimals=3)
+    assert summary["verdict"]["random_init"] == pytest.approx(
+        [jf["random_init"], jf["random_init_2"]], abs=5e-5)
+    assert summary["verdict"]["trained"] == pytest.approx([jf["trained"]], abs=5e-5)
     assert a["random_init"] == b["random_init"] == b["trained"]  # lr 0 changes nothing
     se = held["a"]["heldout_loss_se"]
     assert a["trained"] + 3 * se["trained"] < b["trained"] - 3 * se["random_init"], held

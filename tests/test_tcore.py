@@ -655,8 +655,13 @@ def test_resume_is_bit_identical_and_eval_summary(tiny_videos, tmp_path):
     assert (tmp_path / "resumed" / "propagation.png").is_file()
     # --eval-only on our checkpoint gives the same J&F
     ev = C.main(tiny_args(output_dir=str(tmp_path / "e"), eval_only=True, data="unused",
-                          init_from=str(tmp_path / "resumed" / "last.pt"), davis=davis))
-    assert ev["metrics"]["davis_jf"]["trained"] == out["metrics"]["davis_jf"]["trained"]
+                          init_from=str(tmp_path / "resumed" / "last.pt"), davis=davis,
+                          eval_random_init=True, random_init_seeds=2))
+    jf = ev["metrics"]["davis_jf"]
+    assert jf["trained"] == out["metrics"]["davis_jf"]["trained"]
+    v = ev["verdict"]  # DESIGN §3 on the J&F printed; no trained spread given: no "helps"
+    assert v["random_init"] == pytest.approx([jf["random_init"], jf["random_init_2"]], abs=5e-5)
+    assert v["spread"][1] is None and not v["helps"] and v["rule"].startswith("needs")
 
 
 def test_ddp_two_processes_stay_identical(tiny_videos, tmp_path):
