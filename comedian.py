@@ -369,6 +369,36 @@ class SpatialClips(Dataset):
         return (*views, index)
 
 
+def distill_starts(duration: float, window: float, n: int, rng: np.random.Generator) -> list:
+    """eztorch's `RandomWindowSoccerNetClipSampler` (COMEDIAN's stage 2): n window starts (s)
+    in a half of `duration` s, one per equal segment of [0, D - W], jittered uniformly inside
+    it and floored to the 0.5-s grid."""
+    room = max(duration - window, 0.0)
+    u = rng.random(n)
+    return [math.floor((room * (k + u[k]) / n) / soccernet.STEP) * soccernet.STEP for k in range(n)]
+
+
+def finetune_starts(duration: float, window: float, n: int, rng: np.random.Generator) -> list:
+    """eztorch's `UniformWindowWithoutOverlapSoccerNetClipSampler` (COMEDIAN's stage 3): n
+    window starts (s): [0, W] and [D - W, D] always, then n - 2 starts on the 0.5-s grid in
+    [W/2, D - 3W/2), mutually non-overlapping (uniform over such sets), which may overlap the
+    two forced windows (spec §1 Stage 3). Raises cli.InputError when they do not fit."""
+    last = math.floor((duration - window) / soccernet.STEP) * soccernet.STEP
+    starts = [0.0, max(last, 0.0)][:n]
+    k = n - 2
+    if k <= 0:
+        return starts
+    lo = math.ceil(window / 2 / soccernet.STEP)
+    hi = math.floor((duration - 1.5 * window) / soccernet.STEP)
+    w = round(window / soccernet.STEP)  # a window in grid steps
+    free = (hi - lo) - (k - 1) * (w - 1)  # positions left once the gaps are reserved
+    if free < k:
+        raise cli.InputError(f"{n} windows of {window:g} s per half do not fit a {duration:.1f}"
+                             f"-s half without overlap")
+    v = np.sort(rng.choice(free, size=k, replace=False))
+    return starts + [(lo + int(v[j]) + j * (w - 1)) * soccernet.STEP for j in range(k)]
+
+
 class TeacherBank:
     """Stage 2's teacher: per-half feature files `{half}_<name>.npy` (T, F), z-scored and
     projected by a PCA fitted on the training halves (spec §1 Stage 2: `pca_features`), read
@@ -461,8 +491,7 @@ class Windows(Dataset):
             raise cli.InputError(f"windows per game must be even (one half each), got {per_game}")
         self.halves, self.args, self.kind, self.seed, self.bank = halves, args, kind, seed, bank
         self.per_half, self.transform = per_game // 2, transform(kind, args)
-        self.draw = soccernet.random_window_starts if kind == "distill" else \
-            soccernet.uniform_window_starts  # eztorch's Random / UniformWithoutOverlap samplers
+        self.draw = distill_starts if kind == "distill" else finetune_starts
         self.frame_y = [soccernet.frame_labels(h.annotations, h.half,
                                                math.floor(h.duration * soccernet.FPS))
                         for h in halves] if kind == "finetune" else None

@@ -547,7 +547,7 @@ def heldout_files(args: Args) -> list:
 
 @torch.no_grad()
 def pretext_eval(model: CropMAE, args: Args, device) -> dict:
-    """The pretext on held-out images (issue 11, level 1): the training objective, `mae_loss`
+    """The pretext on held-out images (level 1): the training objective, `mae_loss`
     (norm-pix as configured, so in units of a patch's own standard deviation squared), on view
     pairs of images pretraining never sees, ROOT/val of the --data image folder (--heldout-
     images of them at most). Skipped ({}) for a video list (K400, SiamMAE) or without ROOT/val.

@@ -520,7 +520,7 @@ def knn_eval(encoder: nn.Module, args: Args, device, amp) -> dict:
 @torch.no_grad()
 def view_retrieval(encoder: nn.Module, args: Args, device, amp,
                    sce: "SCE | None" = None) -> dict:
-    """The pretext on held-out data (issue 11, level 1): each validation image gives its two
+    """The pretext on held-out data (level 1): each validation image gives its two
     pretraining views (view 0 and view 1 transforms, drawn from (seed + 1, 0, index), so every
     encoder sees the same pairs); `view_top1` is the percentage of second views whose most
     cosine-similar first view, among all N, is their own (chance 100 / N), on the encoder's

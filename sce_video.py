@@ -799,7 +799,7 @@ class Pairs(Dataset):
 
 @torch.no_grad()
 def view_retrieval(sce: SCE, args: Args, device, amp) -> dict:
-    """The pretext on held-out data (issue 11, level 1): each validation video gives its two
+    """The pretext on held-out data (level 1): each validation video gives its two
     pretraining clips (`PretrainClips` with seed + 1, so every model sees the same clips);
     `view_top1`: % of second clips whose most cosine-similar first clip (trunk features, among
     all N) is their own (chance 100 / N), with its binomial SE; `view_loss`: the SCE loss of

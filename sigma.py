@@ -999,7 +999,7 @@ def code_agreement(x_phi: torch.Tensor, x_psi: torch.Tensor, prototypes: torch.T
 
 @torch.no_grad()
 def pretext_eval(model: SIGMA, args: Args, device, amp, teacher=None) -> dict:
-    """The pretext task on held-out data (issue 11, level 1): the validation clips with the
+    """The pretext task on held-out data (level 1): the validation clips with the
     pretraining sampling and tube masks (`PretrainClips`, epoch-0 keys of seed + 1, so every
     model sees the same clips and masks, none of them a training draw), eval mode, no
     gradient, nothing drawn from the global RNG, no weight changed (the prototypes are

@@ -15,9 +15,7 @@ fix as an argument) -> index on the 0.5-s grid -> max merge into a per-half buff
 per-class hard or soft NMS -> `results_spotting.json`. `spot` runs it all for any model given
 as a function from a batch of windows of frames to per-token scores, then scores the games.
 
-Training windows: eztorch's SoccerNet clip samplers (`random_window_starts`,
-`uniform_window_starts`), which draw the windows a model trains on. `save_timeline` draws one
-half's ground truth and merged scores as a PNG.
+`save_timeline` draws one half's ground truth and merged scores as a PNG.
 
 Metric: `average_map` is the SoccerNet-v2 evaluator (`Evaluation/ActionSpotting.py`) written
 anew, equal to it to float precision: tight, loose and at1-at5 average-mAP, with its visible
@@ -359,40 +357,6 @@ def write_results(predictions_root: PathLike, game: str, predictions: list) -> P
     with open(path, "w") as f:
         json.dump({"UrlLocal": game.rstrip("/") + "/", "predictions": preds}, f)
     return path
-
-
-# ---- training windows (eztorch's SoccerNet clip samplers; the draws are a reading of their
-# documented behaviour, spec §1, not a transcription) ----
-def random_window_starts(duration: float, window: float, n: int,
-                         rng: np.random.Generator) -> list:
-    """eztorch's `RandomWindowSoccerNetClipSampler` (COMEDIAN's stage 2): n window starts (s)
-    in a half of `duration` s, one per equal segment of [0, D - W], jittered uniformly inside
-    it and floored to the 0.5-s grid."""
-    room = max(duration - window, 0.0)
-    u = rng.random(n)
-    return [math.floor((room * (k + u[k]) / n) / STEP) * STEP for k in range(n)]
-
-
-def uniform_window_starts(duration: float, window: float, n: int,
-                          rng: np.random.Generator) -> list:
-    """eztorch's `UniformWindowWithoutOverlapSoccerNetClipSampler` (COMEDIAN's stage 3): n
-    window starts (s): [0, W] and [D - W, D] always, then n - 2 starts on the 0.5-s grid in
-    [W/2, D - 3W/2), mutually non-overlapping (uniform over such sets), which may overlap the
-    two forced windows (spec §1 Stage 3). Raises cli.InputError when they do not fit."""
-    last = math.floor((duration - window) / STEP) * STEP
-    starts = [0.0, max(last, 0.0)][:n]
-    k = n - 2
-    if k <= 0:
-        return starts
-    lo = math.ceil(window / 2 / STEP)
-    hi = math.floor((duration - 1.5 * window) / STEP)
-    w = round(window / STEP)  # a window in grid steps
-    free = (hi - lo) - (k - 1) * (w - 1)  # positions left once the gaps are reserved
-    if free < k:
-        raise cli.InputError(f"{n} windows of {window:g} s per half do not fit a {duration:.1f}"
-                             f"-s half without overlap")
-    v = np.sort(rng.choice(free, size=k, replace=False))
-    return starts + [(lo + int(v[j]) + j * (w - 1)) * STEP for j in range(k)]
 
 
 # ---- the metric ----

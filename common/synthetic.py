@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 VERSION = 1  # of the video and DAVIS sets
-IMAGES_VERSION = 2  # 2: large central objects, colour inside the jitter range (issue 11)
+IMAGES_VERSION = 2  # 2: large central objects, colour inside the jitter range
 SHAPES = ("crescent", "cross", "disk", "ell", "ring", "square", "star", "triangle")
 MOTIONS = ("move_down", "move_left", "move_right", "move_up",
            "rotate_ccw", "rotate_cw", "zoom_in", "zoom_out")  # sorted: label = index
@@ -184,7 +184,7 @@ def _image(rng: np.random.Generator, shape: str, size: int) -> tuple[np.ndarray,
     of it; its colour and the flat grey background vary only inside the colour jitter's
     range, the same way for every class. What tells the class is the silhouette; what varies
     within a class (position, scale, rotation, brightness, hue) hurts a random encoder and is
-    what the augmentations teach a trained one to ignore (issue 11)."""
+    what the augmentations teach a trained one to ignore."""
     bg = BACKGROUND_GREY * rng.uniform(0.7, 1.3)
     img = np.full((size, size, 3), bg)
     radius = rng.uniform(0.22, 0.38) * size

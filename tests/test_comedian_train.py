@@ -481,6 +481,41 @@ def test_every_eztorch_layout_loads_unchanged_with_init_from(tmp_path):
     assert "\n" not in str(e.value)
 
 
+# ---- samplers ----
+def test_finetune_starts_are_free_of_overlap_and_cover_the_range():
+    D, W = 45.25, 8.0
+    seen = set()
+    for seed in range(200):
+        s = C.finetune_starts(D, W, 5, np.random.default_rng(seed))
+        assert len(s) == 5 and s[0] == 0.0 and s[1] == math.floor((D - W) / 0.5) * 0.5 == 37.0
+        free = sorted(s[2:])
+        assert all(2 * t == int(2 * t) for t in free)  # on the 0.5-s grid
+        assert all(W / 2 <= t < D - 1.5 * W for t in free), free
+        assert all(b - a >= W for a, b in zip(free, free[1:])), free  # no overlap
+        seen.update(free)
+    assert min(seen) == 4.0 and max(seen) >= D - 1.5 * W - 1.0  # the whole range is reached
+    assert len(seen) > 40
+    # just fitting: 3 windows of 8 s with starts in [4, 20.5) can only be 4, 12, 20
+    for seed in range(20):
+        assert C.finetune_starts(32.5, 8.0, 5, np.random.default_rng(seed))[2:] == [4, 12, 20]
+    with pytest.raises(cli.InputError, match="do not fit"):  # [4, 20): they do not fit
+        C.finetune_starts(32.0, 8.0, 5, np.random.default_rng(0))
+    assert C.finetune_starts(40.0, 8.0, 2, np.random.default_rng(0)) == [0.0, 32.0]
+
+
+def test_distill_starts_one_per_segment():
+    D, W, n = 45.75, 8.0, 6
+    room = D - W
+    for seed in range(50):
+        s = C.distill_starts(D, W, n, np.random.default_rng(seed))
+        u = np.random.default_rng(seed).random(n)
+        assert s == [math.floor(room * (k + u[k]) / n / 0.5) * 0.5 for k in range(n)]
+        for k, t in enumerate(s):
+            assert 2 * t == int(2 * t) and 0 <= t <= room
+            assert room * k / n - 0.5 < t < room * (k + 1) / n  # inside segment k (floored)
+    assert C.distill_starts(3.0, 8.0, 4, np.random.default_rng(0)) == [0.0] * 4
+
+
 # ---- teacher bank ----
 def test_fit_pca_matches_an_svd_of_zscored_data(tmp_path):
     rng = np.random.default_rng(0)

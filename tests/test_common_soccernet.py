@@ -3,7 +3,6 @@ hard and soft NMS on hand-made curves, the +-0.5 s label encoding and token OR-r
 parsing and its errors, the sliding windows, edge removal and merge, the results writer, and
 the spotting driver end to end on a 2-fps frame-folder game with an oracle score function."""
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -39,41 +38,6 @@ def _metric(tmp_path, labels, preds, metric):
 
 def _goal_ap(res, key="a_mAP_per_class"):
     return res[key][GOAL]
-
-
-# ---- training windows ----
-def test_uniform_window_starts_are_free_of_overlap_and_cover_the_range():
-    D, W = 45.25, 8.0
-    seen = set()
-    for seed in range(200):
-        s = S.uniform_window_starts(D, W, 5, np.random.default_rng(seed))
-        assert len(s) == 5 and s[0] == 0.0 and s[1] == math.floor((D - W) / 0.5) * 0.5 == 37.0
-        free = sorted(s[2:])
-        assert all(2 * t == int(2 * t) for t in free)  # on the 0.5-s grid
-        assert all(W / 2 <= t < D - 1.5 * W for t in free), free
-        assert all(b - a >= W for a, b in zip(free, free[1:])), free  # no overlap
-        seen.update(free)
-    assert min(seen) == 4.0 and max(seen) >= D - 1.5 * W - 1.0  # the whole range is reached
-    assert len(seen) > 40
-    # just fitting: 3 windows of 8 s with starts in [4, 20.5) can only be 4, 12, 20
-    for seed in range(20):
-        assert S.uniform_window_starts(32.5, 8.0, 5, np.random.default_rng(seed))[2:] == [4, 12, 20]
-    with pytest.raises(cli.InputError, match="do not fit"):  # [4, 20): they do not fit
-        S.uniform_window_starts(32.0, 8.0, 5, np.random.default_rng(0))
-    assert S.uniform_window_starts(40.0, 8.0, 2, np.random.default_rng(0)) == [0.0, 32.0]
-
-
-def test_random_window_starts_one_per_segment():
-    D, W, n = 45.75, 8.0, 6
-    room = D - W
-    for seed in range(50):
-        s = S.random_window_starts(D, W, n, np.random.default_rng(seed))
-        u = np.random.default_rng(seed).random(n)
-        assert s == [math.floor(room * (k + u[k]) / n / 0.5) * 0.5 for k in range(n)]
-        for k, t in enumerate(s):
-            assert 2 * t == int(2 * t) and 0 <= t <= room
-            assert room * k / n - 0.5 < t < room * (k + 1) / n  # inside segment k (floored)
-    assert S.random_window_starts(3.0, 8.0, 4, np.random.default_rng(0)) == [0.0] * 4
 
 
 # ---- metric ----
