@@ -218,9 +218,9 @@ def verdict(metric: str, random_init: Sequence[float], trained: Sequence[float],
         spread[1] = trained_spread
     diff = float(t.mean() - r.mean())
     out = {"metric": metric, "random_init": r.tolist(), "trained": t.tolist(), "spread": spread}
-    if spread[0] is None or spread[1] is None:
-        rule, helps, noise = "needs >= 2 random inits and >= 2 trained seeds (or their spread)", \
-            False, None
+    if missing := [w for w, sp in zip(("random inits", "trained seeds (or their measured spread)"),
+                                      spread) if sp is None]:
+        rule, helps, noise = "needs >= 2 " + " and >= 2 ".join(missing), False, None
     elif n_eval:
         def se(x: Tensor, s: float) -> float:
             p = float(x.mean()) / 100
