@@ -409,6 +409,74 @@ def tiny_data(tmp_path_factory):
                                 per_class_train=4, per_class_val=2))
 
 
+def pil_bilinear(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """The official resize: each uint8 (3, h, w) frame through PIL's bilinear to size^2."""
+    from PIL import Image
+    return torch.stack([torch.from_numpy(np.array(Image.fromarray(f.permute(1, 2, 0).numpy())
+                                                  .resize((size, size), Image.BILINEAR)))
+                        for f in frames]).permute(0, 3, 1, 2)
+
+
+def test_uint8_resize_is_pil_bilinear_on_k400_crops():
+    """Every multi-scale crop size of a 320 x 240 frame (158-240 px a side), resized to 224 by
+    `PretrainClips`' call (uint8, one call for the clip), is PIL's bilinear within 1 LSB."""
+    from torchvision.transforms import v2
+    g = torch.Generator().manual_seed(0)
+    smooth = F.interpolate(torch.rand(2, 3, 31, 41, generator=g) * 255, size=(240, 320),
+                           mode="bicubic").round().clamp(0, 255).to(torch.uint8)
+    noise = torch.randint(0, 256, (2, 3, 240, 320), dtype=torch.uint8, generator=g)
+    frames = torch.cat([smooth, noise])
+    for ch in (240, 210, 180, 158):
+        for cw in (240, 210, 180, 158):
+            crop = frames[..., 5:5 + ch, 7:7 + cw]
+            ours = v2.functional.resize(crop, [224, 224], v2.InterpolationMode.BILINEAR,
+                                        antialias=True)
+            diff = (ours.int() - pil_bilinear(crop, 224).int()).abs()
+            assert ours.dtype == torch.uint8 and diff.max() <= 1, (ch, cw, diff.max())
+            assert diff.float().mean() < 0.3  # the two passes round in between (PIL too)
+
+
+def test_pretrain_clip_draws_and_pixels(tiny_data):
+    """A pretraining sample is the official recipe on the draws of (seed, epoch, index), made
+    here step by step: stride frames, multi-scale crop box, PIL bilinear resize of the uint8
+    crop (within 1 LSB), ImageNet normalisation, then the tube mask from the same generator."""
+    from common import data, video
+    for size in (32, 24):  # 32 x 32 videos: crops upscaled, or downscaled
+        a = tiny_args(data=tiny_data, input_size=size)
+        recs = S.read_split(a, True)
+        for epoch, index in ((0, 3), (2, 5)):
+            clip, mask = S.PretrainClips(recs, a)[(epoch, index)]
+            rng = data.sample_np_rng(a.seed, epoch, index)
+            path = recs[index].path
+            idx = S.stride_indices(video.video_length(path), a.num_frames, a.sampling_rate, rng)
+            frames = video.read_clip(path, idx).permute(0, 3, 1, 2)
+            top, left, ch, cw = S.multi_scale_crop(*frames.shape[-2:], size, rng)
+            want = pil_bilinear(frames[..., top:top + ch, left:left + cw], size)
+            assert torch.equal(mask, S.tube_mask(a, rng))  # drawn after the crop, as before
+            std = torch.tensor(S.STD)[:, None, None, None]
+            err = ((clip - S.to_input(want)) * std * 255).abs()
+            assert clip.shape == (3, a.num_frames, size, size) and err.max() <= 1 + 1e-3
+
+
+def test_to_input_is_normalise_then_transpose():
+    """`to_input` transposes first; the numbers are those of the plain formula, bit for bit,
+    on uint8 and float frames, and a float input is left as it was."""
+    g = torch.Generator().manual_seed(0)
+    u8 = torch.randint(0, 256, (4, 3, 6, 5), dtype=torch.uint8, generator=g)
+    mean = torch.tensor(S.MEAN)[:, None, None]
+    std = torch.tensor(S.STD)[:, None, None]
+    for frames in (u8, u8.float() + torch.rand(u8.shape, generator=g),
+                   u8.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)):  # channels-last
+        before = frames.clone()
+        want = ((frames.float().div(255) - mean) / std).permute(1, 0, 2, 3)
+        got = S.to_input(frames)
+        assert torch.equal(got, want) and got.is_contiguous() and torch.equal(frames, before)
+    x = torch.rand(3, 2, 4, 4, generator=g) * 255  # already (3, T, H, W)-contiguous once
+    y = x.transpose(0, 1)
+    S.to_input(y)
+    assert torch.equal(y.transpose(0, 1), x)
+
+
 def test_clip_datasets(tiny_data):
     a = tiny_args(data=tiny_data)
     recs = S.read_split(a, True)
