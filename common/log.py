@@ -135,6 +135,51 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
+def process_cpu_seconds(pid: int) -> Optional[float]:
+    """User + system CPU seconds of process `pid` (all its threads) from /proc, or None
+    where /proc is not there (not Linux) or the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def per_core(samples: int, wall_s: float, cpu_s: Optional[float], workers: int) -> dict:
+    """The loader's rates: samples/s, per worker (the main process counts as one worker when
+    the loader has none), and per core (samples per CPU second of the main process and its
+    workers together: what one core's worth of pipeline yields; None when not measured)."""
+    rate = samples / max(wall_s, 1e-9)
+    return {"data_samples_per_s": rate,
+            "data_samples_per_s_per_worker": rate / max(workers, 1),
+            "data_samples_per_s_per_core": samples / cpu_s if cpu_s else None,
+            "data_workers": workers,
+            "data_cores_busy": cpu_s / max(wall_s, 1e-9) if cpu_s is not None else None}
+
+
+def loader_rates(loader: Iterable, batch_size: int, batches: int = 20) -> dict:
+    """Time `batches` batches of `loader` after its first (which pays for worker start-up):
+    `per_core` of them, the CPU time read from the main process (`time.process_time`, all
+    its threads, so decoder threads count) and from each worker's /proc entry."""
+    it, n = iter(loader), 0
+    workers = getattr(loader, "num_workers", 0)
+    if next(it, None) is None:
+        return per_core(0, 1.0, None, workers)
+    pids = [w.pid for w in getattr(it, "_workers", [])]  # DataLoader's worker processes
+
+    def cpu() -> Optional[float]:
+        each = [process_cpu_seconds(pid) for pid in pids]
+        return None if None in each else time.process_time() + sum(each)
+    c0, t0 = cpu(), time.perf_counter()
+    for _ in range(batches):
+        if next(it, None) is None:
+            break
+        n += batch_size  # (with drop_last every batch is full)
+    wall, c1 = time.perf_counter() - t0, cpu()
+    return per_core(n, wall, c1 - c0 if c0 is not None and c1 is not None else None, workers)
+
+
 def bench(step_fn: Callable[[], object], batch_size: int, device: torch.device,
           steps: int = 20, warmup: int = 5, loader: Optional[Iterable] = None,
           loader_batches: int = 20, amp_dtype: Optional[torch.dtype] = None, **extra) -> dict:
@@ -142,7 +187,7 @@ def bench(step_fn: Callable[[], object], batch_size: int, device: torch.device,
     optionally the data pipeline alone (`loader`); print one JSON line on rank 0 and return it
     as a dict: samples/s, ms/step, FLOPs per sample (one step counted with `count_flops`),
     achieved TFLOP/s, MFU where the GPU's peak is known (`peak_tflops` for `amp_dtype`), peak
-    memory, and the loader's samples/s.
+    memory, and the loader's samples/s: in all, per worker and per CPU core (`loader_rates`).
 
     Throughput and TFLOP/s are per process times the world size (global under torchrun).
     """
@@ -168,16 +213,7 @@ def bench(step_fn: Callable[[], object], batch_size: int, device: torch.device,
     if peak is not None:
         out["mfu"] = out["tflop_per_s"] / dist.world() / peak
     if loader is not None:
-        it, n, t0 = iter(loader), 0, None
-        for i in range(loader_batches + 1):
-            batch = next(it, None)
-            if batch is None:
-                break
-            if i == 0:  # the first batch pays for worker start-up
-                t0 = time.perf_counter()
-                continue
-            n += batch_size  # (with drop_last every batch is full)
-        out["data_samples_per_s"] = n / max(time.perf_counter() - t0, 1e-9) if t0 else 0.0
+        out.update(loader_rates(loader, batch_size, loader_batches))
     dist.print0(json.dumps({k: round(v, 3) if isinstance(v, float) else v
                             for k, v in out.items()}))
     return out

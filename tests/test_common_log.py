@@ -1,4 +1,5 @@
 import json
+import os
 import time
 
 import numpy as np
@@ -43,8 +44,37 @@ def test_bench_counts_steps_and_times_the_loader(capsys):
     assert out["gflop_per_sample"] == 0 and "mfu" not in out  # no tensor work, no GPU
     assert out["ms_per_step"] >= 10 and out["samples_per_s"] <= 4 / 0.01
     assert out["data_samples_per_s"] > 0 and out["note"] == "x" and out["peak_mem_mb"] > 10
+    assert out["data_samples_per_s_per_worker"] == out["data_samples_per_s"]  # in-process
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["bench"] == "train_step" and printed["batch_per_process"] == 4
+
+
+def test_loader_rates_per_worker_and_per_core_arithmetic():
+    r = log.per_core(samples=120, wall_s=2.0, cpu_s=4.0, workers=3)
+    assert r["data_samples_per_s"] == 60 and r["data_samples_per_s_per_worker"] == 20
+    assert r["data_samples_per_s_per_core"] == 30 and r["data_cores_busy"] == 2
+    r = log.per_core(samples=10, wall_s=0.5, cpu_s=None, workers=0)  # in-process loader
+    assert r["data_samples_per_s_per_worker"] == 20 and r["data_samples_per_s_per_core"] is None
+
+
+class _Squares(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        return torch.full((8,), float(i)) ** 2
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="per-core CPU time needs /proc")
+def test_loader_rates_reads_the_workers_cpu_time():
+    """With 2 workers: the workers' CPU seconds are read (per core is a number), and the rate
+    per worker is the loader's rate halved."""
+    loader = torch.utils.data.DataLoader(_Squares(), batch_size=4, num_workers=2)
+    r = log.loader_rates(loader, 4, batches=6)
+    assert r["data_workers"] == 2 and r["data_samples_per_s"] > 0
+    assert r["data_samples_per_s_per_worker"] == r["data_samples_per_s"] / 2
+    assert r["data_samples_per_s_per_core"] is not None and r["data_samples_per_s_per_core"] > 0
+    assert log.process_cpu_seconds(os.getpid()) > 0
 
 
 def test_bench_counts_the_flops_of_a_training_step(capsys):
