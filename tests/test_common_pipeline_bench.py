@@ -1,0 +1,46 @@
+"""common/pipeline_bench.py: the files it writes, its keys and its per-core arithmetic (the
+timings themselves are the tool's output, not tested)."""
+import math
+
+import pytest
+
+from common import pipeline_bench as pb
+from common import video
+
+
+def test_cores_needed_rounds_up():
+    assert pb.cores_needed(200, 27.0) == 8  # 7.4 cores -> 8
+    assert pb.cores_needed(200, 25.0) == 8  # exactly 8: not 9
+    assert pb.cores_needed(10, 50.0) == 1  # at least one
+    assert pb.cores_needed(700, 13.1) == math.ceil(700 / 13.1)
+    with pytest.raises(ValueError):
+        pb.cores_needed(200, 0.0)
+
+
+def test_keys_visit_every_file_then_a_new_epoch():
+    ks = pb.keys("sigma", n_files=4, clips=8, seconds=10)
+    assert [i for _, i in ks[:4]] and sorted(i for _, i in ks[:4]) == [0, 1, 2, 3]
+    assert [e for e, _ in ks] == [0] * 4 + [1] * 4  # new draws on the second pass
+    ks = pb.keys("comedian", n_files=2, clips=20, seconds=10)  # items: 2 halves x 10 s
+    assert sorted(i for _, i in ks) == list(range(20)) and {e for e, _ in ks} == {0}
+
+
+def test_bench_files_are_k400_like_h264(tmp_path):
+    files = pb.bench_files(tmp_path, files=1, seconds=0.4)
+    assert set(files) == set(pb.SIZES)
+    for (w, h), paths in files.items():
+        meta = video.video_meta(paths[0])
+        assert (meta.width, meta.height, meta.num_frames, meta.fps) == (w, h, 10, pb.FPS)
+        clip = video.read_clip(paths[0], [0, 9])
+        assert clip.shape == (2, h, w, 3) and clip.float().std() > 10  # texture, not flat
+    again = pb.bench_files(tmp_path, files=1, seconds=0.4)  # cached: not rewritten
+    assert again == files
+
+
+def test_the_pipelines_yield_training_samples(tmp_path):
+    """Each method's pipeline, built as the tool builds it, yields a sample for its keys."""
+    paths = pb.bench_files(tmp_path, files=1, seconds=0.4)[(320, 240)]
+    what, get = pb.pipeline("sigma", paths)
+    clip, mask = get((0, 0))
+    assert clip.shape == (3, 16, 224, 224) and mask.shape == (1568,)
+    assert pb.official_note(None)  # decord and the authors' code are not dependencies
