@@ -330,6 +330,68 @@ def _sequence(rng: np.random.Generator, h: int, w: int, frames: int):
     return imgs, labels, len(objects)
 
 
+def _texture(kind: str, freq: float, angle: float) -> Callable:
+    """A two-colour texture `(u, v) -> bool`: "stripes" (at `angle`), "checker" or "dots",
+    `freq` cycles per unit of (u, v)."""
+    if kind == "stripes":
+        return lambda u, v: np.sin(2 * np.pi * freq * (u * np.cos(angle) + v * np.sin(angle))) > 0
+    if kind == "checker":
+        return lambda u, v: (np.floor(2 * freq * u) + np.floor(2 * freq * v)) % 2 == 0
+    return lambda u, v: np.sin(2 * np.pi * freq * u) * np.sin(2 * np.pi * freq * v) > 0.5
+
+
+CAMOUFLAGE_TEXTURES = ("stripes", "checker", "dots")
+
+
+def _camouflage(rng: np.random.Generator, h: int, w: int, frames: int):
+    """(T, H, W, 3) uint8 frames, (T, H, W) uint8 label maps, K: K = 2 or 3 objects painted in
+    the background's two colours, told apart from it only by their texture and silhouette.
+
+    The background is one of `CAMOUFLAGE_TEXTURES`, each object one of the other two (in object
+    coordinates, so it moves, turns and scales with it), all at 5-8 px per cycle, the
+    object's two colours swapped at random. Along the video the objects cross about 35 % of the frame,
+    turn, breathe in scale by +-20 % and hide one another; the camera pans; the illumination
+    swings by +-35 % once per video; every frame has Gaussian noise (sigma 6). So the colour of
+    a patch tells nothing, the same object patch changes its pixels from frame to frame, and
+    copying the first mask, raw-pixel matching and a random encoder all do poorly; features
+    that know the textures do well."""
+    pad = 16
+    ca = rng.uniform(0, 255, 3)
+    cb = _colour(rng, ca, 120.0)
+    kinds = [CAMOUFLAGE_TEXTURES[i] for i in rng.permutation(3)]
+    y, x = np.mgrid[0:h + 2 * pad, 0:w + 2 * pad].astype(float)
+    back = _texture(kinds[0], rng.uniform(0.12, 0.2), rng.uniform(0, np.pi))(x, y)
+    bg = np.where(back[..., None], cb, ca)
+    drift = rng.uniform(-pad, pad, 2)
+    disk = _normalise("disk")[0]  # (u, v) units per radius
+    objects = []
+    for k in range(rng.integers(2, 4)):
+        r = rng.uniform(0.16, 0.24) * min(h, w)
+        amp = rng.uniform(0.6, 1.0, 2) * 0.35 * (np.array([w, h]) - 2.4 * r)
+        centre = rng.uniform(1.2 * r + amp, np.array([w, h]) - 1.2 * r - amp)
+        freq = r * rng.uniform(0.12, 0.2) / disk  # 0.12-0.2 cycles per pixel
+        objects.append(dict(shape=SHAPES[rng.integers(len(SHAPES))], r=r, amp=amp, centre=centre,
+                            om=rng.uniform(0.7, 1, 3) * 2 * np.pi / frames, ph=rng.uniform(0, 6, 3),
+                            rot=rng.uniform(-0.05, 0.05),
+                            texture=_texture(kinds[1 + k % 2], freq, rng.uniform(0, np.pi)),
+                            colours=(cb, ca) if rng.random() < 0.5 else (ca, cb)))
+    light = rng.uniform(0, 2 * np.pi)
+    imgs = np.empty((frames, h, w, 3), np.uint8)
+    labels = np.zeros((frames, h, w), np.uint8)
+    for t in range(frames):
+        ox, oy = np.rint(pad + drift * np.sin(np.pi * t / frames)).astype(int)
+        img = bg[oy:oy + h, ox:ox + w].copy()
+        for k, o in enumerate(objects):
+            s = np.sin(o["om"] * t + o["ph"])
+            cx, cy = o["centre"] + o["amp"] * s[:2]
+            alpha = _draw(img, o["shape"], cx, cy, o["r"] * (1 + 0.2 * s[2]), o["rot"] * t,
+                          *o["colours"], o["texture"])
+            labels[t][alpha > 0.5] = k + 1
+        img = img * (1 + 0.35 * np.sin(2 * np.pi * t / frames + light)) + rng.normal(0, 6, img.shape)
+        imgs[t] = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return imgs, labels, len(objects)
+
+
 def _write_frames(img_dir: Path, ann_dir: Path, imgs, labels, stems: list) -> None:
     """Frames as JPEG (quality 90) and label maps as palette PNG, named `stems`."""
     img_dir.mkdir(parents=True)
@@ -341,13 +403,28 @@ def _write_frames(img_dir: Path, ann_dir: Path, imgs, labels, stems: list) -> No
         mask.save(ann_dir / f"{stem}.png")
 
 
+def _visible(draw: Callable, rng: np.random.Generator, h: int, w: int, frames: int) -> tuple:
+    """`draw(rng, h, w, frames)`'s frames and labels, redrawn until every object covers at
+    least 20 pixels of the first frame (a semi-supervised annotation must show it)."""
+    while True:
+        imgs, labels, k = draw(rng, h, w, frames)
+        if np.bincount(labels[0].ravel(), minlength=k + 1)[1:].min() >= 20:
+            return imgs, labels
+
+
 def davis(root: Optional[os.PathLike] = None, seed: int = 0, size: tuple = (96, 160),
-          sequences: int = 4, frames: int = 20) -> Path:
+          sequences: int = 4, frames: int = 20, style: str = "plain") -> Path:
     """DAVIS-2017 layout: `JPEGImages/480p/<seq>/00000.jpg`, palette PNG `Annotations/480p/`
     (0 background, 1..K objects; every frame annotated), `ImageSets/2017/val.txt`.
 
     `size` is (H, W); "480p" is only the DAVIS folder name. Every object is visible in frame 0.
+    `style`: "plain" (objects in their own colours on a smooth background: colour matching
+    solves it) or "camouflage" (`_camouflage`: only learned texture features solve it).
+    `JPEGImages/480p` is also an image folder (a class per sequence) to pretrain on.
     """
+    if style not in ("plain", "camouflage"):
+        raise ValueError(f"synthetic.davis: style is 'plain' or 'camouflage', got {style!r}")
+    draw = _camouflage if style == "camouflage" else _sequence
     h, w = size
     if min(h, w) < 48:
         raise ValueError(f"synthetic.davis: frames must be at least 48x48, got {h}x{w}")
@@ -355,17 +432,50 @@ def davis(root: Optional[os.PathLike] = None, seed: int = 0, size: tuple = (96, 
     def build(tmp: Path) -> None:
         names = [f"synth{i:02d}" for i in range(sequences)]
         for i, seq in enumerate(names):
-            rng = np.random.default_rng([seed, i])
-            while True:  # redraw until no object starts (almost) hidden
-                imgs, labels, k = _sequence(rng, h, w, frames)
-                if np.bincount(labels[0].ravel(), minlength=k + 1)[1:].min() >= 20:
-                    break
+            imgs, labels = _visible(draw, np.random.default_rng([seed, i]), h, w, frames)
             _write_frames(tmp / "JPEGImages/480p" / seq, tmp / "Annotations/480p" / seq, imgs,
                           labels, [f"{t:05d}" for t in range(frames)])
         (tmp / "ImageSets/2017").mkdir(parents=True)
         (tmp / "ImageSets/2017/val.txt").write_text("".join(f"{s}\n" for s in names))
     name = f"davis-v{VERSION}-s{seed}-{h}x{w}-{sequences}x{frames}f"
-    return _cached(root, name, build)
+    return _cached(root, name + ("-camouflage" if style == "camouflage" else ""), build)
+
+
+def camouflage_images(root: Optional[os.PathLike] = None, seed: int = 100,
+                      size: tuple = (96, 160), train: int = 120, val: int = 10,
+                      frames: int = 10) -> Path:
+    """ImageFolder `root/{train,val}/<seq>/<t>.jpg`: the frames of `train` + `val`
+    `davis(style="camouflage")`-like sequences (drawn as `davis(seed=seed)` would draw them),
+    to pretrain an image model on what the camouflage DAVIS set evaluates."""
+    h, w = size
+
+    def build(tmp: Path) -> None:
+        for i in range(train + val):
+            imgs, _ = _visible(_camouflage, np.random.default_rng([seed, i]), h, w, frames)
+            folder = tmp / ("train" if i < train else "val") / f"synth{i:03d}"
+            folder.mkdir(parents=True)
+            for t, img in enumerate(imgs):
+                Image.fromarray(img).save(folder / f"{t:05d}.jpg", quality=90)
+    return _cached(root, f"camouflage-images-v{VERSION}-s{seed}-{h}x{w}-{train}x{val}x{frames}f",
+                   build)
+
+
+def camouflage_videos(root: Optional[os.PathLike] = None, seed: int = 0, size: tuple = (96, 160),
+                      videos: int = 96, frames: int = 32, fps: float = 25) -> Path:
+    """`videos` H.264 clips `root/<n>.mp4` of `_camouflage` sequences (the family of
+    `davis(style="camouflage")`, other draws) and a Kinetics-style `train.csv` (`<n>.mp4 0`:
+    one dummy class): video pretraining data whose frames look like the evaluation's."""
+    from common.video import write_video
+    h, w = size
+    if h % 2 or w % 2:
+        raise ValueError(f"synthetic.camouflage_videos: H and W must be even (H.264), got {size}")
+
+    def build(tmp: Path) -> None:
+        for i in range(videos):
+            imgs, _, _ = _camouflage(np.random.default_rng([seed, 2000 + i]), h, w, frames)
+            write_video(tmp / f"{i:03d}.mp4", imgs, fps=fps, codec="libx264", gop=8)
+        (tmp / "train.csv").write_text("".join(f"{i:03d}.mp4 0\n" for i in range(videos)))
+    return _cached(root, f"camouflage-videos-v{VERSION}-s{seed}-{h}x{w}-{videos}x{frames}f", build)
 
 
 YTVOS_CATEGORIES = ("bird", "cat", "dog")  # category ids 1, 2, 3 (sorted names)

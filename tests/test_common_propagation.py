@@ -503,3 +503,13 @@ def test_eval_vip_first_frame_and_final_resize_official_order(tmp_path):
     old = torch.nn.functional.interpolate(old[None, None].float(), size=(720, 1280),
                                           mode="nearest-exact")[0, 0].numpy()
     assert abs(got - P.miou(3 * P.confusion(gt0, old))) > 1e-3
+
+
+def test_pixel_features_are_the_patches():
+    """The raw-pixel baseline: channel c*p*p + i*p + j of cell (y, x) is pixel (c, y*p + i,
+    x*p + j), so propagation compares whole p x p RGB patches."""
+    x = torch.arange(2 * 3 * 16 * 24, dtype=torch.float32).view(2, 3, 16, 24)
+    f = P.pixel_features(x, 8)
+    assert f.shape == (2, 192, 2, 3)
+    assert torch.equal(f[1, :, 1, 2], x[1, :, 8:16, 16:24].reshape(-1))
+    assert torch.equal(f[0, 64 + 8 * 3 + 5, 0, 1], x[0, 1, 3, 13])

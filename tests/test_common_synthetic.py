@@ -225,6 +225,51 @@ def test_davis_deterministic(tmp_path):
     assert all(fa[k] != fc[k] for k in fa if k.endswith((".jpg", ".png")))
 
 
+def test_camouflage_defeats_colour_matching(tmp_path):
+    """The camouflage set's claim: raw-pixel label propagation, which the plain set lets
+    succeed, fails on it (same seed, size and length; measured 0.67 vs 0.28)."""
+    from common import propagation
+    jf = {}
+    for style in ("plain", "camouflage"):
+        root = syn.davis(tmp_path / style, seed=3, sequences=3, frames=12, style=style)
+        scores, _ = propagation.eval_davis(lambda x: propagation.pixel_features(x, 8), root,
+                                           (96, 160))
+        jf[style] = scores["J&F-Mean"]
+    assert jf["plain"] > 0.55 and jf["camouflage"] < 0.4, jf
+
+
+def test_camouflage_objects_wear_the_background_colours():
+    """Every object and the background hold both of the frame's two colour clusters (2-means
+    of the pixels), so a patch's colour does not tell object from background."""
+    for i in range(4):
+        imgs, labels, k = syn._camouflage(np.random.default_rng([7, i]), 96, 160, 4)
+        px = imgs[0].reshape(-1, 3).astype(float)
+        centres = px[[px.sum(1).argmin(), px.sum(1).argmax()]]
+        for _ in range(10):  # Lloyd's iterations
+            near = np.linalg.norm(px[:, None] - centres[None], axis=2).argmin(1)
+            centres = np.stack([px[near == j].mean(0) for j in range(2)])
+        assert np.linalg.norm(centres[0] - centres[1]) > 60
+        for region in range(k + 1):  # 0: background
+            share = near[labels[0].ravel() == region].mean()
+            assert 0.05 < share < 0.95, (i, region, share)
+
+
+def test_camouflage_images_and_videos(tmp_path):
+    imgs = syn.camouflage_images(tmp_path / "img", seed=5, train=2, val=1, frames=3)
+    assert sorted(p.relative_to(imgs).as_posix() for p in imgs.rglob("*.jpg")) == [
+        f"{split}/synth{i:03d}/{t:05d}.jpg" for split, i in
+        [("train", 0), ("train", 1), ("val", 2)] for t in range(3)]
+    same = syn.davis(tmp_path / "davis", seed=5, sequences=2, frames=3, style="camouflage")
+    assert (imgs / "train/synth001/00002.jpg").read_bytes() == \
+        (same / "JPEGImages/480p/synth01/00002.jpg").read_bytes()  # drawn as davis draws them
+    vids = syn.camouflage_videos(tmp_path / "vid", seed=5, videos=2, frames=6)
+    assert (vids / "train.csv").read_text() == "000.mp4 0\n001.mp4 0\n"
+    clip = video.read_clip(vids / "001.mp4", list(range(6)))
+    assert clip.shape == (6, 96, 160, 3) and clip.dtype == torch.uint8
+    with pytest.raises(ValueError, match="style"):
+        syn.davis(tmp_path / "x", style="dark")
+
+
 # ---- cache ----
 
 def test_cache_reuses_and_regenerates(monkeypatch, tmp_path):
