@@ -3,7 +3,6 @@ pipeline, on K400-like H.264 files it writes itself, and how many cores keep one
 
     python -m common.pipeline_bench                      # every video method, default files
     python -m common.pipeline_bench --methods sigma --rounds 5 --gpu-clips-per-s 200
-    python -m common.pipeline_bench --model-step         # also one CPU model step per method
 
 Run it pinned to one core (`taskset -c 1 python -m common.pipeline_bench`): it runs in one
 process with one torch thread and reports clips/s of that process, i.e. per core. A "clip" is
