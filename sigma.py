@@ -600,11 +600,15 @@ class VideoViT(nn.Module):
         self.dim, self.depth, self.num_masked = dim, depth, num_masked(a)
 
     def tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.patch_embed(x)  # (B, N, E); the table added before dropping, built for N
-        x = x + (self.pos_embed if x.shape[1] == self.pos_embed.shape[1] else
-                 vit.sincos_1d(x.shape[1], self.dim).to(x))
-        if mask is not None:  # exact counts per clip: visible tokens in ascending order
-            x = select(x, split_ids(mask, self.num_masked)[0])  # (B, N_v, E)
+        k = self.patch_embed.proj.kernel_size
+        n = x.shape[2] // k[0] * (x.shape[3] // k[1]) * (x.shape[4] // k[2])  # N tokens
+        # exact counts per clip: the visible tokens in ascending order, only those embedded
+        # (the official code embeds all N, adds the table, then drops: the same sums)
+        vis = None if mask is None else split_ids(mask, self.num_masked)[0]  # (B, N_v)
+        x = self.patch_embed(x, vis)  # (B, N | N_v, E)
+        pos = (self.pos_embed if n == self.pos_embed.shape[1] else  # the table built for N
+               vit.sincos_1d(n, self.dim).to(x)[None])
+        x = x + (pos if vis is None else select(pos.expand(x.shape[0], -1, -1), vis))
         for blk in self.blocks:
             x = blk(x)
         return x

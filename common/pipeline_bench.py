@@ -3,7 +3,6 @@ pipeline, on K400-like H.264 files it writes itself, and how many cores keep one
 
     python -m common.pipeline_bench                      # every video method, default files
     python -m common.pipeline_bench --methods sigma --rounds 5 --gpu-clips-per-s 200
-    python -m common.pipeline_bench --model-step         # also one CPU model step per method
 
 Run it pinned to one core (`taskset -c 1 python -m common.pipeline_bench`): it runs in one
 process with one torch thread and reports clips/s of that process, i.e. per core. A "clip" is
@@ -21,24 +20,41 @@ Kinetics' x264 encodes), crf 23, yuv420p, in two sizes (320 x 240 and 568 x 320,
 
 The cores one GPU needs: ceil(gpu clips/s / clips/s per core), printed per method for
 `--gpu-clips-per-s` (the GPU's training step rate in clips/s, measured with `--bench` on it).
-The authors' pipelines (decord and their dataset code) are compared only where importable
-beside this project (`--official-root`); otherwise the line says why it is skipped.
+
+`--cold-tables` adds rows where the per-process frame-table cache is emptied before every sample
+(a K400 epoch visits about 240,000 files: at that scale nearly every read is a miss).
+
+The authors' pipelines: `--official-root DIR` holds a checkout of an authors' repository per
+method (`DIR/sigma`: SIGMA's official repository, built on VideoMAE). Where decord and that
+code import (`PYTHONPATH=/somewhere/with/decord:...`; neither is a dependency of this project),
+their per-sample pretraining pipeline (SIGMA: `kinetics.VideoMAE` with decord,
+`DataAugmentationForVideoMAE`, as `build_pretraining_dataset` builds it) is timed on the same
+files and keys, in the same alternating rounds, and given the same draws as ours (its start
+frame and crop are set to ours; each of its random draws otherwise stays its own), so both
+sides decode the same frames and resize the same crop; the first sample's pixels are compared
+and the difference printed. Otherwise a line says why it is skipped.
+
+This is a tool, not library code: it imports the method files (and, when asked, the authors'
+code) with importlib when run; nothing in `common/` imports it.
 """
 import argparse
+import contextlib
 import importlib
 import importlib.util
+import io
 import json
 import math
 import os
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import synthetic, video
+from common import data, synthetic, video
 
 SIZES = ((320, 240), (568, 320))  # (W, H): the K400 320 x 240 and the short side 320 encodes
 FPS, GOP, CRF = 25, 250, 23
@@ -96,7 +112,6 @@ def pipeline(method: str, paths: list):
     except ImportError as e:
         print(f"{method}: skipped, cannot import it ({e})")
         return None
-    from common import data
     if method == "sigma":
         ds = mod.PretrainClips([data.VideoRecord(p, 0) for p in paths], mod.Args())
         return "16x224 clip + tube mask", ds.__getitem__
@@ -138,15 +153,111 @@ def cores_needed(gpu_clips_per_s: float, clips_per_s_per_core: float) -> int:
     return max(1, math.ceil(gpu_clips_per_s / clips_per_s_per_core - 1e-9))
 
 
-def official_note(root) -> str:
-    """Why the authors' pipelines are not compared here (decord and their code are not
-    dependencies of this project); '' when both are importable."""
+OFFICIAL = {"sigma": "SIGMA's official repository (kinetics.py, datasets.py, ...)"}
+
+
+def official_note(method: str, root) -> str:
+    """Why the authors' pipeline of `method` cannot be timed here (decord and their code are
+    not dependencies of this project); '' when it can be tried."""
+    if method not in OFFICIAL:
+        return "comparing with the authors' pipeline is not wired in for this method"
     if importlib.util.find_spec("decord") is None:
-        return "decord is not installed (pip install decord; not a project dependency)"
-    if not root or not os.path.isdir(root):
-        return "no --official-root (a checkout of the authors' code) given"
-    return ("comparing with the authors' dataset classes is not wired in: time them with "
-            "their own loader on these files")
+        return "decord is not importable (install it beside the project, not into it)"
+    if not root:
+        return "no --official-root (a folder holding the authors' code per method) given"
+    if not os.path.isdir(os.path.join(root, method)):
+        return f"no {os.path.join(root, method)} ({OFFICIAL[method]})"
+    return ""
+
+
+@contextlib.contextmanager
+def _importing_from(folder: str):
+    """Import the authors' top-level modules (`datasets`, `transforms`, ...) from `folder`;
+    restores sys.path and drops those modules again afterwards (their names are generic)."""
+    before = set(sys.modules)
+    sys.path.insert(0, folder)
+    # their kinetics.py imports `numpy.lib.function_base.disp` (unused), gone in numpy 2
+    shim = "numpy.lib.function_base"
+    if importlib.util.find_spec("numpy.lib") and shim not in sys.modules:
+        try:
+            importlib.import_module(shim)
+        except ImportError:
+            sys.modules[shim] = types.SimpleNamespace(disp=print)
+    try:
+        yield
+    finally:
+        sys.path.remove(folder)
+        for name in set(sys.modules) - before:
+            mod = sys.modules[name]
+            if name == shim or (getattr(mod, "__file__", None) or "").startswith(folder):
+                del sys.modules[name]
+
+
+def sigma_draws(mod, paths: list, ks: list) -> dict:
+    """key -> (start frame, (top, left, crop h, crop w)): SIGMA's draws for that key, as its
+    `PretrainClips` makes them (the same generator, in the same order)."""
+    a, out = mod.Args(), {}
+    for k in ks:
+        epoch, index = data.split_key(k)
+        rng = data.sample_np_rng(a.seed, epoch, index)
+        meta = video.video_meta(paths[index])
+        idx = mod.stride_indices(meta.num_frames, a.num_frames, a.sampling_rate, rng)
+        out[k] = idx[0], mod.multi_scale_crop(meta.height, meta.width, a.input_size, rng)
+    return out
+
+
+def official_sigma(folder: str, paths: list, ks: list, workdir: str):
+    """A callable key -> sample running the authors' SIGMA pretraining pipeline at the paper
+    settings (K400: 16 frames, rate 4, multi-scale crop to 224, tube mask 0.9), with our draws
+    (`sigma_draws`) put in place of its start-frame and crop draws."""
+    mod = importlib.import_module("sigma")
+    with _importing_from(folder):
+        theirs = importlib.import_module("datasets")
+    setting = os.path.join(workdir, "sigma-train.csv")
+    with open(setting, "w") as f:  # their list format: 'path label' (label unused)
+        f.writelines(f"{p} 0\n" for p in paths)
+    args = types.SimpleNamespace(
+        gray_scale_prob=0.0, augmentation="multi_scale_crop", input_size=224, mask_type="tube",
+        window_size=(8, 14, 14), mask_ratio=0.9, num_frames=16, sampling_rate=4,
+        data_path="", data_path_csv=setting, target_type="mlp")
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its transform
+        ds = theirs.build_pretraining_dataset(args)
+    crop = ds.transform.train_augmentation  # GroupMultiScaleCrop
+    draws = sigma_draws(mod, paths, ks)
+    skip = np.zeros(16, dtype=int)
+
+    def get(key):
+        start, (top, left, ch, cw) = draws[key]
+        ds._sample_train_indices = lambda n: (np.array([start + 1]), skip)  # 1-based offset
+        crop._sample_crop_size = lambda im_size: (cw, ch, left, top)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):  # on an error it prints and loads item + 1
+            sample = ds[data.split_key(key)[1]]
+        if "failed" in out.getvalue():
+            raise RuntimeError(f"the authors' pipeline failed on {key}: {out.getvalue()}")
+        return sample
+    return get
+
+
+def official_pipeline(method: str, root: str, paths: list, ks: list, workdir: str):
+    """(callable key -> sample, '') for the authors' pipeline of `method`, or (None, why)."""
+    note = official_note(method, root)
+    if note:
+        return None, note
+    try:
+        return official_sigma(os.path.join(root, method), paths, ks, workdir), ""
+    except Exception as e:  # their code or its imports (timm, cv2, ...) missing here
+        return None, f"cannot run their code here ({type(e).__name__}: {e})"
+
+
+def pixel_gap(ours, theirs) -> float:
+    """Largest difference between two pipelines' samples (their normalised clips), in 8-bit
+    levels (x std x 255)."""
+    a, b = ours[0].float(), torch.as_tensor(theirs[0]).float()
+    if a.shape != b.shape:
+        return float("inf")
+    std = torch.tensor((0.229, 0.224, 0.225)).view(3, *[1] * (a.dim() - 1))
+    return float(((a - b).abs() * std).max()) * 255
 
 
 def main(argv=None) -> dict:
@@ -160,7 +271,10 @@ def main(argv=None) -> dict:
     p.add_argument("--gpu-clips-per-s", type=float, default=200.0,
                    help="the GPU's training rate in clips/s (e.g. from `--bench` on it)")
     p.add_argument("--root", default=None, help="where the files are written")
-    p.add_argument("--official-root", default=None, help="a checkout of the authors' code")
+    p.add_argument("--official-root", default=None,
+                   help="a folder holding the authors' code per method (DIR/sigma, ...)")
+    p.add_argument("--cold-tables", action="store_true",
+                   help="also time ours with the frame-table cache emptied before each sample")
     p.add_argument("--json", action="store_true", help="also print one JSON line per row")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -170,7 +284,7 @@ def main(argv=None) -> dict:
     print(f"# one process, 1 torch thread, {affinity} core(s) allowed"
           + ("" if affinity == 1 else " (pin it: taskset -c N)")
           + f"; {a.files} K400-like H.264 files per size ({a.seconds:g} s, {FPS} fps, GOP {GOP})")
-    jobs = []
+    jobs, notes = [], {}
     for m in methods:
         for size, paths in files.items():
             got = pipeline(m, paths)
@@ -178,29 +292,63 @@ def main(argv=None) -> dict:
                 break
             what, get = got
             ks = keys(m, len(paths), a.clips, a.seconds)
-            time_pipeline(get, ks)  # warm-up: frame tables, allocator
-            jobs.append((m, size, what, get, ks, []))
+            sides = [("ours", get)]
+            if a.cold_tables:
+                sides.append(("ours, tables not cached", cold(get)))
+            # the list file their dataset reads is written beside the files
+            theirs, why = official_pipeline(m, a.official_root, paths, ks,
+                                            os.path.dirname(paths[0]))
+            if theirs is None:
+                notes[m] = why
+            else:  # the comparison doubles as their warm-up
+                sides.append(("authors'", theirs))
+                gap = max(pixel_gap(get(k), theirs(k)) for k in ks)
+                notes[m] = notes.get(m, "compared on the same draws; the clips' pixels differ "
+                                        "by at most") + f" {gap:.2f} (at {size[0]}x{size[1]})"
+            for side, fn in sides:
+                time_pipeline(fn, ks)  # warm-up: frame tables, allocator
+                jobs.append((m, size, what, side, fn, ks, []))
     for r in range(a.rounds):  # alternate the order between rounds
-        for m, size, what, get, ks, rates in (jobs if r % 2 == 0 else jobs[::-1]):
-            rates.append(time_pipeline(get, ks))
-    print(f"| method | sample | file | clips/s per core | ms per clip | cores for "
-          f"{a.gpu_clips_per_s:g} clips/s |")
-    print("|---|---|---|---|---|---|")
+        for m, size, what, side, fn, ks, rates in (jobs if r % 2 == 0 else jobs[::-1]):
+            rates.append(time_pipeline(fn, ks))
+    print(f"| method | sample | file | pipeline | clips/s per core | ms per clip | ours / "
+          f"authors' | cores for {a.gpu_clips_per_s:g} clips/s |")
+    print("|---|---|---|---|---|---|---|---|")
     out = {}
-    for m, (w, h), what, _, _, rates in jobs:
+    for m, (w, h), what, side, _, _, rates in jobs:
         rate = statistics.median(rates)
-        row = {"method": m, "sample": what, "file": f"{w}x{h}", "clips_per_s_per_core": rate,
-               "ms_per_clip": 1000 / rate, "rounds": [round(x, 2) for x in rates],
-               "cores_for_gpu": cores_needed(a.gpu_clips_per_s, rate),
-               "gpu_clips_per_s": a.gpu_clips_per_s}
-        out[(m, f"{w}x{h}")] = row
-        print(f"| {m} | {what} | {w}x{h} | {rate:.2f} | {1000 / rate:.1f} | "
-              f"{row['cores_for_gpu']} |")
+        out[(m, f"{w}x{h}", side)] = row = {
+            "method": m, "sample": what, "file": f"{w}x{h}", "pipeline": side,
+            "clips_per_s_per_core": rate, "ms_per_clip": 1000 / rate,
+            "rounds": [round(x, 3) for x in rates],
+            "cores_for_gpu": cores_needed(a.gpu_clips_per_s, rate),
+            "gpu_clips_per_s": a.gpu_clips_per_s}
+    for (m, f, side), row in out.items():  # median of the per-round ratios (paired rounds)
+        ref = out.get((m, f, "authors'"))
+        if ref is not None and side != "authors'":
+            row["ratio_to_authors"] = statistics.median(
+                x / y for x, y in zip(row["rounds"], ref["rounds"]))
+    for row in out.values():
+        ratio = row.get("ratio_to_authors")
+        print(f"| {row['method']} | {row['sample']} | {row['file']} | {row['pipeline']} | "
+              f"{row['clips_per_s_per_core']:.2f} | {row['ms_per_clip']:.1f} | "
+              f"{'' if ratio is None else f'{ratio:.2f}x'} | {row['cores_for_gpu']} |")
         if a.json:
             print(json.dumps(row))
-    note = official_note(a.official_root)
-    print(f"authors' pipelines: skipped, {note}" if note else "authors' pipelines: compared")
+    for m in methods:
+        note = notes.get(m) or official_note(m, a.official_root)
+        print(f"authors' pipeline, {m}: " + (note + " levels of 255 over the keys timed"
+                                              if note.startswith("compared") else
+                                              f"skipped, {note}"))
     return out
+
+
+def cold(get):
+    """`get` with the per-process frame-table cache emptied first (a miss on every file)."""
+    def fn(key):
+        video._scan.cache_clear()
+        return get(key)
+    return fn
 
 
 if __name__ == "__main__":

@@ -120,7 +120,12 @@ class PatchEmbed(nn.Module):
 
 
 class TubeletEmbed(nn.Module):
-    """(B, C, T, H, W) -> (B, T/t * H/p * W/p, D), t-major (Conv3d kernel = stride = (t, p, p))."""
+    """(B, C, T, H, W) -> (B, T/t * H/p * W/p, D), t-major (Conv3d kernel = stride = (t, p, p)).
+
+    `forward(x, ids)` embeds only the tubelets `ids` (B, n) (token indices, t-major): the same
+    linear map on those tubelets alone (an MAE encoder drops the others), so it costs n / N of
+    the convolution; equal to `forward(x)` gathered at `ids` up to float rounding.
+    """
 
     def __init__(self, tubelet: int = 2, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 768):
@@ -128,8 +133,18 @@ class TubeletEmbed(nn.Module):
         k = (tubelet, patch_size, patch_size)
         self.proj = nn.Conv3d(in_chans, embed_dim, k, stride=k)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+    def forward(self, x: Tensor, ids: Tensor | None = None) -> Tensor:
+        if ids is None:
+            return self.proj(x).flatten(2).transpose(1, 2)
+        B, C = x.shape[:2]
+        t, p = self.proj.kernel_size[:2]
+        nt, nh, nw = x.shape[2] // t, x.shape[3] // p, x.shape[4] // p
+        x = x[:, :, :nt * t, :nh * p, :nw * p]  # what the convolution covers
+        x = x.unflatten(4, (nw, p)).unflatten(3, (nh, p)).unflatten(2, (nt, t))
+        x = x.permute(0, 2, 4, 6, 1, 3, 5, 7)  # a view (B, nt, nh, nw, C, t, p, p)
+        b = torch.arange(B, device=ids.device)[:, None]
+        tubes = x[b, ids // (nh * nw), ids // nw % nh, ids % nw]  # (B, n, C, t, p, p): a copy
+        return F.linear(tubes.flatten(2), self.proj.weight.flatten(1), self.proj.bias)
 
 
 def sincos_1d(n_positions: int, dim: int) -> Tensor:

@@ -43,4 +43,6 @@ def test_the_pipelines_yield_training_samples(tmp_path):
     what, get = pb.pipeline("sigma", paths)
     clip, mask = get((0, 0))
     assert clip.shape == (3, 16, 224, 224) and mask.shape == (1568,)
-    assert pb.official_note(None)  # decord and the authors' code are not dependencies
+    assert pb.official_note("sigma", None)  # decord and the authors' code are not dependencies
+    assert pb.official_note("sigma", tmp_path)  # no checkout of their code there
+    assert pb.official_note("cropmae", tmp_path)  # not wired in

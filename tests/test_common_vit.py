@@ -131,6 +131,20 @@ def test_embeds_use_the_patchify_token_order():
         pe(torch.randn(1, 3, 10, 12))
 
 
+def test_tubelet_embed_of_some_tubelets_is_the_convolution_gathered():
+    torch.manual_seed(0)
+    te = vit.TubeletEmbed(2, 4, 3, 5)
+    v = torch.randn(2, 3, 5, 9, 8)  # remainders the convolution drops: 2 x 2 x 2 tokens
+    ids = torch.tensor([[0, 3, 5, 7], [1, 2, 4, 6]])
+    full = te(v)
+    assert full.shape == (2, 8, 5)
+    torch.testing.assert_close(te(v, ids), vit.gather_tokens(full, ids))
+    g = torch.randn(2, 4, 5)
+    w_full = torch.autograd.grad((vit.gather_tokens(full, ids) * g).sum(), te.proj.weight)[0]
+    w_some = torch.autograd.grad((te(v, ids) * g).sum(), te.proj.weight)[0]
+    torch.testing.assert_close(w_some, w_full)
+
+
 def test_gather_tokens_per_sample():
     x = torch.arange(2 * 4 * 3.0).reshape(2, 4, 3)
     idx = torch.tensor([[3, 0], [1, 1]])

@@ -213,6 +213,37 @@ def test_encoder_sees_only_visible_tokens():
     assert not torch.allclose(m.encoder(noisy), m.encoder(video), atol=1e-3)
 
 
+def test_encoder_embeds_only_visible_tubes_with_the_official_numbers():
+    """The encoder embeds only the visible tubelets; the official order (embed all N tokens,
+    add the table, drop the masked ones) gives the same outputs and gradients (float rounding:
+    a matmul on the tubes instead of the convolution)."""
+    torch.manual_seed(0)
+    a = tiny_args()
+    enc = S.build_model(a).encoder
+    mask = torch.stack([S.tube_mask(a, np.random.default_rng(i)) for i in range(2)])
+    video = torch.randn(2, 3, 8, 32, 32)
+    g = torch.randn(2, int((~mask[0]).sum()), 48)
+
+    def official(video, mask):
+        x = enc.patch_embed(video) + enc.pos_embed  # all N tokens, conv3d
+        x = x[~mask].reshape(2, -1, x.shape[-1])
+        for blk in enc.blocks:
+            x = blk(x)
+        return enc.norm(x)
+
+    outs, grads = [], []
+    for f in (enc, official):
+        enc.zero_grad()
+        out = f(video, mask)
+        (out * g).sum().backward()
+        outs.append(out.detach())
+        grads.append({k: p.grad.clone() for k, p in enc.named_parameters()})
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and "patch_embed.proj.weight" in grads[0]
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_train_step_grads_prototypes_renormalised_teacher_untouched(tmp_path):
     torch.manual_seed(0)
     a = tiny_args()
