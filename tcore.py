@@ -53,7 +53,7 @@ Deviations, with reasons:
   Released teacher weights load strictly (registers included), not with strict=False.
 - Drop path is DINOv2's nested-list form everywhere in the student (exactly int(0.9 b) samples
   keep each residual, scaled by b / kept), also on the auxiliary frames (spec §1).
-- The demo preset (2 CPU cores, about 4 minutes): a 4-block ViT of width 192, patch 8, 64-px
+- The demo preset (about 6 minutes on one CPU core): a 4-block ViT of width 192, patch 8, 64-px
   global and 32-px local crops, 4 local crops, a 256-256-64 head with 256 prototypes, bf16 on
   the CPU, on 96 synthetic "camouflage" videos (objects in the background's two colours, told
   apart only by texture; `synthetic.camouflage_videos`); label propagation on 8 other such
