@@ -300,6 +300,28 @@ def _pattern(rng: np.random.Generator) -> Callable:
             lambda u, v: np.sin(f * np.pi * u) * np.sin(f * np.pi * v) > 0.5][rng.integers(3)]
 
 
+def _render(bg: np.ndarray, objects: list, drift: np.ndarray, pad: int, h: int, w: int,
+            frames: int, finish: Callable) -> tuple:
+    """(T, H, W, 3) uint8 frames and (T, H, W) uint8 labels (k + 1 where object k covers more
+    than half a pixel, later objects on top): each frame an (H, W) window of the padded
+    background `bg` panned by `drift` along a half sine, then every object (a dict of `_draw`'s
+    shape, r, c1, c2, pattern, and its motion: centre + amp sin(om t + ph), radius x (1 + 0.2
+    sin), turn rot t) painted in order, then `finish(float image, t)` -> uint8."""
+    imgs = np.empty((frames, h, w, 3), np.uint8)
+    labels = np.zeros((frames, h, w), np.uint8)
+    for t in range(frames):
+        ox, oy = np.rint(pad + drift * np.sin(np.pi * t / frames)).astype(int)
+        img = bg[oy:oy + h, ox:ox + w].copy()
+        for k, o in enumerate(objects):
+            s = np.sin(o["om"] * t + o["ph"])
+            cx, cy = o["centre"] + o["amp"] * s[:2]
+            alpha = _draw(img, o["shape"], cx, cy, o["r"] * (1 + 0.2 * s[2]), o["rot"] * t,
+                          o["c1"], o["c2"], o["pattern"])
+            labels[t][alpha > 0.5] = k + 1
+        imgs[t] = finish(img, t)
+    return imgs, labels
+
+
 def _sequence(rng: np.random.Generator, h: int, w: int, frames: int):
     """(T, H, W, 3) uint8 frames, (T, H, W) uint8 label maps of K = 2 or 3 textured objects, K."""
     pad = 8
@@ -315,18 +337,7 @@ def _sequence(rng: np.random.Generator, h: int, w: int, frames: int):
                             om=rng.uniform(0.5, 1, 3) * np.pi / frames, ph=rng.uniform(0, 6, 3),
                             rot=rng.uniform(-0.03, 0.03), c1=c1, c2=_colour(rng, c1, 80.0),
                             pattern=_pattern(rng)))
-    imgs = np.empty((frames, h, w, 3), np.uint8)
-    labels = np.zeros((frames, h, w), np.uint8)
-    for t in range(frames):
-        ox, oy = np.rint(pad + drift * np.sin(np.pi * t / frames)).astype(int)
-        img = bg[oy:oy + h, ox:ox + w].copy()
-        for k, o in enumerate(objects):
-            s = np.sin(o["om"] * t + o["ph"])
-            cx, cy = o["centre"] + o["amp"] * s[:2]
-            alpha = _draw(img, o["shape"], cx, cy, o["r"] * (1 + 0.2 * s[2]), o["rot"] * t,
-                          o["c1"], o["c2"], o["pattern"])
-            labels[t][alpha > 0.5] = k + 1
-        imgs[t] = _to_uint8(img, rng)
+    imgs, labels = _render(bg, objects, drift, pad, h, w, frames, lambda img, t: _to_uint8(img, rng))
     return imgs, labels, len(objects)
 
 
@@ -373,22 +384,13 @@ def _camouflage(rng: np.random.Generator, h: int, w: int, frames: int):
         objects.append(dict(shape=SHAPES[rng.integers(len(SHAPES))], r=r, amp=amp, centre=centre,
                             om=rng.uniform(0.7, 1, 3) * 2 * np.pi / frames, ph=rng.uniform(0, 6, 3),
                             rot=rng.uniform(-0.05, 0.05),
-                            texture=_texture(kinds[1 + k % 2], freq, rng.uniform(0, np.pi)),
-                            colours=(cb, ca) if rng.random() < 0.5 else (ca, cb)))
+                            pattern=_texture(kinds[1 + k % 2], freq, rng.uniform(0, np.pi))))
+        objects[-1]["c1"], objects[-1]["c2"] = (cb, ca) if rng.random() < 0.5 else (ca, cb)
     light = rng.uniform(0, 2 * np.pi)
-    imgs = np.empty((frames, h, w, 3), np.uint8)
-    labels = np.zeros((frames, h, w), np.uint8)
-    for t in range(frames):
-        ox, oy = np.rint(pad + drift * np.sin(np.pi * t / frames)).astype(int)
-        img = bg[oy:oy + h, ox:ox + w].copy()
-        for k, o in enumerate(objects):
-            s = np.sin(o["om"] * t + o["ph"])
-            cx, cy = o["centre"] + o["amp"] * s[:2]
-            alpha = _draw(img, o["shape"], cx, cy, o["r"] * (1 + 0.2 * s[2]), o["rot"] * t,
-                          *o["colours"], o["texture"])
-            labels[t][alpha > 0.5] = k + 1
-        img = img * (1 + 0.35 * np.sin(2 * np.pi * t / frames + light)) + rng.normal(0, 6, img.shape)
-        imgs[t] = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    def finish(img: np.ndarray, t: int) -> np.ndarray:  # the light swings, then sensor noise
+        img = img * (1 + 0.35 * np.sin(2 * np.pi * t / frames + light))
+        return np.clip(np.rint(img + rng.normal(0, 6, img.shape)), 0, 255).astype(np.uint8)
+    imgs, labels = _render(bg, objects, drift, pad, h, w, frames, finish)
     return imgs, labels, len(objects)
 
 
