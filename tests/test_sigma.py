@@ -851,6 +851,54 @@ def test_knn_linear_and_finetune_from_a_checkpoint(tiny_data, tmp_path):
         assert not torch.equal(sd["head.weight"], S.Classifier(tiny_args(), 8).head.weight)
 
 
+def test_low_shot_split_k_per_class_deterministic_and_disjoint_from_validation(tiny_data):
+    a = run_args(tiny_data, "unused")
+    train, val = S.read_split(a, True), S.read_split(a, False)
+    picked = S.low_shot(train, 2)
+    labels = [r.label for r in picked]
+    assert sorted(labels) == sorted(list(range(8)) * 2)  # exactly 2 clips of each class
+    assert set(picked) <= set(train) and not {r.path for r in picked} & {r.path for r in val}
+    assert picked == S.low_shot(train, 2)  # the same draw every time (and for every model)
+    others = [S.low_shot(train, 2, seed=s) for s in range(1, 6)]
+    assert any(o != picked for o in others)  # the seed decides it
+    assert S.low_shot(train, 9) == train  # a class with fewer keeps all, in order
+
+
+def test_finetune_verdict_recorded_with_every_run(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    summary = S.main(run_args(tiny_data, out, max_steps=2, eval_random_init=True,
+                              finetune_verdict=True, random_init_seeds=2, ft_shots=2,
+                              ft_epochs=1, ft_batch_size=4, ft_base_lr=0.5, test_clips=1,
+                              test_crops=1))
+    ver = summary["verdict"]
+    assert len(ver["random_init"]) == 2 and len(ver["trained"]) == 1
+    assert summary["finetune"]["top1"]["trained"] == ver["trained"][0]
+    assert [summary["finetune"]["top1"][f"random_init_{i}"] for i in (1, 2)] == ver["random_init"]
+    assert summary["finetune"]["n_eval"] == 16 and summary["finetune"]["shots"] == 2
+    # no measured trained spread: the verdict cannot conclude, whatever the numbers
+    assert not ver["helps"] and ver["rule"].startswith("needs") and ver["line"].startswith(
+        "pretraining does not help clearly: fine-tune top-1")
+    m = summary["metrics"]["finetune_top1"]
+    assert m["random_init"] == pytest.approx(sum(ver["random_init"]) / 2, abs=0.01)
+    with open(out / "summary.json") as fh:
+        assert json.load(fh)["verdict"] == ver
+    pre = checkpoint.load(out / "last.pt")["model"]["encoder.blocks.0.mlp.fc1.weight"]
+    for name in ("trained", "random_init_1", "random_init_2"):
+        ckpt = checkpoint.load(out / f"finetune-{name}" / "finetune.pt")
+        assert ckpt["step"] == 4  # 16 low-shot clips / batch 4, one epoch
+    starts = {n: checkpoint.load(out / f"finetune-{n}" / "finetune.pt")["source"]
+              for n in ("trained", "random_init_1", "random_init_2")}
+    assert len(set(starts.values())) == 3  # three different starting weights
+    assert not torch.equal(pre, checkpoint.load(out / "finetune-random_init_1" / "finetune.pt")
+                           ["model"]["blocks.0.mlp.fc1.weight"])
+    spread = S.main(run_args(tiny_data, out, max_steps=2, eval_random_init=True,
+                             finetune_verdict=True, random_init_seeds=2, ft_shots=2,
+                             ft_epochs=1, ft_batch_size=4, ft_base_lr=0.5, test_clips=1,
+                             test_crops=1, trained_spread=0.5))["verdict"]  # resumed, same runs
+    assert spread["trained"] == ver["trained"] and spread["random_init"] == ver["random_init"]
+    assert spread["spread"][1] == 0.5 and spread["rule"].startswith("trained - random > 3 SE")
+
+
 def test_ddp_two_processes_and_distributed_sinkhorn(tiny_data, tmp_path):
     script = tmp_path / "sk.py"
     script.write_text(
