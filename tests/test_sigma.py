@@ -631,6 +631,28 @@ def test_segmentation_eval_scores_an_oracle_100(tmp_path, monkeypatch):
     assert S.segmentation_eval(PosOnly(), a, torch.device("cpu"), amp)["seg_miou"] < 70
 
 
+def test_segmentation_verdict_over_random_inits(tmp_path, monkeypatch):
+    """The demo's second verdict: --random-init-seeds inits segmented (the first is the
+    run's own start, the table's random-init column), the trained mIoU against them, and the
+    one-run rule only with a measured trained spread."""
+    monkeypatch.setenv("SSL_REFS_CACHE", str(tmp_path / "cache"))
+    kw = dict(output_dir=str(tmp_path / "run"), synthetic_plain=True, synthetic_scale=1.5,
+              synthetic_per_class=(1, 2), max_steps=1, eval_random_init=True,
+              random_init_seeds=3, quick_probe=False)
+    summary = S.main(tiny_args(**kw))
+    ver, seg = summary["verdict_segmentation"], summary["metrics"]["seg_miou"]
+    assert len(ver["random_init"]) == 3 and len(set(ver["random_init"])) == 3
+    assert round(ver["random_init"][0], 2) == seg["random_init"]
+    assert round(ver["trained"][0], 2) == seg["trained"]
+    assert ver["rule"].startswith("needs") and not ver["helps"]
+    with open(tmp_path / "run" / "summary.json") as fh:
+        assert json.load(fh)["verdict_segmentation"] == ver
+    again = S.main(tiny_args(**{**kw, "output_dir": str(tmp_path / "b"),
+                                "seg_trained_spread": 5.0}))["verdict_segmentation"]
+    assert again["random_init"] == ver["random_init"] and again["spread"][1] == 5.0
+    assert again["rule"].startswith("trained - random > 2 x larger spread")
+
+
 def test_mix_targets():
     torch.manual_seed(0)
     a = tiny_args()
