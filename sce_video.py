@@ -193,6 +193,12 @@ class Args:
     """after pretraining: held-out pretext, kNN and retrieval on the pretraining data (the demo)"""
     eval_random_init: bool = False
     """monitor also raw pixels and a randomly initialised encoder, side by side (the demo)"""
+    random_init_seeds: int = 1
+    """with --eval-random-init: how many random initialisations (seeds seed, seed + 1, ...;
+    the first is the run's own start, the table's column) give the verdict's R@1 noise"""
+    trained_spread: float = 0.0
+    """std of the trained R@1 over >= 3 training seeds, measured beforehand, for a one-run
+    verdict; 0: not measured (the verdict then cannot say "helps")"""
     knn_k: tuple[int, ...] = (20, 200)
     """k of the weighted kNN monitor"""
     knn_t: float = 0.07
@@ -243,7 +249,7 @@ PRESETS = {
                  queue_size=64, num_frames=8, clip_duration=0.64, crop_size=32,
                  batch_size=16, epochs=20, warmup_epochs=1, amp="none",
                  num_workers=1, log_every=20, ckpt_every=500, monitor_eval=True,
-                 eval_random_init=True,
+                 eval_random_init=True, random_init_seeds=3,
                  knn_k=(10, 20), train_scale=(32, 40), test_size=32, test_clips=2,
                  test_crops=1),
 }
@@ -894,6 +900,15 @@ def main(args: Args) -> dict:
                 torch.manual_seed(args.seed)
                 results["random_init"] = monitor(build_model(args).to(device), args, device, amp)
                 results["raw_pixels"] = monitor(None, args, device, amp)
+                r1 = [results["random_init"]["R@1"]]
+                for i in range(1, args.random_init_seeds):
+                    torch.manual_seed(args.seed + i)
+                    enc = build_model(args).encoder.to(device).eval()
+                    r1.append(retrieval_eval(enc, args, device, amp)["R@1"])
+                summary["verdict"] = evaluate.verdict(
+                    "retrieval R@1 (%)", r1, [results["trained"]["R@1"]],
+                    n_eval=len(read_split(args, False)),
+                    trained_spread=args.trained_spread or None)
     summary.update(steps=step, seconds=round(time.time() - t0, 1))
     if results:
         n_val = len(read_split(args, False, args.ft_splits[0]))
@@ -906,6 +921,8 @@ def main(args: Args) -> dict:
             summary["metrics"][name] = {c: round(results[c][name], 3) for c in cols
                                         if name in results[c]}
         print_table(summary["metrics"], cols)
+        if "verdict" in summary:
+            dist.print0(summary["verdict"]["line"])
     if dist.is_main():
         with open(os.path.join(args.output_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)
