@@ -256,7 +256,7 @@ PRESETS = {
                  decoder_dim=128, decoder_heads=4, decoder_ffn=512, batch_size=32, epochs=10,
                  warmup_epochs=1, blr=4e-3, amp="bf16", num_workers=1, log_every=20,
                  ckpt_every=500, davis_size=(96, 160), eval_random_init=True,
-                 random_init_seeds=3, trained_spread=0.013),
+                 random_init_seeds=3, trained_spread=0.012),
 }
 
 

@@ -59,9 +59,9 @@ Deviations, with reasons:
   apart only by texture; `synthetic.camouflage_videos`); label propagation on 8 other such
   videos in the DAVIS format at 96 x 160 (a 12 x 20 grid), GT at eval size; three random
   initialisations (the noise floor) and a raw-pixel baseline side by side; base lr 0.01 (peak
-  0.000625 at batch 16) and 256 prototypes, chosen on another draw of the evaluation set
+  0.00125 at batch 16, square-root scaling) and 256 prototypes, chosen on another draw of the evaluation set
   (`--synthetic-seed 1`: J&F 0.245 against 0.197 with base lr 0.06 and 1,024 prototypes; the
-  random inits 0.221-0.248). It runs the whole pipeline; it does not show T-CoRe helping.
+  random inits 0.222-0.248). It runs the whole pipeline; it does not show T-CoRe helping.
 """
 import json
 import math

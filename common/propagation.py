@@ -558,7 +558,6 @@ def resize_nearest(label: Tensor, size, how: str = "pil") -> Tensor:
     return out.reshape(*label.shape[:-2], H, W).to(label.dtype)
 
 
-@full_fp32()
 def pixel_features(frames: torch.Tensor, p: int) -> torch.Tensor:
     """The raw-pixel baseline's feature function: each p x p patch's normalised RGB values,
     (B, 3, H, W) -> (B, 3 p^2, H/p, W/p)."""
@@ -566,6 +565,7 @@ def pixel_features(frames: torch.Tensor, p: int) -> torch.Tensor:
                                               frames.shape[-1] // p)
 
 
+@full_fp32()
 def eval_davis(feat_fn, root, size: tuple[int, int] = (480, 880), topk: int = 7,
                temperature: float = 0.7, radius: float = 20.0, context: int = 20,
                gt_at_eval_size: bool = True, out_dir=None, device="cpu") -> tuple[dict, list]:

@@ -447,7 +447,8 @@ def camouflage_images(root: Optional[os.PathLike] = None, seed: int = 100,
                       size: tuple = (96, 160), train: int = 120, val: int = 10,
                       frames: int = 10) -> Path:
     """ImageFolder `root/{train,val}/<seq>/<t>.jpg`: the frames of `train` + `val`
-    `davis(style="camouflage")`-like sequences (drawn as `davis(seed=seed)` would draw them),
+    `davis(style="camouflage")`-like sequences (drawn as `davis(seed=seed)` would draw them with
+    the same `frames`),
     to pretrain an image model on what the camouflage DAVIS set evaluates."""
     h, w = size
 

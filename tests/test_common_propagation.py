@@ -513,3 +513,20 @@ def test_pixel_features_are_the_patches():
     assert f.shape == (2, 192, 2, 3)
     assert torch.equal(f[1, :, 1, 2], x[1, :, 8:16, 16:24].reshape(-1))
     assert torch.equal(f[0, 64 + 8 * 3 + 5, 0, 1], x[0, 1, 3, 13])
+
+
+def test_benchmark_drivers_run_without_tf32(tmp_path):
+    """Every propagation driver evaluates in full fp32 (training may have turned TF32 on):
+    the feature function sees the flag off, and it is restored afterwards."""
+    root = synthetic.davis(tmp_path / "d", sequences=1, frames=3)
+    seen, before = [], torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        def feat(x):
+            seen.append(torch.backends.cuda.matmul.allow_tf32)
+            return P.pixel_features(x, 8)
+        P.eval_davis(feat, root, (96, 160))
+        assert seen and not any(seen) and torch.backends.cuda.matmul.allow_tf32
+        assert all(hasattr(f, "__wrapped__") for f in (P.eval_davis, P.eval_jhmdb, P.eval_vip))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

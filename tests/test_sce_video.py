@@ -618,15 +618,23 @@ def test_cuda_step_agrees_with_the_fp32_cpu_step():
     checks.assert_gpu_step_agrees(model, batch, step)
 
 
-def test_demo_verdict_on_retrieval_over_random_inits(tiny_data, tmp_path):
+def test_demo_verdict_on_retrieval_over_random_inits(tiny_data, tmp_path, monkeypatch):
     """The demo's verdict: R@1 of --random-init-seeds random encoders (the first is the run's
     own start, the table's column) against the trained one, with the validation split's size
     as n_eval; without a measured trained spread it cannot conclude."""
     a = run_args(tiny_data, tmp_path, epochs=1, batch_size=2, monitor_eval=True,
-                 eval_random_init=True, random_init_seeds=2)
+                 eval_random_init=True, random_init_seeds=3)
+    seen, real = [], S.retrieval_eval
+
+    def spy(fn, *args, **kw):  # a fingerprint of every encoder that is ranked
+        if isinstance(fn, torch.nn.Module):
+            seen.append(float(sum(p.double().sum() for p in fn.parameters())))
+        return real(fn, *args, **kw)
+    monkeypatch.setattr(S, "retrieval_eval", spy)
     summary = S.main(a)
+    assert len(seen) == 4 and len(set(seen)) == 4  # trained, and 3 different random inits
     ver, r1 = summary["verdict"], summary["metrics"]["R@1"]
-    assert len(ver["random_init"]) == 2 and round(ver["random_init"][0], 3) == r1["random_init"]
+    assert len(ver["random_init"]) == 3 and round(ver["random_init"][0], 3) == r1["random_init"]
     assert round(ver["trained"][0], 3) == r1["trained"]
     assert ver["rule"].startswith("needs") and not ver["helps"]
     assert json.load(open(tmp_path / "summary.json"))["verdict"] == ver
