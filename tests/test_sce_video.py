@@ -628,7 +628,7 @@ def test_demo_verdict_on_retrieval_over_random_inits(tiny_data, tmp_path, monkey
 
     def spy(fn, *args, **kw):  # a fingerprint of every encoder that is ranked
         if isinstance(fn, torch.nn.Module):
-            seen.append(float(sum(p.double().sum() for p in fn.parameters())))
+            seen.append(float(sum(p.detach().double().sum() for p in fn.parameters())))
         return real(fn, *args, **kw)
     monkeypatch.setattr(S, "retrieval_eval", spy)
     summary = S.main(a)
