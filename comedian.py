@@ -63,12 +63,12 @@ Deviations, with reasons:
   demo uses 0.01: from bias 0 its few hundred steps cannot learn the bias of rare events, and
   the trunk collapses to a constant meanwhile (measured: a-mAP at chance).
 - `demo` is a CPU smoke setting, not a thesis one: a 64-wide ViViT (4 + 2 blocks, 8-px
-  patches at 32 px), 16-s windows, small queues and batches, 96 / 360 / 20 + 400 steps for
-  stages 1 / 2 / 3, and alpha_2 = 0 (with phase-B masking a random trunk stays at chance in
-  240 steps: 1.99 vs 7.29 a-mAP, which would make the comparison about masking). Its teacher
-  bank is the synthetic set's `{half}_synthetic_teacher.npy`, which knows the visible events
-  as Baidu's label-trained features do; `--teacher-name stage1` uses our stage-1 trunk
-  instead (stage `features` writes it). See the README for what the demo does not show.
+  patches at 32 px), 16-s windows, small queues and batches, 126 / 480 / 480 + 300 steps for
+  stages 1 / 2 / 3 (phase A at a base lr of 0.5, chosen on `--synthetic-seed 1`), alpha_2 = 0
+  (with phase-B masking a random trunk stays at chance), the synthetic teacher bank (it knows
+  the visible events as Baidu's features do; `--teacher-name stage1`: our stage-1 trunk).
+  Its verdict is on the classifier-only protocol (phase A, "C" of T Tab. 6.5) against 3
+  random trunks, uniform random scores beside; full fine-tuning is a second row (README).
 """
 import collections
 import copy
@@ -90,6 +90,7 @@ from torchvision.transforms import v2
 
 from common import (augment, checkpoint, cli, data, dist, log, optim, soccernet, synthetic,
                     training, vit)
+from common.evaluate import verdict  # DESIGN §3's rule
 
 PathLike = Union[str, os.PathLike]
 
@@ -214,6 +215,8 @@ class Args:
     # stage 3: fine-tuning for spotting
     head_epochs: int = 30
     """phase A: classifier only, trunk frozen in eval mode"""
+    head_base_lr: float = 1e-3
+    """phase-A lr per 256 windows (C: that of phase B)"""
     ft_epochs: int = 20
     """phase B: everything (ViViT: 20)"""
     ft_base_lr: float = 1e-3
@@ -259,7 +262,14 @@ class Args:
     metric: Literal["tight", "loose", "at1", "at2", "at3", "at4", "at5"] = "tight"
     """the spotting metric reported first (the summary holds tight and loose)"""
     eval_random_init: bool = False
-    """also fine-tune and score a randomly initialised trunk (the demo's baseline)"""
+    """also fine-tune and score random trunks, and score each trunk after phase A too (classifier
+    only, the demo's verdict)"""
+    random_init_seeds: int = 1
+    """random trunks (seeds seed, seed + 1, ...): their classifier-only spread is the verdict's"""
+    trained_spread: float = 0.0
+    """std of classifier-only a-mAP over >= 3 training seeds (README); 0: unknown, no helps"""
+    synthetic_seed: int = 0
+    """without --data: seed of the synthetic set (0: the verdict's; demo values chosen on 1)"""
     preset: str = ""
     """the preset applied (set by --preset)"""
 
@@ -279,11 +289,11 @@ PRESETS = {
                  spatial_base_lr=4e-3, queue_size=256, proj_hidden=256, proj_dim=64,
                  distill_epochs=60, distill_batch_size=8, distill_warmup_epochs=1,
                  distill_windows=8, distill_queue_size=1024, distill_base_lr=4e-2,
-                 head_epochs=5, ft_epochs=100, ft_batch_size=8, ft_windows=6,
+                 head_epochs=80, head_base_lr=0.5, ft_epochs=50, ft_batch_size=8, ft_windows=6,
                  ft_base_lr=5e-2, ft_mask_ratio=0.0, head_prior=0.01, remove_s=3.0,
                  nms_window=8, teacher_name="synthetic_teacher", num_workers=1,
                  log_every=50, ckpt_every=500, amp="none", eval_random_init=True,
-                 cache_frames=True),
+                 random_init_seeds=3, trained_spread=1.28, cache_frames=True),
 }
 
 
@@ -302,7 +312,8 @@ def split_halves(root: Path, splits: Sequence[str], args: Args) -> list:
 def data_root(args: Args) -> Path:
     """--data, or the synthetic SoccerNet-format set (written once into the cache)."""
     if not args.data:
-        return synthetic.soccernet()
+        return synthetic.soccernet(seed=args.synthetic_seed, games=(8, 8, 0),
+                                   events_per_minute=10.0)  # >= 100 validation events
     if not os.path.isdir(args.data):
         raise FileNotFoundError(f"--data {args.data}: no such folder")
     return Path(args.data)
@@ -962,20 +973,24 @@ def train_step(stage: str, model: nn.Module, batch: tuple, optimizer, amp: optim
 
 def spot(model: nn.Module, root: Path, args: Args, device, amp: optim.Amp,
          predictions_root: Path) -> tuple:
-    """Spot every game of --eval-split with `model` (`soccernet.spot`: games shared out across
-    ranks, each predicted once; `<predictions_root>/<game>/results_spotting.json`), windows
-    resized and normalised only, sigmoid of the per-token logits; scored on rank 0 (tight,
-    loose and --metric, in %; --metric also visible, unshown and the mean over the classes
-    present in the split). Returns (metrics dict, {(game, half): buffer} of this rank)."""
+    """Spot every game of --eval-split with `model` (None: uniform random scores, the floor;
+    `soccernet.spot`: games shared out across ranks, each predicted once;
+    `<predictions_root>/<game>/results_spotting.json`), windows resized and normalised only,
+    sigmoid of the per-token logits; scored on rank 0 (tight, loose and --metric, in %; --metric
+    also visible, unshown and the mean over the classes present in the split). Returns
+    (metrics dict, {(game, half): buffer} of this rank)."""
     tf = transform("eval", args)
 
     def score(frames: torch.Tensor) -> torch.Tensor:  # (b, 2W, 3, H, W) uint8 -> (b, W, 17)
         x = torch.stack([tf(f).transpose(0, 1) for f in frames]).to(device)
+        if model is None:  # the metric's floor: uniform random scores
+            return torch.rand(len(x), x.shape[2] // FRAMES_PER_TOKEN, soccernet.NUM_CLASSES)
         with amp.autocast():
             return model(x).float().sigmoid()
 
     games = soccernet.read_split(root, args.eval_split)
-    model.eval()
+    if model is not None:
+        model.eval()
     results, buffers = soccernet.spot(
         score, root, games, predictions_root, dict.fromkeys([args.metric, "tight", "loose"]),
         args.video_name, args.window, args.ft_batch_size, args.remove_s, args.official_end,
@@ -1038,7 +1053,7 @@ def phases(args: Args) -> dict:
             "distill": Phase("distill", a.distill_batch_size, a.distill_epochs,
                              a.distill_base_lr, a.distill_warmup_epochs, a.final_lr_ratio,
                              "distill.pt"),
-            "head": Phase(*ft, a.head_epochs, a.ft_base_lr, 0, a.final_lr_ratio, "head.pt"),
+            "head": Phase(*ft, a.head_epochs, a.head_base_lr, 0, a.final_lr_ratio, "head.pt"),
             "finetune": Phase(*ft, a.ft_epochs, a.ft_base_lr, 0, a.final_lr_ratio,
                               "finetune.pt")}
 
@@ -1155,11 +1170,12 @@ def start_file(stage: str, args: Args) -> str:
 
 
 def train_stage(stage: str, root: Path, args: Args, device, amp: optim.Amp,
-                logger: log.Logger, init: str = "random") -> tuple:
+                logger: log.Logger, init: str = "random", after=None) -> tuple:
     """Stage 1, 2 or 3 on the --train-splits halves: its data (1-s clips; windows with the
     teacher bank's features; labelled windows), its model started from `init` (a file of
     `STARTS`, or "random"; stage 1 always starts at random), and its loop(s) of `phases`
-    (stage 3: phase A, then phase B), checkpoints in --output-dir. Returns (model, steps)."""
+    (stage 3: phase A, then phase B), checkpoints in --output-dir; `after(name, model)` after
+    each loop. Returns (model, steps)."""
     halves = split_halves(root, args.train_splits, args)
     if stage == "spatial":
         ds, model = SpatialClips(halves, args, args.seed), build_model(args, stage)
@@ -1176,6 +1192,8 @@ def train_stage(stage: str, root: Path, args: Args, device, amp: optim.Amp,
     steps = 0
     for name in ("head", "finetune") if stage == "finetune" else (stage,):
         steps += run_loop(name, model, ds, args, device, amp, logger, source)
+        if after:
+            after(name, model)
     return model, steps
 
 
@@ -1275,8 +1293,9 @@ def check_inputs(root: Path, args: Args, stages: list) -> None:
 def main(args: Args) -> dict:
     """Thesis Fig. 6.2 for --stage (all: each in turn, each from the previous one's file):
     stage 1, a stage-1 teacher bank where the data has none, stage 2, stage 3, spotting; with
-    --eval-random-init the same fine-tuning and spotting from a random trunk, and (all) the
-    pretext losses. Prints the tables, writes summary.json (rank 0) and returns it."""
+    --eval-random-init spotting after phase A too, the same stage 3 from random trunks, uniform
+    random scores, (all) the pretext losses. Prints the tables and verdicts, writes
+    summary.json (rank 0) and returns it."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = dist.init(args.device)
@@ -1299,34 +1318,46 @@ def main(args: Args) -> dict:
         *(["features"] if args.teacher_name == "stage1" else []),  # else the data's bank
         "distill", "finetune", "spot"]
     check_inputs(root, args, stages)
+
+    def scored(col: str, where: Path):  # spot after phase A (classifier only, "C") and B
+        def after(name: str, model: nn.Module) -> None:
+            if "spot" in stages and {"head": args.head_epochs and args.eval_random_init,
+                                     "finetune": True}.get(name):
+                res, buf = spot(model, root, args, device, amp, where / (
+                    "predictions" if name == "finetune" else "predictions_classifier"))
+                results.setdefault(col, {}).update(
+                    {("" if name == "finetune" else "classifier_") + k: v for k, v in res.items()})
+                buffers.setdefault(col, buf)  # the timeline shows the first phase
+        return after
     for stage in stages:
         if stage == "features":
             stage_features(root, args, device, amp)
         elif stage != "spot":
-            model, n = train_stage(stage, root, args, device, amp, logger,
-                                   start_file(stage, args) if stage in STARTS else "random")
-            steps += n
-    if "spot" in stages:
-        if "finetune" not in stages:
-            model = build_model(args).to(device)
-            load_spotter(model, start_file("spot", args))
+            steps += train_stage(stage, root, args, device, amp, logger, start_file(stage, args)
+                                 if stage in STARTS else "random", scored("pretrained", out))[1]
+    if "spot" in stages and "finetune" not in stages:
+        model = build_model(args).to(device)
+        load_spotter(model, start_file("spot", args))
         results["pretrained"], buffers["pretrained"] = spot(model, root, args, device, amp,
                                                             out / "predictions")
-        if args.eval_random_init:  # the same fine-tuning from a random trunk
-            dist.print0(f"baseline: the same fine-tuning from a random trunk, into "
-                        f"{out / 'random_init'}")
-            torch.manual_seed(args.seed)
-            model, n = train_stage("finetune", root, dataclasses.replace(
-                args, output_dir=str(out / "random_init")), device, amp, logger)
-            results["random_init"], buffers["random_init"] = spot(
-                model, root, args, device, amp, out / "random_init" / "predictions")
-            steps += n
+    for i in range(args.random_init_seeds if args.eval_random_init and "spot" in stages else 0):
+        col = "random_init" + (f"_{i}" if i else "")  # the same stage 3 from random trunks
+        dist.print0(f"baseline: the same stage 3 from random trunk {i}, into {out / col}")
+        torch.manual_seed(args.seed + i)
+        steps += train_stage("finetune", root, dataclasses.replace(
+            args, output_dir=str(out / col)), device, amp, logger, after=scored(col, out / col))[1]
+    floor = []
+    for i in range(3 if args.eval_random_init and "spot" in stages else 0):
+        torch.manual_seed(i)  # the floor: uniform random scores, 3 draws
+        floor.append(spot(None, root, args, device, amp, out / "floor")[0][f"{args.metric}_a_mAP"])
     if args.eval_random_init and args.stage == "all" and dist.is_main():
         for name, res in level1(root, args, device, amp).items():
             results[name] = {**res, **results.get(name, {})}
     summary = {"method": "comedian", "data": args.data or "synthetic-soccernet",
                "preset": args.preset, "steps": steps, "seconds": round(time.time() - t0, 1),
                "metrics": {}}
+    if floor:
+        summary["random_scores"] = {f"{args.metric}_a_mAP": [round(f, 3) for f in floor]}
     if results and dist.is_main():
         report(summary, results, buffers, root, out, args)
     dist.cleanup()
@@ -1340,7 +1371,7 @@ def report(summary: dict, results: dict, buffers: dict, root: Path, out: Path,
     tables, draw timeline.png of the first half spotted, write summary.json."""
     cols = [c for c in ("random_init", "pretrained") if c in results]
     n_clips = [results[c].pop("heldout_clips", None) for c in cols][-1]
-    summary["metrics"] = {n: {c: round(results[c][n], 3) for c in cols}
+    summary["metrics"] = {n: {c: round(results[c].get(n, math.nan), 3) for c in cols}
                           for n in results["pretrained"]}
     if n_clips:
         summary["chance"] = {"spatial_heldout_loss": round(math.log(n_clips), 3)}
@@ -1357,9 +1388,22 @@ def report(summary: dict, results: dict, buffers: dict, root: Path, out: Path,
     wrote = [out / "summary.json"]
     if key := next(iter(buffers["pretrained"]), None):
         wrote.append(out / "timeline.png")
+        shown = {c.replace("_", " "): buffers[c][key] for c in cols if c in buffers}
         soccernet.save_timeline(wrote[1], soccernet.read_halves(root, [key[0]], args.video_name)
-                                [key[1] - 1], {c.replace("_", " "): buffers[c][key] for c in cols},
+                                [key[1] - 1], shown,
                                 f"COMEDIAN spotting on the {args.eval_split!r} split")
+    m = args.metric
+    floor = torch.tensor(summary.get("random_scores", {}).get(f"{m}_a_mAP", [math.nan]))
+    for key, name, what, spread in (
+            (f"classifier_{m}_a_mAP", "verdict", "classifier only", args.trained_spread),
+            (f"{m}_a_mAP", "verdict_finetune", "full fine-tuning", 0.0)):
+        randoms = [r[key] for c, r in results.items() if c.startswith("random_init") and key in r]
+        if randoms and key in results["pretrained"]:  # DESIGN §3, with the floor beside
+            summary[name] = verdict(f"{m} a-mAP ({what})", randoms,
+                                    [results["pretrained"][key]], trained_spread=spread or None,
+                                    decimals=2)
+            dist.print0(f"{summary[name]['line']}; uniform random scores {floor.mean():.2f}"
+                        f" +- {floor.std():.2f}")
     with open(wrote[0], "w") as fh:
         json.dump(summary, fh, indent=2)
     dist.print0("wrote " + " and ".join(map(str, wrote)))

@@ -516,7 +516,7 @@ def ytvos(root: Optional[os.PathLike] = None, seed: int = 0, size: tuple = (96, 
 
 # ---- SoccerNet-v2 ------------------------------------------------------------------------
 
-SOCCERNET_VERSION = 3
+SOCCERNET_VERSION = 5
 TEACHER_DIM = 32  # width of the synthetic per-second teacher features
 # The 8 most frequent SoccerNet-v2 classes, one silhouette each (SHAPES order).
 SOCCERNET_EVENTS = ("Ball out of play", "Throw-in", "Foul", "Indirect free-kick", "Clearance",
@@ -543,7 +543,7 @@ def _soccernet_half(rng: np.random.Generator, frames: int, fps: float, h: int, w
                     c=_colour(rng, base, 80.0)) for _ in range(6)]
     out = np.empty((frames, h, w, 3), np.uint8)
     shown = [dict(ms=ms, shape=SHAPES[c], cx=rng.uniform(0.25, 0.75) * w,
-                  cy=rng.uniform(0.25, 0.75) * h, r=rng.uniform(0.16, 0.24) * h,
+                  cy=rng.uniform(0.25, 0.75) * h, r=rng.uniform(0.28, 0.36) * h,
                   angle=rng.uniform(-0.5, 0.5), col=_colour(rng, base, 120.0))
              for ms, c in events]
     for i in range(frames):
@@ -563,13 +563,15 @@ def _soccernet_half(rng: np.random.Generator, frames: int, fps: float, h: int, w
 def _teacher_features(rng: np.random.Generator, prototypes: np.ndarray, duration: float,
                       events: list) -> np.ndarray:
     """(ceil(D), TEACHER_DIM) float32 features at 1 fps, standing in for the Baidu bank (a
-    video model fine-tuned on the labels): noise N(0, 0.1^2), plus the unit prototype
-    of its class on each second [s, s + 1) that a visible event's +-0.5 s overlaps."""
+    video model fine-tuned on the labels): on each second [s, s + 1) that a visible event's
+    +-0.5 s overlaps, the unit prototype of its class, on every other second the unit
+    "no event" prototype (the last row of `prototypes`), plus N(0, 0.1^2) noise everywhere:
+    every second has a learnable target."""
     out = 0.1 * rng.standard_normal((math.ceil(duration), prototypes.shape[1]))
+    hot = np.full(len(out), len(prototypes) - 1)
     for ms, c in events:
-        lo, hi = int((ms - 500) // 1000), int((ms + 500) // 1000)
-        out[max(lo, 0):hi + 1] += prototypes[c]
-    return out.astype(np.float32)
+        hot[max(int((ms - 500) // 1000), 0):int((ms + 500) // 1000) + 1] = c
+    return (out + prototypes[hot]).astype(np.float32)
 
 
 def soccernet(root: Optional[os.PathLike] = None, seed: int = 0, games: tuple = (6, 2, 2),
@@ -588,7 +590,8 @@ def soccernet(root: Optional[os.PathLike] = None, seed: int = 0, games: tuple = 
     frames within 0.5 s of its position, the training-label radius. Each half also has a
     teacher bank `{half}_synthetic_teacher.npy` (`_teacher_features`: 1 fps, like SoccerNet's
     `{half}_baidu_soccer_embeddings.npy`; it knows the visible events, as Baidu's features,
-    trained on the labels, do). Labels-v2.json holds
+    trained on the labels, do; every second holds its class's or the "no event" prototype).
+    Labels-v2.json holds
     UrlLocal, UrlYoutube, gameHomeTeam, gameAwayTeam, gameDate, gameScore and annotations
     {gameTime "H - MM:SS", label, position (ms string), team, visibility}.
     """
@@ -601,7 +604,7 @@ def soccernet(root: Optional[os.PathLike] = None, seed: int = 0, games: tuple = 
     def build(tmp: Path) -> None:
         n = 0
         prototypes = np.random.default_rng([seed, 99]).standard_normal(
-            (len(SOCCERNET_EVENTS), TEACHER_DIM))
+            (len(SOCCERNET_EVENTS) + 1, TEACHER_DIM))  # the classes', then "no event"
         prototypes /= np.linalg.norm(prototypes, axis=1, keepdims=True)
         for split, count in zip(("train", "valid", "test"), games):
             lines = []

@@ -694,14 +694,15 @@ def test_each_stage_lowers_its_loss_against_an_lr0_control(sn_root, tmp_path):
     fixed queue) must drop: stage 1, stage 2, phase A (head), then phase B below phase A."""
     a, b = tmp_path / "a", tmp_path / "b"
     kw = dict(max_steps=12, spatial_batch_size=8, distill_epochs=4, head_epochs=3,
-              ft_epochs=3, spatial_base_lr=0.1, distill_base_lr=0.5, ft_base_lr=1.0)
+              ft_epochs=3, spatial_base_lr=0.1, distill_base_lr=0.5, head_base_lr=1.0,
+              ft_base_lr=1.0)
     for stage in ("spatial", "features", "distill", "finetune"):
         run(sn_root, a, stage=stage, **kw)
     run(sn_root, b / "s", stage="spatial", **{**kw, "spatial_base_lr": 0.0})
     run(sn_root, b / "d", stage="distill", init_from=str(a / "spatial.pt"),
         teacher_dir=str(a / "teacher"), **{**kw, "distill_base_lr": 0.0})
     run(sn_root, b / "f", stage="finetune", init_from=str(a / "distill.pt"),
-        **{**kw, "ft_base_lr": 0.0})
+        **{**kw, "head_base_lr": 0.0, "ft_base_lr": 0.0})
     for prefix, control in (("spatial", b / "s"), ("distill", b / "d"), ("head", b / "f")):
         la, lb = losses(a, prefix), losses(control, prefix)
         assert len(la) == len(lb) == 12 and la[0] == lb[0], (prefix, la, lb)
