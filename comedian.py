@@ -1296,6 +1296,8 @@ def main(args: Args) -> dict:
     --eval-random-init spotting after phase A too, the same stage 3 from random trunks, uniform
     random scores, (all) the pretext losses. Prints the tables and verdicts, writes
     summary.json (rank 0) and returns it."""
+    if args.eval_random_init and args.random_init_seeds < 1:
+        raise cli.InputError("--eval-random-init needs --random-init-seeds >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = dist.init(args.device)
