@@ -39,9 +39,10 @@ Deviations, with reasons:
 - PyAV decoding (common/video.py) instead of decord; frames are the same.
 - The multi-scale crop is resized on uint8 tensors with torchvision's antialiased bilinear,
   one call for the clip (PIL bilinear per frame in the official code): PIL's pixels within
-  1 LSB on 320 x 240 frames, 2 LSB on about 1 value in 10^5 of 568 x 320 ones. Fine-tuning crops and test views are resized with bilinear
-  interpolation without antialiasing, as the official F.interpolate / cv2 linear; the test
-  resize is on float frames (cv2 rounds to uint8 first).
+  1 LSB on 320 x 240 frames, 2 LSB on about 1 value in 10^5 of 568 x 320 ones. Fine-tuning
+  crops and test views are resized with bilinear interpolation without antialiasing, as the
+  official F.interpolate / cv2 linear; the test resize is on float frames (cv2 rounds to uint8
+  first).
 - kNN: bank from the training split, pooled encoder tokens, eval mode (the official script's
   test-set bank, random-head logits and train-mode drop path are bugs, spec §4).
 - Fine-tuning RandAugment is timm's rand-m7-n4-mstd0.5-inc1 written out in common/augment.py

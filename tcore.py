@@ -59,9 +59,10 @@ Deviations, with reasons:
   apart only by texture; `synthetic.camouflage_videos`); label propagation on 8 other such
   videos in the DAVIS format at 96 x 160 (a 12 x 20 grid), GT at eval size; three random
   initialisations (the noise floor) and a raw-pixel baseline side by side; base lr 0.01 (peak
-  0.00125 at batch 16, square-root scaling) and 256 prototypes, chosen on another draw of the evaluation set
-  (`--synthetic-seed 1`: J&F 0.245 against 0.197 with base lr 0.06 and 1,024 prototypes; the
-  random inits 0.222-0.248). It runs the whole pipeline; it does not show T-CoRe helping.
+  0.00125 at batch 16, square-root scaling) and 256 prototypes, chosen on another draw of the
+  evaluation set (`--synthetic-seed 1`: J&F 0.245 against 0.197 with base lr 0.06 and 1,024
+  prototypes; the random inits 0.222-0.248). It runs the whole pipeline; it does not show
+  T-CoRe helping.
 """
 import json
 import math
@@ -1118,7 +1119,8 @@ def main(args: Args) -> dict:
                 os.path.join(args.output_dir, "davis_pred") if name == "trained" else None)
         if args.eval_random_init:
             p = args.patch_size
-            results["pixels"], _ = evaluate(lambda x: propagation.pixel_features(x, p), args, device)
+            results["pixels"], _ = evaluate(lambda x: propagation.pixel_features(x, p), args,
+                                            device)
         for name in results["trained"]:
             summary["metrics"][name] = {k: round(v[name], 4) for k, v in results.items()}
         width = max(len(n) for n in ["metric", *summary["metrics"]]) + 2

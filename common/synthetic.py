@@ -337,7 +337,8 @@ def _sequence(rng: np.random.Generator, h: int, w: int, frames: int):
                             om=rng.uniform(0.5, 1, 3) * np.pi / frames, ph=rng.uniform(0, 6, 3),
                             rot=rng.uniform(-0.03, 0.03), c1=c1, c2=_colour(rng, c1, 80.0),
                             pattern=_pattern(rng)))
-    imgs, labels = _render(bg, objects, drift, pad, h, w, frames, lambda img, t: _to_uint8(img, rng))
+    imgs, labels = _render(bg, objects, drift, pad, h, w, frames,
+                           lambda img, t: _to_uint8(img, rng))
     return imgs, labels, len(objects)
 
 
@@ -360,12 +361,12 @@ def _camouflage(rng: np.random.Generator, h: int, w: int, frames: int):
 
     The background is one of `CAMOUFLAGE_TEXTURES`, each object one of the other two (in object
     coordinates, so it moves, turns and scales with it), all at 5-8 px per cycle, the
-    object's two colours swapped at random. Along the video the objects cross about 35 % of the frame,
-    turn, breathe in scale by +-20 % and hide one another; the camera pans; the illumination
-    swings by +-35 % once per video; every frame has Gaussian noise (sigma 6). So the colour of
-    a patch tells nothing, the same object patch changes its pixels from frame to frame, and
-    copying the first mask, raw-pixel matching and a random encoder all do poorly; features
-    that know the textures do well."""
+    object's two colours swapped at random. Along the video the objects cross about 35 % of
+    the frame, turn, breathe in scale by +-20 % and hide one another; the camera pans; the
+    illumination swings by +-35 % once per video; every frame has Gaussian noise (sigma 6). So
+    the colour of a patch tells nothing, the same object patch changes its pixels from frame
+    to frame, and copying the first mask, raw-pixel matching and a random encoder all do
+    poorly; features that know the textures do well."""
     pad = 16
     ca = rng.uniform(0, 255, 3)
     cb = _colour(rng, ca, 120.0)
