@@ -1393,7 +1393,9 @@ def report(summary: dict, results: dict, buffers: dict, root: Path, out: Path,
         shown = {c.replace("_", " "): buffers[c][key] for c in cols if c in buffers}
         soccernet.save_timeline(wrote[1], soccernet.read_halves(root, [key[0]], args.video_name)
                                 [key[1] - 1], shown,
-                                f"COMEDIAN spotting on the {args.eval_split!r} split")
+                                f"COMEDIAN spotting on the {args.eval_split!r} split" + (
+                                    ", classifier only (phase A)" if args.eval_random_init
+                                    and args.head_epochs else ""))
     m = args.metric
     floor = torch.tensor(summary.get("random_scores", {}).get(f"{m}_a_mAP", [math.nan]))
     for key, name, what, spread in (
