@@ -1391,11 +1391,11 @@ def report(summary: dict, results: dict, buffers: dict, root: Path, out: Path,
     if key := next(iter(buffers["pretrained"]), None):
         wrote.append(out / "timeline.png")
         shown = {c.replace("_", " "): buffers[c][key] for c in cols if c in buffers}
+        what = "classifier only," if args.eval_random_init and args.head_epochs else \
+            "spotting on the"  # with the baseline, `buffers` hold phase A's scores ("C")
         soccernet.save_timeline(wrote[1], soccernet.read_halves(root, [key[0]], args.video_name)
                                 [key[1] - 1], shown,
-                                f"COMEDIAN spotting on the {args.eval_split!r} split" + (
-                                    ", classifier only (phase A)" if args.eval_random_init
-                                    and args.head_epochs else ""))
+                                f"COMEDIAN {what} {args.eval_split!r} split")
     m = args.metric
     floor = torch.tensor(summary.get("random_scores", {}).get(f"{m}_a_mAP", [math.nan]))
     for key, name, what, spread in (
