@@ -10,6 +10,7 @@ long single-rank work (a picture, a summary) stays well inside it, and the evalu
 take minutes are shared between the ranks.
 """
 import datetime
+import importlib
 import os
 import random
 
@@ -65,6 +66,12 @@ def init(device: str = "auto", cudnn_benchmark: bool = False) -> torch.device:
     size = int(os.environ.get("WORLD_SIZE", 0))
     forced = size == 1 and os.environ.get("FORCE_PROCESS_GROUP") == "1"
     if (size > 1 or forced) and not is_dist():
+        # torch._dynamo (imported by torch.optim when an optimiser is built) keeps a reference
+        # to the process group when it is first imported after the group exists: then
+        # destroy_process_group() leaves the gloo worker threads running into interpreter
+        # shutdown, where one may abort the finished process (SIGABRT, "terminate called
+        # without an active exception"). Imported first, `cleanup()` joins them.
+        importlib.import_module("torch._dynamo")
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kw = {"device_id": dev} if dev.type == "cuda" else {}
         tdist.init_process_group(backend=backend, timeout=timeout(), **kw)

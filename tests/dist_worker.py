@@ -11,7 +11,13 @@ import torch  # noqa: E402
 from common import checkpoint, dist, optim  # noqa: E402
 
 
+def threads() -> int:
+    """Threads of this process, C++ ones included (Linux)."""
+    return len(os.listdir("/proc/self/task"))
+
+
 def main(out_dir: str) -> None:
+    threads_before = threads()
     dev = dist.init("cpu")
     r, w = dist.rank(), dist.world()
     seed = dist.seed_all(7)
@@ -66,7 +72,11 @@ def main(out_dir: str) -> None:
                    "rng_resumed": resumed, "nan_stopped": stopped, "nan_no_grad": no_grad,
                    "bn_mean": bn_mean, "bn_weight_kept": bn_weight_kept}, fh)
     dist.print0(f"printed once by rank {r}")
+    # An optimiser was built above (it imports torch._dynamo): cleanup must still join gloo's
+    # worker threads, or they can abort the process at exit after everything finished.
     dist.cleanup()
+    with open(os.path.join(out_dir, f"threads{r}.json"), "w") as fh:
+        json.dump({"before_init": threads_before, "after_cleanup": threads()}, fh)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,9 @@ def test_two_process_gloo(tmp_path):
     assert all(res["nan_stopped"] and res["nan_no_grad"] for res in ranks)  # rank 1's NaN
     # rank 0's BN batch mean is 1 + 1.5 = 2.5; momentum 0.1 from 0 gives 0.25 on every rank
     assert all(res["bn_mean"] == [0.25, 0.25] and res["bn_weight_kept"] for res in ranks)
+    for r in range(2):  # the process group's threads are gone once cleanup() returns
+        t = json.load(open(tmp_path / f"threads{r}.json"))
+        assert t["after_cleanup"] == t["before_init"], t
 
 
 WAIT = r"""
