@@ -63,6 +63,7 @@ PathLike = Union[str, os.PathLike]
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 RESEEK_FRAMES = 8  # a wanted frame gets a new seek if that skips decoding more frames than this
 TIME_EPS = 1e-6  # seconds: a frame shown at t + TIME_EPS counts as shown at t
+SKIP_NONREF = True  # skip unwanted non-reference H.264 pictures (False: decode every frame)
 
 
 class VideoReadError(RuntimeError):
@@ -215,7 +216,7 @@ def read_frames(path: PathLike, indices: Sequence[int]) -> torch.Tensor:
                              f"decode: {n} of its {promised} frames do")
     try:
         try:
-            return _read(path, idx, indices, key not in _NO_SKIP)
+            return _read(path, idx, indices, SKIP_NONREF and key not in _NO_SKIP)
         except _SkipMismatch:  # a mismatch seen only with frames skipped: read without
             _NO_SKIP.add(key)
             return _read(path, idx, indices, False)
