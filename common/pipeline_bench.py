@@ -421,13 +421,13 @@ def main(argv=None) -> dict:
               f"{'' if ratio is None else f'{ratio:.2f}x'} | {row['cores_for_gpu']} |")
         if a.json:
             print(json.dumps(row))
-    if a.model_step:
-        out.update(step_rows(methods, files, a))
     for m in methods:
         note = notes.get(m) or official_note(m, a.official_root)
         print(f"authors' pipeline, {m}: " + (note + " levels of 255 over the keys timed"
                                               if note.startswith("compared") else
                                               f"skipped, {note}"))
+    if a.model_step:
+        out.update(step_rows(methods, files, a))
     return out
 
 
@@ -436,8 +436,9 @@ def step_rows(methods: list, files: dict, a) -> dict:
     `a.step_batch` samples from the 320 x 240 files; print a table; return the rows by
     (method, 'step')."""
     out = {}
+    unit = "clips per CPU-s" if a.clock == "cpu" else "clips/s"
     print(f"\n| method | model step (fp32, forward + backward + optimiser) | ms per step, "
-          f"median of {a.step_repeats} | clips/s per core |")
+          f"median of {a.step_repeats} | {unit} per core |")
     print("|---|---|---|---|")
     for m in methods:
         got = pipeline(m, files[SIZES[0]])
