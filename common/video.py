@@ -317,14 +317,14 @@ def _decode_run(path, c, s, idx: _Index, run: list, key: Optional[int] = None,
 
 def _decoded(container, stream, idx: _Index, want: set, nal: Optional[int], skipped: set):
     """The frames of `stream` from where `container` stands; with `nal`, the packets of
-    non-reference pictures whose frames are not in `want` are not decoded: their frame
-    indices are added to `skipped` as they are passed."""
+    non-reference pictures whose frames are not in `want` are not decoded (keyframes, the
+    seek points, always are): their frame indices are added to `skipped` as they are passed."""
     if nal is None:
         yield from container.decode(stream)
         return
     for packet in container.demux(stream):
         i = idx.rank.get(packet.pts)
-        if (packet.size and i is not None and i not in want
+        if (packet.size and i is not None and i not in want and not packet.is_keyframe
                 and is_nonref_picture(bytes(packet), nal)):
             skipped.add(i)
             continue
