@@ -279,6 +279,29 @@ def test_skipping_decoder_equals_a_full_decode(x264_clip):
     assert (name in ("no-b", "interlaced")) == (not skipped)
 
 
+def test_a_mismatch_met_only_when_skipping_reads_without_skipping(tmp_path, monkeypatch):
+    """Should the decoder, with pictures skipped, leave out a reference frame the table holds
+    (simulated: the skipping path drops one), the read is redone without skipping (right
+    frames), the file is read so from then on, and its packet table stays trusted."""
+    path = video.write_video(tmp_path / "flat.mp4", moving(), FPS, gop=N,
+                             options=X264["flat"])
+    seq = sequential(path)
+    kinds = [kind for _, kind in sorted(picture_types(path).items())]  # in frame order
+    lost = next(i for i in range(9, N) if kinds[i] == 2)  # a P-frame: a reference
+    real = video._decoded
+
+    def losing(container, stream, idx, want, nal, skipped):
+        for f in real(container, stream, idx, want, nal, skipped):
+            if nal is None or idx.rank.get(f.pts) != lost:
+                yield f
+    monkeypatch.setattr(video, "_decoded", losing)
+    key = video._index(path)[0]
+    assert np.array_equal(video.read_frames(path, [lost + 6]).numpy(), seq[[lost + 6]])
+    assert key in video._NO_SKIP and key not in video._DISTRUSTED
+    assert np.array_equal(video.read_frames(path, [lost + 1, 3]).numpy(), seq[[lost + 1, 3]])
+    assert video._index(path)[1].mode == "packets"
+
+
 def test_h264_in_avi_falls_back_to_decode_order(tmp_path):
     """In AVI, H.264 packet pts are decode-order stamps: sorting them misorders B-frames. The
     first read that meets this rebuilds the table from one full decode, exactly."""
