@@ -12,6 +12,8 @@ COMEDIAN stage 1: one second's two 2-frame views). Each pipeline is timed as its
 `__getitem__` for a fixed list of (epoch, index) keys plus the default collate (what one loader
 worker does), the median over `--rounds` rounds that alternate between methods and files,
 after one warm-up pass (which fills the per-process frame-table cache, as a long run does).
+Seconds are the process's CPU time by default (`--clock cpu`; `--clock wall` for elapsed time):
+on a core that other jobs share, wall time counts their turns too.
 
 Files: `--files` H.264 clips of `--seconds` s at 25 fps, GOP 250 (one keyframe per 10 s, as
 Kinetics' x264 encodes), crf 23, yuv420p, in two sizes (320 x 240 and 568 x 320, short side
@@ -22,7 +24,13 @@ The cores one GPU needs: ceil(gpu clips/s / clips/s per core), printed per metho
 `--gpu-clips-per-s` (the GPU's training step rate in clips/s, measured with `--bench` on it).
 
 `--cold-tables` adds rows where the per-process frame-table cache is emptied before every sample
-(a K400 epoch visits about 240,000 files: at that scale nearly every read is a miss).
+(a K400 epoch visits about 240,000 files: at that scale nearly every read is a miss);
+`--without-skipping` adds rows that decode every frame (`common.video` otherwise leaves the
+unwanted non-reference H.264 pictures undecoded).
+
+`--model-step` adds the model step alone: each method's training step (forward, backward and
+optimiser step, fp32, this process's one thread) at its paper settings on a batch of
+`--step-batch` of its own samples, median of `--step-repeats` steps after a warm-up one.
 
 The authors' pipelines: `--official-root DIR` holds a checkout of an authors' repository per
 method (`DIR/sigma`: SIGMA's official repository, built on VideoMAE). Where decord and that
@@ -132,6 +140,64 @@ def pipeline(method: str, paths: list):
     raise ValueError(f"pipeline: unknown method {method!r}")
 
 
+def model_step(method: str, samples: list, device: torch.device, args=None) -> tuple:
+    """(what a step is, a callable running one training step, the module it trains) of
+    `method`'s model at its paper
+    settings (`Args()` defaults: SIGMA ViT-B with the MLP target; SCE video its 3-D ResNet;
+    T-CoRe its ViT; COMEDIAN stage 1), its optimiser at its peak lr, on the batch its loader
+    makes of `samples` (the method's own collate), fp32 (no autocast): forward, backward and
+    the optimiser step, as its training loop runs it (EMA updates included). `args`: other
+    settings than the defaults (the model's; the samples must fit them)."""
+    from common import optim
+    mod = importlib.import_module(method)
+    a, amp, b = args or mod.Args(), optim.Amp("none", device), len(samples)
+    if method == "sigma":
+        model = mod.build_model(a).to(device)
+        net, opt, _ = mod.training_setup(model, a, device)
+        clip, mask = (x.to(device) for x in torch.utils.data.default_collate(samples))
+        net.train()
+        return (f"ViT-{a.model}, {b} clips", lambda: mod.train_step(
+            net, clip, mask, opt, amp, None, a.clip_grad), model)
+    if method == "sce_video":
+        sce = mod.build_model(a).to(device)
+        opt = mod.build_optimizer(sce, a)[0]
+        c0, c1, _ = torch.utils.data.default_collate(samples)
+        clips = [mod.channels_last(c, device) for c in (c0, c1)]
+        sce.train()
+        return (f"R3D-{a.depth}, {b} videos", lambda: mod.train_step(
+            sce, clips, opt, amp, a.ema_m0), sce)
+    if method == "tcore":
+        tc = mod.build_model(a).to(device)
+        opt, lr = mod.build_optimizer(tc, a, device)
+        sch = mod.schedules(a, 0, 1000, 100, lr)
+        mod.set_schedules(opt, a, sch["lr"], sch["pmm_lr"], sch["last_lr"], sch["wd"])
+        crops, masks = mod.to_device(mod.MaskingCollate(a)(samples), device)
+        tc.train()
+        return (f"ViT-{a.model}, {b} triplets", lambda: mod.train_step(
+            tc, crops, masks, opt, amp, sch["teacher_temp"], sch["momentum"], a.clip_grad), tc)
+    if method == "comedian":
+        stage, batch_size, _, base_lr, *_ = mod.phases(a)["spatial"]
+        model = mod.build_model(a, stage, a.pca_dim).to(device)
+        opt, before_step = mod.loop_optimizer("spatial", model, a)
+        optim.set_lr_wd(opt, base_lr * batch_size / 256)
+        *views, _ = torch.utils.data.default_collate(samples)
+        views = [v.to(device) for v in views]
+        return (f"stage 1, {b} seconds", lambda: mod.loop_step(
+            stage, model, views, opt, amp, a, a.ema_m0, before_step), model)
+    raise ValueError(f"model_step: unknown method {method!r}")
+
+
+def time_steps(step, repeats: int, clock=time.perf_counter) -> list:
+    """Seconds (of `clock`) of each of `repeats` calls of `step` after one warm-up call."""
+    step()
+    out = []
+    for _ in range(repeats):
+        t = clock()
+        step()
+        out.append(clock() - t)
+    return out
+
+
 def keys(method: str, n_files: int, clips: int, seconds: float) -> list:
     """`clips` dataset keys (epoch, index): files in turn, a new epoch (new draws) each pass.
     COMEDIAN's items are the seconds of the halves: spread over files and seconds."""
@@ -139,11 +205,16 @@ def keys(method: str, n_files: int, clips: int, seconds: float) -> list:
     return [(k // (n_files * per), (k * 7) % (n_files * per)) for k in range(clips)]
 
 
-def time_pipeline(get, ks: list) -> float:
-    """Clips/s of one process: `get(k)` for each key, then the loader's default collate."""
-    t = time.perf_counter()
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
+def time_pipeline(get, ks: list, clock=time.perf_counter) -> float:
+    """Clips per second of `clock` in one process: `get(k)` for each key, then the loader's
+    default collate. With `time.process_time` the seconds are the CPU time of this process (all
+    its threads): on a core shared with other jobs, the time the pipeline itself used."""
+    t = clock()
     torch.utils.data.default_collate([get(k) for k in ks])
-    return len(ks) / (time.perf_counter() - t)
+    return len(ks) / (clock() - t)
 
 
 def cores_needed(gpu_clips_per_s: float, clips_per_s_per_core: float) -> int:
@@ -275,13 +346,24 @@ def main(argv=None) -> dict:
                    help="a folder holding the authors' code per method (DIR/sigma, ...)")
     p.add_argument("--cold-tables", action="store_true",
                    help="also time ours with the frame-table cache emptied before each sample")
+    p.add_argument("--without-skipping", action="store_true",
+                   help="also time ours decoding every frame (no skipping of non-reference "
+                        "pictures)")
+    p.add_argument("--model-step", action="store_true",
+                   help="also time each method's training step (forward, backward, optimiser "
+                        "step, fp32) on a batch of its own samples")
+    p.add_argument("--step-batch", type=int, default=2, help="samples in that batch")
+    p.add_argument("--step-repeats", type=int, default=3, help="timed steps (median)")
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="cpu",
+                   help="cpu: the process's CPU time (robust on a core shared with other "
+                        "jobs); wall: elapsed time (on a core of its own the two agree)")
     p.add_argument("--json", action="store_true", help="also print one JSON line per row")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     methods = [m for m in a.methods.split(",") if m]
     files = bench_files(a.root, a.files, a.seconds)
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    print(f"# one process, 1 torch thread, {affinity} core(s) allowed"
+    print(f"# one process, 1 torch thread, {affinity} core(s) allowed, {a.clock} time"
           + ("" if affinity == 1 else " (pin it: taskset -c N)")
           + f"; {a.files} K400-like H.264 files per size ({a.seconds:g} s, {FPS} fps, GOP {GOP})")
     jobs, notes = [], {}
@@ -295,6 +377,8 @@ def main(argv=None) -> dict:
             sides = [("ours", get)]
             if a.cold_tables:
                 sides.append(("ours, tables not cached", cold(get)))
+            if a.without_skipping:
+                sides.append(("ours, every frame decoded", decoding_every_frame(get)))
             # the list file their dataset reads is written beside the files
             theirs, why = official_pipeline(m, a.official_root, paths, ks,
                                             os.path.dirname(paths[0]))
@@ -308,10 +392,12 @@ def main(argv=None) -> dict:
             for side, fn in sides:
                 time_pipeline(fn, ks)  # warm-up: frame tables, allocator
                 jobs.append((m, size, what, side, fn, ks, []))
+    clock = CLOCKS[a.clock]
     for r in range(a.rounds):  # alternate the order between rounds
         for m, size, what, side, fn, ks, rates in (jobs if r % 2 == 0 else jobs[::-1]):
-            rates.append(time_pipeline(fn, ks))
-    print(f"| method | sample | file | pipeline | clips/s per core | ms per clip | ours / "
+            rates.append(time_pipeline(fn, ks, clock))
+    unit = "clips per CPU-s" if a.clock == "cpu" else "clips/s"
+    print(f"| method | sample | file | pipeline | {unit} per core | ms per clip | ours / "
           f"authors' | cores for {a.gpu_clips_per_s:g} clips/s |")
     print("|---|---|---|---|---|---|---|---|")
     out = {}
@@ -340,6 +426,33 @@ def main(argv=None) -> dict:
         print(f"authors' pipeline, {m}: " + (note + " levels of 255 over the keys timed"
                                               if note.startswith("compared") else
                                               f"skipped, {note}"))
+    if a.model_step:
+        out.update(step_rows(methods, files, a))
+    return out
+
+
+def step_rows(methods: list, files: dict, a) -> dict:
+    """Time each method's `model_step` on this process's CPU thread, on a batch of its first
+    `a.step_batch` samples from the 320 x 240 files; print a table; return the rows by
+    (method, 'step')."""
+    out = {}
+    unit = "clips per CPU-s" if a.clock == "cpu" else "clips/s"
+    print(f"\n| method | model step (fp32, forward + backward + optimiser) | ms per step, "
+          f"median of {a.step_repeats} | {unit} per core |")
+    print("|---|---|---|---|")
+    for m in methods:
+        got = pipeline(m, files[SIZES[0]])
+        if got is None:
+            continue
+        ks = keys(m, a.files, max(a.step_batch, a.clips), a.seconds)[:a.step_batch]
+        what, step, _ = model_step(m, [got[1](k) for k in ks], torch.device("cpu"))
+        secs = statistics.median(time_steps(step, a.step_repeats, CLOCKS[a.clock]))
+        out[(m, "step")] = row = {"method": m, "step": what, "ms_per_step": 1000 * secs,
+                                  "clips_per_s_per_core": a.step_batch / secs}
+        print(f"| {m} | {what} | {row['ms_per_step']:.0f} | "
+              f"{row['clips_per_s_per_core']:.3f} |")
+        if a.json:
+            print(json.dumps(row))
     return out
 
 
@@ -348,6 +461,17 @@ def cold(get):
     def fn(key):
         video._scan.cache_clear()
         return get(key)
+    return fn
+
+
+def decoding_every_frame(get):
+    """`get` with the skipping of unwanted non-reference pictures switched off."""
+    def fn(key):
+        video.SKIP_NONREF = False
+        try:
+            return get(key)
+        finally:
+            video.SKIP_NONREF = True
     return fn
 
 

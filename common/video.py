@@ -30,6 +30,13 @@ later read of those indices. Known blind spot: a non-empty packet that decodes t
 MPEG-4 "not coded" VOP) is seen only by a read that decodes through it.
 Cost: the tables of the last 4096 files are cached per process; a miss costs one demux pass
 (about 5 ms for a 10-s 320x240 clip), a full decode for the rare files that need it.
+Frame skipping (H.264 with a packet table): a packet whose every slice has nal_ref_idc 0 (a
+non-reference picture, which by the standard no other picture predicts from) and whose frame is
+not wanted is not sent to the decoder; the frames it would have shown are left out of the
+order check, which otherwise stays exact. Every other picture is decoded as before, so the
+wanted frames are bit-identical to a full decode; on x264 files with B-frames about half the
+frames are skipped. Should a read with skipping disagree with the table, the file is read
+without skipping from then on (and only a disagreement then rebuilds the table).
 """
 import bisect
 import functools
@@ -56,6 +63,7 @@ PathLike = Union[str, os.PathLike]
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 RESEEK_FRAMES = 8  # a wanted frame gets a new seek if that skips decoding more frames than this
 TIME_EPS = 1e-6  # seconds: a frame shown at t + TIME_EPS counts as shown at t
+SKIP_NONREF = True  # skip unwanted non-reference H.264 pictures (False: decode every frame)
 
 
 class VideoReadError(RuntimeError):
@@ -95,6 +103,10 @@ class _Index:
 
 class _Mismatch(Exception):
     """The decoder disagrees with a video's frame table."""
+
+
+class _SkipMismatch(_Mismatch):
+    """The decoder disagrees with a video's frame table on a read that skipped frames."""
 
 
 def _open(path: PathLike) -> "av.container.InputContainer":
@@ -163,6 +175,7 @@ def _scan(path: str, mtime_ns: int, size: int, decode: bool) -> _Index:
 
 
 _DISTRUSTED = set()  # (path, mtime_ns, size) of files whose packet table a read proved wrong
+_NO_SKIP = set()  # of the files read with frame skipping, those where a read met a mismatch
 _PROMISED = {}  # of those, the ones that decode fewer frames than their packets: -> that count
 
 
@@ -202,7 +215,11 @@ def read_frames(path: PathLike, indices: Sequence[int]) -> torch.Tensor:
         raise VideoReadError(f"{path}: frame {min(max(indices), promised - 1)} does not "
                              f"decode: {n} of its {promised} frames do")
     try:
-        return _read(path, idx, indices)
+        try:
+            return _read(path, idx, indices, SKIP_NONREF and key not in _NO_SKIP)
+        except _SkipMismatch:  # a mismatch seen only with frames skipped: read without
+            _NO_SKIP.add(key)
+            return _read(path, idx, indices, False)
     except _Mismatch as e:  # only a packet table is checked this way: rebuild by decoding
         _DISTRUSTED.add(key)
         promised, idx = idx.meta.num_frames, _index(path)[1]
@@ -215,8 +232,9 @@ def read_frames(path: PathLike, indices: Sequence[int]) -> torch.Tensor:
         return _read(path, idx, indices)
 
 
-def _read(path: PathLike, idx: _Index, indices: list) -> torch.Tensor:
-    """`read_frames` with one frame table; raises _Mismatch where a packet table proves wrong."""
+def _read(path: PathLike, idx: _Index, indices: list, skip: bool = True) -> torch.Tensor:
+    """`read_frames` with one frame table; raises _Mismatch where a packet table proves wrong
+    (_SkipMismatch if non-reference frames were skipped, `skip`, on that read)."""
     indices = [min(i, idx.meta.num_frames - 1) for i in indices]
     wanted = sorted(set(indices))
     runs = [[wanted[0]]]
@@ -225,29 +243,66 @@ def _read(path: PathLike, idx: _Index, indices: list) -> torch.Tensor:
         if (idx.keys[k] if k >= 0 else 0) - runs[-1][-1] > RESEEK_FRAMES:
             runs.append([])
         runs[-1].append(i)
-    got = {}
+    got, nal = {}, None
     try:
         with _open(path) as c:
             s = c.streams.video[0]
             s.thread_type = "AUTO"
+            if skip and idx.mode == "packets":
+                nal = _avcc_length_size(s.codec_context)
             for run in runs:
-                got.update(_decode_run(path, c, s, idx, run))
+                got.update(_decode_run(path, c, s, idx, run, nal=nal))
     except (av.FFmpegError, _Mismatch) as e:
         if idx.mode == "packets":
-            raise _Mismatch(str(e)) from None
+            raise (_Mismatch if nal is None else _SkipMismatch)(str(e)) from None
         raise VideoReadError(f"{path}: decoding failed ({e})") from None
     return torch.from_numpy(np.stack([got[i] for i in indices]))
 
 
-def _decode_run(path, c, s, idx: _Index, run: list, key: Optional[int] = None) -> dict:
+def _avcc_length_size(cc) -> Optional[int]:
+    """Bytes of the NAL-unit length prefix of an H.264 stream stored as in MP4 and Matroska
+    (an avcC record as extradata: 1, 2 or 4); None for any other codec or layout (Annex B
+    start codes, as in AVI and raw .h264), which are read without frame skipping."""
+    extra = cc.extradata
+    if cc.name != "h264" or not extra or len(extra) < 7 or extra[0] != 1:
+        return None
+    size = (extra[4] & 3) + 1
+    return size if size in (1, 2, 4) else None
+
+
+def is_nonref_picture(data: bytes, length_size: int) -> bool:
+    """Whether an H.264 access unit (length-prefixed NAL units) is a non-reference picture that
+    can go undecoded: at least one coded slice (NAL type 1), every slice with nal_ref_idc 0,
+    and besides them only access-unit delimiters (9) and filler (12). Anything else (IDR
+    slices, parameter sets, SEI, partitions, a malformed length) answers False."""
+    j, slices = 0, 0
+    while j < len(data):
+        if j + length_size >= len(data):
+            return False
+        n = int.from_bytes(data[j:j + length_size], "big")
+        header = data[j + length_size]  # forbidden_zero_bit, nal_ref_idc (2 bits), nal_unit_type
+        kind, ref_idc = header & 0x1F, (header >> 5) & 3
+        if n == 0 or j + length_size + n > len(data) or header & 0x80:
+            return False
+        if kind == 1 and ref_idc == 0:
+            slices += 1
+        elif kind not in (9, 12):
+            return False
+        j += length_size + n
+    return slices > 0
+
+
+def _decode_run(path, c, s, idx: _Index, run: list, key: Optional[int] = None,
+                nal: Optional[int] = None) -> dict:
     """{index: RGB array} for `run` (sorted unique indices), decoded after one seek.
 
     Seeks to keyframe `key` (a position in idx.keys; default: the last at or before run[0])
     and steps back a keyframe whenever the seek lands after run[0] (demuxers whose index holds
     dts may); key -1 and "count" mode decode a fresh container of `path` from its first
     packet, with no seek (a seek to the smallest timestamp can land on the second keyframe).
-    Each decoded frame is named by its pts in the table ("count": by its position). Raises
-    _Mismatch where the decoded frames contradict the table.
+    Each decoded frame is named by its pts in the table ("count": by its position). `nal`:
+    the NAL length size of an H.264 stream whose unwanted non-reference pictures are skipped
+    (None: decode every packet). Raises _Mismatch where the decoded frames contradict the table.
     """
     key = -1 if idx.mode == "count" else (bisect.bisect_right(idx.keys, run[0]) - 1
                                            if key is None else key)
@@ -255,14 +310,33 @@ def _decode_run(path, c, s, idx: _Index, run: list, key: Optional[int] = None) -
         with _open(path) as fresh:
             stream = fresh.streams.video[0]
             stream.thread_type = "AUTO"
-            return _decode_frames(path, c, s, idx, run, key, fresh.decode(stream))
+            return _decode_frames(path, c, s, idx, run, key, fresh, stream, nal)
     c.seek(idx.key_ts[key], stream=s, backward=True)
-    return _decode_frames(path, c, s, idx, run, key, c.decode(s))
+    return _decode_frames(path, c, s, idx, run, key, c, s, nal)
 
 
-def _decode_frames(path, c, s, idx: _Index, run: list, key: int, decoded) -> dict:
-    """The frames of `run` among `decoded`, the frames after a seek to keyframe `key`."""
-    got, want, last = {}, set(run), None
+def _decoded(container, stream, idx: _Index, want: set, nal: Optional[int], skipped: set):
+    """The frames of `stream` from where `container` stands; with `nal`, the packets of
+    non-reference pictures whose frames are not in `want` are not decoded (keyframes, the
+    seek points, always are): their frame indices are added to `skipped` as they are passed."""
+    if nal is None:
+        yield from container.decode(stream)
+        return
+    for packet in container.demux(stream):
+        i = idx.rank.get(packet.pts)
+        if (packet.size and i is not None and i not in want and not packet.is_keyframe
+                and is_nonref_picture(bytes(packet), nal)):
+            skipped.add(i)
+            continue
+        yield from stream.decode(packet)
+
+
+def _decode_frames(path, c, s, idx: _Index, run: list, key: int, container, stream,
+                   nal: Optional[int]) -> dict:
+    """The frames of `run` among the frames decoded from `container`'s `stream` after a seek
+    to keyframe `key` (or from its start), unwanted non-reference pictures skipped if `nal`."""
+    got, want, last, skipped = {}, set(run), None, set()
+    decoded = _decoded(container, stream, idx, want, nal, skipped)
     # One converter for the run: Frame.to_ndarray builds a new one per frame, which costs
     # ~3 ms a frame with threaded decoding (the pixels are the same).
     rgb = VideoReformatter()
@@ -276,9 +350,14 @@ def _decode_frames(path, c, s, idx: _Index, run: list, key: int, decoded) -> dic
         if last is None and i > run[0]:  # the seek landed after the first wanted frame
             if key < 0:
                 raise _Mismatch(f"decoding from the start begins at frame {i}, not {run[0]}")
-            return _decode_run(path, c, s, idx, run, key - 1)
-        if idx.mode == "packets" and last is not None and i != last + 1:
-            raise _Mismatch(f"decoded frame {i} right after frame {last}")
+            return _decode_run(path, c, s, idx, run, key - 1, nal)
+        if idx.mode == "packets" and last is not None:
+            after = last + 1  # the next frame, past the ones skipped undecoded
+            while after in skipped:
+                after += 1
+            if i != after or i in skipped:
+                raise _Mismatch(f"decoded frame {i} right after frame {last}"
+                                + (f" ({len(skipped)} skipped)" if skipped else ""))
         if i in want:
             got[i] = rgb.reformat(f, format="rgb24").to_ndarray()
         if i >= run[-1]:
@@ -334,7 +413,8 @@ def read_frame_folder(folder: PathLike, indices: Sequence[int]) -> torch.Tensor:
 
 
 def write_video(path: PathLike, frames, fps: float = 25, codec: str = "libx264",
-                gop: int = 12, crf: int = 18, pts: Optional[Sequence[int]] = None) -> Path:
+                gop: int = 12, crf: int = 18, pts: Optional[Sequence[int]] = None,
+                options: Optional[dict] = None) -> Path:
     """Encode uint8 (T, H, W, 3) RGB frames (tensor or array); returns the path.
 
     `codec`: libx264, mpeg4, msmpeg4 (v3), msmpeg4v2, libvpx-vp9, cinepak (PyAV 18 encoders);
@@ -342,6 +422,7 @@ def write_video(path: PathLike, frames, fps: float = 25, codec: str = "libx264",
     x264 and vp9, the others get a generous bit rate. `gop`: frames between keyframes.
     `pts`: increasing presentation times of the frames in units of 1 / `fps` (default 0, 1, 2,
     ...: a constant rate); gaps make a variable-rate file (AVI fills them with empty chunks).
+    `options`: more encoder options (e.g. {"x264-params": "bframes=0"}), after the default ones.
     x264 output is not always byte-identical from run to run (about 1 file in 50 differs by a
     few bytes here, whatever the thread settings); the pictures agree.
     """
@@ -363,9 +444,12 @@ def write_video(path: PathLike, frames, fps: float = 25, codec: str = "libx264",
         s.pix_fmt = "rgb24" if codec == "cinepak" else "yuv420p"
         s.codec_context.gop_size = gop
         if codec in ("libx264", "libvpx-vp9"):
-            s.options = {"crf": str(crf), **({"b": "0"} if codec == "libvpx-vp9" else {})}
+            s.options = {"crf": str(crf), **({"b": "0"} if codec == "libvpx-vp9" else {}),
+                         **(options or {})}
         else:
             s.codec_context.bit_rate = max(10**6, int(h * w * fps))
+            if options:
+                s.options = dict(options)
         for k, f in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
             frame.pts, frame.time_base = (k if pts is None else int(pts[k])), 1 / rate

@@ -3,6 +3,9 @@ timings themselves are the tool's output, not tested)."""
 import math
 
 import pytest
+import torch
+
+import sigma
 
 from common import pipeline_bench as pb
 from common import video
@@ -46,3 +49,20 @@ def test_the_pipelines_yield_training_samples(tmp_path):
     assert pb.official_note("sigma", None)  # decord and the authors' code are not dependencies
     assert pb.official_note("sigma", tmp_path)  # no checkout of their code there
     assert pb.official_note("cropmae", tmp_path)  # not wired in
+
+
+def test_model_step_trains_on_the_pipelines_samples(tmp_path):
+    """The step row's step, on a batch the method's own pipeline made: it updates the weights
+    (SIGMA with a ViT-tiny, a one-block decoder and a small phi in place of ViT-B, to stay
+    fast; the clips are the paper's 16 x 224)."""
+    paths = pb.bench_files(tmp_path, files=1, seconds=0.4)[(320, 240)]
+    _, get = pb.pipeline("sigma", paths)
+    small = sigma.Args(model="tiny", decoder_depth=1, proj_hidden=(64,), num_prototypes=64)
+    what, step, model = pb.model_step("sigma", [get((0, 0)), get((1, 0))],
+                                      torch.device("cpu"), small)
+    assert what == "ViT-tiny, 2 clips" and isinstance(model, sigma.SIGMA)
+    before = [p.detach().clone() for p in model.parameters()]
+    out = step()
+    assert torch.isfinite(out["loss"])
+    changed = [not torch.equal(b, p) for b, p in zip(before, model.parameters())]
+    assert sum(changed) > len(changed) // 2  # the optimiser stepped

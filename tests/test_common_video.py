@@ -182,6 +182,126 @@ def test_avi_with_timestamp_gaps(tmp_path, codec):
     assert frame_ids(video.read_frames_at(path, ts)) == [0, 2, 2, 3, 4, 5, 9]
 
 
+def moving(n: int = N) -> np.ndarray:
+    """Frames of a diagonal ramp panning 5 levels a frame and a red square moving 2 px a
+    frame: motion that x264 codes with B-frames."""
+    yy, xx = np.mgrid[0:H, 0:W]
+    out = np.empty((n, H, W, 3), np.uint8)
+    for k in range(n):
+        out[k] = ((3 * xx + 2 * yy + 5 * k) % 256)[..., None]
+        out[k, 10:20, (2 * k) % 50:(2 * k) % 50 + 10] = (250, 30, 30)
+    return out
+
+
+# x264 settings: B-frames with b-pyramid (the default: the middle B-frame of a group is a
+# reference), B-frames that are never references, no B-frames (every frame a reference),
+# interlaced coding (a picture-timing SEI in every picture: nothing is skipped); one keyframe
+X264 = {name: {"x264-params": "scenecut=0" + extra} for name, extra in (
+    ("pyramid", ""), ("flat", ":b-pyramid=none"), ("no-b", ":bframes=0"),
+    ("interlaced", ":interlaced=1"))}
+
+
+@pytest.fixture(scope="module", params=list(X264))
+def x264_clip(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp("x264") / f"{request.param}.mp4"
+    return request.param, video.write_video(path, moving(), FPS, gop=N, options=X264[request.param])
+
+
+def picture_types(path) -> dict:
+    """pts -> picture type (1 I, 2 P, 3 B) of each decoded frame."""
+    with av.open(str(path)) as c:
+        return {f.pts: int(f.pict_type) for f in c.decode(c.streams.video[0])}
+
+
+def test_nonref_pictures_are_the_unreferenced_b_frames(x264_clip):
+    """The packets found to be non-reference pictures: every B-frame when no B-frame is a
+    reference, a part of them with b-pyramid, none without B-frames or with SEI in each."""
+    name, path = x264_clip
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        size = video._avcc_length_size(s.codec_context)
+        skippable = {p.pts for p in c.demux(s)
+                     if p.size and video.is_nonref_picture(bytes(p), size)}
+    assert size == 4
+    b = {pts for pts, kind in picture_types(path).items() if kind == 3}
+    if name == "flat":
+        assert skippable == b and len(b) > N // 4
+    elif name == "pyramid":
+        assert skippable and skippable < b and len(b - skippable) > N // 10
+    else:
+        assert not skippable and (name == "no-b") == (not b)
+
+
+def test_is_nonref_picture_by_hand():
+    """NAL headers: 0x01 non-ref slice, 0x41 slice with nal_ref_idc 2, 0x65 IDR, 0x06 SEI,
+    0x09 access-unit delimiter; 2-byte length prefixes."""
+    def au(*nals):
+        return b"".join(len(n).to_bytes(2, "big") + n for n in nals)
+    assert video.is_nonref_picture(au(b"\x01\x88\x84"), 2)
+    assert video.is_nonref_picture(au(b"\x09\xf0", b"\x01\x9a", b"\x01\x9b"), 2)
+    assert not video.is_nonref_picture(au(b"\x41\x9a"), 2)  # a reference P/B slice
+    assert not video.is_nonref_picture(au(b"\x01\x9a", b"\x41\x9a"), 2)
+    assert not video.is_nonref_picture(au(b"\x65\x88"), 2)
+    assert not video.is_nonref_picture(au(b"\x06\x05\x01", b"\x01\x9a"), 2)  # SEI
+    assert not video.is_nonref_picture(au(b"\x09\xf0"), 2)  # no slice
+    assert not video.is_nonref_picture(au(b"\x01\x9a")[:-1], 2)  # cut short
+    assert not video.is_nonref_picture(b"", 2)
+
+
+def test_skipping_decoder_equals_a_full_decode(x264_clip):
+    """Reads that skip the unwanted non-reference pictures give the frames of a full
+    sequential decode, bit for bit, alone, in sets, and across the whole file; the frames
+    skipped before a wanted frame are exactly the non-reference pictures among them."""
+    name, path = x264_clip
+    seq = assert_matches_sequential(path)
+    idx = video._index(path)[1]
+    assert idx.mode == "packets" and idx.keys == (0,)
+    for sets in ([40], [7, 23, 39, 55], list(range(3, N, 4)), [N - 1, 0]):
+        assert np.array_equal(video.read_frames(path, sets).numpy(), seq[sets])
+    key = video._index(path)[0]
+    assert key not in video._NO_SKIP and key not in video._DISTRUSTED  # no read fell back
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        size = video._avcc_length_size(s.codec_context)
+        nonref = {idx.rank[p.pts] for p in c.demux(s)
+                  if p.size and video.is_nonref_picture(bytes(p), size)}
+        c.seek(0, stream=s, backward=True)
+        skipped = set()
+        decoded = []
+        for f in video._decoded(c, s, idx, {40}, size, skipped):
+            decoded.append(idx.rank[f.pts])
+            if decoded[-1] == 40:
+                break
+    # all non-reference pictures before 40 and some after it (demuxed before 40 came out)
+    assert {i for i in nonref if i < 40} <= skipped <= nonref - {40}
+    assert set(decoded) == set(range(41)) - skipped  # every other frame, in order
+    assert decoded == sorted(decoded)
+    assert (name in ("no-b", "interlaced")) == (not skipped)
+
+
+def test_a_mismatch_met_only_when_skipping_reads_without_skipping(tmp_path, monkeypatch):
+    """Should the decoder, with pictures skipped, leave out a reference frame the table holds
+    (simulated: the skipping path drops one), the read is redone without skipping (right
+    frames), the file is read so from then on, and its packet table stays trusted."""
+    path = video.write_video(tmp_path / "flat.mp4", moving(), FPS, gop=N,
+                             options=X264["flat"])
+    seq = sequential(path)
+    kinds = [kind for _, kind in sorted(picture_types(path).items())]  # in frame order
+    lost = next(i for i in range(9, N) if kinds[i] == 2)  # a P-frame: a reference
+    real = video._decoded
+
+    def losing(container, stream, idx, want, nal, skipped):
+        for f in real(container, stream, idx, want, nal, skipped):
+            if nal is None or idx.rank.get(f.pts) != lost:
+                yield f
+    monkeypatch.setattr(video, "_decoded", losing)
+    key = video._index(path)[0]
+    assert np.array_equal(video.read_frames(path, [lost + 6]).numpy(), seq[[lost + 6]])
+    assert key in video._NO_SKIP and key not in video._DISTRUSTED
+    assert np.array_equal(video.read_frames(path, [lost + 1, 3]).numpy(), seq[[lost + 1, 3]])
+    assert video._index(path)[1].mode == "packets"
+
+
 def test_h264_in_avi_falls_back_to_decode_order(tmp_path):
     """In AVI, H.264 packet pts are decode-order stamps: sorting them misorders B-frames. The
     first read that meets this rebuilds the table from one full decode, exactly."""
