@@ -284,6 +284,97 @@ def videos(root: Optional[os.PathLike] = None, seed: int = 0, size: int = 64, fr
     return _cached(root, name, build)
 
 
+# ---- motion-only videos ------------------------------------------------------------------
+
+MOTION_VERSION = 2  # 2: one grey background for all (1: re-drawn with the object)
+MOTION_GREY = 128.0  # the flat background of every motion video
+FLIP_MOTIONS = ("move_down", "move_sideways", "move_up", "zoom_in")  # sorted: label = index
+
+
+def _motion_clip(rng: np.random.Generator, motion: str, size: int, frames: int,
+                 segment: int) -> np.ndarray:
+    """(T, H, W, 3) uint8 clip whose only constant is the motion of one object.
+
+    Every `segment` frames (from a random phase) the object's shape, its two stripe colours,
+    the stripes and its orientation are all drawn anew, on the flat grey background that all
+    videos share, so two clips of one video at different times share no appearance (but
+    where they overlap in time). What stays is the path:
+    a straight move at the video's own speed (0.45-0.6 of the side over the video) and
+    direction (the class's, turned by U(-15, 15) degrees; `move_sideways` goes left or right
+    at random, so a horizontal flip maps every class onto itself), or a growth by 1.8-2.2x
+    (`zoom_in`), from a random start that keeps the object mostly inside the frame."""
+    t = np.linspace(0, 1, frames)
+    turn = np.deg2rad(rng.uniform(-15, 15))
+    d = {"move_down": (0.0, 1.0), "move_up": (0.0, -1.0), "zoom_in": (0.0, 0.0),
+         "move_sideways": (float(rng.choice([-1.0, 1.0])), 0.0)}[motion]
+    d = np.array([d[0] * np.cos(turn) - d[1] * np.sin(turn),
+                  d[0] * np.sin(turn) + d[1] * np.cos(turn)])
+    dist = rng.uniform(0.45, 0.6) * size
+    if motion == "zoom_in":
+        radius = rng.uniform(0.1, 0.12) * size * rng.uniform(1.8, 2.2) ** t
+    else:
+        radius = np.full(frames, rng.uniform(0.17, 0.22) * size)
+    m = 0.8 * radius.max()
+    lo, hi = m + dist * np.maximum(-d, 0), size - m - dist * np.maximum(d, 0)
+    centre = rng.uniform(np.minimum(lo, hi), np.maximum(lo, hi))
+    phase = int(rng.integers(segment))
+    out = np.empty((frames, size, size, 3), np.uint8)
+    bg = np.full(3, MOTION_GREY)
+    for i in range(frames):
+        if i == 0 or (i + phase) % segment == 0:  # a new appearance
+            c1 = _colour(rng, bg)
+            c2 = _colour(rng, c1, 80.0)
+            shape, freq = SHAPES[rng.integers(len(SHAPES))], rng.uniform(1.5, 2.5)
+            stripe_phase, angle = rng.uniform(0, 6), rng.uniform(0, 2 * np.pi)
+            stripes = (lambda f, p: lambda u, v: np.sin(f * np.pi * u + p) > 0)(freq,
+                                                                                  stripe_phase)
+        img = np.broadcast_to(bg, (size, size, 3)).copy()
+        cx, cy = centre + d * dist * t[i]
+        _draw(img, shape, cx, cy, radius[i], angle, c1, c2, stripes, ss=2)
+        out[i] = np.clip(np.rint(img), 0, 255)
+    return out
+
+
+def motion_videos(root: Optional[os.PathLike] = None, seed: int = 0, size: int = 64,
+                  frames: int = 32, fps: float = 25, per_class_train: int = 16,
+                  per_class_val: int = 4, segment: int = 2) -> Path:
+    """Class folders `root/<motion>/<motion>_<n>.mp4` of the 4 `FLIP_MOTIONS`, in the same
+    layout and split files as `videos()` (Kinetics `train.csv`/`val.csv`, UCF101
+    `classInd.txt`, `trainlist01.txt`, `testlist01.txt`).
+
+    Built for clip-level instance discrimination (SCE for video): the appearance of the object
+    and of the background is re-drawn every `segment` frames (`_motion_clip`), so the one cue
+    that two clips of a video share is its motion, and what an instance objective can learn
+    is motion; the classes survive the pretraining's per-clip horizontal flip."""
+    from common.video import write_video
+    if size % 2:
+        raise ValueError(f"synthetic.motion_videos: size must be even (H.264 yuv420p), got {size}")
+
+    def build(tmp: Path) -> None:
+        lists: dict = {"train": [], "val": []}
+        for c, motion in enumerate(FLIP_MOTIONS):
+            for n in range(per_class_train + per_class_val):
+                rel = f"{motion}/{motion}_{n:04d}.mp4"
+                clip = _motion_clip(np.random.default_rng([seed, c, n, 7]), motion, size,
+                                    frames, segment)
+                write_video(tmp / rel, clip, fps=fps, codec="libx264", gop=8)
+                lists["train" if n < per_class_train else "val"].append((rel, c))
+        _write_lists(tmp, lists, FLIP_MOTIONS)
+    name = (f"motion-videos-v{MOTION_VERSION}-s{seed}-{size}px-{frames}f-"
+            f"{per_class_train}x{per_class_val}-seg{segment}")
+    return _cached(root, name, build)
+
+
+def _write_lists(tmp: Path, lists: dict, classes: tuple) -> None:
+    """Kinetics `train.csv`/`val.csv` (0-based) and UCF101 split files (1-based) of `lists`."""
+    for name, lines in {"train.csv": [f"{p} {c}" for p, c in lists["train"]],
+                        "val.csv": [f"{p} {c}" for p, c in lists["val"]],
+                        "classInd.txt": [f"{c + 1} {m}" for c, m in enumerate(classes)],
+                        "trainlist01.txt": [f"{p} {c + 1}" for p, c in lists["train"]],
+                        "testlist01.txt": [p for p, _ in lists["val"]]}.items():
+        (tmp / name).write_text("".join(f"{line}\n" for line in lines))
+
+
 # ---- DAVIS -------------------------------------------------------------------------------
 
 def davis_palette() -> list:

@@ -185,6 +185,69 @@ def test_videos_deterministic(tmp_path):
         assert (va - vb).abs().mean() < 0.5 and (va - vc).abs().mean() > 10
 
 
+# ---- motion-only videos ----
+
+def _object_track(clip: np.ndarray) -> tuple:
+    """Per frame of a (T, H, W, 3) uint8 clip on the flat grey background: the set of the two
+    most frequent object colours (its stripes), and the centroid (x, y) and area of the
+    pixels that are not grey."""
+    looks, cents, areas = [], [], []
+    ys, xs = np.mgrid[0:clip.shape[1], 0:clip.shape[2]]
+    for f in clip.astype(int):
+        obj = np.abs(f - syn.MOTION_GREY).sum(-1) > 30
+        colours, counts = np.unique(f[obj], axis=0, return_counts=True)
+        looks.append({tuple(c) for c in colours[np.argsort(-counts)[:2]]})
+        cents.append(((xs * obj).sum() / obj.sum(), (ys * obj).sum() / obj.sum()))
+        areas.append(obj.sum())
+    return looks, np.array(cents), np.array(areas)
+
+
+def test_motion_videos_keep_only_the_motion():
+    """The object's appearance (its stripe colours) is re-drawn exactly every `segment`
+    frames on a grey background shared by all videos; its centroid follows its class (down,
+    up, left or right, or a growth), and sideways goes both ways over videos, so a
+    horizontal flip maps each class onto itself."""
+    signs = set()
+    for c, m in enumerate(syn.FLIP_MOTIONS):
+        for n in range(6 if m == "move_sideways" else 2):
+            clip = syn._motion_clip(np.random.default_rng([0, c, n, 7]), m, 64, 32, segment=4)
+            looks, cents, areas = _object_track(clip)
+            assert (clip[:, 0, 0] == syn.MOTION_GREY).all() or (clip[:, -1, -1] ==
+                                                                 syn.MOTION_GREY).all()
+            new = [not (a & b) for a, b in zip(looks, looks[1:])]  # (T - 1,) a new look
+            k = int(np.argmax(new))  # the first change: then one every 4 frames exactly
+            assert k < 4 and new == [(i - k) % 4 == 0 for i in range(31)], (m, n, new)
+            v = cents[-1] - cents[0]  # px over the video
+            grow = areas[-4:].mean() / areas[:4].mean()
+            if m == "zoom_in":
+                assert grow > 2 and np.hypot(*v) < 6, (m, grow, v)
+                continue
+            assert 0.6 < grow < 1.6 and np.hypot(*v) > 20, (m, grow, v)
+            if m == "move_sideways":
+                assert abs(v[0]) > 2 * abs(v[1]), v
+                signs.add(np.sign(v[0]))
+            else:
+                assert abs(v[1]) > 2 * abs(v[0]) and np.sign(v[1]) == (1 if m == "move_down"
+                                                                       else -1), (m, v)
+    assert signs == {-1, 1}
+
+
+def test_motion_videos_layout_and_determinism(tmp_path):
+    kw = dict(frames=8, per_class_train=2, per_class_val=1)
+    a, b = syn.motion_videos(tmp_path / "a", **kw), syn.motion_videos(tmp_path / "b", **kw)
+    train, val = data.read_video_csv(a / "train.csv"), data.read_video_csv(a / "val.csv")
+    assert [r.label for r in train] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [r.label for r in val] == [0, 1, 2, 3]
+    ucf = data.read_ucf101_split(a, 1, False)
+    assert [(r.path, r.label) for r in ucf] == [(r.path, r.label) for r in val]
+    rel = "move_up/move_up_0002.mp4"
+    assert (video.video_meta(a / rel).num_frames, video.video_meta(a / rel).width) == (8, 64)
+    clip = syn._motion_clip(np.random.default_rng([0, 2, 2, 7]), "move_up", 64, 8, 2)
+    va, vb = (video.read_frames(r / rel, range(8)).float() for r in (a, b))
+    assert (va - vb).abs().mean() < 0.5  # x264 may differ in a few bytes, not the pictures
+    assert (va - torch.from_numpy(clip).float()).abs().mean() < 3  # the rendered clip
+
+
 # ---- DAVIS ----
 
 def test_davis_palette():

@@ -517,6 +517,21 @@ def test_presets_follow_the_thesis():
     assert S.build_model(tiny_args()).queue.shape == (64, 8)
 
 
+def test_demo_reads_the_motion_set_at_the_linearly_scaled_lr(tmp_path, monkeypatch):
+    """The demo trains on `synthetic.motion_videos` (4 flip-proof motions) at the official
+    base lr scaled to its batch (2.4 x 16 / 256 = 0.15), validates on >= 100 videos per class
+    (DESIGN's rule for accuracies) and carries a measured trained spread for its verdict."""
+    demo = cli.parse(S.Args, S.PRESETS, ["--preset", "demo"])
+    assert demo.synthetic_set == "motion" and demo.synthetic_per_class[1] >= 100
+    assert demo.base_lr * demo.batch_size / 256 == pytest.approx(0.15)
+    assert demo.trained_spread > 0 and demo.random_init_seeds >= 3
+    monkeypatch.setenv("SSL_REFS_CACHE", str(tmp_path))
+    small = dataclasses.replace(demo, synthetic_per_class=(2, 1), synthetic_seed=3)
+    train, val = S.read_split(small, True), S.read_split(small, False)
+    assert [r.label for r in val] == [0, 1, 2, 3] and len(train) == 8
+    assert all("motion-videos" in r.path and "-s3-" in r.path for r in train + val)
+
+
 # ---- --bench and the GPU (tests marked gpu run on CUDA only) ----
 @pytest.fixture(scope="module")
 def frame_data(tmp_path_factory):
@@ -638,3 +653,16 @@ def test_demo_verdict_on_retrieval_over_random_inits(tiny_data, tmp_path, monkey
     assert round(ver["trained"][0], 3) == r1["trained"]
     assert ver["rule"].startswith("needs") and not ver["helps"]
     assert json.load(open(tmp_path / "summary.json"))["verdict"] == ver
+    raw = summary["versus_raw_pixels"]
+    assert round(raw["raw_pixels"], 3) == r1["raw_pixels"] and raw["trained"] == ver["trained"][0]
+
+
+def test_versus_raw_pixels_by_hand():
+    """3 SE of the difference, SE^2 = binomial SE^2 of raw pixels + the larger of the trained
+    binomial SE and the trained spread, squared (400 samples: SE(50 %) = 2.5 points)."""
+    out = S.versus_raw_pixels(50.0, 55.0, 400, 0.0)
+    se = math.hypot(2.5, 100 * math.sqrt(0.55 * 0.45 / 400))
+    assert out["se"] == pytest.approx(se) and not out["beats"]  # 5 < 3 x 3.53
+    assert S.versus_raw_pixels(50.0, 55.0, 400, 4.0)["se"] == pytest.approx(math.hypot(2.5, 4))
+    assert S.versus_raw_pixels(40.0, 60.0, 400, 1.0)["beats"]  # 20 > 3 x 3.46
+    assert "beats them" in S.versus_raw_pixels(40.0, 60.0, 400, 1.0)["line"]
