@@ -159,6 +159,9 @@ class Args:
     """object size factor of the synthetic videos"""
     synthetic_plain: bool = False
     """flat synthetic backgrounds, so that the motion, not the texture, is what there is to see"""
+    synthetic_bright: bool = False
+    """bright one-colour synthetic objects on dark flat backgrounds (the same contrast sign in
+    every clip; `synthetic.videos(bright=True)`)"""
     synthetic_seed: int = 0
     """seed of the embedded synthetic videos (0: the demo's verdict; 1: the other draw, on which
     the demo's fine-tuning settings were chosen)"""
@@ -391,7 +394,7 @@ def read_split(args: Args, train: bool) -> list:
         ptr, pva = args.synthetic_per_class
         root = synthetic.videos(seed=args.synthetic_seed, per_class_train=ptr,
                                 per_class_val=pva, scale=args.synthetic_scale,
-                                plain=args.synthetic_plain)
+                                plain=args.synthetic_plain, bright=args.synthetic_bright)
         return data.read_video_csv(root / ("train.csv" if train else "val.csv"))
     if not os.path.exists(args.data):
         raise FileNotFoundError(f"--data {args.data}: no such folder or list file")
@@ -1213,6 +1216,39 @@ def cluster_picture(model: SIGMA, encoders: dict, args: Args, path: str, device)
     dist.print0(f"wrote {path}: rows = {', '.join(labels)}")
 
 
+@torch.no_grad()
+def trajectory_features(x: torch.Tensor, thresh: float = 0.1) -> torch.Tensor:
+    """Hand-made motion features of ImageNet-normalised clips (B, 3, T, H, W) on flat
+    backgrounds (not a model; the check that the clips carry the motion class): in each frame
+    the centroid (x, y) in pixels and the log area of the pixels that differ from the clip's
+    median colour by more than `thresh` in some channel (as `segmentation_eval`), each minus
+    its value in frame 0 -> (B, 3 T): x shifts, then y shifts, then log-area changes."""
+    pix = unnormalise(x)
+    bg = pix.flatten(2).median(2).values[:, :, None, None, None]
+    fg = ((pix - bg).abs().amax(1) > thresh).float()  # (B, T, H, W)
+    area = fg.sum((2, 3)).clamp(min=1)  # (B, T)
+    ys, xs = (torch.arange(n, dtype=fg.dtype, device=fg.device) for n in fg.shape[-2:])
+    cx, cy = (fg.sum(2) * xs).sum(2) / area, (fg.sum(3) * ys).sum(2) / area  # (B, T)
+    f = torch.stack([cx, cy, area.log()], 1)  # (B, 3, T)
+    return (f - f[..., :1]).flatten(1)
+
+
+def trajectory_baseline(args: Args, train_recs: list, val_recs: list, device) -> float:
+    """Top-1 (%) of the quick linear probe (`evaluate.linear_probe`) on `trajectory_features`
+    of the fine-tuning clips (centre window and crop), trained on `train_recs` and tested on
+    `val_recs`: how much of the motion class the fine-tuning input shows to a readout that
+    knows where the object is."""
+    feats = []
+    for recs in (train_recs, val_recs):
+        ds = data.SafeDataset(ClipViews(recs, args, "single"), args.max_fail_fraction, "clips",
+                              replace=False)
+        feats.append(evaluate.extract_features(
+            trajectory_features, make_loader(ds, 64, args, train=False), device))
+    (ftr, ytr), (fva, yva) = feats
+    n_cls = int(max(ytr.max(), yva.max())) + 1
+    return evaluate.linear_probe(ftr, ytr, fva, yva, n_cls, seed=args.seed)["linear_top1"]
+
+
 def finetune_verdict(args: Args, device, amp: optim.Amp) -> dict:
     """SIGMA's main protocol (Tabs. 2-3) after a pretraining run: the encoder of
     <output_dir>/last.pt and --random-init-seeds randomly initialised classifiers (init and
@@ -1243,7 +1279,13 @@ def finetune_verdict(args: Args, device, amp: optim.Amp) -> dict:
                 + f"; trained {top1['trained']:.1f}")
     verdict = evaluate.verdict(f"fine-tune top-1 (%, {shots})", rand, [top1["trained"]], n_eval,
                                args.trained_spread or None)
-    return {"top1": top1, "n_eval": n_eval, "shots": args.ft_shots, "verdict": verdict}
+    out = {"top1": top1, "n_eval": n_eval, "shots": args.ft_shots, "verdict": verdict}
+    if not args.data and args.synthetic_plain:  # flat backgrounds: where is the object?
+        train_recs = read_split(sub, True)
+        train_recs = low_shot(train_recs, args.ft_shots) if args.ft_shots else train_recs
+        out["trajectory_top1"] = trajectory_baseline(sub, train_recs, read_split(sub, False),
+                                                     device)
+    return out
 
 
 # ---- 8. Main ----
@@ -1311,7 +1353,8 @@ def main(args: Args) -> dict:
             if "random_init" in results:  # the mean of the random initialisations
                 results["random_init"]["finetune_top1"] = sum(
                     v for k, v in ftv["top1"].items() if k != "trained") / args.random_init_seeds
-            summary["finetune"] = {k: ftv[k] for k in ("top1", "n_eval", "shots")}
+            summary["finetune"] = {k: ftv[k] for k in ("top1", "n_eval", "shots",
+                                                       "trajectory_top1") if k in ftv}
             summary["verdict"] = ftv["verdict"]
     summary.update(steps=step, seconds=round(time.time() - t0, 1))
     for name in results["trained"]:
@@ -1326,6 +1369,11 @@ def main(args: Args) -> dict:
     for key in ("verdict_segmentation", "verdict"):
         if key in summary:
             dist.print0(summary[key]["line"])
+    if "trajectory_top1" in summary.get("finetune", {}):
+        dist.print0(f"what the clips show: a linear readout of the object's trajectory (centroid "
+                    f"and area of the non-background pixels in each frame; no network) trained "
+                    f"on the same clips gets top-1 {summary['finetune']['trajectory_top1']:.1f} "
+                    f"on the same validation clips")
     if dist.is_main():
         with open(os.path.join(args.output_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)
