@@ -219,7 +219,8 @@ def _clip(rng: np.random.Generator, motion: str, size: int, frames: int, scale: 
     `scale` multiplies the object's size; `plain` flattens the background to its mean colour
     (the random draws are the same either way); `bright` then redraws the colours: a dark flat
     background (each channel U(0, 80)) and a bright one-colour object (U(160, 255)), so the
-    object is brighter than the background in every clip (draws after the others')."""
+    object is brighter than the background in every clip (two more draws, so the shapes and
+    paths differ from those of the same seed without it)."""
     bg = _background(rng, size, size)
     if plain:
         bg = np.broadcast_to(bg.mean((0, 1)), bg.shape).copy()
