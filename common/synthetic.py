@@ -214,15 +214,21 @@ def images(root: Optional[os.PathLike] = None, seed: int = 0, size: int = 64,
 # ---- videos ------------------------------------------------------------------------------
 
 def _clip(rng: np.random.Generator, motion: str, size: int, frames: int, scale: float = 1.0,
-          plain: bool = False) -> np.ndarray:
+          plain: bool = False, bright: bool = False) -> np.ndarray:
     """(T, H, W, 3) uint8 clip of one striped object doing `motion` on a static background.
     `scale` multiplies the object's size; `plain` flattens the background to its mean colour
-    (the random draws are the same either way)."""
+    (the random draws are the same either way); `bright` then redraws the colours: a dark flat
+    background (each channel U(0, 80)) and a bright one-colour object (U(160, 255)), so the
+    object is brighter than the background in every clip (two more draws, so the shapes and
+    paths differ from those of the same seed without it)."""
     bg = _background(rng, size, size)
     if plain:
         bg = np.broadcast_to(bg.mean((0, 1)), bg.shape).copy()
     c1 = _colour(rng, bg.mean((0, 1)))
     c2 = _colour(rng, c1, 80.0)
+    if bright:  # one colour: the stripes' second colour is the first
+        bg = np.broadcast_to(rng.uniform(0, 80, 3), bg.shape).copy()
+        c1 = c2 = rng.uniform(160, 255, 3)
     shape, freq, phase = SHAPES[rng.integers(len(SHAPES))], rng.uniform(1.5, 2.5), rng.uniform(0, 6)
     t = np.linspace(0, 1, frames)
     radius = np.full(frames, rng.uniform(0.12, 0.16) * size * scale)
@@ -250,11 +256,14 @@ def _clip(rng: np.random.Generator, motion: str, size: int, frames: int, scale: 
 
 def videos(root: Optional[os.PathLike] = None, seed: int = 0, size: int = 64, frames: int = 32,
            fps: float = 25, per_class_train: int = 16, per_class_val: int = 4,
-           scale: float = 1.0, plain: bool = False) -> Path:
+           scale: float = 1.0, plain: bool = False, bright: bool = False) -> Path:
     """Class folders `root/<motion>/<motion>_<n>.mp4` of the 8 `MOTIONS`, plus split files.
 
     `scale` enlarges the objects and `plain` gives flat backgrounds (a video demo whose
-    objective must see the motion, not the background texture, may use them).
+    objective must see the motion, not the background texture, may use them). `bright` (flat
+    too) gives one-colour objects brighter than a dark background in every clip: a moving
+    edge then has the same sign in every clip, which a small ViT needs to learn the motion
+    class from a few hundred clips (with random contrast it does not).
 
     Kinetics style `train.csv`/`val.csv` (`<class>/<file>.mp4 <label>`, 0-based) and UCF101
     style `classInd.txt`, `trainlist01.txt` (1-based labels), `testlist01.txt` (val videos).
@@ -270,7 +279,7 @@ def videos(root: Optional[os.PathLike] = None, seed: int = 0, size: int = 64, fr
             for n in range(per_class_train + per_class_val):
                 rel = f"{motion}/{motion}_{n:03d}.mp4"
                 clip = _clip(np.random.default_rng([seed, c, n]), motion, size, frames, scale,
-                             plain)
+                             plain, bright)
                 write_video(tmp / rel, clip, fps=fps, codec="libx264", gop=8)
                 lists["train" if n < per_class_train else "val"].append((rel, c))
         for name, lines in {"train.csv": [f"{p} {c}" for p, c in lists["train"]],
@@ -281,6 +290,7 @@ def videos(root: Optional[os.PathLike] = None, seed: int = 0, size: int = 64, fr
             (tmp / name).write_text("".join(f"{line}\n" for line in lines))
     name = f"videos-v{VERSION}-s{seed}-{size}px-{frames}f-{per_class_train}x{per_class_val}"
     name += (f"-x{scale:g}" if scale != 1.0 else "") + ("-plain" if plain else "")
+    name += "-bright" if bright else ""
     return _cached(root, name, build)
 
 

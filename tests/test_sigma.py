@@ -886,6 +886,46 @@ def test_low_shot_split_k_per_class_deterministic_and_disjoint_from_validation(t
     assert S.low_shot(train, 9) == train  # a class with fewer keeps all, in order
 
 
+def test_synthetic_bright_clips_and_unchanged_default():
+    """`synthetic.videos(bright=True)`: a flat dark background and a one-colour object brighter
+    in every channel, in every frame; without it the clips are the bytes they always were."""
+    import hashlib
+    for plain, digest in ((False, "8bfc88be9dcefd93"), (True, "e217289a2c1536a5")):
+        c = synthetic._clip(np.random.default_rng([0, 2, 0]), "move_right", 32, 4, 1.5, plain)
+        assert hashlib.sha256(c.tobytes()).hexdigest()[:16] == digest
+    for n in range(4):
+        c = synthetic._clip(np.random.default_rng([0, n, 1]), synthetic.MOTIONS[2 * n], 32, 4,
+                            1.5, True, bright=True).astype(int)  # (T, H, W, 3)
+        bg = c[0, 0, 0]
+        assert (bg < 80).all()
+        flat = (c == bg).all(-1)  # background pixels
+        assert flat.mean() > 0.5 and (flat.sum((1, 2)) < 32 * 32).all()  # an object per frame
+        far = np.abs(c - bg).sum(-1)
+        colour = c.reshape(-1, 3)[far.argmax()]  # a pixel fully inside the object
+        assert (colour >= 160).all()
+        # every pixel mixes the two colours (the edges' coverage): one-colour object, no stripes
+        a = ((c - bg) * (colour - bg)).sum(-1) / ((colour - bg) ** 2).sum()
+        assert np.abs(bg + a[..., None] * (colour - bg) - c).max() <= 1.5
+        assert ((a > 0.99).sum((1, 2)) > 20).all()  # the object inside, in every frame
+
+
+def test_trajectory_features_by_hand():
+    # a 4 x 4 white square on grey, 16 x 16 frames: moving right 2 px a frame, and one whose
+    # side doubles (area x 4) around a fixed centre while it moves up 1 px a frame
+    clips = torch.full((2, 4, 3, 16, 16), 100.0)  # (B, T, 3, H, W) in [0, 255]
+    for t in range(4):
+        clips[0, t, :, 4:8, 2 + 2 * t:6 + 2 * t] = 255
+        side = 4 if t < 2 else 8
+        top = 8 - t - side // 2
+        clips[1, t, :, top:top + side, 8 - side // 2:8 + side // 2] = 255
+    x = torch.stack([S.to_input(c) for c in clips])  # (B, 3, T, H, W) normalised
+    f = S.trajectory_features(x).view(2, 3, 4)  # (B, [x, y, log area], T)
+    assert torch.allclose(f[0], torch.tensor([[0., 2, 4, 6], [0, 0, 0, 0], [0, 0, 0, 0]]),
+                          atol=1e-5)
+    assert torch.allclose(f[1], torch.tensor([[0., 0, 0, 0], [0, -1, -2, -3],
+                                              [0, 0, math.log(4), math.log(4)]]), atol=1e-5)
+
+
 def test_finetune_verdict_recorded_with_every_run(tiny_data, tmp_path):
     out = tmp_path / "run"
     summary = S.main(run_args(tiny_data, out, max_steps=2, eval_random_init=True,
