@@ -111,6 +111,29 @@ def bench_files(root=None, files: int = 4, seconds: float = 10.0) -> dict:
     return out
 
 
+JPEG_QUALITY = 90  # the frame folders' JPEG quality (T-CoRe's README leaves the extraction open)
+FRAME_CLASS = "k400like"  # the one class folder of the T-CoRe layout
+
+
+def frame_folders(paths: list) -> list:
+    """The frames of each H.264 file in `paths`, decoded by `common.video`, as a JPEG frame
+    folder (`00001.jpg`, ... at `JPEG_QUALITY`, every frame) in T-CoRe's layout
+    `<dir>/frames/train/k400like/<file stem>/`, beside the files; written once per file
+    (atomically: a temporary folder renamed), then reused. Returns the folders' paths."""
+    from PIL import Image
+    out = []
+    for path in map(Path, paths):
+        folder = path.parent / "frames" / "train" / FRAME_CLASS / path.stem
+        if not folder.is_dir():
+            tmp = folder.with_name(f".{folder.name}.{os.getpid()}")
+            tmp.mkdir(parents=True, exist_ok=True)
+            frames = video.read_frames(path, range(video.video_meta(path).num_frames)).numpy()
+            for t, img in enumerate(frames):
+                Image.fromarray(img).save(tmp / f"{t + 1:05d}.jpg", quality=JPEG_QUALITY)
+            os.replace(tmp, folder)
+        out.append(str(folder))
+    return out
+
 def pipeline(method: str, paths: list):
     """(what a sample is, a callable key -> sample) of `method`'s training dataset at its
     paper settings (its `Args()` defaults) over `paths`; None when the method file cannot be
@@ -208,12 +231,13 @@ def keys(method: str, n_files: int, clips: int, seconds: float) -> list:
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
-def time_pipeline(get, ks: list, clock=time.perf_counter) -> float:
-    """Clips per second of `clock` in one process: `get(k)` for each key, then the loader's
-    default collate. With `time.process_time` the seconds are the CPU time of this process (all
-    its threads): on a core shared with other jobs, the time the pipeline itself used."""
+def time_pipeline(get, ks: list, clock=time.perf_counter, collate=None) -> float:
+    """Clips per second of `clock` in one process: `get(k)` for each key, then `collate` (the
+    loader's default collate if None). With `time.process_time` the seconds are the CPU time of
+    this process (all its threads): on a core shared with other jobs, the time the pipeline
+    itself used."""
     t = clock()
-    torch.utils.data.default_collate([get(k) for k in ks])
+    (collate or torch.utils.data.default_collate)([get(k) for k in ks])
     return len(ks) / (clock() - t)
 
 
@@ -224,7 +248,9 @@ def cores_needed(gpu_clips_per_s: float, clips_per_s_per_core: float) -> int:
     return max(1, math.ceil(gpu_clips_per_s / clips_per_s_per_core - 1e-9))
 
 
-OFFICIAL = {"sigma": "SIGMA's official repository (kinetics.py, datasets.py, ...)"}
+OFFICIAL = {  # method: (what DIR/method holds, the third-party module their reader needs)
+    "sigma": ("SIGMA's official repository (kinetics.py, datasets.py, ...)", "decord"),
+    "tcore": ("T-CoRe's official repository (base_model/data/...)", None)}
 
 
 def official_note(method: str, root) -> str:
@@ -232,12 +258,13 @@ def official_note(method: str, root) -> str:
     not dependencies of this project); '' when it can be tried."""
     if method not in OFFICIAL:
         return "comparing with the authors' pipeline is not wired in for this method"
-    if importlib.util.find_spec("decord") is None:
-        return "decord is not importable (install it beside the project, not into it)"
+    what, needs = OFFICIAL[method]
+    if needs and importlib.util.find_spec(needs) is None:
+        return f"{needs} is not importable (install it beside the project, not into it)"
     if not root:
         return "no --official-root (a folder holding the authors' code per method) given"
     if not os.path.isdir(os.path.join(root, method)):
-        return f"no {os.path.join(root, method)} ({OFFICIAL[method]})"
+        return f"no {os.path.join(root, method)} ({what})"
     return ""
 
 
@@ -310,15 +337,90 @@ def official_sigma(folder: str, paths: list, ks: list, workdir: str):
     return get
 
 
+def tcore_draws(mod, folders: list, ks: list) -> dict:
+    """key -> (past, current, future) frame indices: T-CoRe's draws for that key, as its
+    `SandwichClips` makes them (the same generator, in the same order)."""
+    a, out = mod.Args(), {}
+    for k in ks:
+        epoch, index = data.split_key(k)
+        rng = data.sample_np_rng(a.seed, epoch, index)
+        out[k] = mod.sandwich_indices(video.video_length(folders[index]), rng, a.current_range,
+                                      a.past_offset, a.future_offset)
+    return out
+
+
+def official_tcore(folder: str, frame_dirs: list, ks: list):
+    """(key -> sample, collate) of the authors' T-CoRe pretraining pipeline (`Kinetics` over
+    JPEG frame folders, PIL decoding, `DataAugmentationVideo` at the paper's crops: 2 global
+    224 px (0.32-1), 8 local 96 px (0.05-0.32); their collate with block masks, fp16 as
+    `train.py` casts) on `frame_dirs` (`frame_folders`' layout), with our sandwich frames
+    (`tcore_draws`) put in place of its frame draw; its crop, colour and mask draws stay its
+    own. Their dataset calls `transform(frame_name, image, ...)` and their collate reads
+    `frame_name` from its output, while their `DataAugmentationVideo.__call__` takes no name
+    (the released code mixes two versions): a wrapper passes the image on and adds the name."""
+    import functools
+    mod = importlib.import_module("tcore")
+    a = mod.Args()
+    with _importing_from(folder):
+        kin = importlib.import_module("base_model.data.datasets.kinetics")
+        theirs = importlib.import_module("base_model.data")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(frame_dirs[0])))  # .../frames
+    names = [os.path.basename(d) for d in frame_dirs]
+    entries = np.empty(len(names), dtype=[("video_id", "<U25"), ("class_index", "<u4"),
+                                          ("class_id", "U7"), ("class_name", "U16")])
+    for i, n in enumerate(names):
+        entries[i] = (n, 0, "class_0", FRAME_CLASS)
+    np.save(os.path.join(root, "entries-TRAIN.npy"), entries)
+    aug = theirs.DataAugmentationVideo(tuple(a.global_scale), tuple(a.local_scale),
+                                       a.local_crops, a.global_size, a.local_size)
+
+    def transform(frame_name, image, pos_tuple_list=None, center_crop=False):
+        out, pos = aug(image, pos_tuple_list=pos_tuple_list, center_crop=center_crop)
+        out["frame_name"] = frame_name
+        return out, pos
+    ds = kin.Kinetics(split=kin.Kinetics.Split.TRAIN, root=root, extra=root,
+                      transform=transform, target_transform=lambda _: (),
+                      past_offset_range=tuple(a.past_offset),
+                      current_range=tuple(a.current_range),
+                      future_offset_range=tuple(a.future_offset))
+    ds.debug_save = False
+    grid = a.global_size // a.patch_size
+    collate = functools.partial(
+        theirs.collate_data_and_cast_with_aux_use_past_future_frames,
+        mask_ratio_tuple=tuple(a.mask_ratio), mask_probability=a.mask_prob, dtype=torch.half,
+        n_tokens=grid * grid,
+        mask_generator=theirs.MaskingGenerator(input_size=(grid, grid),
+                                               max_num_patches=grid * grid))
+    draws = tcore_draws(mod, frame_dirs, ks)
+
+    def get(key):
+        index = data.split_key(key)[1]
+        files = sorted(os.listdir(frame_dirs[index]))
+        ds.get_frames = lambda *_: tuple(files[i] for i in draws[key])
+        return ds[index]
+    return get, collate
+
 def official_pipeline(method: str, root: str, paths: list, ks: list, workdir: str):
-    """(callable key -> sample, '') for the authors' pipeline of `method`, or (None, why)."""
+    """(callable key -> sample, its collate (None: the default one), '') for the authors'
+    pipeline of `method`, or (None, None, why). T-CoRe's reads `frame_folders(paths)`."""
     note = official_note(method, root)
     if note:
-        return None, note
+        return None, None, note
     try:
-        return official_sigma(os.path.join(root, method), paths, ks, workdir), ""
+        if method == "tcore":
+            return (*official_tcore(os.path.join(root, method), frame_folders(paths), ks), "")
+        return official_sigma(os.path.join(root, method), paths, ks, workdir), None, ""
     except Exception as e:  # their code or its imports (timm, cv2, ...) missing here
-        return None, f"cannot run their code here ({type(e).__name__}: {e})"
+        return None, None, f"cannot run their code here ({type(e).__name__}: {e})"
+
+
+def own_collate(method: str):
+    """The collate a method's training loader uses (T-CoRe: `MaskingCollate`, which also
+    draws the block masks); None for the default collate."""
+    if method == "tcore":
+        mod = importlib.import_module(method)
+        return mod.MaskingCollate(mod.Args())
+    return None
 
 
 def pixel_gap(ours, theirs) -> float:
@@ -344,6 +446,9 @@ def main(argv=None) -> dict:
     p.add_argument("--root", default=None, help="where the files are written")
     p.add_argument("--official-root", default=None,
                    help="a folder holding the authors' code per method (DIR/sigma, ...)")
+    p.add_argument("--frame-folders", action="store_true",
+                   help="also time T-CoRe's pipeline on JPEG frame folders of the same frames "
+                        "(as the authors' T-CoRe reads its data; implied by timing theirs)")
     p.add_argument("--cold-tables", action="store_true",
                    help="also time ours with the frame-table cache emptied before each sample")
     p.add_argument("--without-skipping", action="store_true",
@@ -374,28 +479,36 @@ def main(argv=None) -> dict:
                 break
             what, get = got
             ks = keys(m, len(paths), a.clips, a.seconds)
-            sides = [("ours", get)]
+            ours = own_collate(m)
+            sides = [("ours", get, ours)]
             if a.cold_tables:
-                sides.append(("ours, tables not cached", cold(get)))
+                sides.append(("ours, tables not cached", cold(get), ours))
             if a.without_skipping:
-                sides.append(("ours, every frame decoded", decoding_every_frame(get)))
+                sides.append(("ours, every frame decoded", decoding_every_frame(get), ours))
             # the list file their dataset reads is written beside the files
-            theirs, why = official_pipeline(m, a.official_root, paths, ks,
-                                            os.path.dirname(paths[0]))
+            theirs, their_collate, why = official_pipeline(m, a.official_root, paths, ks,
+                                                           os.path.dirname(paths[0]))
+            if m == "tcore" and (a.frame_folders or theirs is not None):
+                sides.append(("ours, JPEG frame folders",
+                              pipeline(m, frame_folders(paths))[1], ours))
             if theirs is None:
                 notes[m] = why
+            elif m == "tcore":
+                sides.append(("authors', JPEG frame folders", theirs, their_collate))
+                notes[m] = ("the same JPEG frame folders and sandwich frames; crops, colour "
+                            "and masks are each side's own draws (pixels not compared)")
             else:  # the comparison doubles as their warm-up
-                sides.append(("authors'", theirs))
+                sides.append(("authors'", theirs, their_collate))
                 gap = max(pixel_gap(get(k), theirs(k)) for k in ks)
                 notes[m] = notes.get(m, "compared on the same draws; the clips' pixels differ "
                                         "by at most") + f" {gap:.2f} (at {size[0]}x{size[1]})"
-            for side, fn in sides:
-                time_pipeline(fn, ks)  # warm-up: frame tables, allocator
-                jobs.append((m, size, what, side, fn, ks, []))
+            for side, fn, col in sides:
+                time_pipeline(fn, ks, collate=col)  # warm-up: frame tables, allocator
+                jobs.append((m, size, what, side, (fn, col), ks, []))
     clock = CLOCKS[a.clock]
     for r in range(a.rounds):  # alternate the order between rounds
-        for m, size, what, side, fn, ks, rates in (jobs if r % 2 == 0 else jobs[::-1]):
-            rates.append(time_pipeline(fn, ks, clock))
+        for m, size, what, side, (fn, col), ks, rates in (jobs if r % 2 == 0 else jobs[::-1]):
+            rates.append(time_pipeline(fn, ks, clock, col))
     unit = "clips per CPU-s" if a.clock == "cpu" else "clips/s"
     print(f"| method | sample | file | pipeline | {unit} per core | ms per clip | ours / "
           f"authors' | cores for {a.gpu_clips_per_s:g} clips/s |")
@@ -410,8 +523,8 @@ def main(argv=None) -> dict:
             "cores_for_gpu": cores_needed(a.gpu_clips_per_s, rate),
             "gpu_clips_per_s": a.gpu_clips_per_s}
     for (m, f, side), row in out.items():  # median of the per-round ratios (paired rounds)
-        ref = out.get((m, f, "authors'"))
-        if ref is not None and side != "authors'":
+        ref = out.get((m, f, "authors'")) or out.get((m, f, "authors', JPEG frame folders"))
+        if ref is not None and not side.startswith("authors'"):
             row["ratio_to_authors"] = statistics.median(
                 x / y for x, y in zip(row["rounds"], ref["rounds"]))
     for row in out.values():
@@ -423,9 +536,10 @@ def main(argv=None) -> dict:
             print(json.dumps(row))
     for m in methods:
         note = notes.get(m) or official_note(m, a.official_root)
-        print(f"authors' pipeline, {m}: " + (note + " levels of 255 over the keys timed"
-                                              if note.startswith("compared") else
-                                              f"skipped, {note}"))
+        timed = any(mm == m and side.startswith("authors'") for mm, _, _, side, *_ in jobs)
+        print(f"authors' pipeline, {m}: " + (
+            note + " levels of 255 over the keys timed" if note.startswith("compared")
+            else note if timed else f"skipped, {note}"))
     if a.model_step:
         out.update(step_rows(methods, files, a))
     return out
