@@ -248,9 +248,12 @@ def cores_needed(gpu_clips_per_s: float, clips_per_s_per_core: float) -> int:
     return max(1, math.ceil(gpu_clips_per_s / clips_per_s_per_core - 1e-9))
 
 
-OFFICIAL = {  # method: (what DIR/method holds, the third-party module their reader needs)
-    "sigma": ("SIGMA's official repository (kinetics.py, datasets.py, ...)", "decord"),
-    "tcore": ("T-CoRe's official repository (base_model/data/...)", None)}
+OFFICIAL = {  # method: (folder under DIR, what it holds, third-party modules their code needs)
+    "sigma": ("sigma", "SIGMA's official repository (kinetics.py, datasets.py, ...)",
+              ("decord",)),
+    "tcore": ("tcore", "T-CoRe's official repository (base_model/data/...)", ()),
+    "sce_video": ("eztorch", "the eztorch repository (eztorch/datasets, transforms, configs)",
+                  ("pytorchvideo", "torchaug", "hydra", "omegaconf", "iopath"))}
 
 
 def official_note(method: str, root) -> str:
@@ -258,13 +261,14 @@ def official_note(method: str, root) -> str:
     not dependencies of this project); '' when it can be tried."""
     if method not in OFFICIAL:
         return "comparing with the authors' pipeline is not wired in for this method"
-    what, needs = OFFICIAL[method]
-    if needs and importlib.util.find_spec(needs) is None:
-        return f"{needs} is not importable (install it beside the project, not into it)"
+    sub, what, needs = OFFICIAL[method]
+    for need in needs:
+        if importlib.util.find_spec(need) is None:
+            return f"{need} is not importable (install it beside the project, not into it)"
     if not root:
         return "no --official-root (a folder holding the authors' code per method) given"
-    if not os.path.isdir(os.path.join(root, method)):
-        return f"no {os.path.join(root, method)} ({what})"
+    if not os.path.isdir(os.path.join(root, sub)):
+        return f"no {os.path.join(root, sub)} ({what})"
     return ""
 
 
@@ -400,6 +404,77 @@ def official_tcore(folder: str, frame_dirs: list, ks: list):
         return ds[index]
     return get, collate
 
+def _eztorch(folder: str):
+    """Make eztorch's data and transform modules importable from the checkout `folder`
+    without its package `__init__`s (`eztorch`, `eztorch.datasets`, `eztorch.utils`: they
+    import its models, callbacks and Lightning): those three are bare packages over their
+    folders; `lightning.pytorch` (imported by `eztorch/utils/utils.py` for a type hint and a
+    log call) is a stand-in with `LightningModule` and `rank_zero_info`; pytorchvideo 0.1.5's
+    `torchvision.transforms.functional_tensor` is torchvision's same module, renamed
+    `_functional_tensor` since. Nothing numerical is replaced. The names stay in
+    `sys.modules` (their readers import lazily), so this is for the tool's process only."""
+    import torchvision.transforms._functional_tensor as ft
+    sys.modules.setdefault("torchvision.transforms.functional_tensor", ft)
+    root = os.path.join(folder, "eztorch")
+    for name in ("eztorch", "eztorch.datasets", "eztorch.utils"):
+        if name not in sys.modules:
+            pkg = types.ModuleType(name)
+            pkg.__path__ = [os.path.join(root, *name.split(".")[1:])]
+            sys.modules[name] = pkg
+    if "lightning" not in sys.modules and importlib.util.find_spec("lightning") is None:
+        lp = types.ModuleType("lightning.pytorch")
+        lp.LightningModule = object
+        lp.utilities = types.ModuleType("lightning.pytorch.utilities")
+        lp.utilities.rank_zero_info = print
+        sys.modules.update({"lightning": types.SimpleNamespace(pytorch=lp),
+                            "lightning.pytorch": lp,
+                            "lightning.pytorch.utilities": lp.utilities})
+    return root
+
+
+def official_sce_video(folder: str, paths: list, workdir: str):
+    """(key -> sample, collate) of the authors' SCE video pretraining loader, as eztorch's
+    R3D-18 K400 run builds it (`run/pretrain/sce/resnet3d18/resnet3d18_kinetics400.yaml`):
+    `Kinetics` with the pyav decoder (pytorchvideo's `EncodedVideoPyAV`), 2 clips of 2.56 s
+    (`RandomMultiClipSampler`), the crop transform `kinetics_temporal_difference` (RGB
+    difference p 0.2, 8 frames, random resized crop 224, scale 0.2-0.766) and the default
+    collate; their own draws (not ours: their sampler and crops draw from Python's, numpy's
+    and torch's global generators). Their colour jitter, grayscale, blur, solarize, flip and
+    normalisation (`model.train_transform`: `kinetics_sce_color_strength_1`, torchaug batch
+    transforms) run on the GPU in their training, not in the loader: `official_sce_gpu` gives
+    them, to time on this core too. Their crop config names
+    `eztorch.transforms.RandomTemporalDifference`, which the package exports only as
+    `eztorch.transforms.video.RandomTemporalDifference` (the same class): that name is used."""
+    root = _eztorch(folder)
+    from omegaconf import OmegaConf
+    import hydra.utils
+    cs = importlib.import_module("eztorch.datasets.clip_samplers")
+    kin = importlib.import_module("eztorch.datasets.kinetics")
+    importlib.import_module("eztorch.transforms")
+    cfg = OmegaConf.load(os.path.join(root, "configs/transform/crops",
+                                      "kinetics_temporal_difference.yaml"))
+    cfg.transform.transforms[0]._target_ = "eztorch.transforms.video.RandomTemporalDifference"
+    setting = os.path.join(workdir, "sce-train.csv")
+    with open(setting, "w") as f:  # their list format: 'path label'
+        f.writelines(f"{p} 0\n" for p in paths)
+    ds = kin.Kinetics(setting, cs.RandomMultiClipSampler(
+        num_clips=2, clip_duration=2.56, speeds=[1], jitter_factor=0),
+        transform=hydra.utils.instantiate(cfg), decode_audio=False, decoder="pyav")
+    return (lambda key: ds[data.split_key(key)[1]]), None
+
+
+def official_sce_gpu(folder: str):
+    """A collate: the default one, then the authors' GPU-side SCE video augmentation
+    (`kinetics_sce_color_strength_1`, torchaug batch transforms on both clips of the batch)
+    run on this process's CPU thread."""
+    root = _eztorch(folder)
+    from omegaconf import OmegaConf
+    import hydra.utils
+    importlib.import_module("eztorch.transforms")
+    gpu = hydra.utils.instantiate(OmegaConf.load(os.path.join(
+        root, "configs/transform/contrastive/kinetics_sce_color_strength_1.yaml")))
+    return lambda samples: gpu(torch.utils.data.default_collate(samples)["input"])
+
 def official_pipeline(method: str, root: str, paths: list, ks: list, workdir: str):
     """(callable key -> sample, its collate (None: the default one), '') for the authors'
     pipeline of `method`, or (None, None, why). T-CoRe's reads `frame_folders(paths)`."""
@@ -407,9 +482,12 @@ def official_pipeline(method: str, root: str, paths: list, ks: list, workdir: st
     if note:
         return None, None, note
     try:
+        folder = os.path.join(root, OFFICIAL[method][0])
         if method == "tcore":
-            return (*official_tcore(os.path.join(root, method), frame_folders(paths), ks), "")
-        return official_sigma(os.path.join(root, method), paths, ks, workdir), None, ""
+            return (*official_tcore(folder, frame_folders(paths), ks), "")
+        if method == "sce_video":
+            return (*official_sce_video(folder, paths, workdir), "")
+        return official_sigma(folder, paths, ks, workdir), None, ""
     except Exception as e:  # their code or its imports (timm, cv2, ...) missing here
         return None, None, f"cannot run their code here ({type(e).__name__}: {e})"
 
@@ -493,6 +571,13 @@ def main(argv=None) -> dict:
                               pipeline(m, frame_folders(paths))[1], ours))
             if theirs is None:
                 notes[m] = why
+            elif m == "sce_video":
+                sides.append(("authors' loader", theirs, their_collate))
+                sides.append(("authors' loader + their GPU augmentation on this core", theirs,
+                              official_sce_gpu(os.path.join(a.official_root, "eztorch"))))
+                notes[m] = ("the same files; each side's own draws (pixels not compared); "
+                            "the authors' colour, blur and flip run on the GPU in their "
+                            "training, not in their loader")
             elif m == "tcore":
                 sides.append(("authors', JPEG frame folders", theirs, their_collate))
                 notes[m] = ("the same JPEG frame folders and sandwich frames; crops, colour "
@@ -523,10 +608,13 @@ def main(argv=None) -> dict:
             "cores_for_gpu": cores_needed(a.gpu_clips_per_s, rate),
             "gpu_clips_per_s": a.gpu_clips_per_s}
     for (m, f, side), row in out.items():  # median of the per-round ratios (paired rounds)
-        ref = out.get((m, f, "authors'")) or out.get((m, f, "authors', JPEG frame folders"))
-        if ref is not None and not side.startswith("authors'"):
-            row["ratio_to_authors"] = statistics.median(
-                x / y for x, y in zip(row["rounds"], ref["rounds"]))
+        refs = [(s, r) for (mm, ff, s), r in out.items()
+                if (mm, ff) == (m, f) and s.startswith("authors'")]
+        if refs and not side.startswith("authors'"):
+            row["ratio_to"] = {s: statistics.median(x / y for x, y in zip(row["rounds"],
+                                                                         r["rounds"]))
+                               for s, r in refs}
+            row["ratio_to_authors"] = row["ratio_to"][refs[0][0]]
     for row in out.values():
         ratio = row.get("ratio_to_authors")
         print(f"| {row['method']} | {row['sample']} | {row['file']} | {row['pipeline']} | "
@@ -534,6 +622,9 @@ def main(argv=None) -> dict:
               f"{'' if ratio is None else f'{ratio:.2f}x'} | {row['cores_for_gpu']} |")
         if a.json:
             print(json.dumps(row))
+    for row in out.values():
+        for s, x in list(row.get("ratio_to", {}).items())[1:]:
+            print(f"{row['method']} {row['file']}: {row['pipeline']} / {s}: {x:.2f}x")
     for m in methods:
         note = notes.get(m) or official_note(m, a.official_root)
         timed = any(mm == m and side.startswith("authors'") for mm, _, _, side, *_ in jobs)
