@@ -134,6 +134,32 @@ def frame_folders(paths: list) -> list:
         out.append(str(folder))
     return out
 
+
+def soccernet_folders(paths: list) -> list:
+    """The frames on screen every 0.5 s of each file in `paths` (`video.read_frames_at`: the
+    2-fps frames COMEDIAN reads), as a JPEG frame folder in eztorch's SoccerNet layout
+    `<dir>/soccernet/<file stem>/1/00000001.jpg, ...` (one game per file, its first half),
+    with that layout's `<dir>/soccernet/train.json` listing them; written once, then reused.
+    Returns the halves' folders."""
+    from PIL import Image
+    root, out, games = Path(paths[0]).parent / "soccernet", [], {}
+    for path in map(Path, paths):
+        folder = root / path.stem / "1"
+        n = math.floor(video.video_meta(path).duration * 2)
+        if not folder.is_dir():
+            tmp = folder.with_name(f".1.{os.getpid()}")
+            tmp.mkdir(parents=True, exist_ok=True)
+            for k, img in enumerate(video.read_frames_at(path, [k / 2 for k in range(n)])):
+                Image.fromarray(img.numpy()).save(tmp / f"{k + 1:08d}.jpg", quality=JPEG_QUALITY)
+            os.replace(tmp, folder)
+        games[path.stem] = {"UrlLocal": path.stem, "halves": {"1": {
+            "UrlLocal": f"{path.stem}/1", "duration": n / 2, "fps": 2, "num_frames": n,
+            "annotations": []}}}
+        out.append(str(folder))
+    with open(root / "train.json", "w") as f:
+        json.dump(games, f)
+    return out
+
 def pipeline(method: str, paths: list):
     """(what a sample is, a callable key -> sample) of `method`'s training dataset at its
     paper settings (its `Args()` defaults) over `paths`; None when the method file cannot be
@@ -156,7 +182,8 @@ def pipeline(method: str, paths: list):
         return f"3 frames, {2 + a.local_crops} crops + 4 aux", ds.__getitem__
     if method == "comedian":
         from common import soccernet
-        halves = [soccernet.Half(f"g{i}", 1, p, video.video_meta(p).duration, [])
+        halves = [soccernet.Half(f"g{i}", 1, p, video.frame_folder_length(p) / soccernet.FPS
+                                 if os.path.isdir(p) else video.video_meta(p).duration, [])
                   for i, p in enumerate(paths)]
         ds = mod.SpatialClips(halves, mod.Args(), 0)
         return "stage 1: 2 views 2x224", ds.__getitem__
@@ -252,6 +279,8 @@ OFFICIAL = {  # method: (folder under DIR, what it holds, third-party modules th
     "sigma": ("sigma", "SIGMA's official repository (kinetics.py, datasets.py, ...)",
               ("decord",)),
     "tcore": ("tcore", "T-CoRe's official repository (base_model/data/...)", ()),
+    "comedian": ("eztorch", "the eztorch repository (eztorch/datasets, transforms, configs)",
+                 ("pytorchvideo", "torchaug", "hydra", "omegaconf", "iopath")),
     "sce_video": ("eztorch", "the eztorch repository (eztorch/datasets, transforms, configs)",
                   ("pytorchvideo", "torchaug", "hydra", "omegaconf", "iopath"))}
 
@@ -408,15 +437,19 @@ def _eztorch(folder: str):
     """Make eztorch's data and transform modules importable from the checkout `folder`
     without its package `__init__`s (`eztorch`, `eztorch.datasets`, `eztorch.utils`: they
     import its models, callbacks and Lightning): those three are bare packages over their
-    folders; `lightning.pytorch` (imported by `eztorch/utils/utils.py` for a type hint and a
-    log call) is a stand-in with `LightningModule` and `rank_zero_info`; pytorchvideo 0.1.5's
+    folders; `lightning.pytorch` (imported by `eztorch/utils/utils.py` and the SoccerNet
+    parsers for a type hint and log calls) is a stand-in with `LightningModule`,
+    `rank_zero_info` and `rank_zero_warn`; pytorchvideo 0.1.5's
     `torchvision.transforms.functional_tensor` is torchvision's same module, renamed
-    `_functional_tensor` since. Nothing numerical is replaced. The names stay in
+    `_functional_tensor` since, and numpy 2's `np.bytes_` is given its numpy 1 name
+    `np.string_`. Nothing numerical is replaced. The names stay in
     `sys.modules` (their readers import lazily), so this is for the tool's process only."""
     import torchvision.transforms._functional_tensor as ft
     sys.modules.setdefault("torchvision.transforms.functional_tensor", ft)
+    if not hasattr(np, "string_"):  # numpy 2 renamed it (their SoccerNet path tables use it)
+        np.string_ = np.bytes_
     root = os.path.join(folder, "eztorch")
-    for name in ("eztorch", "eztorch.datasets", "eztorch.utils"):
+    for name in ("eztorch", "eztorch.datasets", "eztorch.utils", "eztorch.evaluation"):
         if name not in sys.modules:
             pkg = types.ModuleType(name)
             pkg.__path__ = [os.path.join(root, *name.split(".")[1:])]
@@ -426,6 +459,7 @@ def _eztorch(folder: str):
         lp.LightningModule = object
         lp.utilities = types.ModuleType("lightning.pytorch.utilities")
         lp.utilities.rank_zero_info = print
+        lp.utilities.rank_zero_warn = print
         sys.modules.update({"lightning": types.SimpleNamespace(pytorch=lp),
                             "lightning.pytorch": lp,
                             "lightning.pytorch.utilities": lp.utilities})
@@ -441,7 +475,7 @@ def official_sce_video(folder: str, paths: list, workdir: str):
     collate; their own draws (not ours: their sampler and crops draw from Python's, numpy's
     and torch's global generators). Their colour jitter, grayscale, blur, solarize, flip and
     normalisation (`model.train_transform`: `kinetics_sce_color_strength_1`, torchaug batch
-    transforms) run on the GPU in their training, not in the loader: `official_sce_gpu` gives
+    transforms) run on the GPU in their training, not in the loader: `official_gpu_augmentation` gives
     them, to time on this core too. Their crop config names
     `eztorch.transforms.RandomTemporalDifference`, which the package exports only as
     `eztorch.transforms.video.RandomTemporalDifference` (the same class): that name is used."""
@@ -463,17 +497,59 @@ def official_sce_video(folder: str, paths: list, workdir: str):
     return (lambda key: ds[data.split_key(key)[1]]), None
 
 
-def official_sce_gpu(folder: str):
-    """A collate: the default one, then the authors' GPU-side SCE video augmentation
-    (`kinetics_sce_color_strength_1`, torchaug batch transforms on both clips of the batch)
-    run on this process's CPU thread."""
+GPU_AUGMENTATION = {"sce_video": "kinetics_sce_color_strength_1", "comedian": "soccernet_sce"}
+
+
+def official_gpu_augmentation(folder: str, method: str):
+    """A collate: the default one, then the authors' GPU-side augmentation of `method`
+    (`GPU_AUGMENTATION`: eztorch's `transform/contrastive` config of its run, torchaug batch
+    transforms on both views of the batch) run on this process's CPU thread."""
     root = _eztorch(folder)
     from omegaconf import OmegaConf
     import hydra.utils
     importlib.import_module("eztorch.transforms")
     gpu = hydra.utils.instantiate(OmegaConf.load(os.path.join(
-        root, "configs/transform/contrastive/kinetics_sce_color_strength_1.yaml")))
+        root, "configs/transform/contrastive", GPU_AUGMENTATION[method] + ".yaml")))
     return lambda samples: gpu(torch.utils.data.default_collate(samples)["input"])
+
+def official_comedian(folder: str, halves: list):
+    """(key -> sample, collate) of the authors' COMEDIAN stage-1 loader, as eztorch's
+    `run/pretrain/sce/vit/vit_small_spatio_temporal_soccernet.yaml` builds it: `SoccerNet`
+    over 2-fps JPEG frame folders (`soccernet_folders`' layout) with the frame decoder
+    (`FrameSoccerNetVideo`, 4 I/O and 4 decode threads, 2 decodes), the 1-s window of our
+    key's second (`SlidingWindowSoccerNetClipSampler(1, 0)` yields those), the crop transform
+    `soccernet` (2 views, random resized crop 224, scale 0.2-1, ratio 1.33-2.21) and the
+    default collate; their own crop draws. Its colour, blur and normalisation run on the GPU
+    (`official_gpu_augmentation`). `sklearn` (imported for class weights and feature PCA,
+    neither used here) is a stand-in that raises if called, if it is not installed."""
+    root = _eztorch(folder)
+    if "sklearn" not in sys.modules and importlib.util.find_spec("sklearn") is None:
+        def unavailable(*_, **__):
+            raise RuntimeError("sklearn stand-in: not installed beside the tool")
+        for name, attrs in (("sklearn", {}), ("sklearn.utils", {}),
+                            ("sklearn.utils.class_weight", {"compute_class_weight": unavailable}),
+                            ("sklearn.decomposition", {"PCA": unavailable})):
+            sys.modules[name] = types.SimpleNamespace(**attrs)
+    from omegaconf import OmegaConf
+    import hydra.utils
+    sn = importlib.import_module("eztorch.datasets.soccernet")
+    importlib.import_module("eztorch.transforms")
+    base = os.path.dirname(os.path.dirname(halves[0]))
+    ds = sn.soccernet_dataset(
+        os.path.join(base, "train.json"),
+        hydra.utils.instantiate(OmegaConf.load(os.path.join(root, "configs/transform/crops",
+                                                            "soccernet.yaml"))),
+        video_path_prefix=base + "/", decoder="frame",
+        decoder_args=dict(fps=2, num_threads_io=4, num_threads_decode=4, num_decode=2,
+                          time_difference_prob=0.0, transform=None, mask_ratio=0.0,
+                          mask_tube=2), label_args=None, features_args=None)
+    seconds = [(i, s) for i, h in enumerate(halves)
+               for s in range(int(video.frame_folder_length(h) / 2))]  # SpatialClips' items
+
+    def get(key):
+        i, s = seconds[data.split_key(key)[1]]
+        return ds[(i, 0, float(s), float(s + 1))]
+    return get, None
 
 def official_pipeline(method: str, root: str, paths: list, ks: list, workdir: str):
     """(callable key -> sample, its collate (None: the default one), '') for the authors'
@@ -487,6 +563,8 @@ def official_pipeline(method: str, root: str, paths: list, ks: list, workdir: st
             return (*official_tcore(folder, frame_folders(paths), ks), "")
         if method == "sce_video":
             return (*official_sce_video(folder, paths, workdir), "")
+        if method == "comedian":
+            return (*official_comedian(folder, soccernet_folders(paths)), "")
         return official_sigma(folder, paths, ks, workdir), None, ""
     except Exception as e:  # their code or its imports (timm, cv2, ...) missing here
         return None, None, f"cannot run their code here ({type(e).__name__}: {e})"
@@ -571,13 +649,18 @@ def main(argv=None) -> dict:
                               pipeline(m, frame_folders(paths))[1], ours))
             if theirs is None:
                 notes[m] = why
-            elif m == "sce_video":
+            elif m in GPU_AUGMENTATION:
+                if m == "comedian":  # theirs reads 2-fps JPEG folders: ours too, the same
+                    sides.append(("ours, 2-fps JPEG frame folders",
+                                  pipeline(m, soccernet_folders(paths))[1], ours))
                 sides.append(("authors' loader", theirs, their_collate))
                 sides.append(("authors' loader + their GPU augmentation on this core", theirs,
-                              official_sce_gpu(os.path.join(a.official_root, "eztorch"))))
-                notes[m] = ("the same files; each side's own draws (pixels not compared); "
-                            "the authors' colour, blur and flip run on the GPU in their "
-                            "training, not in their loader")
+                              official_gpu_augmentation(os.path.join(a.official_root,
+                                                                     "eztorch"), m)))
+                notes[m] = ("each side's own draws (pixels not compared); the authors' "
+                            "colour, blur and flip run on the GPU in their training, not in "
+                            "their loader" + (": theirs reads the 2-fps JPEG frame folders "
+                                              "of the same frames" if m == "comedian" else ""))
             elif m == "tcore":
                 sides.append(("authors', JPEG frame folders", theirs, their_collate))
                 notes[m] = ("the same JPEG frame folders and sandwich frames; crops, colour "
