@@ -1,5 +1,6 @@
 """common/pipeline_bench.py: the files it writes, its keys and its per-core arithmetic (the
 timings themselves are the tool's output, not tested)."""
+import json
 import math
 import os
 
@@ -86,3 +87,19 @@ def test_frame_folders_hold_the_files_frames(tmp_path):
     assert err.diagonal().max() < 4  # quality 90: a few levels
     mtime = os.stat(folder).st_mtime_ns
     assert pb.frame_folders(paths) == [folder] and os.stat(folder).st_mtime_ns == mtime
+
+
+def test_soccernet_folders_hold_the_2fps_frames(tmp_path):
+    """The 2-fps folders (eztorch's SoccerNet layout) hold the frames on screen every 0.5 s,
+    named from 00000001.jpg, listed in train.json with their duration and frame count."""
+    paths = pb.bench_files(tmp_path, files=1, seconds=2.0)[(320, 240)]
+    folder, = pb.soccernet_folders(paths)
+    assert folder.endswith("soccernet/clip00/1")
+    assert sorted(os.listdir(folder)) == [f"{k:08d}.jpg" for k in range(1, 5)]
+    shown = video.read_frames_at(paths[0], [0.0, 0.5, 1.0, 1.5]).float()
+    jpeg = video.read_clip(folder, range(4)).float()
+    err = (jpeg[:, None] - shown[None]).abs().mean(dim=(2, 3, 4))
+    assert torch.equal(err.argmin(dim=1), torch.arange(4)) and err.diagonal().max() < 4
+    games = json.loads((tmp_path / "320x240/soccernet/train.json").read_text())
+    half = games["clip00"]["halves"]["1"]
+    assert (half["UrlLocal"], half["duration"], half["num_frames"]) == ("clip00/1", 2.0, 4)
