@@ -41,6 +41,13 @@ files and keys, in the same alternating rounds, and given the same draws as ours
 frame and crop are set to ours; each of its random draws otherwise stays its own), so both
 sides decode the same frames and resize the same crop; the first sample's pixels are compared
 and the difference printed. Otherwise a line says why it is skipped.
+`DIR/tcore` (T-CoRe's repository): their loader reads JPEG frame folders, so the tool writes
+each file's frames as one (`frame_folders`) and times theirs and ours on those folders (ours
+also on the file), their frame draw set to ours. `DIR/eztorch` (with pytorchvideo 0.1.5,
+torchaug, hydra-core, omegaconf, iopath importable): SCE video's loader on the files, and
+COMEDIAN stage 1's on 2-fps JPEG folders of the same frames (`soccernet_folders`; ours also on
+those), each also with their GPU-side augmentation run on this core (ours does that work per
+sample on the CPU); their own draws. `--frame-folders` adds ours on T-CoRe's folders alone.
 
 This is a tool, not library code: it imports the method files (and, when asked, the authors'
 code) with importlib when run; nothing in `common/` imports it.
@@ -475,8 +482,8 @@ def official_sce_video(folder: str, paths: list, workdir: str):
     collate; their own draws (not ours: their sampler and crops draw from Python's, numpy's
     and torch's global generators). Their colour jitter, grayscale, blur, solarize, flip and
     normalisation (`model.train_transform`: `kinetics_sce_color_strength_1`, torchaug batch
-    transforms) run on the GPU in their training, not in the loader: `official_gpu_augmentation` gives
-    them, to time on this core too. Their crop config names
+    transforms) run on the GPU in their training, not in the loader:
+    `official_gpu_augmentation` gives them, to time on this core too. Their crop config names
     `eztorch.transforms.RandomTemporalDifference`, which the package exports only as
     `eztorch.transforms.video.RandomTemporalDifference` (the same class): that name is used."""
     root = _eztorch(folder)
@@ -601,7 +608,8 @@ def main(argv=None) -> dict:
                    help="the GPU's training rate in clips/s (e.g. from `--bench` on it)")
     p.add_argument("--root", default=None, help="where the files are written")
     p.add_argument("--official-root", default=None,
-                   help="a folder holding the authors' code per method (DIR/sigma, ...)")
+                   help="a folder holding the authors' code: DIR/sigma, DIR/tcore, "
+                        "DIR/eztorch (SCE video and COMEDIAN)")
     p.add_argument("--frame-folders", action="store_true",
                    help="also time T-CoRe's pipeline on JPEG frame folders of the same frames "
                         "(as the authors' T-CoRe reads its data; implied by timing theirs)")
