@@ -41,6 +41,13 @@ files and keys, in the same alternating rounds, and given the same draws as ours
 frame and crop are set to ours; each of its random draws otherwise stays its own), so both
 sides decode the same frames and resize the same crop; the first sample's pixels are compared
 and the difference printed. Otherwise a line says why it is skipped.
+`DIR/tcore` (T-CoRe's repository): their loader reads JPEG frame folders, so the tool writes
+each file's frames as one (`frame_folders`) and times theirs and ours on those folders (ours
+also on the file), their frame draw set to ours. `DIR/eztorch` (with pytorchvideo 0.1.5,
+torchaug, hydra-core, omegaconf, iopath importable): SCE video's loader on the files, and
+COMEDIAN stage 1's on 2-fps JPEG folders of the same frames (`soccernet_folders`; ours also on
+those), each also with their GPU-side augmentation run on this core (ours does that work per
+sample on the CPU); their own draws. `--frame-folders` adds ours on T-CoRe's folders alone.
 
 This is a tool, not library code: it imports the method files (and, when asked, the authors'
 code) with importlib when run; nothing in `common/` imports it.
@@ -111,6 +118,55 @@ def bench_files(root=None, files: int = 4, seconds: float = 10.0) -> dict:
     return out
 
 
+JPEG_QUALITY = 90  # the frame folders' JPEG quality (T-CoRe's README leaves the extraction open)
+FRAME_CLASS = "k400like"  # the one class folder of the T-CoRe layout
+
+
+def frame_folders(paths: list) -> list:
+    """The frames of each H.264 file in `paths`, decoded by `common.video`, as a JPEG frame
+    folder (`00001.jpg`, ... at `JPEG_QUALITY`, every frame) in T-CoRe's layout
+    `<dir>/frames/train/k400like/<file stem>/`, beside the files; written once per file
+    (atomically: a temporary folder renamed), then reused. Returns the folders' paths."""
+    from PIL import Image
+    out = []
+    for path in map(Path, paths):
+        folder = path.parent / "frames" / "train" / FRAME_CLASS / path.stem
+        if not folder.is_dir():
+            tmp = folder.with_name(f".{folder.name}.{os.getpid()}")
+            tmp.mkdir(parents=True, exist_ok=True)
+            frames = video.read_frames(path, range(video.video_meta(path).num_frames)).numpy()
+            for t, img in enumerate(frames):
+                Image.fromarray(img).save(tmp / f"{t + 1:05d}.jpg", quality=JPEG_QUALITY)
+            os.replace(tmp, folder)
+        out.append(str(folder))
+    return out
+
+
+def soccernet_folders(paths: list) -> list:
+    """The frames on screen every 0.5 s of each file in `paths` (`video.read_frames_at`: the
+    2-fps frames COMEDIAN reads), as a JPEG frame folder in eztorch's SoccerNet layout
+    `<dir>/soccernet/<file stem>/1/00000001.jpg, ...` (one game per file, its first half),
+    with that layout's `<dir>/soccernet/train.json` listing them; written once, then reused.
+    Returns the halves' folders."""
+    from PIL import Image
+    root, out, games = Path(paths[0]).parent / "soccernet", [], {}
+    for path in map(Path, paths):
+        folder = root / path.stem / "1"
+        n = math.floor(video.video_meta(path).duration * 2)
+        if not folder.is_dir():
+            tmp = folder.with_name(f".1.{os.getpid()}")
+            tmp.mkdir(parents=True, exist_ok=True)
+            for k, img in enumerate(video.read_frames_at(path, [k / 2 for k in range(n)])):
+                Image.fromarray(img.numpy()).save(tmp / f"{k + 1:08d}.jpg", quality=JPEG_QUALITY)
+            os.replace(tmp, folder)
+        games[path.stem] = {"UrlLocal": path.stem, "halves": {"1": {
+            "UrlLocal": f"{path.stem}/1", "duration": n / 2, "fps": 2, "num_frames": n,
+            "annotations": []}}}
+        out.append(str(folder))
+    with open(root / "train.json", "w") as f:
+        json.dump(games, f)
+    return out
+
 def pipeline(method: str, paths: list):
     """(what a sample is, a callable key -> sample) of `method`'s training dataset at its
     paper settings (its `Args()` defaults) over `paths`; None when the method file cannot be
@@ -133,7 +189,8 @@ def pipeline(method: str, paths: list):
         return f"3 frames, {2 + a.local_crops} crops + 4 aux", ds.__getitem__
     if method == "comedian":
         from common import soccernet
-        halves = [soccernet.Half(f"g{i}", 1, p, video.video_meta(p).duration, [])
+        halves = [soccernet.Half(f"g{i}", 1, p, video.frame_folder_length(p) / soccernet.FPS
+                                 if os.path.isdir(p) else video.video_meta(p).duration, [])
                   for i, p in enumerate(paths)]
         ds = mod.SpatialClips(halves, mod.Args(), 0)
         return "stage 1: 2 views 2x224", ds.__getitem__
@@ -208,12 +265,13 @@ def keys(method: str, n_files: int, clips: int, seconds: float) -> list:
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
-def time_pipeline(get, ks: list, clock=time.perf_counter) -> float:
-    """Clips per second of `clock` in one process: `get(k)` for each key, then the loader's
-    default collate. With `time.process_time` the seconds are the CPU time of this process (all
-    its threads): on a core shared with other jobs, the time the pipeline itself used."""
+def time_pipeline(get, ks: list, clock=time.perf_counter, collate=None) -> float:
+    """Clips per second of `clock` in one process: `get(k)` for each key, then `collate` (the
+    loader's default collate if None). With `time.process_time` the seconds are the CPU time of
+    this process (all its threads): on a core shared with other jobs, the time the pipeline
+    itself used."""
     t = clock()
-    torch.utils.data.default_collate([get(k) for k in ks])
+    (collate or torch.utils.data.default_collate)([get(k) for k in ks])
     return len(ks) / (clock() - t)
 
 
@@ -224,7 +282,14 @@ def cores_needed(gpu_clips_per_s: float, clips_per_s_per_core: float) -> int:
     return max(1, math.ceil(gpu_clips_per_s / clips_per_s_per_core - 1e-9))
 
 
-OFFICIAL = {"sigma": "SIGMA's official repository (kinetics.py, datasets.py, ...)"}
+OFFICIAL = {  # method: (folder under DIR, what it holds, third-party modules their code needs)
+    "sigma": ("sigma", "SIGMA's official repository (kinetics.py, datasets.py, ...)",
+              ("decord",)),
+    "tcore": ("tcore", "T-CoRe's official repository (base_model/data/...)", ()),
+    "comedian": ("eztorch", "the eztorch repository (eztorch/datasets, transforms, configs)",
+                 ("pytorchvideo", "torchaug", "hydra", "omegaconf", "iopath")),
+    "sce_video": ("eztorch", "the eztorch repository (eztorch/datasets, transforms, configs)",
+                  ("pytorchvideo", "torchaug", "hydra", "omegaconf", "iopath"))}
 
 
 def official_note(method: str, root) -> str:
@@ -232,12 +297,14 @@ def official_note(method: str, root) -> str:
     not dependencies of this project); '' when it can be tried."""
     if method not in OFFICIAL:
         return "comparing with the authors' pipeline is not wired in for this method"
-    if importlib.util.find_spec("decord") is None:
-        return "decord is not importable (install it beside the project, not into it)"
+    sub, what, needs = OFFICIAL[method]
+    for need in needs:
+        if importlib.util.find_spec(need) is None:
+            return f"{need} is not importable (install it beside the project, not into it)"
     if not root:
         return "no --official-root (a folder holding the authors' code per method) given"
-    if not os.path.isdir(os.path.join(root, method)):
-        return f"no {os.path.join(root, method)} ({OFFICIAL[method]})"
+    if not os.path.isdir(os.path.join(root, sub)):
+        return f"no {os.path.join(root, sub)} ({what})"
     return ""
 
 
@@ -310,15 +377,213 @@ def official_sigma(folder: str, paths: list, ks: list, workdir: str):
     return get
 
 
+def tcore_draws(mod, folders: list, ks: list) -> dict:
+    """key -> (past, current, future) frame indices: T-CoRe's draws for that key, as its
+    `SandwichClips` makes them (the same generator, in the same order)."""
+    a, out = mod.Args(), {}
+    for k in ks:
+        epoch, index = data.split_key(k)
+        rng = data.sample_np_rng(a.seed, epoch, index)
+        out[k] = mod.sandwich_indices(video.video_length(folders[index]), rng, a.current_range,
+                                      a.past_offset, a.future_offset)
+    return out
+
+
+def official_tcore(folder: str, frame_dirs: list, ks: list):
+    """(key -> sample, collate) of the authors' T-CoRe pretraining pipeline (`Kinetics` over
+    JPEG frame folders, PIL decoding, `DataAugmentationVideo` at the paper's crops: 2 global
+    224 px (0.32-1), 8 local 96 px (0.05-0.32); their collate with block masks, fp16 as
+    `train.py` casts) on `frame_dirs` (`frame_folders`' layout), with our sandwich frames
+    (`tcore_draws`) put in place of its frame draw; its crop, colour and mask draws stay its
+    own. Their dataset calls `transform(frame_name, image, ...)` and their collate reads
+    `frame_name` from its output, while their `DataAugmentationVideo.__call__` takes no name
+    (the released code mixes two versions): a wrapper passes the image on and adds the name."""
+    import functools
+    mod = importlib.import_module("tcore")
+    a = mod.Args()
+    with _importing_from(folder):
+        kin = importlib.import_module("base_model.data.datasets.kinetics")
+        theirs = importlib.import_module("base_model.data")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(frame_dirs[0])))  # .../frames
+    names = [os.path.basename(d) for d in frame_dirs]
+    entries = np.empty(len(names), dtype=[("video_id", "<U25"), ("class_index", "<u4"),
+                                          ("class_id", "U7"), ("class_name", "U16")])
+    for i, n in enumerate(names):
+        entries[i] = (n, 0, "class_0", FRAME_CLASS)
+    np.save(os.path.join(root, "entries-TRAIN.npy"), entries)
+    aug = theirs.DataAugmentationVideo(tuple(a.global_scale), tuple(a.local_scale),
+                                       a.local_crops, a.global_size, a.local_size)
+
+    def transform(frame_name, image, pos_tuple_list=None, center_crop=False):
+        out, pos = aug(image, pos_tuple_list=pos_tuple_list, center_crop=center_crop)
+        out["frame_name"] = frame_name
+        return out, pos
+    ds = kin.Kinetics(split=kin.Kinetics.Split.TRAIN, root=root, extra=root,
+                      transform=transform, target_transform=lambda _: (),
+                      past_offset_range=tuple(a.past_offset),
+                      current_range=tuple(a.current_range),
+                      future_offset_range=tuple(a.future_offset))
+    ds.debug_save = False
+    grid = a.global_size // a.patch_size
+    collate = functools.partial(
+        theirs.collate_data_and_cast_with_aux_use_past_future_frames,
+        mask_ratio_tuple=tuple(a.mask_ratio), mask_probability=a.mask_prob, dtype=torch.half,
+        n_tokens=grid * grid,
+        mask_generator=theirs.MaskingGenerator(input_size=(grid, grid),
+                                               max_num_patches=grid * grid))
+    draws = tcore_draws(mod, frame_dirs, ks)
+
+    def get(key):
+        index = data.split_key(key)[1]
+        files = sorted(os.listdir(frame_dirs[index]))
+        ds.get_frames = lambda *_: tuple(files[i] for i in draws[key])
+        return ds[index]
+    return get, collate
+
+def _eztorch(folder: str):
+    """Make eztorch's data and transform modules importable from the checkout `folder`
+    without its package `__init__`s (`eztorch`, `eztorch.datasets`, `eztorch.utils`: they
+    import its models, callbacks and Lightning): those three are bare packages over their
+    folders; `lightning.pytorch` (imported by `eztorch/utils/utils.py` and the SoccerNet
+    parsers for a type hint and log calls) is a stand-in with `LightningModule`,
+    `rank_zero_info` and `rank_zero_warn`; pytorchvideo 0.1.5's
+    `torchvision.transforms.functional_tensor` is torchvision's same module, renamed
+    `_functional_tensor` since, and numpy 2's `np.bytes_` is given its numpy 1 name
+    `np.string_`. Nothing numerical is replaced. The names stay in
+    `sys.modules` (their readers import lazily), so this is for the tool's process only."""
+    import torchvision.transforms._functional_tensor as ft
+    sys.modules.setdefault("torchvision.transforms.functional_tensor", ft)
+    if not hasattr(np, "string_"):  # numpy 2 renamed it (their SoccerNet path tables use it)
+        np.string_ = np.bytes_
+    root = os.path.join(folder, "eztorch")
+    for name in ("eztorch", "eztorch.datasets", "eztorch.utils", "eztorch.evaluation"):
+        if name not in sys.modules:
+            pkg = types.ModuleType(name)
+            pkg.__path__ = [os.path.join(root, *name.split(".")[1:])]
+            sys.modules[name] = pkg
+    if "lightning" not in sys.modules and importlib.util.find_spec("lightning") is None:
+        lp = types.ModuleType("lightning.pytorch")
+        lp.LightningModule = object
+        lp.utilities = types.ModuleType("lightning.pytorch.utilities")
+        lp.utilities.rank_zero_info = print
+        lp.utilities.rank_zero_warn = print
+        sys.modules.update({"lightning": types.SimpleNamespace(pytorch=lp),
+                            "lightning.pytorch": lp,
+                            "lightning.pytorch.utilities": lp.utilities})
+    return root
+
+
+def official_sce_video(folder: str, paths: list, workdir: str):
+    """(key -> sample, collate) of the authors' SCE video pretraining loader, as eztorch's
+    R3D-18 K400 run builds it (`run/pretrain/sce/resnet3d18/resnet3d18_kinetics400.yaml`):
+    `Kinetics` with the pyav decoder (pytorchvideo's `EncodedVideoPyAV`), 2 clips of 2.56 s
+    (`RandomMultiClipSampler`), the crop transform `kinetics_temporal_difference` (RGB
+    difference p 0.2, 8 frames, random resized crop 224, scale 0.2-0.766) and the default
+    collate; their own draws (not ours: their sampler and crops draw from Python's, numpy's
+    and torch's global generators). Their colour jitter, grayscale, blur, solarize, flip and
+    normalisation (`model.train_transform`: `kinetics_sce_color_strength_1`, torchaug batch
+    transforms) run on the GPU in their training, not in the loader:
+    `official_gpu_augmentation` gives them, to time on this core too. Their crop config names
+    `eztorch.transforms.RandomTemporalDifference`, which the package exports only as
+    `eztorch.transforms.video.RandomTemporalDifference` (the same class): that name is used."""
+    root = _eztorch(folder)
+    from omegaconf import OmegaConf
+    import hydra.utils
+    cs = importlib.import_module("eztorch.datasets.clip_samplers")
+    kin = importlib.import_module("eztorch.datasets.kinetics")
+    importlib.import_module("eztorch.transforms")
+    cfg = OmegaConf.load(os.path.join(root, "configs/transform/crops",
+                                      "kinetics_temporal_difference.yaml"))
+    cfg.transform.transforms[0]._target_ = "eztorch.transforms.video.RandomTemporalDifference"
+    setting = os.path.join(workdir, "sce-train.csv")
+    with open(setting, "w") as f:  # their list format: 'path label'
+        f.writelines(f"{p} 0\n" for p in paths)
+    ds = kin.Kinetics(setting, cs.RandomMultiClipSampler(
+        num_clips=2, clip_duration=2.56, speeds=[1], jitter_factor=0),
+        transform=hydra.utils.instantiate(cfg), decode_audio=False, decoder="pyav")
+    return (lambda key: ds[data.split_key(key)[1]]), None
+
+
+GPU_AUGMENTATION = {"sce_video": "kinetics_sce_color_strength_1", "comedian": "soccernet_sce"}
+
+
+def official_gpu_augmentation(folder: str, method: str):
+    """A collate: the default one, then the authors' GPU-side augmentation of `method`
+    (`GPU_AUGMENTATION`: eztorch's `transform/contrastive` config of its run, torchaug batch
+    transforms on both views of the batch) run on this process's CPU thread."""
+    root = _eztorch(folder)
+    from omegaconf import OmegaConf
+    import hydra.utils
+    importlib.import_module("eztorch.transforms")
+    gpu = hydra.utils.instantiate(OmegaConf.load(os.path.join(
+        root, "configs/transform/contrastive", GPU_AUGMENTATION[method] + ".yaml")))
+    return lambda samples: gpu(torch.utils.data.default_collate(samples)["input"])
+
+def official_comedian(folder: str, halves: list):
+    """(key -> sample, collate) of the authors' COMEDIAN stage-1 loader, as eztorch's
+    `run/pretrain/sce/vit/vit_small_spatio_temporal_soccernet.yaml` builds it: `SoccerNet`
+    over 2-fps JPEG frame folders (`soccernet_folders`' layout) with the frame decoder
+    (`FrameSoccerNetVideo`, 4 I/O and 4 decode threads, 2 decodes), the 1-s window of our
+    key's second (`SlidingWindowSoccerNetClipSampler(1, 0)` yields those), the crop transform
+    `soccernet` (2 views, random resized crop 224, scale 0.2-1, ratio 1.33-2.21) and the
+    default collate; their own crop draws. Its colour, blur and normalisation run on the GPU
+    (`official_gpu_augmentation`). `sklearn` (imported for class weights and feature PCA,
+    neither used here) is a stand-in that raises if called, if it is not installed."""
+    root = _eztorch(folder)
+    if "sklearn" not in sys.modules and importlib.util.find_spec("sklearn") is None:
+        def unavailable(*_, **__):
+            raise RuntimeError("sklearn stand-in: not installed beside the tool")
+        for name, attrs in (("sklearn", {}), ("sklearn.utils", {}),
+                            ("sklearn.utils.class_weight", {"compute_class_weight": unavailable}),
+                            ("sklearn.decomposition", {"PCA": unavailable})):
+            sys.modules[name] = types.SimpleNamespace(**attrs)
+    from omegaconf import OmegaConf
+    import hydra.utils
+    sn = importlib.import_module("eztorch.datasets.soccernet")
+    importlib.import_module("eztorch.transforms")
+    base = os.path.dirname(os.path.dirname(halves[0]))
+    ds = sn.soccernet_dataset(
+        os.path.join(base, "train.json"),
+        hydra.utils.instantiate(OmegaConf.load(os.path.join(root, "configs/transform/crops",
+                                                            "soccernet.yaml"))),
+        video_path_prefix=base + "/", decoder="frame",
+        decoder_args=dict(fps=2, num_threads_io=4, num_threads_decode=4, num_decode=2,
+                          time_difference_prob=0.0, transform=None, mask_ratio=0.0,
+                          mask_tube=2), label_args=None, features_args=None)
+    seconds = [(i, s) for i, h in enumerate(halves)
+               for s in range(int(video.frame_folder_length(h) / 2))]  # SpatialClips' items
+
+    def get(key):
+        i, s = seconds[data.split_key(key)[1]]
+        return ds[(i, 0, float(s), float(s + 1))]
+    return get, None
+
 def official_pipeline(method: str, root: str, paths: list, ks: list, workdir: str):
-    """(callable key -> sample, '') for the authors' pipeline of `method`, or (None, why)."""
+    """(callable key -> sample, its collate (None: the default one), '') for the authors'
+    pipeline of `method`, or (None, None, why). T-CoRe's reads `frame_folders(paths)`."""
     note = official_note(method, root)
     if note:
-        return None, note
+        return None, None, note
     try:
-        return official_sigma(os.path.join(root, method), paths, ks, workdir), ""
+        folder = os.path.join(root, OFFICIAL[method][0])
+        if method == "tcore":
+            return (*official_tcore(folder, frame_folders(paths), ks), "")
+        if method == "sce_video":
+            return (*official_sce_video(folder, paths, workdir), "")
+        if method == "comedian":
+            return (*official_comedian(folder, soccernet_folders(paths)), "")
+        return official_sigma(folder, paths, ks, workdir), None, ""
     except Exception as e:  # their code or its imports (timm, cv2, ...) missing here
-        return None, f"cannot run their code here ({type(e).__name__}: {e})"
+        return None, None, f"cannot run their code here ({type(e).__name__}: {e})"
+
+
+def own_collate(method: str):
+    """The collate a method's training loader uses (T-CoRe: `MaskingCollate`, which also
+    draws the block masks); None for the default collate."""
+    if method == "tcore":
+        mod = importlib.import_module(method)
+        return mod.MaskingCollate(mod.Args())
+    return None
 
 
 def pixel_gap(ours, theirs) -> float:
@@ -343,7 +608,11 @@ def main(argv=None) -> dict:
                    help="the GPU's training rate in clips/s (e.g. from `--bench` on it)")
     p.add_argument("--root", default=None, help="where the files are written")
     p.add_argument("--official-root", default=None,
-                   help="a folder holding the authors' code per method (DIR/sigma, ...)")
+                   help="a folder holding the authors' code: DIR/sigma, DIR/tcore, "
+                        "DIR/eztorch (SCE video and COMEDIAN)")
+    p.add_argument("--frame-folders", action="store_true",
+                   help="also time T-CoRe's pipeline on JPEG frame folders of the same frames "
+                        "(as the authors' T-CoRe reads its data; implied by timing theirs)")
     p.add_argument("--cold-tables", action="store_true",
                    help="also time ours with the frame-table cache emptied before each sample")
     p.add_argument("--without-skipping", action="store_true",
@@ -374,28 +643,48 @@ def main(argv=None) -> dict:
                 break
             what, get = got
             ks = keys(m, len(paths), a.clips, a.seconds)
-            sides = [("ours", get)]
+            ours = own_collate(m)
+            sides = [("ours", get, ours)]
             if a.cold_tables:
-                sides.append(("ours, tables not cached", cold(get)))
+                sides.append(("ours, tables not cached", cold(get), ours))
             if a.without_skipping:
-                sides.append(("ours, every frame decoded", decoding_every_frame(get)))
+                sides.append(("ours, every frame decoded", decoding_every_frame(get), ours))
             # the list file their dataset reads is written beside the files
-            theirs, why = official_pipeline(m, a.official_root, paths, ks,
-                                            os.path.dirname(paths[0]))
+            theirs, their_collate, why = official_pipeline(m, a.official_root, paths, ks,
+                                                           os.path.dirname(paths[0]))
+            if m == "tcore" and (a.frame_folders or theirs is not None):
+                sides.append(("ours, JPEG frame folders",
+                              pipeline(m, frame_folders(paths))[1], ours))
             if theirs is None:
                 notes[m] = why
+            elif m in GPU_AUGMENTATION:
+                if m == "comedian":  # theirs reads 2-fps JPEG folders: ours too, the same
+                    sides.append(("ours, 2-fps JPEG frame folders",
+                                  pipeline(m, soccernet_folders(paths))[1], ours))
+                sides.append(("authors' loader", theirs, their_collate))
+                sides.append(("authors' loader + their GPU augmentation on this core", theirs,
+                              official_gpu_augmentation(os.path.join(a.official_root,
+                                                                     "eztorch"), m)))
+                notes[m] = ("each side's own draws (pixels not compared); the authors' "
+                            "colour, blur and flip run on the GPU in their training, not in "
+                            "their loader" + (": theirs reads the 2-fps JPEG frame folders "
+                                              "of the same frames" if m == "comedian" else ""))
+            elif m == "tcore":
+                sides.append(("authors', JPEG frame folders", theirs, their_collate))
+                notes[m] = ("the same JPEG frame folders and sandwich frames; crops, colour "
+                            "and masks are each side's own draws (pixels not compared)")
             else:  # the comparison doubles as their warm-up
-                sides.append(("authors'", theirs))
+                sides.append(("authors'", theirs, their_collate))
                 gap = max(pixel_gap(get(k), theirs(k)) for k in ks)
                 notes[m] = notes.get(m, "compared on the same draws; the clips' pixels differ "
                                         "by at most") + f" {gap:.2f} (at {size[0]}x{size[1]})"
-            for side, fn in sides:
-                time_pipeline(fn, ks)  # warm-up: frame tables, allocator
-                jobs.append((m, size, what, side, fn, ks, []))
+            for side, fn, col in sides:
+                time_pipeline(fn, ks, collate=col)  # warm-up: frame tables, allocator
+                jobs.append((m, size, what, side, (fn, col), ks, []))
     clock = CLOCKS[a.clock]
     for r in range(a.rounds):  # alternate the order between rounds
-        for m, size, what, side, fn, ks, rates in (jobs if r % 2 == 0 else jobs[::-1]):
-            rates.append(time_pipeline(fn, ks, clock))
+        for m, size, what, side, (fn, col), ks, rates in (jobs if r % 2 == 0 else jobs[::-1]):
+            rates.append(time_pipeline(fn, ks, clock, col))
     unit = "clips per CPU-s" if a.clock == "cpu" else "clips/s"
     print(f"| method | sample | file | pipeline | {unit} per core | ms per clip | ours / "
           f"authors' | cores for {a.gpu_clips_per_s:g} clips/s |")
@@ -410,10 +699,13 @@ def main(argv=None) -> dict:
             "cores_for_gpu": cores_needed(a.gpu_clips_per_s, rate),
             "gpu_clips_per_s": a.gpu_clips_per_s}
     for (m, f, side), row in out.items():  # median of the per-round ratios (paired rounds)
-        ref = out.get((m, f, "authors'"))
-        if ref is not None and side != "authors'":
-            row["ratio_to_authors"] = statistics.median(
-                x / y for x, y in zip(row["rounds"], ref["rounds"]))
+        refs = [(s, r) for (mm, ff, s), r in out.items()
+                if (mm, ff) == (m, f) and s.startswith("authors'")]
+        if refs and not side.startswith("authors'"):
+            row["ratio_to"] = {s: statistics.median(x / y for x, y in zip(row["rounds"],
+                                                                         r["rounds"]))
+                               for s, r in refs}
+            row["ratio_to_authors"] = row["ratio_to"][refs[0][0]]
     for row in out.values():
         ratio = row.get("ratio_to_authors")
         print(f"| {row['method']} | {row['sample']} | {row['file']} | {row['pipeline']} | "
@@ -421,11 +713,15 @@ def main(argv=None) -> dict:
               f"{'' if ratio is None else f'{ratio:.2f}x'} | {row['cores_for_gpu']} |")
         if a.json:
             print(json.dumps(row))
+    for row in out.values():
+        for s, x in list(row.get("ratio_to", {}).items())[1:]:
+            print(f"{row['method']} {row['file']}: {row['pipeline']} / {s}: {x:.2f}x")
     for m in methods:
         note = notes.get(m) or official_note(m, a.official_root)
-        print(f"authors' pipeline, {m}: " + (note + " levels of 255 over the keys timed"
-                                              if note.startswith("compared") else
-                                              f"skipped, {note}"))
+        timed = any(mm == m and side.startswith("authors'") for mm, _, _, side, *_ in jobs)
+        print(f"authors' pipeline, {m}: " + (
+            note + " levels of 255 over the keys timed" if note.startswith("compared")
+            else note if timed else f"skipped, {note}"))
     if a.model_step:
         out.update(step_rows(methods, files, a))
     return out

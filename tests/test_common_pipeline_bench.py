@@ -1,6 +1,8 @@
 """common/pipeline_bench.py: the files it writes, its keys and its per-core arithmetic (the
 timings themselves are the tool's output, not tested)."""
+import json
 import math
+import os
 
 import pytest
 import torch
@@ -48,6 +50,7 @@ def test_the_pipelines_yield_training_samples(tmp_path):
     assert clip.shape == (3, 16, 224, 224) and mask.shape == (1568,)
     assert pb.official_note("sigma", None)  # decord and the authors' code are not dependencies
     assert pb.official_note("sigma", tmp_path)  # no checkout of their code there
+    assert pb.official_note("tcore", tmp_path)  # no checkout there either
     assert pb.official_note("cropmae", tmp_path)  # not wired in
 
 
@@ -66,3 +69,37 @@ def test_model_step_trains_on_the_pipelines_samples(tmp_path):
     assert torch.isfinite(out["loss"])
     changed = [not torch.equal(b, p) for b, p in zip(before, model.parameters())]
     assert sum(changed) > len(changed) // 2  # the optimiser stepped
+
+
+def test_frame_folders_hold_the_files_frames(tmp_path):
+    """The JPEG frame folders (T-CoRe's layout) hold every frame of the file, in order: each
+    JPEG within JPEG error of the decoded frame and closer to it than to its neighbours; the
+    project's reader sees the same length and frames; a second call reuses them."""
+    paths = pb.bench_files(tmp_path, files=1, seconds=0.4)[(320, 240)]
+    folder, = pb.frame_folders(paths)
+    assert folder.endswith(f"frames/train/{pb.FRAME_CLASS}/clip00")
+    assert sorted(os.listdir(folder)) == [f"{t:05d}.jpg" for t in range(1, 11)]
+    assert video.video_length(folder) == video.video_meta(paths[0]).num_frames == 10
+    decoded = video.read_frames(paths[0], range(10)).float()
+    jpeg = video.read_clip(folder, range(10)).float()
+    err = (jpeg[:, None] - decoded[None]).abs().mean(dim=(2, 3, 4))  # (jpeg t, frame s)
+    assert torch.equal(err.argmin(dim=1), torch.arange(10))  # frame t is file t + 1
+    assert err.diagonal().max() < 4  # quality 90: a few levels
+    mtime = os.stat(folder).st_mtime_ns
+    assert pb.frame_folders(paths) == [folder] and os.stat(folder).st_mtime_ns == mtime
+
+
+def test_soccernet_folders_hold_the_2fps_frames(tmp_path):
+    """The 2-fps folders (eztorch's SoccerNet layout) hold the frames on screen every 0.5 s,
+    named from 00000001.jpg, listed in train.json with their duration and frame count."""
+    paths = pb.bench_files(tmp_path, files=1, seconds=2.0)[(320, 240)]
+    folder, = pb.soccernet_folders(paths)
+    assert folder.endswith("soccernet/clip00/1")
+    assert sorted(os.listdir(folder)) == [f"{k:08d}.jpg" for k in range(1, 5)]
+    shown = video.read_frames_at(paths[0], [0.0, 0.5, 1.0, 1.5]).float()
+    jpeg = video.read_clip(folder, range(4)).float()
+    err = (jpeg[:, None] - shown[None]).abs().mean(dim=(2, 3, 4))
+    assert torch.equal(err.argmin(dim=1), torch.arange(4)) and err.diagonal().max() < 4
+    games = json.loads((tmp_path / "320x240/soccernet/train.json").read_text())
+    half = games["clip00"]["halves"]["1"]
+    assert (half["UrlLocal"], half["duration"], half["num_frames"]) == ("clip00/1", 2.0, 4)
