@@ -226,7 +226,8 @@ def model_step(method: str, samples: list, device: torch.device, args=None) -> t
     if method == "tcore":
         tc = mod.build_model(a).to(device)
         opt, lr = mod.build_optimizer(tc, a, device)
-        sch = mod.schedules(a, 0, 1000, 100, lr)
+        warm = a.warmup_epochs * 100  # past the warm-up: the peak lr, last layer unfrozen
+        sch = mod.schedules(a, warm, warm + 1000, 100, lr)
         mod.set_schedules(opt, a, sch["lr"], sch["pmm_lr"], sch["last_lr"], sch["wd"])
         crops, masks = mod.to_device(mod.MaskingCollate(a)(samples), device)
         tc.train()

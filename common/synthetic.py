@@ -353,9 +353,10 @@ def motion_videos(root: Optional[os.PathLike] = None, seed: int = 0, size: int =
     `classInd.txt`, `trainlist01.txt`, `testlist01.txt`).
 
     Built for clip-level instance discrimination (SCE for video): the appearance of the object
-    and of the background is re-drawn every `segment` frames (`_motion_clip`), so the one cue
-    that two clips of a video share is its motion, and what an instance objective can learn
-    is motion; the classes survive the pretraining's per-clip horizontal flip."""
+    is re-drawn every `segment` frames on one flat grey background shared by all the videos
+    (`_motion_clip`), so the one cue that two clips of a video share is its motion, and what
+    an instance objective can learn is motion; the classes survive the pretraining's per-clip
+    horizontal flip."""
     from common.video import write_video
     if size % 2:
         raise ValueError(f"synthetic.motion_videos: size must be even (H.264 yuv420p), got {size}")

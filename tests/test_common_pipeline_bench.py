@@ -103,3 +103,19 @@ def test_soccernet_folders_hold_the_2fps_frames(tmp_path):
     games = json.loads((tmp_path / "320x240/soccernet/train.json").read_text())
     half = games["clip00"]["halves"]["1"]
     assert (half["UrlLocal"], half["duration"], half["num_frames"]) == ("clip00/1", 2.0, 4)
+
+
+def test_tcore_model_step_runs_at_the_peak_lr(tmp_path):
+    """T-CoRe's step row sets its schedules past the warm-up: the peak lr on every student
+    group and the last layer unfrozen (at step 0 all were 0 and the step left the weights as
+    they were). ViT-tiny to stay fast; the crops are the pipeline's."""
+    import tcore
+    paths = pb.bench_files(tmp_path, files=1, seconds=0.4)[(320, 240)]
+    _, get = pb.pipeline("tcore", paths)
+    small = tcore.Args(model="tiny")
+    _, step, model = pb.model_step("tcore", [get((0, 0)), get((1, 0))], torch.device("cpu"),
+                                   small)
+    before = [p.detach().clone() for p in model.student.parameters()]
+    step()
+    changed = [not torch.equal(b, p) for b, p in zip(before, model.student.parameters())]
+    assert sum(changed) > len(changed) // 2, (sum(changed), len(changed))
