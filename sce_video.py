@@ -864,10 +864,11 @@ def monitor(sce, args: Args, device, amp) -> dict:
 
 
 def versus_raw_pixels(raw: float, trained: float, n_eval: int, trained_spread: float) -> dict:
-    """The trained R@1 (%) against the raw-pixel baseline's, by the rule of the verdict: the
-    difference against 3 standard errors, SE^2 = the raw pixels' binomial SE^2 (one
-    deterministic value) + the larger of the trained binomial SE and `trained_spread`,
-    squared. Returns {"raw_pixels", "trained", "se", "beats", "line"}."""
+    """The trained R@1 (%) against the raw-pixel baseline's: the difference against 3
+    standard errors, SE^2 = the raw pixels' binomial SE^2 (one deterministic value) + the
+    larger of the trained binomial SE and `trained_spread`, squared. Unlike the verdict, a
+    `trained_spread` of 0 (not measured) does not refuse to conclude: the binomial SE alone
+    is then used. Returns {"raw_pixels", "trained", "se", "beats", "line"}."""
     def binomial(r: float) -> float:
         return 100 * (r / 100 * (1 - r / 100) / n_eval) ** 0.5
     se = (binomial(raw) ** 2 + max(binomial(trained), trained_spread) ** 2) ** 0.5
