@@ -533,7 +533,8 @@ def _soccernet_half(rng: np.random.Generator, frames: int, fps: float, h: int, w
                     events: list) -> np.ndarray:
     """(T, H, W, 3) uint8 frames of one "half": a panning striped pitch with moving "player"
     dots; each visible event (position_ms, class) shows its class's silhouette, in a random
-    colour, place, size and angle, on every frame within 0.5 s of its position."""
+    colour (90 grey levels off the pitch's), place, size and angle, on every frame within
+    0.5 s of its position."""
     pan = int(rng.integers(w // 2, w))
     base = np.array([60.0, 140.0, 60.0]) * rng.uniform(0.8, 1.2, 3)
     y, x = np.mgrid[0:h, 0:w + pan]
@@ -543,12 +544,14 @@ def _soccernet_half(rng: np.random.Generator, frames: int, fps: float, h: int, w
     players = [dict(p=rng.uniform([0, 0], [w, h]), v=rng.uniform(-1.5, 1.5, 2),
                     c=_colour(rng, base, 80.0)) for _ in range(6)]
     out = np.empty((frames, h, w, 3), np.uint8)
-    luma = np.array([0.299, 0.587, 0.114])  # a silhouette is 90 grey levels brighter or
-    shown = [dict(ms=ms, shape=SHAPES[c], cx=rng.uniform(0.25, 0.75) * w,  # darker than the
-                  cy=rng.uniform(0.25, 0.75) * h, r=rng.uniform(0.28, 0.36) * h,  # pitch: its
-                  angle=rng.uniform(-0.5, 0.5), col=np.clip(col + (  # shape survives grey
-                      base @ luma + rng.choice([-90, 90]) - col @ luma), 0, 255))  # scale and
-             for ms, c in events for col in [_colour(rng, base, 120.0)]]  # colour jitter
+    # a silhouette is 90 grey levels brighter or darker than the pitch (its colour shifted):
+    # its shape survives grayscale and colour jitter
+    luma = np.array([0.299, 0.587, 0.114])
+    shown = [dict(ms=ms, shape=SHAPES[c], cx=rng.uniform(0.25, 0.75) * w,
+                  cy=rng.uniform(0.25, 0.75) * h, r=rng.uniform(0.28, 0.36) * h,
+                  angle=rng.uniform(-0.5, 0.5), col=np.clip(col + (
+                      base @ luma + rng.choice([-90, 90]) - col @ luma), 0, 255))
+             for ms, c in events for col in [_colour(rng, base, 120.0)]]
     for i in range(frames):
         off = int(np.clip(pan / 2 + speed * (i - frames / 2), 0, pan))
         img = pitch[:, off:off + w].copy()
@@ -593,7 +596,8 @@ def soccernet(root: Optional[os.PathLike] = None, seed: int = 0, games: tuple = 
     frames within 0.5 s of its position, the training-label radius. Each half also has a
     teacher bank `{half}_synthetic_teacher.npy` (`_teacher_features`: 1 fps, like SoccerNet's
     `{half}_baidu_soccer_embeddings.npy`; it knows the visible events, as Baidu's features,
-    trained on the labels, do; every second holds its class's or the "no event" prototype).
+    trained on the labels, do; every second holds its class's or the "no event" prototype,
+    plus N(0, teacher_noise^2) noise: little, so that the rows stay apart once z-scored).
     Labels-v2.json holds
     UrlLocal, UrlYoutube, gameHomeTeam, gameAwayTeam, gameDate, gameScore and annotations
     {gameTime "H - MM:SS", label, position (ms string), team, visibility}.
