@@ -63,10 +63,12 @@ Deviations, with reasons:
   demo uses 0.01: from bias 0 its few hundred steps cannot learn the bias of rare events, and
   the trunk collapses to a constant meanwhile (measured: a-mAP at chance).
 - `demo` is a CPU smoke setting, not a thesis one: a 64-wide ViViT (4 + 2 blocks, 8-px
-  patches at 32 px), 16-s windows, small queues and batches, 126 / 480 / 480 + 300 steps for
-  stages 1 / 2 / 3 (phase A at a base lr of 0.5, chosen on `--synthetic-seed 1`), alpha_2 = 0
-  (with phase-B masking a random trunk stays at chance), the synthetic teacher bank (it knows
-  the visible events as Baidu's features do; `--teacher-name stage1`: our stage-1 trunk).
+  patches at 32 px), 16-s windows, small queues and batches; stage 1 skipped (`--init-from
+  random`, T's "none" row: MoCo collapses on the synthetic 1-s clips and its trunk kept stage 2
+  from learning), 992 steps of stage 2, 480 + 288 of stage 3 (stage-2 and phase-A lrs chosen
+  on `--synthetic-seed 1`), alpha_2 = 0 (with phase-B masking a random trunk stays at chance),
+  the synthetic teacher bank (it knows the visible events as Baidu's features do;
+  `--teacher-name stage1`: our stage-1 trunk).
   Its verdict is on the classifier-only protocol (phase A, "C" of T Tab. 6.5) against 3
   random trunks, uniform random scores beside; full fine-tuning is a second row (README).
 """
@@ -285,15 +287,16 @@ PRESETS = {
     # CPU demo: every stage small on the synthetic set (see the deviations)
     "demo": dict(embed_dim=64, depth=4, num_heads=4, temporal_depth=2, temporal_heads=4,
                  patch_size=8, img_size=32, window=16.0, drop_path=0.0,
-                 spatial_epochs=6, spatial_batch_size=32, spatial_warmup_epochs=1,
+                 init_from="random", spatial_epochs=2, spatial_batch_size=32,
+                 spatial_warmup_epochs=1,
                  spatial_base_lr=4e-3, queue_size=256, proj_hidden=256, proj_dim=64,
-                 distill_epochs=60, distill_batch_size=8, distill_warmup_epochs=1,
-                 distill_windows=8, distill_queue_size=1024, distill_base_lr=4e-2,
-                 head_epochs=80, head_base_lr=0.5, ft_epochs=50, ft_batch_size=8, ft_windows=6,
+                 distill_epochs=31, distill_batch_size=8, distill_warmup_epochs=1,
+                 distill_windows=8, distill_queue_size=1024, distill_base_lr=1.5e-2,
+                 head_epochs=20, head_base_lr=0.5, ft_epochs=12, ft_batch_size=8, ft_windows=6,
                  ft_base_lr=5e-2, ft_mask_ratio=0.0, head_prior=0.01, remove_s=3.0,
                  nms_window=8, teacher_name="synthetic_teacher", num_workers=1,
                  log_every=50, ckpt_every=500, amp="none", eval_random_init=True,
-                 random_init_seeds=3, trained_spread=1.28, cache_frames=True),
+                 random_init_seeds=3, trained_spread=0.62, cache_frames=True),
 }
 
 
@@ -312,8 +315,8 @@ def split_halves(root: Path, splits: Sequence[str], args: Args) -> list:
 def data_root(args: Args) -> Path:
     """--data, or the synthetic SoccerNet-format set (written once into the cache)."""
     if not args.data:
-        return synthetic.soccernet(seed=args.synthetic_seed, games=(8, 8, 0),
-                                   events_per_minute=10.0)  # >= 100 validation events
+        return synthetic.soccernet(seed=args.synthetic_seed, games=(32, 8, 0),
+                                   events_per_minute=15.0, gap=2.0)  # ~180 validation events
     if not os.path.isdir(args.data):
         raise FileNotFoundError(f"--data {args.data}: no such folder")
     return Path(args.data)
@@ -1012,17 +1015,19 @@ def pretext_losses(root: Path, args: Args, device, amp: optim.Amp, spatial: nn.M
     view 2 against the EMA keys of view 1 of every held-out clip, its own the positive
     (log N for a trunk that tells no clip apart). Stage 2: `sce_token_loss` of the held-out
     windows (eval mode, no masking) with the teacher features of the other windows as the
-    queue. Returns {"spatial_heldout_loss", "distill_heldout_loss", "heldout_clips"}."""
-    halves, qs, ks = split_halves(root, [args.eval_split], args), [], []
-    spatial.eval()
+    queue. Returns {"spatial_heldout_loss", "heldout_clips" (not without `spatial`),
+    "distill_heldout_loss"}."""
+    halves, qs, ks, out = split_halves(root, [args.eval_split], args), [], [], {}
     for view1, view2, _ in DataLoader(SpatialClips(halves, args, args.seed),
-                                      args.spatial_batch_size, num_workers=args.num_workers):
+                                      args.spatial_batch_size, num_workers=args.num_workers
+                                      ) if spatial else []:
         with amp.autocast():
-            qs.append(spatial.predictor(spatial.projector(spatial.trunk(view2.to(device)))))
+            qs.append(spatial.eval().predictor(spatial.projector(spatial.trunk(view2.to(device)))))
             ks.append(spatial.projector_m(spatial.trunk_m(view1.to(device))))
-    q, k = (F.normalize(torch.cat(z).float(), dim=1) for z in (qs, ks))
-    out = {"spatial_heldout_loss": F.cross_entropy(q @ k.T / args.tau, torch.arange(
-        len(q), device=q.device)).item(), "heldout_clips": len(q)}
+    if spatial:
+        q, k = (F.normalize(torch.cat(z).float(), dim=1) for z in (qs, ks))
+        out = {"spatial_heldout_loss": F.cross_entropy(q @ k.T / args.tau, torch.arange(
+            len(q), device=q.device)).item(), "heldout_clips": len(q)}
     distiller.eval()
     ds = Windows(halves, args, "distill", args.distill_windows, args.seed, bank)
     xs, ps = zip(*[ds[i][:2] for i in range(len(ds))])
@@ -1377,8 +1382,9 @@ def report(summary: dict, results: dict, buffers: dict, root: Path, out: Path,
                           for n in results["pretrained"]}
     if n_clips:
         summary["chance"] = {"spatial_heldout_loss": round(math.log(n_clips), 3)}
-    for level, title in ((1, f"held-out pretext losses (level 1; stage 1 at chance: log "
-                              f"{n_clips} = {math.log(n_clips or 1):.2f})"),
+    for level, title in ((1, "held-out pretext losses (level 1" + (
+                              f"; stage 1 at chance: log {n_clips} = {math.log(n_clips):.2f})"
+                              if n_clips else ")")),
                          (2, f"spotting on {args.eval_split!r} (level 2; a-mAP in %, 17 "
                              f"classes unless said)")):
         names = [n for n in summary["metrics"] if ("loss" in n) == (level == 1)]
@@ -1414,20 +1420,21 @@ def report(summary: dict, results: dict, buffers: dict, root: Path, out: Path,
 
 
 def level1(root: Path, args: Args, device, amp: optim.Amp) -> dict:
-    """`pretext_losses` of the trained stage-1 and stage-2 models of <output-dir> and of the
-    same models at their random initialisation (seeded)."""
+    """`pretext_losses` of the trained stage-1 (unless --init-from skipped it) and stage-2
+    models of <output-dir> and of the same models at their random initialisation (seeded)."""
     pca = checkpoint.load(os.path.join(args.output_dir, "teacher_pca.pt"))
     bank = TeacherBank(teacher_root(root, args), args.teacher_name, args.teacher_fps, pca)
     dim, out = pca["components"].shape[1], {}
     for name in ("random_init", "pretrained"):
         torch.manual_seed(args.seed)
         spatial, distiller = build_model(args, "spatial"), build_model(args, "distill", dim)
+        spatial = None if args.init_from else spatial.to(device)
         if name == "pretrained":
-            for model, file in ((spatial, "spatial.pt"), (distiller, "distill.pt")):
+            for model, file in ((spatial, "spatial.pt"), (distiller, "distill.pt"))[
+                    bool(args.init_from):]:
                 path = os.path.join(args.output_dir, file)
                 checkpoint.load_model(model, checkpoint.load(path)["model"], what=path)
-        out[name] = pretext_losses(root, args, device, amp, spatial.to(device),
-                                   distiller.to(device), bank)
+        out[name] = pretext_losses(root, args, device, amp, spatial, distiller.to(device), bank)
     return out
 
 

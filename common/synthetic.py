@@ -619,7 +619,7 @@ def ytvos(root: Optional[os.PathLike] = None, seed: int = 0, size: tuple = (96, 
 
 # ---- SoccerNet-v2 ------------------------------------------------------------------------
 
-SOCCERNET_VERSION = 5
+SOCCERNET_VERSION = 6
 TEACHER_DIM = 32  # width of the synthetic per-second teacher features
 # The 8 most frequent SoccerNet-v2 classes, one silhouette each (SHAPES order).
 SOCCERNET_EVENTS = ("Ball out of play", "Throw-in", "Foul", "Indirect free-kick", "Clearance",
@@ -635,7 +635,8 @@ def _soccernet_half(rng: np.random.Generator, frames: int, fps: float, h: int, w
                     events: list) -> np.ndarray:
     """(T, H, W, 3) uint8 frames of one "half": a panning striped pitch with moving "player"
     dots; each visible event (position_ms, class) shows its class's silhouette, in a random
-    colour, place, size and angle, on every frame within 0.5 s of its position."""
+    colour (90 grey levels off the pitch's), place, size and angle, on every frame within
+    0.5 s of its position."""
     pan = int(rng.integers(w // 2, w))
     base = np.array([60.0, 140.0, 60.0]) * rng.uniform(0.8, 1.2, 3)
     y, x = np.mgrid[0:h, 0:w + pan]
@@ -645,10 +646,14 @@ def _soccernet_half(rng: np.random.Generator, frames: int, fps: float, h: int, w
     players = [dict(p=rng.uniform([0, 0], [w, h]), v=rng.uniform(-1.5, 1.5, 2),
                     c=_colour(rng, base, 80.0)) for _ in range(6)]
     out = np.empty((frames, h, w, 3), np.uint8)
+    # a silhouette is 90 grey levels brighter or darker than the pitch (its colour shifted):
+    # its shape survives grayscale and colour jitter
+    luma = np.array([0.299, 0.587, 0.114])
     shown = [dict(ms=ms, shape=SHAPES[c], cx=rng.uniform(0.25, 0.75) * w,
                   cy=rng.uniform(0.25, 0.75) * h, r=rng.uniform(0.28, 0.36) * h,
-                  angle=rng.uniform(-0.5, 0.5), col=_colour(rng, base, 120.0))
-             for ms, c in events]
+                  angle=rng.uniform(-0.5, 0.5), col=np.clip(col + (
+                      base @ luma + rng.choice([-90, 90]) - col @ luma), 0, 255))
+             for ms, c in events for col in [_colour(rng, base, 120.0)]]
     for i in range(frames):
         off = int(np.clip(pan / 2 + speed * (i - frames / 2), 0, pan))
         img = pitch[:, off:off + w].copy()
@@ -664,13 +669,13 @@ def _soccernet_half(rng: np.random.Generator, frames: int, fps: float, h: int, w
 
 
 def _teacher_features(rng: np.random.Generator, prototypes: np.ndarray, duration: float,
-                      events: list) -> np.ndarray:
+                      events: list, noise: float = 0.01) -> np.ndarray:
     """(ceil(D), TEACHER_DIM) float32 features at 1 fps, standing in for the Baidu bank (a
     video model fine-tuned on the labels): on each second [s, s + 1) that a visible event's
     +-0.5 s overlaps, the unit prototype of its class, on every other second the unit
-    "no event" prototype (the last row of `prototypes`), plus N(0, 0.1^2) noise everywhere:
+    "no event" prototype (the last row of `prototypes`), plus N(0, noise^2) noise everywhere:
     every second has a learnable target."""
-    out = 0.1 * rng.standard_normal((math.ceil(duration), prototypes.shape[1]))
+    out = noise * rng.standard_normal((math.ceil(duration), prototypes.shape[1]))
     hot = np.full(len(out), len(prototypes) - 1)
     for ms, c in events:
         hot[max(int((ms - 500) // 1000), 0):int((ms + 500) // 1000) + 1] = c
@@ -680,7 +685,7 @@ def _teacher_features(rng: np.random.Generator, prototypes: np.ndarray, duration
 def soccernet(root: Optional[os.PathLike] = None, seed: int = 0, games: tuple = (6, 2, 2),
               seconds: tuple = (40, 48), fps: float = 4, size: tuple = (64, 112),
               events_per_minute: float = 8.0, unshown: float = 0.15,
-              gap: float = 3.0) -> Path:
+              gap: float = 3.0, teacher_noise: float = 0.01) -> Path:
     """SoccerNet-v2 layout: `<league>/<season>/<game>/{1,2}_224p.mkv` (H.264) and
     `Labels-v2.json`, plus `train.txt`, `valid.txt`, `test.txt` (one `league/season/game` per
     line, as `SoccerNet.utils.getListGames(split)` lists them; `games` = their sizes).
@@ -693,7 +698,8 @@ def soccernet(root: Optional[os.PathLike] = None, seed: int = 0, games: tuple = 
     frames within 0.5 s of its position, the training-label radius. Each half also has a
     teacher bank `{half}_synthetic_teacher.npy` (`_teacher_features`: 1 fps, like SoccerNet's
     `{half}_baidu_soccer_embeddings.npy`; it knows the visible events, as Baidu's features,
-    trained on the labels, do; every second holds its class's or the "no event" prototype).
+    trained on the labels, do; every second holds its class's or the "no event" prototype,
+    plus N(0, teacher_noise^2) noise: little, so that the rows stay apart once z-scored).
     Labels-v2.json holds
     UrlLocal, UrlYoutube, gameHomeTeam, gameAwayTeam, gameDate, gameScore and annotations
     {gameTime "H - MM:SS", label, position (ms string), team, visibility}.
@@ -724,10 +730,15 @@ def soccernet(root: Optional[os.PathLike] = None, seed: int = 0, games: tuple = 
                     dur = frames / fps
                     count_ev = max(1, int(round(dur / 60 * events_per_minute)))
                     times: list = []
-                    while len(times) < count_ev:  # rejection: events `gap` s apart
+                    for _ in range(100_000 if count_ev * gap < dur - 3 else 0):
+                        if len(times) == count_ev:  # rejection: events `gap` s apart
+                            break
                         t = rng.uniform(1.5, dur - 1.5)
                         if all(abs(t - u) >= gap for u in times):
                             times.append(t)
+                    if len(times) < count_ev:
+                        raise ValueError(f"synthetic.soccernet: {count_ev} events {gap:g} s "
+                                         f"apart do not fit a {dur:.1f}-s half")
                     events = []
                     for t in sorted(times):
                         ms, c = int(t * 1000), int(rng.integers(len(SOCCERNET_EVENTS)))
@@ -743,7 +754,7 @@ def soccernet(root: Optional[os.PathLike] = None, seed: int = 0, games: tuple = 
                                 codec="libx264", gop=8)
                     np.save(tmp / game / f"{half}_synthetic_teacher.npy",
                             _teacher_features(np.random.default_rng([seed, n, half, 7]),
-                                              prototypes, dur, events))
+                                              prototypes, dur, events, teacher_noise))
                 labels = {"UrlLocal": game + "/", "UrlYoutube": "", "gameHomeTeam": home,
                           "gameAwayTeam": away, "gameDate": f"{date} - 15:00",
                           "gameScore": score, "annotations": annotations}
@@ -753,5 +764,5 @@ def soccernet(root: Optional[os.PathLike] = None, seed: int = 0, games: tuple = 
             (tmp / f"{split}.txt").write_text("".join(f"{g}\n" for g in lines))
     name = (f"soccernet-v{SOCCERNET_VERSION}-s{seed}-{h}x{w}-{fps:g}fps-"
             f"{'x'.join(map(str, games))}-{seconds[0]}to{seconds[1]}s-{events_per_minute:g}epm-"
-            f"u{unshown:g}-g{gap:g}")
+            f"u{unshown:g}-g{gap:g}-n{teacher_noise:g}")
     return _cached(root, name, build)

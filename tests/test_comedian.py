@@ -21,7 +21,7 @@ def test_synthetic_soccernet(tmp_path):
     splits = {s: (root / f"{s}.txt").read_text().split("\n")[:-1]
               for s in ("train", "valid", "test")}
     assert [len(v) for v in splits.values()] == [2, 1, 1]
-    seen = 0
+    seen, banks = 0, []
     for game in sum(splits.values(), []):
         assert len(Path(game).parts) == 3  # league/season/game
         raw = json.loads((root / game / "Labels-v2.json").read_text())
@@ -54,7 +54,7 @@ def test_synthetic_soccernet(tmp_path):
             assert all(stat(i) < 100 for i in quiet)
             # the teacher bank: 1 fps, ceil(D) rows; a second [s, s + 1) that a visible
             # event's +-0.5 s overlaps holds its class prototype, every other second the
-            # "no event" one (unit vectors + N(0, 0.1^2) noise)
+            # "no event" one (unit vectors + N(0, 0.01^2) noise)
             feats = np.load(root / game / f"{half}_synthetic_teacher.npy")
             assert feats.shape == (math.ceil(meta.num_frames / 4), synthetic.TEACHER_DIM)
             hot = {s for a in ann if a.half == half and a.visible
@@ -63,8 +63,18 @@ def test_synthetic_soccernet(tmp_path):
             cold = [s for s in range(len(feats)) if s not in hot]
             rest = unit[cold].mean(0) / np.linalg.norm(unit[cold].mean(0))
             assert all(unit[s] @ rest > 0.6 for s in cold) and all(unit[s] @ rest < 0.6 for s in hot)
+            banks.append((root / game / f"{half}_synthetic_teacher.npy", cold))
     assert seen >= 4
     assert sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) < 10 * 2**20
+    # what stage 2 sees (z-scored, PCA, unit rows: centred on the mean row) still has one
+    # "no event" direction, not noise (at N(0, 0.1^2) noise this mean cosine was 0.10)
+    pca = C.fit_pca([f for f, _ in banks], 512)
+    z = F.normalize(torch.cat([((torch.from_numpy(np.load(f).astype(np.float64)) - pca["mean"])
+                                / pca["std"] @ pca["components"])[cold] for f, cold in banks]),
+                    dim=1)
+    assert (z @ z.T).mean() > 0.8
+    with pytest.raises(ValueError, match="do not fit"):  # too dense: an error, not a hang
+        synthetic.soccernet(tmp_path / "dense", games=(1, 0, 0), events_per_minute=60.0)
 
 
 # ---- stage 2: token SCE loss and temporal masking ----
