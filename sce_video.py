@@ -259,7 +259,7 @@ PRESETS = {
                  batch_size=16, epochs=10, warmup_epochs=1, amp="none",
                  synthetic_per_class=(256, 100),
                  num_workers=1, log_every=20, ckpt_every=500, monitor_eval=True,
-                 eval_random_init=True, random_init_seeds=3, trained_spread=2.6,
+                 eval_random_init=True, random_init_seeds=3, trained_spread=4.1,
                  knn_k=(10, 20), train_scale=(32, 40), test_size=32, test_clips=2,
                  test_crops=1),
 }
