@@ -42,7 +42,8 @@ Deviations, with reasons:
   weights come from (seed, epoch, index) in the loader (`sample_draws`: the GPU step draws
   nothing and waits for nothing); a batch's mixup permutation is the argsort of its windows'
   uniform keys, uniform as `torch.randperm`. The blur kernel is 10 % of the image (23 at 224,
-  the configs'), at least 13 so that +-3 sigma fits (`augment.blur_kernel`, as SCE).
+  the configs'), at least 13 so that +-3 sigma fits (`augment.blur_kernel`, as SCE); the blur
+  is torchvision's as two banded matrix products (`augment.GaussianBlur`, ~1e-6 apart).
 - Frames at 2 fps are those on screen at t = i / 2 s (PyAV, seeking), in place of ffmpeg's
   `fps=2` JPEG extraction; 2-fps frame folders (the official layout) are read as they are.
 - Window starts, stage 2: one per equal segment of [0, D - W], uniform inside it, floored to
@@ -327,7 +328,7 @@ def _colour(brightness, contrast, saturation, hue, p=0.8):
 
 
 def _blur(size: int, p: float):
-    return v2.RandomApply([v2.GaussianBlur(augment.blur_kernel(size), (0.1, 2.0))], p=p)
+    return v2.RandomApply([augment.GaussianBlur(augment.blur_kernel(size), (0.1, 2.0))], p=p)
 
 
 def transform(kind: str, args: Args) -> v2.Compose:
