@@ -269,6 +269,10 @@ class Args:
     """after pretraining: also fine-tune the trained encoder and --random-init-seeds randomly
     initialised ones with the --ft-* settings and give DESIGN's verdict on their top-1 (the
     demo does; SIGMA's main protocol, Tabs. 2-3)"""
+    ft_repeats: int = 1
+    """--finetune-verdict: fine-tuning runs of the trained encoder (fine-tune seeds --seed, +1,
+    ...: head init, drop path, data order); its top-1 is their mean (averages the fine-tuning's
+    own noise; each random init is one run)"""
     random_init_seeds: int = 3
     """randomly initialised models (init seeds --seed, +1, ...) fine-tuned by --finetune-verdict
     and, with --eval-random-init on the synthetic videos, segmented for the second verdict"""
@@ -1258,8 +1262,9 @@ def trajectory_baseline(args: Args, train_recs: list, val_recs: list, device) ->
 
 def finetune_verdict(args: Args, device, amp: optim.Amp) -> dict:
     """SIGMA's main protocol (Tabs. 2-3) after a pretraining run: the encoder of
-    <output_dir>/last.pt and --random-init-seeds randomly initialised classifiers (init and
-    data-order seeds --seed, +1, ...) fine-tuned with the same --ft-* settings on the same
+    <output_dir>/last.pt (--ft-repeats runs, their mean top-1 its value) and
+    --random-init-seeds randomly initialised classifiers (init and data-order seeds --seed,
+    +1, ...) fine-tuned with the same --ft-* settings on the same
     labelled split (`low_shot`: --ft-shots clips per class of the pretraining videos), each
     in <output_dir>/finetune-<name>/, then top-1 on the validation videos (synthetic:
     --ft-val-per-class per class); DESIGN's verdict on the top-1 (accuracy: 3 standard
@@ -1269,7 +1274,9 @@ def finetune_verdict(args: Args, device, amp: optim.Amp) -> dict:
     ft = dict(eval="finetune", resume="")
     if not args.data and args.ft_val_per_class:  # the same training videos, more val ones
         ft["synthetic_per_class"] = (args.synthetic_per_class[0], args.ft_val_per_class)
-    runs = {"trained": dict(init_from=os.path.join(args.output_dir, "last.pt"))}
+    k, last = args.ft_repeats, os.path.join(args.output_dir, "last.pt")
+    runs = {("trained" if k == 1 else f"trained_{j + 1}"): dict(init_from=last, seed=args.seed + j)
+            for j in range(k)}
     runs.update({f"random_init_{i + 1}": dict(init_from="", seed=args.seed + i)
                  for i in range(args.random_init_seeds)})
     top1 = {}
@@ -1279,13 +1286,17 @@ def finetune_verdict(args: Args, device, amp: optim.Amp) -> dict:
         torch.manual_seed(sub.seed)  # the classifier's initial weights (fc_norm, head, ...)
         top1[name] = finetune(sub, device, amp, log.Logger(sub.output_dir))["finetune_top1"]
     n_eval = len(read_split(sub, False))
-    rand = [v for k, v in top1.items() if k != "trained"]
+    trained = [v for n, v in top1.items() if n.startswith("trained")]
+    top1["trained"] = sum(trained) / k
+    rand = [v for n, v in top1.items() if n.startswith("random")]
     shots = f"{args.ft_shots} clips per class" if args.ft_shots else "all clips"
+    mean_of = f"; trained: mean of {k} fine-tunes" if k > 1 else ""
     dist.print0(f"fine-tuning ({shots}, {args.ft_epochs} epochs), top-1 on {n_eval} validation "
-                f"clips: random init " + ", ".join(f"{v:.1f}" for v in rand)
-                + f"; trained {top1['trained']:.1f}")
-    verdict = evaluate.verdict(f"fine-tune top-1 (%, {shots})", rand, [top1["trained"]], n_eval,
-                               args.trained_spread or None)
+                f"clips: random init " + ", ".join(f"{v:.1f}" for v in rand) + "; trained "
+                + ", ".join(f"{v:.1f}" for v in trained) + (f" (mean {top1['trained']:.1f})"
+                                                             if k > 1 else ""))
+    verdict = evaluate.verdict(f"fine-tune top-1 (%, {shots}{mean_of})", rand, [top1["trained"]],
+                               n_eval, args.trained_spread or None)
     out = {"top1": top1, "n_eval": n_eval, "shots": args.ft_shots, "verdict": verdict}
     if not args.data and args.synthetic_plain:  # flat backgrounds: where is the object?
         train_recs = read_split(sub, True)
@@ -1358,8 +1369,8 @@ def main(args: Args) -> dict:
             ftv = finetune_verdict(args, device, amp)
             results["trained"]["finetune_top1"] = ftv["top1"]["trained"]
             if "random_init" in results:  # the mean of the random initialisations
-                results["random_init"]["finetune_top1"] = sum(
-                    v for k, v in ftv["top1"].items() if k != "trained") / args.random_init_seeds
+                rand = ftv["verdict"]["random_init"]
+                results["random_init"]["finetune_top1"] = sum(rand) / len(rand)
             summary["finetune"] = {k: ftv[k] for k in ("top1", "n_eval", "shots",
                                                        "trajectory_top1") if k in ftv}
             summary["verdict"] = ftv["verdict"]
