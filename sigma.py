@@ -1272,8 +1272,8 @@ def finetune_verdict(args: Args, device, amp: optim.Amp) -> dict:
     in <output_dir>/finetune-<name>/, then top-1 on the validation videos (synthetic:
     --ft-val-per-class per class); DESIGN's verdict on the top-1 (accuracy: 3 standard
     errors, the trained spread from --trained-spread)."""
-    if args.random_init_seeds < 1:
-        raise cli.InputError("--finetune-verdict needs --random-init-seeds >= 1")
+    if min(args.random_init_seeds, args.ft_repeats) < 1:
+        raise cli.InputError("--finetune-verdict needs --random-init-seeds, --ft-repeats >= 1")
     ft = dict(eval="finetune", resume="")
     if not args.data and args.ft_val_per_class:  # the same training videos, more val ones
         ft["synthetic_per_class"] = (args.synthetic_per_class[0], args.ft_val_per_class)
