@@ -956,8 +956,11 @@ def test_finetune_verdict_recorded_with_every_run(tiny_data, tmp_path):
     spread = S.main(run_args(tiny_data, out, max_steps=2, eval_random_init=True,
                              finetune_verdict=True, random_init_seeds=2, ft_shots=2,
                              ft_epochs=1, ft_batch_size=4, ft_base_lr=0.5, test_clips=1,
-                             test_crops=1, trained_spread=0.5))["verdict"]  # resumed, same runs
-    assert spread["trained"] == ver["trained"] and spread["random_init"] == ver["random_init"]
+                             test_crops=1, trained_spread=0.5, ft_repeats=2))
+    top1, spread = spread["finetune"]["top1"], spread["verdict"]  # random inits: resumed
+    assert top1["trained_1"] == ver["trained"][0]  # the one run again: same seed, same weights
+    assert spread["trained"] == [(top1["trained_1"] + top1["trained_2"]) / 2]  # their mean
+    assert spread["random_init"] == ver["random_init"] and "mean of 2" in spread["metric"]
     assert spread["spread"][1] == 0.5 and spread["rule"].startswith("trained - random > 3 SE")
 
 
