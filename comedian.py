@@ -1342,11 +1342,11 @@ def main(args: Args) -> dict:
             stage_features(root, args, device, amp)
         elif stage != "spot":
             steps += train_stage(stage, root, args, device, amp, logger, start_file(stage, args)
-                                 if stage in STARTS else "random", scored("pretrained", out))[1]
+                                 if stage in STARTS else "random", scored("trained", out))[1]
     if "spot" in stages and "finetune" not in stages:
         model = build_model(args).to(device)
         load_spotter(model, start_file("spot", args))
-        results["pretrained"], buffers["pretrained"] = spot(model, root, args, device, amp,
+        results["trained"], buffers["trained"] = spot(model, root, args, device, amp,
                                                             out / "predictions")
     for i in range(args.random_init_seeds if args.eval_random_init and "spot" in stages else 0):
         col = "random_init" + (f"_{i}" if i else "")  # the same stage 3 from random trunks
@@ -1375,12 +1375,12 @@ def main(args: Args) -> dict:
 def report(summary: dict, results: dict, buffers: dict, root: Path, out: Path,
            args: Args) -> None:
     """Rank 0: fill summary["metrics"] ({name: {column: value}}) from `results` ({column:
-    {name: value}}, columns random_init and pretrained), print the level-1 and level-2
+    {name: value}}, columns random_init and trained), print the level-1 and level-2
     tables, draw timeline.png of the first half spotted, write summary.json."""
-    cols = [c for c in ("random_init", "pretrained") if c in results]
+    cols = [c for c in ("random_init", "trained") if c in results]
     n_clips = [results[c].pop("heldout_clips", None) for c in cols][-1]
     summary["metrics"] = {n: {c: round(results[c].get(n, math.nan), 3) for c in cols}
-                          for n in results["pretrained"]}
+                          for n in results["trained"]}
     if n_clips:
         summary["chance"] = {"spatial_heldout_loss": round(math.log(n_clips), 3)}
     for level, title in ((1, "held-out pretext losses (level 1" + (
@@ -1395,7 +1395,7 @@ def report(summary: dict, results: dict, buffers: dict, root: Path, out: Path,
                 dist.print0(f"{n:<34}" + "".join(f"{summary['metrics'][n][c]:>14.2f}"
                                                  for c in cols))
     wrote = [out / "summary.json"]
-    if key := next(iter(buffers["pretrained"]), None):
+    if key := next(iter(buffers["trained"]), None):
         wrote.append(out / "timeline.png")
         shown = {c.replace("_", " "): buffers[c][key] for c in cols if c in buffers}
         what = "classifier only," if args.eval_random_init and args.head_epochs else \
@@ -1409,9 +1409,9 @@ def report(summary: dict, results: dict, buffers: dict, root: Path, out: Path,
             (f"classifier_{m}_a_mAP", "verdict", "classifier only", args.trained_spread),
             (f"{m}_a_mAP", "verdict_finetune", "full fine-tuning", 0.0)):
         randoms = [r[key] for c, r in results.items() if c.startswith("random_init") and key in r]
-        if randoms and key in results["pretrained"]:  # DESIGN §3, with the floor beside
+        if randoms and key in results["trained"]:  # DESIGN §3, with the floor beside
             summary[name] = verdict(f"{m} a-mAP ({what})", randoms,
-                                    [results["pretrained"][key]], trained_spread=spread or None,
+                                    [results["trained"][key]], trained_spread=spread or None,
                                     decimals=2)
             dist.print0(f"{summary[name]['line']}; uniform random scores {floor.mean():.2f}"
                         f" +- {floor.std():.2f}")
@@ -1426,11 +1426,11 @@ def level1(root: Path, args: Args, device, amp: optim.Amp) -> dict:
     pca = checkpoint.load(os.path.join(args.output_dir, "teacher_pca.pt"))
     bank = TeacherBank(teacher_root(root, args), args.teacher_name, args.teacher_fps, pca)
     dim, out = pca["components"].shape[1], {}
-    for name in ("random_init", "pretrained"):
+    for name in ("random_init", "trained"):
         torch.manual_seed(args.seed)
         spatial, distiller = build_model(args, "spatial"), build_model(args, "distill", dim)
         spatial = None if args.init_from else spatial.to(device)
-        if name == "pretrained":
+        if name == "trained":
             for model, file in ((spatial, "spatial.pt"), (distiller, "distill.pt"))[
                     bool(args.init_from):]:
                 path = os.path.join(args.output_dir, file)
