@@ -66,7 +66,7 @@ Deviations, with reasons:
 - `demo` is a CPU smoke setting, not a thesis one: a 64-wide ViViT (4 + 2 blocks, 8-px
   patches at 32 px), 16-s windows, small queues and batches; stage 1 skipped (`--init-from
   random`, T's "none" row: MoCo collapses on the synthetic 1-s clips and its trunk kept stage 2
-  from learning), 1,984 steps of stage 2, 480 + 288 of stage 3 (stage-2 and phase-A lrs chosen
+  from learning), 3,968 steps of stage 2, 480 + 288 of stage 3 (stage-2 and phase-A lrs chosen
   on `--synthetic-seed 1`), alpha_2 = 0 (with phase-B masking a random trunk stays at chance),
   the synthetic teacher bank (it knows the visible events as Baidu's features do;
   `--teacher-name stage1`: our stage-1 trunk).
@@ -291,9 +291,9 @@ PRESETS = {
                  init_from="random", spatial_epochs=2, spatial_batch_size=32,
                  spatial_warmup_epochs=1,
                  spatial_base_lr=4e-3, queue_size=256, proj_hidden=256, proj_dim=64,
-                 distill_epochs=62, distill_batch_size=8, distill_warmup_epochs=1,
-                 distill_windows=8, distill_queue_size=1024, distill_base_lr=1.5e-2,
-                 head_epochs=20, head_base_lr=0.5, ft_epochs=12, ft_batch_size=8, ft_windows=6,
+                 distill_epochs=124, distill_batch_size=8, distill_warmup_epochs=1,
+                 distill_windows=8, distill_queue_size=1024, distill_base_lr=5e-3,
+                 head_epochs=20, head_base_lr=2.0, ft_epochs=12, ft_batch_size=8, ft_windows=6,
                  ft_base_lr=5e-2, ft_mask_ratio=0.0, head_prior=0.01, remove_s=3.0,
                  nms_window=8, teacher_name="synthetic_teacher", num_workers=1,
                  log_every=50, ckpt_every=500, amp="none", eval_random_init=True,

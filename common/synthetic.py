@@ -619,9 +619,9 @@ def ytvos(root: Optional[os.PathLike] = None, seed: int = 0, size: tuple = (96, 
 
 # ---- SoccerNet-v2 ------------------------------------------------------------------------
 
-SOCCERNET_VERSION = 6
+SOCCERNET_VERSION = 7
 TEACHER_DIM = 32  # width of the synthetic per-second teacher features
-# The 8 most frequent SoccerNet-v2 classes, one silhouette each (SHAPES order).
+# The 8 most frequent SoccerNet-v2 classes (their bar and motion: `_soccernet_half`).
 SOCCERNET_EVENTS = ("Ball out of play", "Throw-in", "Foul", "Indirect free-kick", "Clearance",
                     "Shots on target", "Shots off target", "Corner")
 
@@ -631,12 +631,18 @@ def _game_time(half: int, position_ms: int) -> str:
     return f"{half} - {s // 60:02d}:{s % 60:02d}"
 
 
+# an event's class c is a bar (c // 4: 0 horizontal, 1 vertical) and its motion over the 2 s
+# it is on screen (c % 4): each survives a squash to a square, a horizontal flip and colour
+SOCCERNET_MOTIONS = ("up", "down", "grow", "shrink")
+
+
 def _soccernet_half(rng: np.random.Generator, frames: int, fps: float, h: int, w: int,
                     events: list) -> np.ndarray:
     """(T, H, W, 3) uint8 frames of one "half": a panning striped pitch with moving "player"
-    dots; each visible event (position_ms, class) shows its class's silhouette, in a random
-    colour (90 grey levels off the pitch's), place, size and angle, on every frame within
-    0.5 s of its position."""
+    dots; each visible event (position_ms, class c) shows a bar, horizontal (c < 4) or
+    vertical, 90 grey levels brighter than the pitch (random hue), on every frame within 1 s
+    of its position, which over those 2 s moves up or down by 0.6 of the height, grows or
+    shrinks (x 0.5 -> 1.5 or back; `SOCCERNET_MOTIONS[c % 4]`)."""
     pan = int(rng.integers(w // 2, w))
     base = np.array([60.0, 140.0, 60.0]) * rng.uniform(0.8, 1.2, 3)
     y, x = np.mgrid[0:h, 0:w + pan]
@@ -646,14 +652,14 @@ def _soccernet_half(rng: np.random.Generator, frames: int, fps: float, h: int, w
     players = [dict(p=rng.uniform([0, 0], [w, h]), v=rng.uniform(-1.5, 1.5, 2),
                     c=_colour(rng, base, 80.0)) for _ in range(6)]
     out = np.empty((frames, h, w, 3), np.uint8)
-    # a silhouette is 90 grey levels brighter or darker than the pitch (its colour shifted):
-    # its shape survives grayscale and colour jitter
     luma = np.array([0.299, 0.587, 0.114])
-    shown = [dict(ms=ms, shape=SHAPES[c], cx=rng.uniform(0.25, 0.75) * w,
-                  cy=rng.uniform(0.25, 0.75) * h, r=rng.uniform(0.28, 0.36) * h,
-                  angle=rng.uniform(-0.5, 0.5), col=np.clip(col + (
-                      base @ luma + rng.choice([-90, 90]) - col @ luma), 0, 255))
-             for ms, c in events for col in [_colour(rng, base, 120.0)]]
+    shown = []
+    for ms, c in events:  # bar sizes as fractions of the (squashed, square) frame
+        long, thin, col = rng.uniform(0.45, 0.6), rng.uniform(0.12, 0.16), _colour(rng, base, 120)
+        shown.append(dict(ms=ms, c=c, cx=rng.uniform(0.3, 0.7) * w, cy=rng.uniform(0.4, 0.6) * h,
+                          size=np.array([long * w, thin * h] if c < 4 else [thin * w, long * h]),
+                          col=np.clip(col + base @ luma + 90 - col @ luma, 0, 255)))
+    cover = lambda a, lo, hi: np.clip(np.minimum(a + 1, hi) - np.maximum(a, lo), 0, 1)  # noqa
     for i in range(frames):
         off = int(np.clip(pan / 2 + speed * (i - frames / 2), 0, pan))
         img = pitch[:, off:off + w].copy()
@@ -662,8 +668,14 @@ def _soccernet_half(rng: np.random.Generator, frames: int, fps: float, h: int, w
             _draw(img, "disk", pl["p"][0], pl["p"][1], 0.05 * h, 0.0, pl["c"], ss=2)
         t_ms = 1000.0 * i / fps
         for e in shown:
-            if abs(e["ms"] - t_ms) <= 500:
-                _draw(img, e["shape"], e["cx"], e["cy"], e["r"], e["angle"], e["col"], ss=2)
+            u = (t_ms - e["ms"]) / 1000  # -1 .. 1 while on screen
+            if abs(u) <= 1:
+                m = SOCCERNET_MOTIONS[e["c"] % 4]
+                cy = e["cy"] + 0.3 * h * u * {"up": -1, "down": 1}.get(m, 0)
+                half = e["size"] / 2 * {"grow": 1 + 0.5 * u, "shrink": 1 - 0.5 * u}.get(m, 1)
+                a = (cover(np.arange(h), cy - half[1], cy + half[1])[:, None]
+                     * cover(np.arange(w), e["cx"] - half[0], e["cx"] + half[0]))[..., None]
+                img = img * (1 - a) + a * e["col"]  # exact area coverage of the bar
         out[i] = _to_uint8(img, rng)
     return out
 
@@ -692,10 +704,11 @@ def soccernet(root: Optional[os.PathLike] = None, seed: int = 0, games: tuple = 
 
     Each half lasts a random whole number of frames in `seconds` (so durations are not whole
     seconds), at `fps` and `size` = (H, W) ("224p" is only the official file name). Events of
-    the 8 `SOCCERNET_EVENTS` (class c is silhouette SHAPES[c]) fall at random ms positions at
-    least `gap` s apart and 1.5 s from the ends; a fraction `unshown` are "not shown" (labelled,
-    nothing drawn, as events during a replay). A visible event is on screen exactly on the
-    frames within 0.5 s of its position, the training-label radius. Each half also has a
+    the 8 `SOCCERNET_EVENTS` (class c: a horizontal or vertical bar moving up or down, growing
+    or shrinking) fall at random ms positions at least `gap` s apart and 1.5 s from the ends;
+    a fraction `unshown` are "not shown" (labelled, nothing drawn, as events during a replay).
+    A visible event is on screen exactly on the frames within 1 s of its position (so that a
+    whole 1-s tubelet holds it; the labels keep their +-0.5 s). Each half also has a
     teacher bank `{half}_synthetic_teacher.npy` (`_teacher_features`: 1 fps, like SoccerNet's
     `{half}_baidu_soccer_embeddings.npy`; it knows the visible events, as Baidu's features,
     trained on the labels, do; every second holds its class's or the "no event" prototype,

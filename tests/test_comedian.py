@@ -1,6 +1,7 @@
 """comedian.py (foundation): the synthetic SoccerNet set it trains on (labels parse, videos
-decode, events on screen at the labelled times, the teacher bank), the token-level SCE loss by
-hand and its limits, and the temporal mask counts. The SoccerNet toolkit (metric, NMS, labels,
+decode, events on screen at the labelled times, the bars and motions that carry their class,
+the teacher bank), the token-level SCE loss by hand and its limits, and the temporal mask
+counts. The SoccerNet toolkit (metric, NMS, labels,
 windows, results, spotting driver) is tested in test_common_soccernet.py."""
 import json
 import math
@@ -75,6 +76,25 @@ def test_synthetic_soccernet(tmp_path):
     assert (z @ z.T).mean() > 0.8
     with pytest.raises(ValueError, match="do not fit"):  # too dense: an error, not a hang
         synthetic.soccernet(tmp_path / "dense", games=(1, 0, 0), events_per_minute=60.0)
+
+
+def test_synthetic_soccernet_event_motion():
+    """The class is the bar and its motion: on screen exactly within 1 s of the event, a
+    horizontal (classes 0-3) or vertical bar that moves up or down by 0.6 of the height or
+    grows or shrinks 3x in area between -0.75 s and +0.75 s (found as what differs from the
+    same half drawn without the event)."""
+    for c in range(8):
+        f1, f0 = (synthetic._soccernet_half(np.random.default_rng(c), 24, 4, 64, 112, ev)
+                  .astype(float) for ev in ([(3000, c)], []))
+        bar = np.abs(f1 - f0).sum(-1) > 100  # (T, H, W); the bar is 90 grey levels up
+        assert not bar[[7, 17]].any() and all(bar[i].sum() > 60 for i in range(8, 17))
+        ys, xs = np.nonzero(bar[12])
+        assert ((np.ptp(xs) + 1) / 112 > (np.ptp(ys) + 1) / 64) == (c < 4)
+        rise = np.nonzero(bar[9])[0].mean() - np.nonzero(bar[15])[0].mean()  # rows up, px
+        grow = bar[15].sum() / bar[9].sum()
+        want = {0: (rise > 0.5 * 0.6 * 64 * 0.75, True), 1: (rise < -0.5 * 0.6 * 64 * 0.75, True),
+                2: (abs(rise) < 3, grow > 2.5), 3: (abs(rise) < 3, grow < 1 / 2.5)}[c % 4]
+        assert all(want), (c, rise, grow)
 
 
 # ---- stage 2: token SCE loss and temporal masking ----
