@@ -297,7 +297,7 @@ PRESETS = {
                  ft_base_lr=5e-2, ft_mask_ratio=0.0, head_prior=0.01, remove_s=3.0,
                  nms_window=8, teacher_name="synthetic_teacher", num_workers=1,
                  log_every=50, ckpt_every=500, amp="none", eval_random_init=True,
-                 random_init_seeds=3, trained_spread=0.93, cache_frames=True),
+                 random_init_seeds=3, trained_spread=0.15, cache_frames=True),
 }
 
 
