@@ -632,7 +632,7 @@ def _game_time(half: int, position_ms: int) -> str:
 
 
 # an event's class c is a bar (c // 4: 0 horizontal, 1 vertical) and its motion over the 2 s
-# it is on screen (c % 4): each survives a squash to a square, a horizontal flip and colour
+# it is on screen (c % 4): both survive a squash to a square, a horizontal flip, colour jitter
 SOCCERNET_MOTIONS = ("up", "down", "grow", "shrink")
 
 
