@@ -1,8 +1,8 @@
 """comedian.py (foundation): the synthetic SoccerNet set it trains on (labels parse, videos
 decode, events on screen at the labelled times, the bars and motions that carry their class,
 the teacher bank), the token-level SCE loss by hand and its limits, and the temporal mask
-counts. The SoccerNet toolkit (metric, NMS, labels,
-windows, results, spotting driver) is tested in test_common_soccernet.py."""
+counts. The SoccerNet toolkit (metric, NMS, labels, windows, results, spotting driver) is
+tested in test_common_soccernet.py."""
 import json
 import math
 from pathlib import Path
