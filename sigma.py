@@ -1407,6 +1407,11 @@ def main(args: Args) -> dict:
                     f"and area of the non-background pixels in each frame; no network) trained "
                     f"on the same clips gets top-1 {summary['finetune']['trajectory_top1']:.1f} "
                     f"on the same validation clips")
+    if not args.data and "verdict" in summary:
+        dist.print0(f"what this does not show: a verdict for every draw of the synthetic videos "
+                    f"(this is --synthetic-seed {args.synthetic_seed}; the README's table of "
+                    f"draws, with the demo's settings: 'helps' on 4 of 6, 'does not help "
+                    f"clearly' on 2)")
     if dist.is_main():
         with open(os.path.join(args.output_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)
