@@ -1074,6 +1074,12 @@ def test_presets_follow_the_release_scripts():
     assert demo.ft_shots < demo.synthetic_per_class[0] and demo.ft_val_per_class >= 100
     assert demo.random_init_seeds >= 3 and demo.ft_repeats >= 2 and demo.trained_spread > 0
     assert demo.ft_head_init_scale == 1.0  # no x 0.001 plateau for the random trunks
+    # the README's table of draws applies to the demo's settings only (any draw, any worker count)
+    assert S.demo_settings(demo) and S.demo_settings(S.cli.parse(
+        S.Args, S.PRESETS, ["--synthetic-seed", "5", "--num-workers", "0"]))
+    for other in (["--preset", "demo-long"], ["--ft-shots", "8"], ["--synthetic-scale", "2"],
+                  ["--synthetic-per-class", "32", "17"], ["--no-synthetic-bright"]):
+        assert not S.demo_settings(S.cli.parse(S.Args, S.PRESETS, other)), other
 
 
 # ---- GPU (tests marked gpu: skipped with "no CUDA device" without one) ----
