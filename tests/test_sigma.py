@@ -1078,7 +1078,8 @@ def test_presets_follow_the_release_scripts():
     assert S.demo_settings(demo) and S.demo_settings(S.cli.parse(
         S.Args, S.PRESETS, ["--synthetic-seed", "5", "--num-workers", "0"]))
     for other in (["--preset", "demo-long"], ["--ft-shots", "8"], ["--synthetic-scale", "2"],
-                  ["--synthetic-per-class", "32", "17"], ["--no-synthetic-bright"]):
+                  ["--synthetic-per-class", "32", "17"], ["--no-synthetic-bright"],
+                  ["--mask-ratio", "0.5"], ["--max-steps", "10"], ["--seed", "1"]):
         assert not S.demo_settings(S.cli.parse(S.Args, S.PRESETS, other)), other
 
 
